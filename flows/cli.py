@@ -1,0 +1,205 @@
+"""The ``diffquant`` command line (typer + rich).
+
+Exit status: 0 on success, 2 on any user error (one line on stderr, no traceback), 1 on a bug.
+Prefect's own console logs are silenced unless ``--verbose`` or ``PREFECT_LOGGING_LEVEL`` is set;
+every flow and task run is still recorded in Prefect's API (``<DIFFQUANT_HOME>/prefect``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="diffquant: compress diffusion models (calibrate, quantize, evaluate), tracked in MLflow.",
+)
+console = Console(stderr=True)
+
+
+class _RichHandle:
+    def __init__(self, progress: Progress, task: TaskID) -> None:
+        self.progress, self.task = progress, task
+
+    def advance(self, amount: int = 1) -> None:
+        self.progress.advance(self.task, amount)
+
+
+class RichReporter:
+    """Progress reporter that draws rich bars (installed into diffquant.progress)."""
+
+    def __init__(self, progress: Progress) -> None:
+        """Use ``progress`` (already started) for all bars."""
+        self.progress = progress
+
+    def start(self, description: str, total: int) -> _RichHandle:
+        """Add a bar."""
+        return _RichHandle(self.progress, self.progress.add_task(description, total=total))
+
+    def stop(self, handle: _RichHandle) -> None:
+        """Complete a bar (it stays visible)."""
+        task = self.progress.tasks[[t.id for t in self.progress.tasks].index(handle.task)]
+        self.progress.update(handle.task, completed=task.total)
+
+
+def _setup(verbose: bool) -> Path:
+    from diffquant.errors import DiffquantError
+    from registry.home import configure_environment, diffquant_home, ensure_writable
+
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False)],
+        force=True,
+    )
+    if not verbose:
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "CRITICAL")
+    try:
+        home = ensure_writable(diffquant_home(), "diffquant home (MLflow and Prefect state)")
+    except DiffquantError as error:
+        _fail(error)
+    configure_environment(home)
+    return home
+
+
+def _fail(error: BaseException) -> None:
+    console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return "inf" if math.isinf(value) else f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def _summary_table(summary: dict[str, Any]) -> Table:
+    metrics = summary["metrics"]
+    table = Table(title=f"diffquant compress: {summary['model']['name']} ({summary['plan']['description']})")
+    table.add_column("metric")
+    for stage in metrics:
+        table.add_column(stage, justify="right")
+    for name in sorted({k for stage in metrics.values() for k in stage}):
+        table.add_row(name, *(_fmt(metrics[s].get(name)) for s in metrics))
+    sizes = summary["sizes"]
+    table.add_row("weight bytes", f"{sizes['fp32_bytes']:,}", f"{sizes['packed_bytes']:,}")
+    return table
+
+
+@app.command()
+def compress(
+    config: Annotated[
+        Path | None, typer.Argument(help="YAML spec (configs/*.yaml); default: W8A8 on digits-unet.")
+    ] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a spec key: section.key=value (repeatable).")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Output folder (default: <DIFFQUANT_HOME>/runs/<time>-<spec hash>).")
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show diffquant and Prefect logs.")] = False,
+) -> None:
+    """Calibrate, quantize and evaluate a model; log everything to MLflow and write summary.json."""
+    home = _setup(verbose)
+    from diffquant.errors import DiffquantError
+    from diffquant.models.loading import load_model
+    from diffquant.spec import load_spec
+    from registry.home import ensure_writable, tracking_uri
+
+    try:
+        spec = load_spec(config, set_ or [])
+        uri = tracking_uri(home)
+        if uri.startswith("sqlite:///"):
+            ensure_writable(Path(uri.removeprefix("sqlite:///")).parent, "MLflow home")
+        load_model(name=spec.model.name, path=spec.model.path)
+    except DiffquantError as error:
+        _fail(error)
+    from diffquant import progress as progress_mod
+    from flows.compress import compress_flow
+
+    start = time.perf_counter()
+    with _progress() as bars:
+        progress_mod.set_reporter(RichReporter(bars))
+        try:
+            summary = compress_flow(spec=spec.to_dict(), out_dir=str(out) if out else None)
+        except DiffquantError as error:
+            bars.stop()
+            _fail(error)
+        finally:
+            progress_mod.set_reporter(None)
+    console.print(_summary_table(summary))
+    console.print(f"total wall time: {time.perf_counter() - start:.1f} s")
+    console.print(
+        f"MLflow run {summary['run_id']} (experiment {summary['experiment']}); "
+        f"UI: mlflow ui --backend-store-uri {summary['tracking_uri']}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    typer.echo(summary["summary_path"])
+
+
+@app.command("train-reference")
+def train_reference(
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Destination (default: the package's bundled weights).")
+    ] = None,
+    steps: Annotated[
+        int | None, typer.Option(help="digits-unet training steps (default 4000, the shipped run).", min=1)
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of both trainings.")] = 0,
+    eval_samples: Annotated[int, typer.Option(help="Samples for the model-card metrics.", min=10)] = 2000,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show diffquant and Prefect logs.")] = False,
+) -> None:
+    """Retrain the bundled reference models (digits-unet and its classifier) from a seed."""
+    _setup(verbose)
+    from diffquant import progress as progress_mod
+    from flows.train_reference import train_reference_flow
+
+    with _progress() as bars:
+        progress_mod.set_reporter(RichReporter(bars))
+        try:
+            result = train_reference_flow(
+                out_dir=str(out) if out else None, steps=steps, seed=seed, eval_samples=eval_samples
+            )
+        finally:
+            progress_mod.set_reporter(None)
+    table = Table(title=f"reference models written to {result['out_dir']}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in result.items():
+        if key != "out_dir":
+            table.add_row(key, _fmt(value))
+    console.print(table)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app(prog_name="diffquant")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

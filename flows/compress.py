@@ -1,0 +1,172 @@
+"""The ``compress`` flow: load -> trajectories -> calibration set -> quantize -> evaluate -> log.
+
+Every artifact is written under the run's output folder first (atomically), then logged to
+MLflow; ``summary.json`` is written last. Any failure marks the MLflow run FAILED.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+
+from diffquant.spec import CompressionSpec, spec_from_dict
+from diffquant.storage import load_safetensors, write_json
+from registry.home import diffquant_home, ensure_writable, tracking_uri
+from registry.tracking import RunTracker, tracked_run
+from tasks.calibrate import quantize_task, select_calibration_task
+from tasks.evaluate import evaluate_task
+from tasks.load import load_model_task
+from tasks.trajectories import collect_trajectories_task
+
+logger = logging.getLogger(__name__)
+
+EXPORT_SKIPPED = "ONNX/TensorRT export is not part of this release"
+
+
+def default_out_dir(spec: CompressionSpec, home: Path) -> Path:
+    """``<home>/runs/<UTC timestamp>-<spec hash>``."""
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return home / "runs" / f"{stamp}-{spec.spec_hash()[:8]}"
+
+
+def _plan_description(spec: CompressionSpec) -> str:
+    w, a = spec.quantize.weight.bits, spec.quantize.activation.bits
+    text = f"W{w or 'fp'}A{a or 'fp'} uniform, {spec.quantize.weight.granularity}"
+    if spec.quantize.keep_full_precision:
+        text += f", FP: {', '.join(spec.quantize.keep_full_precision)}"
+    return text
+
+
+def _grid(out: Path, fp: dict[str, Any], quant: dict[str, Any]) -> Path:
+    from diffquant.report import comparison_grid
+
+    left = load_safetensors(Path(fp["samples_path"]))["samples"]
+    right = load_safetensors(Path(quant["samples_path"]))["samples"]
+    return comparison_grid(left, right, out / "samples" / "fp_vs_quantized.png")
+
+
+def _timed(timings: dict[str, float], name: str, tracker: RunTracker, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    start = time.perf_counter()
+    with tracker.stage(name) as stage:
+        result = fn(*args, **kwargs)
+        if isinstance(result, dict) and isinstance(result.get("metrics"), dict):
+            stage.log_metrics(result["metrics"])
+    timings[name] = time.perf_counter() - start
+    return result
+
+
+@flow(name="compress", log_prints=False)
+def compress_flow(spec: dict[str, Any], out_dir: str | None = None) -> dict[str, Any]:
+    """Compress the spec's model with its uniform plan and record everything.
+
+    Args:
+        spec: A :class:`~diffquant.spec.CompressionSpec` as data (validated here).
+        out_dir: Output folder; defaults to ``<DIFFQUANT_HOME>/runs/<time>-<spec hash>``.
+
+    Returns:
+        The summary (also written to ``<out_dir>/summary.json``, path under ``summary_path``).
+    """
+    cfg = spec_from_dict(spec)
+    home = ensure_writable(diffquant_home(), "diffquant home")
+    out = ensure_writable(Path(out_dir) if out_dir else default_out_dir(cfg, home), "output folder")
+    data = cfg.to_dict()
+    model_info = load_model_task(data["model"])
+    timings: dict[str, float] = {}
+    experiment = model_info["name"]
+    with tracked_run(
+        tracking_uri(home),
+        experiment,
+        f"compress-{cfg.spec_hash()[:8]}",
+        home / "mlartifacts",
+        tags={"spec_hash": cfg.spec_hash(), "model.weights_sha256": model_info["weights_sha256"]},
+    ) as tracker:
+        tracker.log_params(cfg.flat_params())
+        spec_path = out / "spec" / "spec.yaml"
+        spec_path.parent.mkdir(parents=True, exist_ok=True)
+        spec_path.write_text(cfg.to_yaml())
+        tracker.log_artifact(spec_path, "spec")
+        pool = _timed(
+            timings,
+            "collect_trajectories",
+            tracker,
+            collect_trajectories_task,
+            data["model"],
+            data["sampler"],
+            data["calibration"],
+            str(out),
+        )
+        calib = _timed(
+            timings, "select_calibration", tracker, select_calibration_task, pool["pool_path"], data, str(out)
+        )
+        tracker.log_artifact(Path(calib["selection_path"]), "calibration")
+        quant = _timed(timings, "quantize", tracker, quantize_task, data, calib["calibration_path"], str(out))
+        tracker.log_artifact(Path(quant["plan_path"]), "plan")
+        tracker.log_artifact(Path(quant["scales_path"]), "plan")
+        fp = _timed(timings, "evaluate_fp", tracker, evaluate_task, data, "fp", str(out), calib["sqnr_path"])
+        q = _timed(
+            timings,
+            "evaluate_quantized",
+            tracker,
+            evaluate_task,
+            data,
+            "quantized",
+            str(out),
+            calib["sqnr_path"],
+            quantized=quant,
+            fp=fp,
+        )
+        grid = _grid(out, fp, q)
+        tracker.log_artifact(grid, "samples")
+        tracker.log_metrics({f"fp.{k}": v for k, v in fp["metrics"].items()})
+        tracker.log_metrics({f"quantized.{k}": v for k, v in q["metrics"].items()})
+        sizes = {
+            "fp32_bytes": quant["fp32_bytes"],
+            "packed_bytes": quant["packed_bytes"],
+            "ratio": quant["packed_bytes"] / quant["fp32_bytes"],
+        }
+        tracker.log_metrics({f"size.{k}": v for k, v in sizes.items()})
+        summary = {
+            "run_id": tracker.run_id,
+            "experiment": experiment,
+            "tracking_uri": tracking_uri(home),
+            "spec_hash": cfg.spec_hash(),
+            "model": {
+                "name": model_info["name"],
+                "weights_sha256": model_info["weights_sha256"],
+                "registered": None,
+                "registered_reason": "model registry is not part of this release",
+                "alias": None,
+            },
+            "metrics": {"fp": fp["metrics"], "quantized": q["metrics"]},
+            "sizes": sizes,
+            "plan": {
+                "path": quant["plan_path"],
+                "scales_path": quant["scales_path"],
+                "layers": quant["layers"],
+                "quantized_layers": quant["quantized_layers"],
+                "description": _plan_description(cfg),
+            },
+            "calibration": {
+                "size": calib["size"],
+                "pool_size": pool["pool_size"],
+                "selection_path": calib["selection_path"],
+            },
+            "samples": {"fp": fp["samples_path"], "quantized": q["samples_path"], "grid": str(grid)},
+            "export": {"status": "skipped", "reason": EXPORT_SKIPPED, "onnx": None, "engine": None},
+            "timings": timings,
+            "out_dir": str(out),
+        }
+        from diffquant.report import write_report
+
+        report = write_report(summary, out / "report.md")
+        tracker.log_artifact(report)
+        summary_path = write_json(summary, out / "summary.json")
+        tracker.log_artifact(summary_path)
+    summary["summary_path"] = str(summary_path)
+    logger.info("compress finished: %s", summary_path)
+    return summary

@@ -1,0 +1,28 @@
+"""User-facing exception types.
+
+Every failure a user can fix raises a subclass of :class:`DiffquantError` whose message is one
+sentence saying what was wrong and what to do. The CLI prints that sentence without a traceback
+and exits with status 2.
+"""
+
+from __future__ import annotations
+
+
+class DiffquantError(Exception):
+    """Base class of every error a user can act on."""
+
+
+class SpecError(DiffquantError):
+    """The compression spec (file, keys or values) is invalid."""
+
+
+class ModelLoadError(DiffquantError):
+    """A model source does not exist, is not a diffusers model, or has unsafe weights."""
+
+
+class TrackingError(DiffquantError):
+    """The MLflow or Prefect home cannot be used (not writable, unreachable)."""
+
+
+class DataError(DiffquantError):
+    """Input data (trajectories, calibration sets) is unusable, e.g. contains NaN."""

@@ -1,0 +1,181 @@
+"""Fake-quantized layers: a quantizer module and drop-in Linear / Conv2d replacements."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+
+from diffquant.quant.formats import IntFormat, fake_quant
+from diffquant.quant.observers import ActivationObserver, weight_scale
+
+
+class QuantizerMode(str, Enum):
+    """What a :class:`FakeQuantizer` does in ``forward``."""
+
+    OFF = "off"
+    OBSERVE = "observe"
+    QUANTIZE = "quantize"
+
+
+class FakeQuantizer(nn.Module):
+    """Fake-quantizes a tensor with a stored scale; can also observe ranges for calibration.
+
+    The scale is a buffer, so it is saved with the model's state dict (as safetensors).
+    """
+
+    def __init__(self, bits: int, axis: int | None = None, observer: str = "minmax", channels: int = 1) -> None:
+        """Create an uncalibrated quantizer.
+
+        Args:
+            bits: Integer bit-width (2-8).
+            axis: Channel axis for per-channel scales, None for per-tensor.
+            observer: Observer used by :meth:`calibrate_from` / observe mode.
+            channels: Number of scales when per-channel.
+        """
+        super().__init__()
+        self.fmt = IntFormat(bits)
+        self.axis = axis
+        self.observer_name = observer
+        self.register_buffer("scale", torch.ones(channels if axis is not None else ()))
+        self.mode = QuantizerMode.OFF
+        self._observer: ActivationObserver | None = None
+
+    @property
+    def bits(self) -> int:
+        """Bit-width of the format."""
+        return self.fmt.bits
+
+    def calibrate_from(self, tensor: torch.Tensor) -> None:
+        """Set the scale from a whole tensor at once (weights) and switch to quantize mode."""
+        self.scale.copy_(weight_scale(tensor, self.fmt, self.observer_name, self.axis))
+        self.mode = QuantizerMode.QUANTIZE
+
+    def start_observing(self, seed: int = 0) -> None:
+        """Enter observe mode: forward passes record statistics and return inputs unchanged."""
+        self._observer = ActivationObserver(self.observer_name, seed=seed)
+        self.mode = QuantizerMode.OBSERVE
+
+    def finish_observing(self) -> None:
+        """Compute the scale from observed statistics and switch to quantize mode."""
+        if self._observer is None:
+            raise RuntimeError("finish_observing() called before start_observing()")
+        if self._observer.absmax.item() == 0.0 and not self._observer._samples:
+            raise RuntimeError("quantizer observed no data; run calibration inputs through the model")
+        self.scale.copy_(self._observer.scale(self.fmt))
+        self._observer = None
+        self.mode = QuantizerMode.QUANTIZE
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Observe, fake-quantize or pass through ``x`` according to the mode."""
+        if self.mode is QuantizerMode.QUANTIZE:
+            return fake_quant(x, self.scale.to(x.dtype), self.fmt, self.axis)
+        if self.mode is QuantizerMode.OBSERVE and self._observer is not None:
+            self._observer.update(x)
+        return x
+
+    def extra_repr(self) -> str:
+        """Describe the format for ``print(model)``."""
+        return f"bits={self.bits}, axis={self.axis}, observer={self.observer_name}, mode={self.mode.value}"
+
+
+class _QuantMixin:
+    weight: nn.Parameter
+    weight_quantizer: FakeQuantizer | None
+    input_quantizer: FakeQuantizer | None
+
+    def _setup_quantizers(
+        self, weight_bits: int | None, weight_observer: str, per_channel: bool, act_bits: int | None, act_observer: str
+    ) -> None:
+        out_channels = self.weight.shape[0]
+        self.weight_quantizer = (
+            FakeQuantizer(weight_bits, 0 if per_channel else None, weight_observer, out_channels)
+            if weight_bits is not None
+            else None
+        )
+        self.input_quantizer = FakeQuantizer(act_bits, None, act_observer) if act_bits is not None else None
+        if self.weight_quantizer is not None:
+            self.weight_quantizer.calibrate_from(self.weight.detach())
+
+    def quantized_weight(self) -> torch.Tensor:
+        """The weight as the quantized layer uses it (fake-quantized, or as is when FP)."""
+        return self.weight if self.weight_quantizer is None else self.weight_quantizer(self.weight)
+
+    def _quant_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.input_quantizer is None else self.input_quantizer(x)
+
+
+class QuantLinear(_QuantMixin, nn.Linear):
+    """``nn.Linear`` with an optional weight quantizer and an optional input quantizer."""
+
+    @classmethod
+    def from_float(
+        cls,
+        layer: nn.Linear,
+        weight_bits: int | None,
+        act_bits: int | None,
+        weight_observer: str = "minmax",
+        act_observer: str = "minmax",
+        per_channel: bool = True,
+    ) -> QuantLinear:
+        """Build from a float ``nn.Linear``, sharing its parameters.
+
+        Args:
+            layer: The layer to replace.
+            weight_bits: Weight bit-width, or None to keep the weight in float.
+            act_bits: Input activation bit-width, or None to keep inputs in float.
+            weight_observer: Observer for the weight scale.
+            act_observer: Observer for the input scale (set during calibration).
+            per_channel: Per-output-channel weight scales (else one per tensor).
+        """
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = layer.in_features, layer.out_features
+        new.weight, new.bias = layer.weight, layer.bias
+        new._setup_quantizers(weight_bits, weight_observer, per_channel, act_bits, act_observer)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Linear over the quantized input and weight."""
+        return F.linear(self._quant_input(x), self.quantized_weight(), self.bias)
+
+
+class QuantConv2d(_QuantMixin, nn.Conv2d):
+    """``nn.Conv2d`` with an optional weight quantizer and an optional input quantizer."""
+
+    @classmethod
+    def from_float(
+        cls,
+        layer: nn.Conv2d,
+        weight_bits: int | None,
+        act_bits: int | None,
+        weight_observer: str = "minmax",
+        act_observer: str = "minmax",
+        per_channel: bool = True,
+    ) -> QuantConv2d:
+        """Build from a float ``nn.Conv2d``, sharing its parameters (arguments as QuantLinear)."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        for attr in (
+            "in_channels",
+            "out_channels",
+            "kernel_size",
+            "stride",
+            "padding",
+            "dilation",
+            "transposed",
+            "output_padding",
+            "groups",
+            "padding_mode",
+        ):
+            setattr(new, attr, getattr(layer, attr))
+        new._reversed_padding_repeated_twice = layer._reversed_padding_repeated_twice
+        new.weight, new.bias = layer.weight, layer.bias
+        new._setup_quantizers(weight_bits, weight_observer, per_channel, act_bits, act_observer)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Convolution over the quantized input and weight."""
+        return self._conv_forward(self._quant_input(x), self.quantized_weight(), self.bias)

@@ -1,0 +1,232 @@
+"""LayerPlan: the per-layer precision decision, and its application to a model by layer name.
+
+A plan maps every quantizable layer's fully qualified name (FQN) to
+``{"weight": {...} | None, "activation": {...} | None}``; ``None`` means full precision.
+Full-precision globs are resolved once, when the plan is built, so the JSON artifact is the
+single source of truth for quantize, export and the report.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from diffquant.quant.formats import MAX_BITS, MIN_BITS
+from diffquant.quant.modules import FakeQuantizer, QuantConv2d, QuantLinear
+
+QUANTIZABLE = (nn.Linear, nn.Conv2d)
+PLAN_VERSION = 1
+
+
+@dataclass(frozen=True)
+class WeightConfig:
+    """Weight quantization of one layer."""
+
+    bits: int
+    granularity: str = "per_channel"
+    observer: str = "minmax"
+
+
+@dataclass(frozen=True)
+class ActivationConfig:
+    """Input-activation quantization of one layer (per tensor)."""
+
+    bits: int
+    observer: str = "minmax"
+
+
+@dataclass(frozen=True)
+class LayerConfig:
+    """Precision of one layer; None parts stay in float."""
+
+    weight: WeightConfig | None
+    activation: ActivationConfig | None
+
+    @property
+    def is_full_precision(self) -> bool:
+        """True when neither weight nor input is quantized."""
+        return self.weight is None and self.activation is None
+
+
+class LayerPlan(dict[str, LayerConfig]):
+    """Mapping of layer FQN to :class:`LayerConfig`, with JSON round-trip."""
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """Return ``{fqn: {"weight": ..., "activation": ...}}`` in layer order."""
+
+        def part(cfg: WeightConfig | ActivationConfig | None) -> dict[str, Any] | None:
+            return None if cfg is None else dict(cfg.__dict__)
+
+        return {name: {"weight": part(c.weight), "activation": part(c.activation)} for name, c in self.items()}
+
+    def save(self, path: Path) -> Path:
+        """Write the plan as JSON (atomically)."""
+        from diffquant.storage import write_json
+
+        return write_json({"version": PLAN_VERSION, "layers": self.to_json_dict()}, path, sort_keys=False)
+
+    @classmethod
+    def from_json_dict(cls, layers: dict[str, Any]) -> LayerPlan:
+        """Parse the ``layers`` mapping of a saved plan, validating bit-widths."""
+        plan = cls()
+        for name, cfg in layers.items():
+            weight = WeightConfig(**cfg["weight"]) if cfg.get("weight") else None
+            act = ActivationConfig(**cfg["activation"]) if cfg.get("activation") else None
+            for part in (weight, act):
+                if part is not None and not MIN_BITS <= part.bits <= MAX_BITS:
+                    raise ValueError(f"layer {name!r}: bits {part.bits} outside {MIN_BITS}-{MAX_BITS}")
+            plan[name] = LayerConfig(weight, act)
+        return plan
+
+    @classmethod
+    def load(cls, path: Path) -> LayerPlan:
+        """Read a plan written by :meth:`save`."""
+        data = json.loads(Path(path).read_text())
+        if data.get("version") != PLAN_VERSION:
+            raise ValueError(f"{path}: unsupported plan version {data.get('version')!r}")
+        return cls.from_json_dict(data["layers"])
+
+    def quantized_layers(self) -> list[str]:
+        """Names of layers with any quantized part."""
+        return [name for name, cfg in self.items() if not cfg.is_full_precision]
+
+
+def quantizable_layers(model: nn.Module) -> list[str]:
+    """FQNs of the Linear / Conv2d layers of ``model``, in module order."""
+    return [name for name, module in model.named_modules() if isinstance(module, QUANTIZABLE)]
+
+
+def resolve_globs(names: Iterable[str], patterns: Iterable[str]) -> set[str]:
+    """Return the names matched by any glob in ``patterns``.
+
+    Raises:
+        ValueError: If a pattern matches no name (almost always a typo).
+    """
+    names = list(names)
+    matched: set[str] = set()
+    for pattern in patterns:
+        hits = {n for n in names if fnmatch.fnmatchcase(n, pattern)}
+        if not hits:
+            raise ValueError(f"keep_full_precision pattern {pattern!r} matches no quantizable layer")
+        matched |= hits
+    return matched
+
+
+def uniform_plan(
+    model: nn.Module,
+    weight: WeightConfig | None,
+    activation: ActivationConfig | None,
+    keep_full_precision: Iterable[str] = (),
+) -> LayerPlan:
+    """Build a plan giving every quantizable layer the same format, except the FP globs.
+
+    Args:
+        model: The model whose layers are planned.
+        weight: Weight format for quantized layers (None: float weights).
+        activation: Input format for quantized layers (None: float inputs).
+        keep_full_precision: Globs over layer FQNs kept fully in float.
+    """
+    names = quantizable_layers(model)
+    keep = resolve_globs(names, keep_full_precision)
+    plan = LayerPlan()
+    for name in names:
+        plan[name] = LayerConfig(None, None) if name in keep else LayerConfig(weight, activation)
+    return plan
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def apply_plan(model: nn.Module, plan: LayerPlan) -> nn.Module:
+    """Replace the planned layers of ``model`` in place with fake-quantized versions.
+
+    Weight scales are computed immediately; input quantizers are left for calibration.
+
+    Raises:
+        ValueError: If the plan names a layer the model lacks or that is not Linear / Conv2d.
+    """
+    for name, cfg in plan.items():
+        if cfg.is_full_precision:
+            continue
+        try:
+            layer = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"plan names layer {name!r}, which the model does not have") from None
+        if isinstance(layer, (QuantLinear, QuantConv2d)):
+            raise ValueError(f"layer {name!r} is already quantized")
+        if not isinstance(layer, QUANTIZABLE):
+            raise ValueError(f"plan layer {name!r} is a {type(layer).__name__}, not Linear/Conv2d")
+        cls = QuantLinear if isinstance(layer, nn.Linear) else QuantConv2d
+        w = cfg.weight
+        new = cls.from_float(
+            layer,
+            weight_bits=w.bits if w else None,
+            act_bits=cfg.activation.bits if cfg.activation else None,
+            weight_observer=w.observer if w else "minmax",
+            act_observer=cfg.activation.observer if cfg.activation else "minmax",
+            per_channel=(w.granularity == "per_channel") if w else True,
+        )
+        _set_module(model, name, new)
+    return model
+
+
+def input_quantizers(model: nn.Module) -> dict[str, FakeQuantizer]:
+    """Return ``{layer_fqn: input quantizer}`` for every quantized layer that has one."""
+    return {
+        name: module.input_quantizer
+        for name, module in model.named_modules()
+        if isinstance(module, (QuantLinear, QuantConv2d)) and module.input_quantizer is not None
+    }
+
+
+def quantizer_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Return every quantizer scale keyed by ``<layer>.<weight|input>_quantizer.scale``."""
+    return {k: v for k, v in model.state_dict().items() if k.endswith("_quantizer.scale")}
+
+
+def load_quantizer_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load scales saved by :func:`quantizer_state` and switch every quantizer to quantize mode.
+
+    Raises:
+        ValueError: If the saved scales and the model's quantizers do not match one to one.
+    """
+    from diffquant.quant.modules import QuantizerMode
+
+    own = quantizer_state(model)
+    if set(own) != set(state):
+        missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        raise ValueError(f"quantizer state mismatch: missing {missing[:3]}, unexpected {extra[:3]}")
+    for key, value in state.items():
+        module = model.get_submodule(key.rsplit(".", 1)[0])
+        module.scale.copy_(value)
+        module.mode = QuantizerMode.QUANTIZE
+
+
+def packed_weight_bytes(model: nn.Module, plan: LayerPlan) -> dict[str, int]:
+    """Bytes of all parameters once quantized weights are bit-packed.
+
+    Quantized weights count ``ceil(numel * bits / 8)`` plus one fp32 scale per channel (or per
+    tensor); every other parameter (biases, norms, embeddings, FP layers) counts 4 bytes each.
+
+    Returns:
+        ``{"fp32": ..., "packed": ...}`` in bytes.
+    """
+    fp32 = sum(p.numel() * 4 for p in model.parameters())
+    packed = fp32
+    for name, cfg in plan.items():
+        if cfg.weight is None:
+            continue
+        weight = model.get_submodule(name).weight
+        scales = weight.shape[0] if cfg.weight.granularity == "per_channel" else 1
+        packed += -(-weight.numel() * cfg.weight.bits // 8) + 4 * scales - weight.numel() * 4
+    return {"fp32": int(fp32), "packed": int(packed)}

@@ -1,0 +1,282 @@
+"""CompressionSpec: the typed, validated description of one compression run.
+
+Specs are read from YAML presets (``configs/``), overridden with ``section.key=value`` pairs,
+and round-trip to YAML/JSON. Unknown keys and impossible values are rejected with a
+:class:`~diffquant.errors.SpecError` whose message names the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from diffquant.errors import SpecError
+from diffquant.quant.formats import MAX_BITS, MIN_BITS
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSource(_Strict):
+    """Where the model comes from: a bundled reference ``name`` or a local diffusers ``path``."""
+
+    name: str | None = None
+    path: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSource:
+        if (self.name is None) == (self.path is None):
+            raise ValueError("give exactly one of model.name or model.path")
+        return self
+
+
+class SamplerSpec(_Strict):
+    """Sampler used for trajectories and evaluation (DDIM, eta 0)."""
+
+    name: Literal["ddim"] = "ddim"
+    steps: int = Field(50, ge=1, le=1000)
+    guidance: float = 1.0
+
+    @model_validator(mode="after")
+    def _plain_conditional(self) -> SamplerSpec:
+        if self.guidance != 1.0:
+            raise ValueError(
+                "guidance other than 1.0 is not supported: classifier-free guidance pushes the "
+                "reference model off its training distribution (accuracy 0.1-0.2 at 2-4)"
+            )
+        return self
+
+
+class CalibrationSpec(_Strict):
+    """Calibration-set selection and activation observer."""
+
+    strategy: Literal["random"] = "random"
+    size: int = Field(256, ge=1)
+    seed: int = 0
+    trajectories: int = Field(64, ge=1, description="FP sampling trajectories in the candidate pool")
+    observer: Literal["minmax", "percentile", "mse"] = "minmax"
+    batch_size: int = Field(256, ge=1)
+
+
+class WeightQuantSpec(_Strict):
+    """Weight format of the uniform plan (None bits keeps weights in float)."""
+
+    bits: int | None = Field(8, ge=MIN_BITS, le=MAX_BITS)
+    granularity: Literal["per_channel", "per_tensor"] = "per_channel"
+    observer: Literal["minmax", "percentile", "mse"] = "minmax"
+
+
+class ActivationQuantSpec(_Strict):
+    """Activation (layer input) format of the uniform plan; per-tensor, None keeps float."""
+
+    bits: int | None = Field(8, ge=MIN_BITS, le=MAX_BITS)
+
+
+class QuantizeSpec(_Strict):
+    """The uniform plan used when allocation is off."""
+
+    weight: WeightQuantSpec = WeightQuantSpec(bits=8)
+    activation: ActivationQuantSpec = ActivationQuantSpec(bits=8)
+    keep_full_precision: list[str] = Field(default_factory=list)
+
+
+class ExportSpec(_Strict):
+    """Export targets (the export stage is not part of this release; see README)."""
+
+    onnx: bool = True
+    tensorrt: Literal["auto", "on", "off"] = "auto"
+
+
+class EvaluateSpec(_Strict):
+    """Evaluation: number of samples (classes cycle 0-9) and the noise seed."""
+
+    samples: int = Field(2000, ge=10)
+    seed: int = 0
+    batch_size: int = Field(1000, ge=1)
+    sqnr_inputs: int = Field(256, ge=1, description="pool inputs (not in the calibration set) for SQNR")
+
+
+class PromoteSpec(_Strict):
+    """Promotion gates (read by the registry stage)."""
+
+    gates: dict[str, float] = Field(default_factory=dict)
+
+
+class CompressionSpec(_Strict):
+    """Everything one ``diffquant compress`` run needs."""
+
+    model: ModelSource = ModelSource(name="digits-unet")
+    sampler: SamplerSpec = SamplerSpec()
+    calibration: CalibrationSpec = CalibrationSpec()
+    quantize: QuantizeSpec = QuantizeSpec()
+    allocation: None = None
+    finetune: None = None
+    export: ExportSpec = ExportSpec()
+    evaluate: EvaluateSpec = EvaluateSpec()
+    promote: PromoteSpec = PromoteSpec()
+
+    @model_validator(mode="after")
+    def _calibration_fits_pool(self) -> CompressionSpec:
+        pool = self.calibration.trajectories * self.sampler.steps
+        if self.calibration.size > pool:
+            raise ValueError(
+                f"calibration.size {self.calibration.size} exceeds the candidate pool of {pool} "
+                f"(calibration.trajectories {self.calibration.trajectories} x sampler.steps "
+                f"{self.sampler.steps}); lower the size or add trajectories"
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the spec as plain JSON-compatible data."""
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        """Return the spec as YAML text that :func:`load_spec` reads back."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def spec_hash(self) -> str:
+        """Return a sha256 of the canonical JSON form (first 16 hex digits)."""
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    def flat_params(self) -> dict[str, str]:
+        """Return ``section.key -> value`` strings (MLflow params)."""
+        return {
+            key: json.dumps(value) if not isinstance(value, str) else value
+            for key, value in flatten(self.to_dict()).items()
+        }
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten nested dicts into dotted keys (lists and scalars are leaves)."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+_NOT_AVAILABLE = {
+    "allocation": "mixed-precision allocation is not available in this release; remove 'allocation'",
+    "finetune": "quantized fine-tuning is not available in this release; remove 'finetune'",
+}
+
+
+def _format_error(error: ValidationError) -> str:
+    first = error.errors()[0]
+    key = ".".join(str(part) for part in first["loc"]) or "<spec>"
+    top = str(first["loc"][0]) if first["loc"] else ""
+    if top in _NOT_AVAILABLE and first["type"] == "none_required":
+        return _NOT_AVAILABLE[top]
+    if first["type"] == "extra_forbidden":
+        return f"unknown spec key {key!r}"
+    message = first["msg"].removeprefix("Value error, ")
+    return f"invalid spec value at {key!r}: {message}"
+
+
+def spec_from_dict(data: dict[str, Any]) -> CompressionSpec:
+    """Validate plain data into a spec.
+
+    Raises:
+        SpecError: Naming the first offending key.
+    """
+    if not isinstance(data, dict):
+        raise SpecError("a spec must be a mapping of sections (model, sampler, quantize, ...)")
+    try:
+        return CompressionSpec.model_validate(data)
+    except ValidationError as error:
+        raise SpecError(_format_error(error)) from None
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Split ``section.key=value`` into the key path and a YAML-parsed value.
+
+    Raises:
+        SpecError: If the item has no ``=`` or an empty key.
+    """
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise SpecError(f"override {item!r} must look like section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``data`` with each ``section.key=value`` override applied."""
+    result = json.loads(json.dumps(data))
+    for item in overrides:
+        path, value = parse_override(item)
+        node = result
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise SpecError(f"override {item!r}: {part!r} is not a section")
+            node = child
+        node[path[-1]] = value
+    return result
+
+
+def load_spec(path: Path | None = None, overrides: list[str] | None = None) -> CompressionSpec:
+    """Read a spec from YAML (defaults when ``path`` is None) and apply overrides.
+
+    ``model`` is a one-of: overriding ``model.path`` drops the default or file's
+    ``model.name`` (and the reverse), unless both are overridden.
+
+    Args:
+        path: A YAML file; None means the built-in default (the W8A8 preset).
+        overrides: ``section.key=value`` strings, applied in order.
+
+    Raises:
+        SpecError: Missing or unreadable file, bad YAML, unknown keys or invalid values.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise SpecError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except (OSError, UnicodeDecodeError) as error:
+            raise SpecError(f"config file {path} cannot be read: {error}") from None
+        except yaml.YAMLError as error:
+            raise SpecError(f"config file {path} is not valid YAML: {str(error).splitlines()[0]}") from None
+        data = loaded or {}
+        if not isinstance(data, dict):
+            raise SpecError(f"config file {path} must hold a mapping of sections")
+    base = CompressionSpec().to_dict()
+    merged = _deep_merge(base, data) if isinstance(data, dict) else data
+    overrides = overrides or []
+    touched = {
+        parse_override(item)[0][1]
+        for item in overrides
+        if parse_override(item)[0][0] == "model" and len(parse_override(item)[0]) == 2
+    }
+    if touched & {"name", "path"} and isinstance(merged.get("model"), dict):
+        merged["model"] = {k: v for k, v in merged["model"].items() if k not in {"name", "path"} or k in touched}
+    return spec_from_dict(apply_overrides(merged, overrides))
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    if isinstance(update.get("model"), dict) and update["model"]:
+        out["model"] = dict(update["model"])
+    return out

@@ -1,0 +1,73 @@
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from diffquant.quant.formats import IntFormat, dequantize, fake_quant, quantize, scale_from_absmax
+
+bits = st.integers(min_value=2, max_value=8)
+scales = st.floats(min_value=1e-4, max_value=1e3, allow_nan=False)
+values = st.lists(st.floats(min_value=-1.0, max_value=1.0, allow_nan=False), min_size=1, max_size=64)
+
+
+@given(bits)
+def test_format_range(b):
+    fmt = IntFormat(b)
+    assert fmt.qmax - fmt.qmin + 1 == 2**b
+    assert fmt.qmin == -fmt.qmax - 1
+
+
+def test_format_rejects_out_of_range_bits():
+    for b in (0, 1, 9, 16):
+        try:
+            IntFormat(b)
+        except ValueError as error:
+            assert str(b) in str(error)
+        else:
+            raise AssertionError(f"{b} bits accepted")
+
+
+@settings(max_examples=200, deadline=None)
+@given(bits, scales, values)
+def test_round_trip_within_half_step_inside_range(b, s, unit):
+    fmt = IntFormat(b)
+    scale = torch.tensor(s, dtype=torch.float64)
+    # map [-1, 1] onto the representable range [qmin*s, qmax*s]
+    x = torch.tensor(unit, dtype=torch.float64)
+    x = torch.where(x < 0, -x * fmt.qmin * s, x * fmt.qmax * s)
+    err = (dequantize(quantize(x, scale, fmt), scale) - x).abs()
+    assert bool((err <= s / 2 * (1 + 1e-9)).all())
+
+
+@settings(max_examples=200, deadline=None)
+@given(bits, scales, values)
+def test_fake_quant_idempotent_and_on_grid(b, s, unit):
+    fmt = IntFormat(b)
+    scale = torch.tensor(s, dtype=torch.float64)
+    x = torch.tensor(unit, dtype=torch.float64) * 3 * fmt.qmax * s  # includes clamped values
+    once = fake_quant(x, scale, fmt)
+    assert torch.equal(fake_quant(once, scale, fmt), once)
+    q = once / s
+    assert torch.allclose(q, q.round(), atol=1e-6)
+    assert bool((q >= fmt.qmin - 1e-6).all() and (q <= fmt.qmax + 1e-6).all())
+
+
+@given(bits, st.floats(min_value=0.0, max_value=1e6, allow_nan=False))
+def test_scale_positive(b, absmax):
+    assert float(scale_from_absmax(torch.tensor(absmax), IntFormat(b))) > 0
+
+
+def test_straight_through_gradient_is_one_inside_zero_outside():
+    fmt = IntFormat(4)
+    scale = torch.tensor(0.1)
+    x = torch.tensor([-2.0, -0.33, 0.0, 0.26, 0.69, 5.0], requires_grad=True)
+    fake_quant(x, scale, fmt).sum().backward()
+    assert x.grad.tolist() == [0.0, 1.0, 1.0, 1.0, 1.0, 0.0]
+
+
+def test_per_channel_scales_broadcast_on_axis():
+    fmt = IntFormat(8)
+    w = torch.tensor([[1.0, -0.5], [10.0, 5.0]])
+    scale = torch.tensor([1.0 / 127, 10.0 / 127])
+    out = fake_quant(w, scale, fmt, axis=0)
+    assert torch.allclose(out, w, atol=10.0 / 127 / 2)
+    assert out[0, 0] == 1.0 and out[1, 0] == 10.0

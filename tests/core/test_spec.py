@@ -1,0 +1,99 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from diffquant.errors import SpecError
+from diffquant.spec import CompressionSpec, apply_overrides, load_spec, spec_from_dict
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_default_spec_is_the_w8a8_preset():
+    assert load_spec() == load_spec(ROOT / "configs" / "digits-unet-w8a8.yaml") == CompressionSpec()
+
+
+def test_presets_parse():
+    w4 = load_spec(ROOT / "configs" / "digits-unet-w4a8.yaml")
+    assert w4.quantize.weight.bits == 4 and "conv_out" in w4.quantize.keep_full_precision
+
+
+def test_prefect_deployment_parameter_is_the_default_spec():
+    deployments = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
+    compress = next(d for d in deployments if d["entrypoint"].endswith("compress_flow"))
+    assert compress["schedules"][0]["cron"]
+    assert spec_from_dict(compress["parameters"]["spec"]) == CompressionSpec()
+
+
+def test_yaml_round_trip(tmp_path):
+    spec = load_spec(overrides=["quantize.weight.bits=4", "quantize.keep_full_precision=[conv_out]"])
+    path = tmp_path / "s.yaml"
+    path.write_text(spec.to_yaml())
+    assert load_spec(path) == spec
+    assert spec.spec_hash() != CompressionSpec().spec_hash()
+
+
+def test_overrides_parse_yaml_values():
+    spec = load_spec(overrides=["evaluate.samples=100", "calibration.observer=mse", "quantize.activation.bits=null"])
+    assert spec.evaluate.samples == 100 and spec.calibration.observer == "mse"
+    assert spec.quantize.activation.bits is None
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        (["quantize.weight.bitz=4"], "unknown spec key 'quantize.weight.bitz'"),
+        (["colibration.size=4"], "unknown spec key 'colibration'"),
+        (["quantize.weight.bits=9"], "'quantize.weight.bits'"),
+        (["quantize.activation.bits=1"], "'quantize.activation.bits'"),
+        (["calibration.size=100000"], "exceeds the candidate pool"),
+        (["sampler.guidance=3"], "guidance"),
+        (["allocation.budget=4"], "allocation is not available"),
+        (["nonsense"], "section.key=value"),
+    ],
+)
+def test_bad_values_name_the_key(overrides, fragment):
+    with pytest.raises(SpecError) as info:
+        load_spec(overrides=overrides)
+    assert fragment in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_and_bad_files(tmp_path):
+    with pytest.raises(SpecError, match="does not exist"):
+        load_spec(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_spec(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(SpecError, match="mapping"):
+        load_spec(listy)
+
+
+def test_model_path_replaces_default_name(tmp_path):
+    f = tmp_path / "s.yaml"
+    f.write_text(f"model: {{path: {tmp_path}}}\n")
+    spec = load_spec(f)
+    assert spec.model.path == str(tmp_path) and spec.model.name is None
+    with pytest.raises(SpecError, match="exactly one"):
+        spec_from_dict({"model": {"name": "a", "path": "b"}})
+
+
+def test_flat_params():
+    params = CompressionSpec().flat_params()
+    assert params["quantize.weight.bits"] == "8"
+    assert params["model.name"] == "digits-unet"
+
+
+def test_apply_overrides_rejects_scalar_section():
+    with pytest.raises(SpecError, match="not a section"):
+        apply_overrides({"a": 1}, ["a.b=2"])
+
+
+def test_model_path_override_replaces_name():
+    spec = load_spec(overrides=["model.path=/some/dir"])
+    assert spec.model.path == "/some/dir" and spec.model.name is None
+    with pytest.raises(SpecError, match="exactly one"):
+        load_spec(overrides=["model.path=/a", "model.name=digits-unet"])

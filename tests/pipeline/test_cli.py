@@ -1,0 +1,89 @@
+"""The CLI end to end: a small successful run, and every bad input -> one line, exit 2."""
+
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from flows.cli import app
+from tests.conftest import save_tiny_unet
+from tests.pipeline.conftest import SMALL, mlflow_runs
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, ["compress", *args])
+
+
+def set_args(items):
+    return [arg for item in items for arg in ("--set", item)]
+
+
+def assert_clean_failure(result, fragment: str, home: Path) -> None:
+    output = result.output.strip()
+    assert result.exit_code == 2, output
+    assert fragment in output
+    assert "Traceback" not in output
+    assert len(output.splitlines()) == 1, output
+    assert all(r.info.status == "FAILED" for r in mlflow_runs(home))
+
+
+def test_compress_cli_small_run(isolated_home, tmp_path):
+    result = invoke(*set_args(SMALL), "--out", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    summary_path = Path(result.stdout.strip().splitlines()[-1])
+    assert summary_path == tmp_path / "out" / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    assert "mlflow ui --backend-store-uri" in result.output
+    assert summary["metrics"]["quantized"]["accuracy"] > 0.5
+    assert [r.info.status for r in mlflow_runs(isolated_home) if "mlflow.parentRunId" not in r.data.tags] == [
+        "FINISHED"
+    ]
+
+
+def test_missing_config(isolated_home, tmp_path):
+    assert_clean_failure(invoke(str(tmp_path / "missing.yaml")), "does not exist", isolated_home)
+
+
+def test_unknown_key(isolated_home):
+    assert_clean_failure(invoke("--set", "quantize.weight.bitz=4"), "unknown spec key", isolated_home)
+
+
+@pytest.mark.parametrize("bits", ["1", "9"])
+def test_bits_out_of_range(isolated_home, bits):
+    assert_clean_failure(invoke("--set", f"quantize.weight.bits={bits}"), "quantize.weight.bits", isolated_home)
+
+
+def test_model_path_missing(isolated_home, tmp_path):
+    assert_clean_failure(invoke("--set", f"model.path={tmp_path / 'nope'}"), "does not exist", isolated_home)
+
+
+def test_not_a_diffusers_dir(isolated_home, tmp_path):
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "readme.txt").write_text("hi")
+    assert_clean_failure(invoke("--set", f"model.path={tmp_path / 'junk'}"), "not a diffusers model", isolated_home)
+
+
+def test_pickle_weights(isolated_home, tmp_path):
+    model = save_tiny_unet(tmp_path / "m")
+    (model / "diffusion_pytorch_model.safetensors").write_bytes(pickle.dumps({"w": 1}))
+    assert_clean_failure(invoke("--set", f"model.path={model}"), "pickle", isolated_home)
+
+
+def test_mlflow_home_not_writable(isolated_home, tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("DIFFQUANT_HOME", str(blocker / "home"))
+    result = invoke()
+    assert_clean_failure(result, "not writable", isolated_home)
+    assert not (blocker.parent / "mlflow.db").exists()
+
+
+def test_help_documents_every_option():
+    result = runner.invoke(app, ["compress", "--help"])
+    assert result.exit_code == 0
+    for option in ("--set", "--out", "--verbose"):
+        assert option in result.output

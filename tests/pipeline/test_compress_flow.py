@@ -1,0 +1,69 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from diffquant.errors import DataError
+from diffquant.spec import load_spec
+from tests.pipeline.conftest import SMALL, mlflow_runs
+
+
+def run_flow(out: Path, extra: list[str] | None = None) -> dict:
+    from flows.compress import compress_flow
+
+    spec = load_spec(overrides=SMALL + (extra or []))
+    return compress_flow(spec=spec.to_dict(), out_dir=str(out))
+
+
+def test_compress_logs_everything(isolated_home, tmp_path):
+    summary = run_flow(tmp_path / "out")
+    saved = json.loads(Path(summary["summary_path"]).read_text())
+    assert saved["run_id"] == summary["run_id"]
+    fp, q = saved["metrics"]["fp"], saved["metrics"]["quantized"]
+    assert {"accuracy", "fd_real"} <= fp.keys()
+    assert {"accuracy", "fd_real", "fd_fp", "psnr", "ssim", "sqnr_db"} <= q.keys()
+    assert q["sqnr_db"] > 10 and q["psnr"] > 30 and q["ssim"] > 0.95  # W8A8 stays close to FP
+    assert 0.25 < saved["sizes"]["ratio"] < 0.35  # int8 weights + fp32 scales/biases/norms
+    assert saved["export"]["status"] == "skipped"
+    assert set(saved["timings"]) >= {"collect_trajectories", "quantize", "evaluate_fp", "evaluate_quantized"}
+    plan = json.loads(Path(saved["plan"]["path"]).read_text())["layers"]
+    from diffquant.models.loading import load_model
+    from diffquant.quant.plan import quantizable_layers
+
+    assert list(plan) == quantizable_layers(load_model("digits-unet").unet)
+    assert saved["plan"]["quantized_layers"] == len(plan)
+    selection = json.loads(Path(saved["calibration"]["selection_path"]).read_text())
+    assert len(selection["indices"]) == 32 and not set(selection["indices"]) & set(selection["sqnr_indices"])
+
+    runs = mlflow_runs(isolated_home)
+    parent = next(r for r in runs if r.info.run_id == summary["run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["quantize.weight.bits"] == "8"
+    assert parent.data.tags["spec_hash"] == saved["spec_hash"]
+    assert parent.data.metrics["quantized.accuracy"] == q["accuracy"]
+    stages = {r.data.tags.get("stage") for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert {"collect_trajectories", "quantize", "evaluate_fp", "evaluate_quantized"} <= stages
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=saved["tracking_uri"])
+    listed = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"spec", "calibration", "plan", "samples", "report.md", "summary.json"} <= listed
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "plan")} >= {"plan/plan.json"}
+    assert (Path(saved["samples"]["grid"])).read_bytes()[:4] == b"\x89PNG"
+    assert "| accuracy |" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_failure_marks_run_failed_and_writes_no_summary(isolated_home, tmp_path, monkeypatch):
+    import tasks.calibrate
+
+    def broken(*args, **kwargs):
+        raise DataError("injected: calibration inputs contain NaN")
+
+    monkeypatch.setattr(tasks.calibrate, "quantize_model", broken)
+    with pytest.raises(DataError, match="injected"):
+        run_flow(tmp_path / "out")
+    runs = mlflow_runs(isolated_home)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FAILED"
+    assert all(r.info.status != "RUNNING" for r in runs)
+    assert not (tmp_path / "out" / "summary.json").exists()
