@@ -75,6 +75,17 @@ def _setup(verbose: bool) -> Path:
     return home
 
 
+def _quiet_prefect(verbose: bool) -> None:
+    """Silence Prefect's and MLflow's console loggers (also when imported before the CLI ran)."""
+    if verbose:
+        return
+    for name in list(logging.root.manager.loggerDict):
+        if name == "prefect" or name.startswith("prefect."):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
 def _fail(error: BaseException) -> None:
     console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
@@ -125,6 +136,7 @@ def compress(
 ) -> None:
     """Calibrate, quantize and evaluate a model; log everything to MLflow and write summary.json."""
     home = _setup(verbose)
+    from diffquant.calibration import read_labels_file
     from diffquant.errors import DiffquantError
     from diffquant.models.loading import load_model
     from diffquant.spec import load_spec
@@ -135,11 +147,15 @@ def compress(
         uri = tracking_uri(home)
         if uri.startswith("sqlite:///"):
             ensure_writable(Path(uri.removeprefix("sqlite:///")).parent, "MLflow home")
-        load_model(name=spec.model.name, path=spec.model.path)
+        model = load_model(name=spec.model.name, path=spec.model.path)
+        if spec.calibration.labels_file:
+            read_labels_file(Path(spec.calibration.labels_file), model.num_classes)
     except DiffquantError as error:
         _fail(error)
     from diffquant import progress as progress_mod
     from flows.compress import compress_flow
+
+    _quiet_prefect(verbose)
 
     start = time.perf_counter()
     with _progress() as bars:
@@ -178,6 +194,8 @@ def train_reference(
     _setup(verbose)
     from diffquant import progress as progress_mod
     from flows.train_reference import train_reference_flow
+
+    _quiet_prefect(verbose)
 
     with _progress() as bars:
         progress_mod.set_reporter(RichReporter(bars))

@@ -14,6 +14,8 @@ from typing import Any
 
 from prefect import flow
 
+import diffquant
+from diffquant.calibration import POOL_CODE_VERSION, read_labels_file
 from diffquant.spec import CompressionSpec, spec_from_dict
 from diffquant.storage import load_safetensors, write_json
 from registry.home import diffquant_home, ensure_writable, tracking_uri
@@ -60,6 +62,28 @@ def _timed(timings: dict[str, float], name: str, tracker: RunTracker, fn: Any, *
     return result
 
 
+def _collect_pool(cfg: CompressionSpec, model_info: dict[str, Any], home: Path) -> tuple[dict[str, Any], bool]:
+    """Run (or reuse from Prefect's cache) the pool task; returns its result and whether it was cached."""
+    labels = None
+    if cfg.calibration.labels_file:
+        labels = read_labels_file(Path(cfg.calibration.labels_file), model_info["num_classes"]).tolist()
+    pool_spec = {"trajectories": cfg.calibration.trajectories, "seed": cfg.calibration.seed, "labels": labels}
+    args = (
+        cfg.model.model_dump(),
+        model_info["weights_sha256"],
+        cfg.sampler.model_dump(),
+        pool_spec,
+        f"{diffquant.__version__}/{POOL_CODE_VERSION}",
+        str(home / "cache" / "pools"),
+    )
+    state = collect_trajectories_task(*args, return_state=True)
+    result = state.result()
+    if state.name == "Cached" and not Path(result["pool_path"]).is_file():
+        logger.warning("cached pool %s is gone; collecting it again", result["pool_path"])
+        return collect_trajectories_task.with_options(refresh_cache=True)(*args), False
+    return result, state.name == "Cached"
+
+
 @flow(name="compress", log_prints=False)
 def compress_flow(spec: dict[str, Any], out_dir: str | None = None) -> dict[str, Any]:
     """Compress the spec's model with its uniform plan and record everything.
@@ -90,20 +114,13 @@ def compress_flow(spec: dict[str, Any], out_dir: str | None = None) -> dict[str,
         spec_path.parent.mkdir(parents=True, exist_ok=True)
         spec_path.write_text(cfg.to_yaml())
         tracker.log_artifact(spec_path, "spec")
-        pool = _timed(
-            timings,
-            "collect_trajectories",
-            tracker,
-            collect_trajectories_task,
-            data["model"],
-            data["sampler"],
-            data["calibration"],
-            str(out),
-        )
+        pool, pool_cached = _timed(timings, "collect_trajectories", tracker, _collect_pool, cfg, model_info, home)
         calib = _timed(
             timings, "select_calibration", tracker, select_calibration_task, pool["pool_path"], data, str(out)
         )
-        tracker.log_artifact(Path(calib["selection_path"]), "calibration")
+        for key in ("selection_path", "histogram_png", "pca_png"):
+            tracker.log_artifact(Path(calib[key]), "calibration")
+        tracker.log_metrics({"calibration.selection_seconds": calib["selection_seconds"]})
         quant = _timed(timings, "quantize", tracker, quantize_task, data, calib["calibration_path"], str(out))
         tracker.log_artifact(Path(quant["plan_path"]), "plan")
         tracker.log_artifact(Path(quant["scales_path"]), "plan")
@@ -152,9 +169,15 @@ def compress_flow(spec: dict[str, Any], out_dir: str | None = None) -> dict[str,
                 "description": _plan_description(cfg),
             },
             "calibration": {
+                "strategy": cfg.calibration.strategy,
                 "size": calib["size"],
                 "pool_size": pool["pool_size"],
+                "pool_path": pool["pool_path"],
+                "pool_cache_hit": pool_cached,
+                "selection_seconds": calib["selection_seconds"],
                 "selection_path": calib["selection_path"],
+                "histogram_png": calib["histogram_png"],
+                "pca_png": calib["pca_png"],
             },
             "samples": {"fp": fp["samples_path"], "quantized": q["samples_path"], "grid": str(grid)},
             "export": {"status": "skipped", "reason": EXPORT_SKIPPED, "onnx": None, "engine": None},

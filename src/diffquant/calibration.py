@@ -8,6 +8,7 @@ never shares noise with evaluation (seed ``evaluate.seed``).
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -17,20 +18,62 @@ from diffquant.models.loading import DiffusionModel
 from diffquant.progress import track
 from diffquant.quant.plan import input_quantizers
 from diffquant.sampling import Trajectories, class_labels, ddim_sample, initial_noise
+from diffquant.selection import SelectionParams, select_indices
 
 logger = logging.getLogger(__name__)
 
 POOL_SEED_OFFSET = 10_000
-STRATEGIES = ("random",)
+POOL_CODE_VERSION = "1"
 
 
-def collect_pool(model: DiffusionModel, trajectories: int, steps: int, seed: int) -> Trajectories:
+def read_labels_file(path: Path, num_classes: int | None) -> torch.Tensor:
+    """Read class labels (one integer per line, ``#`` comments allowed) for calibration sampling.
+
+    Raises:
+        DataError: If the file is missing, unreadable, empty, or holds labels out of range.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataError(f"labels file {path} cannot be read: {getattr(error, 'strerror', None) or error}") from None
+    lines = [line.split("#", 1)[0].strip() for line in text.splitlines()]
+    lines = [line for line in lines if line]
+    if not lines:
+        raise DataError(f"labels file {path} is empty; put one class label per line")
+    try:
+        labels = torch.tensor([int(line) for line in lines])
+    except ValueError:
+        raise DataError(f"labels file {path} must hold one integer class label per line") from None
+    if num_classes is None:
+        raise DataError(f"labels file {path} given, but the model is unconditional")
+    bad = labels[(labels < 0) | (labels >= num_classes)]
+    if bad.numel():
+        raise DataError(f"labels file {path} has label {int(bad[0])} outside 0..{num_classes - 1}")
+    return labels
+
+
+def collect_pool(
+    model: DiffusionModel, trajectories: int, steps: int, seed: int, labels: torch.Tensor | None = None
+) -> Trajectories:
     """Sample ``trajectories`` FP images with DDIM and record every denoiser input.
+
+    Args:
+        model: The FP model.
+        trajectories: Number of sampling trajectories.
+        steps: DDIM steps per trajectory.
+        seed: Calibration seed (noise seed is ``POOL_SEED_OFFSET + seed``).
+        labels: Conditions to cycle through (default: all classes in turn).
 
     Raises:
         DataError: If any recorded input is NaN or infinite.
     """
-    labels = class_labels(trajectories, model.num_classes) if model.conditional else None
+    if not model.conditional:
+        labels = None
+    elif labels is None:
+        labels = class_labels(trajectories, model.num_classes)
+    else:
+        labels = labels[torch.arange(trajectories) % labels.numel()]
     noise = initial_noise(trajectories, model.sample_shape, POOL_SEED_OFFSET + seed)
     _, traj = ddim_sample(
         model.unet, model.scheduler_config, noise, labels, steps, record=True, description="Collecting FP trajectories"
@@ -50,18 +93,52 @@ def check_finite(traj: Trajectories) -> None:
         )
 
 
-def select(pool: Trajectories, strategy: str, size: int, seed: int) -> torch.Tensor:
-    """Choose ``size`` pool indices with ``strategy`` (sorted, without replacement).
+def select(
+    pool: Trajectories,
+    strategy: str,
+    size: int,
+    seed: int,
+    features: torch.Tensor | None = None,
+    params: SelectionParams | None = None,
+) -> torch.Tensor:
+    """Choose ``size`` pool indices with ``strategy`` (see :mod:`diffquant.selection`).
 
     Raises:
         DataError: Unknown strategy or a size larger than the pool.
     """
-    if strategy not in STRATEGIES:
-        raise DataError(f"unknown calibration strategy {strategy!r}; available: {', '.join(STRATEGIES)}")
-    if not 0 < size <= len(pool):
-        raise DataError(f"calibration size {size} must be between 1 and the pool size {len(pool)}")
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randperm(len(pool), generator=generator)[:size].sort().values
+    return select_indices(pool.t, features, strategy, size, seed, params)
+
+
+@torch.no_grad()
+def pool_features(
+    unet: nn.Module, pool: Trajectories, conditional: bool, module: str = "mid_block", batch_size: int = 512
+) -> torch.Tensor:
+    """Output of ``module`` (default: the mid block) for every pool entry, flattened per entry.
+
+    Raises:
+        DataError: If the model has no module of that name.
+    """
+    try:
+        target = unet.get_submodule(module)
+    except AttributeError:
+        raise DataError(f"calibration.feature_module {module!r} is not a module of the denoiser") from None
+    captured: list[torch.Tensor] = []
+
+    def hook(_module: nn.Module, _inputs: object, output: object) -> None:
+        tensor = output[0] if isinstance(output, tuple) else output
+        captured.append(tensor.detach().flatten(1).float())
+
+    handle = target.register_forward_hook(hook)
+    try:
+        batches = range(0, len(pool), batch_size)
+        with track("Computing pool features", len(batches)) as bar:
+            for start in batches:
+                sl = slice(start, start + batch_size)
+                unet(pool.x[sl], pool.t[sl], class_labels=pool.labels[sl] if conditional else None)
+                bar.advance()
+    finally:
+        handle.remove()
+    return torch.cat(captured)
 
 
 def subset(traj: Trajectories, indices: torch.Tensor) -> Trajectories:

@@ -10,11 +10,13 @@ from diffquant.errors import SpecError
 from diffquant.models.loading import DiffusionModel
 from diffquant.quant.plan import (
     ActivationConfig,
+    LayerConfig,
     LayerPlan,
     WeightConfig,
     apply_plan,
     load_quantizer_state,
     quantizer_state,
+    resolve_globs,
     uniform_plan,
 )
 from diffquant.sampling import Trajectories
@@ -23,18 +25,33 @@ from diffquant.storage import load_safetensors, save_safetensors
 
 
 def plan_from_spec(model: DiffusionModel, quantize: QuantizeSpec, act_observer: str = "minmax") -> LayerPlan:
-    """Resolve the spec's uniform plan (and its full-precision globs) against ``model``.
+    """Resolve the spec's uniform plan, its overrides and full-precision globs against ``model``.
 
     Raises:
-        SpecError: If a keep_full_precision glob matches no layer.
+        SpecError: If a glob matches no layer.
     """
     w = quantize.weight
-    weight = WeightConfig(w.bits, w.granularity, w.observer) if w.bits is not None else None
-    act = ActivationConfig(quantize.activation.bits, act_observer) if quantize.activation.bits is not None else None
+
+    def formats(w_bits: int | None, a_bits: int | None) -> tuple[WeightConfig | None, ActivationConfig | None]:
+        weight = WeightConfig(w_bits, w.granularity, w.observer) if w_bits is not None else None
+        return weight, ActivationConfig(a_bits, act_observer) if a_bits is not None else None
+
+    plan = uniform_plan(model.unet, *formats(w.bits, quantize.activation.bits))
+    for i, override in enumerate(quantize.overrides):
+        try:
+            names = resolve_globs(plan, override.layers)
+        except ValueError as error:
+            raise SpecError(f"quantize.overrides.{i}.layers: {error}") from None
+        weight, act = formats(override.weight_bits, override.activation_bits)
+        for name in names:
+            plan[name] = LayerConfig(weight, act)
     try:
-        return uniform_plan(model.unet, weight, act, quantize.keep_full_precision)
+        keep = resolve_globs(plan, quantize.keep_full_precision)
     except ValueError as error:
         raise SpecError(f"quantize.keep_full_precision: {error}") from None
+    for name in keep:
+        plan[name] = LayerConfig(None, None)
+    return plan
 
 
 def quantize_model(

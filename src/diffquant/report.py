@@ -84,3 +84,51 @@ def render_report(summary: dict[str, Any]) -> str:
 def write_report(summary: dict[str, Any], path: Path) -> Path:
     """Write :func:`render_report` output to ``path``."""
     return write_text(render_report(summary), path)
+
+
+def timestep_histogram(pool_t: torch.Tensor, selected_t: torch.Tensor, path: Path, title: str) -> Path:
+    """Save a bar chart of how many calibration samples each timestep got."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values = torch.unique(pool_t)
+    counts = [(selected_t == v).sum().item() for v in values]
+    fig, ax = plt.subplots(figsize=(7, 3))
+    ax.bar(values.numpy(), counts, width=max(1.0, float(values.max() - values.min()) / max(len(values), 1) * 0.8))
+    ax.set_xlabel("timestep t")
+    ax.set_ylabel("selected samples")
+    ax.set_title(title)
+    fig.tight_layout()
+    with atomic_path(Path(path)) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def pca_projection(features: torch.Tensor, selected: torch.Tensor, t: torch.Tensor, path: Path, title: str) -> Path:
+    """Save a 2-D PCA scatter of pool features (colored by timestep) with the selected ones circled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    flat = features.reshape(features.shape[0], -1).double()
+    centered = flat - flat.mean(0)
+    _, _, v = torch.linalg.svd(centered, full_matrices=False)
+    xy = (centered @ v[:2].T).numpy()
+    fig, ax = plt.subplots(figsize=(5, 5))
+    points = ax.scatter(xy[:, 0], xy[:, 1], c=t.numpy(), s=4, cmap="viridis", alpha=0.4)
+    sel = selected.numpy()
+    ax.scatter(xy[sel, 0], xy[sel, 1], s=18, facecolors="none", edgecolors="red", linewidths=0.7, label="selected")
+    fig.colorbar(points, ax=ax, label="timestep t")
+    ax.set_xlabel("PC 1")
+    ax.set_ylabel("PC 2")
+    ax.set_title(title)
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    with atomic_path(Path(path)) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return Path(path)

@@ -54,14 +54,24 @@ class SamplerSpec(_Strict):
 
 
 class CalibrationSpec(_Strict):
-    """Calibration-set selection and activation observer."""
+    """Calibration pool, selection strategy and activation observer.
 
-    strategy: Literal["random"] = "random"
+    The pool is every denoiser input of ``trajectories`` FP sampling runs; ``labels_file`` (one
+    class label per line) sets their conditions for user models, else classes cycle.
+    """
+
+    strategy: Literal["random", "uniform_timesteps", "normal_timesteps", "density_diversity"] = "random"
     size: int = Field(256, ge=1)
     seed: int = 0
     trajectories: int = Field(64, ge=1, description="FP sampling trajectories in the candidate pool")
     observer: Literal["minmax", "percentile", "mse"] = "minmax"
     batch_size: int = Field(256, ge=1)
+    labels_file: str | None = None
+    normal_mean: float = Field(0.4, ge=0.0, le=1.0, description="normal_timesteps: mean as a fraction of T")
+    normal_std: float = Field(0.4, gt=0.0, description="normal_timesteps: std as a fraction of T")
+    radius: float | None = Field(None, gt=0.0, description="density_diversity radius; None = median distance")
+    diversity_weight: float = Field(1.2, ge=0.0, description="density_diversity lambda")
+    feature_module: str = Field("mid_block", description="denoiser module whose output gives pool features")
 
 
 class WeightQuantSpec(_Strict):
@@ -78,11 +88,25 @@ class ActivationQuantSpec(_Strict):
     bits: int | None = Field(8, ge=MIN_BITS, le=MAX_BITS)
 
 
+class LayerOverride(_Strict):
+    """Give the layers matching ``layers`` (globs) these bit-widths (None keeps that part float)."""
+
+    layers: list[str] = Field(min_length=1)
+    weight_bits: int | None = Field(8, ge=MIN_BITS, le=MAX_BITS)
+    activation_bits: int | None = Field(8, ge=MIN_BITS, le=MAX_BITS)
+
+
 class QuantizeSpec(_Strict):
-    """The uniform plan used when allocation is off."""
+    """The uniform plan used when allocation is off.
+
+    Every quantizable layer gets ``weight`` and ``activation``; then each entry of ``overrides``
+    (in order, later wins) sets the bits of the layers it matches; ``keep_full_precision`` is
+    applied last and keeps its layers entirely in float.
+    """
 
     weight: WeightQuantSpec = WeightQuantSpec(bits=8)
     activation: ActivationQuantSpec = ActivationQuantSpec(bits=8)
+    overrides: list[LayerOverride] = Field(default_factory=list)
     keep_full_precision: list[str] = Field(default_factory=list)
 
 

@@ -97,3 +97,24 @@ def test_model_path_override_replaces_name():
     assert spec.model.path == "/some/dir" and spec.model.name is None
     with pytest.raises(SpecError, match="exactly one"):
         load_spec(overrides=["model.path=/a", "model.name=digits-unet"])
+
+
+def test_overrides_and_full_precision_resolve_into_the_plan():
+    from diffquant.models.loading import load_model
+    from diffquant.quantize import plan_from_spec
+
+    spec = load_spec(
+        overrides=[
+            "quantize.weight.bits=4",
+            "quantize.overrides=[{layers: [conv_in, conv_out, 'time_embedding.*'], weight_bits: 8}]",
+            "quantize.keep_full_precision=[conv_out]",
+        ]
+    )
+    plan = plan_from_spec(load_model("digits-unet"), spec.quantize)
+    assert plan["conv_in"].weight.bits == 8 and plan["conv_in"].activation.bits == 8
+    assert plan["time_embedding.linear_2"].weight.bits == 8
+    assert plan["conv_out"].is_full_precision
+    assert plan["mid_block.resnets.0.conv1"].weight.bits == 4
+    bad = load_spec(overrides=["quantize.overrides=[{layers: [nope]}]"])
+    with pytest.raises(SpecError, match=r"quantize.overrides.0.layers: pattern 'nope'"):
+        plan_from_spec(load_model("digits-unet"), bad.quantize)

@@ -25,9 +25,10 @@ def set_args(items):
 def assert_clean_failure(result, fragment: str, home: Path) -> None:
     output = result.output.strip()
     assert result.exit_code == 2, output
-    assert fragment in output
     assert "Traceback" not in output
-    assert len(output.splitlines()) == 1, output
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and output.splitlines()[-1] == errors[0], output
+    assert fragment in errors[0]
     assert all(r.info.status == "FAILED" for r in mlflow_runs(home))
 
 
@@ -87,3 +88,36 @@ def test_help_documents_every_option():
     assert result.exit_code == 0
     for option in ("--set", "--out", "--verbose"):
         assert option in result.output
+
+
+def test_labels_file_problems(isolated_home, tmp_path):
+    empty = tmp_path / "labels.txt"
+    empty.write_text("# nothing\n\n")
+    assert_clean_failure(invoke("--set", f"calibration.labels_file={empty}"), "is empty", isolated_home)
+    assert_clean_failure(
+        invoke("--set", f"calibration.labels_file={tmp_path / 'missing.txt'}"), "cannot be read", isolated_home
+    )
+    out_of_range = tmp_path / "bad.txt"
+    out_of_range.write_text("3\n12\n")
+    assert_clean_failure(invoke("--set", f"calibration.labels_file={out_of_range}"), "outside 0..9", isolated_home)
+
+
+def test_unknown_strategy_and_oversized_calibration(isolated_home):
+    assert_clean_failure(invoke("--set", "calibration.strategy=magic"), "calibration.strategy", isolated_home)
+    assert_clean_failure(invoke("--set", "calibration.size=999999"), "exceeds the candidate pool", isolated_home)
+
+
+def test_nan_trajectories_fail_cleanly(isolated_home, tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    model = save_tiny_unet(tmp_path / "nan-model")
+    weights = model / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(str(weights))
+    tensors["conv_out.bias"] = torch.full_like(tensors["conv_out.bias"], float("nan"))
+    save_file(tensors, str(weights))
+    result = invoke("--set", f"model.path={model}", *set_args(SMALL), "--out", str(tmp_path / "out"))
+    assert_clean_failure(result, "NaN", isolated_home)
+    runs = mlflow_runs(isolated_home)
+    assert runs and all(r.info.status == "FAILED" for r in runs)
+    assert not (tmp_path / "out" / "summary.json").exists()

@@ -67,3 +67,35 @@ def test_failure_marks_run_failed_and_writes_no_summary(isolated_home, tmp_path,
     assert len(parents) == 1 and parents[0].info.status == "FAILED"
     assert all(r.info.status != "RUNNING" for r in runs)
     assert not (tmp_path / "out" / "summary.json").exists()
+
+
+def test_pool_is_cached_across_runs_and_artifacts_logged(isolated_home, tmp_path):
+    first = run_flow(tmp_path / "a", ["calibration.strategy=density_diversity"])
+    second = run_flow(tmp_path / "b", ["calibration.strategy=uniform_timesteps", "calibration.size=20"])
+    assert first["calibration"]["pool_cache_hit"] is False
+    assert second["calibration"]["pool_cache_hit"] is True
+    assert second["calibration"]["pool_path"] == first["calibration"]["pool_path"]
+    selection = json.loads(Path(second["calibration"]["selection_path"]).read_text())
+    assert selection["strategy"] == "uniform_timesteps" and len(selection["indices"]) == 20
+    assert sum(selection["timestep_histogram"].values()) == 20
+    assert max(selection["timestep_histogram"].values()) - min(selection["timestep_histogram"].values()) <= 1
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=first["tracking_uri"])
+    logged = {a.path for a in client.list_artifacts(first["run_id"], "calibration")}
+    assert {
+        "calibration/selection.json",
+        "calibration/timestep_histogram.png",
+        "calibration/features_pca.png",
+    } <= logged
+    # a different pool seed is a different cache entry
+    third = run_flow(tmp_path / "c", ["calibration.seed=1"])
+    assert third["calibration"]["pool_cache_hit"] is False
+
+
+def test_deleted_cached_pool_is_collected_again(isolated_home, tmp_path):
+    first = run_flow(tmp_path / "a")
+    Path(first["calibration"]["pool_path"]).unlink()
+    second = run_flow(tmp_path / "b")
+    assert second["calibration"]["pool_cache_hit"] is False
+    assert Path(second["calibration"]["pool_path"]).is_file()

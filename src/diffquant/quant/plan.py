@@ -114,7 +114,7 @@ def resolve_globs(names: Iterable[str], patterns: Iterable[str]) -> set[str]:
     for pattern in patterns:
         hits = {n for n in names if fnmatch.fnmatchcase(n, pattern)}
         if not hits:
-            raise ValueError(f"keep_full_precision pattern {pattern!r} matches no quantizable layer")
+            raise ValueError(f"pattern {pattern!r} matches no quantizable layer")
         matched |= hits
     return matched
 
