@@ -71,3 +71,27 @@ def test_per_channel_scales_broadcast_on_axis():
     out = fake_quant(w, scale, fmt, axis=0)
     assert torch.allclose(out, w, atol=10.0 / 127 / 2)
     assert out[0, 0] == 1.0 and out[1, 0] == 10.0
+
+
+@settings(max_examples=200, deadline=None)
+@given(bits, scales, st.lists(st.floats(min_value=-3.0, max_value=3.0, allow_nan=False), min_size=1, max_size=64))
+def test_inference_path_matches_autograd_path(b, s, unit):
+    fmt = IntFormat(b)
+    x = torch.tensor(unit, dtype=torch.float32) * fmt.qmax * s
+    scale = torch.tensor(s, dtype=torch.float32)
+    with torch.no_grad():
+        fast = fake_quant(x, scale, fmt)
+    slow = fake_quant(x.clone().requires_grad_(True), scale, fmt).detach()
+    assert torch.equal(fast, slow)
+
+
+def test_per_channel_gradient():
+    fmt = IntFormat(4)
+    w = torch.randn(3, 5, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    scale = torch.tensor([0.1, 0.2, 0.05])
+    out = fake_quant(w, scale, fmt, axis=0)
+    with torch.no_grad():
+        assert torch.equal(out, fake_quant(w, scale, fmt, axis=0))
+    out.sum().backward()
+    inside = (w.abs() <= 7 * scale[:, None]).float()
+    assert torch.equal(w.grad, inside)

@@ -131,3 +131,16 @@ def test_packed_bytes_oracle():
     w_block, w_proj = 4 * 4 * 9, 10 * 256
     expected = (total - w_block - w_proj) * 4 + w_block // 2 + 4 * 4 + w_proj // 2 + 10 * 4
     assert sizes == {"fp32": total * 4, "packed": expected}
+
+
+def test_cached_quantized_weight_follows_in_place_updates():
+    q = Tiny()
+    apply_plan(q, uniform_plan(q, WeightConfig(4), None))
+    with torch.no_grad():
+        first = q.proj.quantized_weight()
+        assert q.proj.quantized_weight() is first
+        q.proj.weight.mul_(2)
+        q.proj.weight_quantizer.calibrate_from(q.proj.weight)
+        second = q.proj.quantized_weight()
+    assert second is not first
+    assert torch.allclose(second, q.proj.weight_quantizer(q.proj.weight))

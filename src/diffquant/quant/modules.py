@@ -100,8 +100,21 @@ class _QuantMixin:
             self.weight_quantizer.calibrate_from(self.weight.detach())
 
     def quantized_weight(self) -> torch.Tensor:
-        """The weight as the quantized layer uses it (fake-quantized, or as is when FP)."""
-        return self.weight if self.weight_quantizer is None else self.weight_quantizer(self.weight)
+        """The weight as the quantized layer uses it (fake-quantized, or as is when FP).
+
+        Without autograd the result is cached until the weight or its scale changes in place.
+        """
+        quantizer = self.weight_quantizer
+        if quantizer is None:
+            return self.weight
+        if torch.is_grad_enabled():
+            return quantizer(self.weight)
+        key = (self.weight._version, quantizer.scale._version, quantizer.mode, self.weight.data_ptr())
+        cached = getattr(self, "_weight_cache", None)
+        if cached is None or cached[0] != key:
+            cached = (key, quantizer(self.weight))
+            self._weight_cache = cached
+        return cached[1]
 
     def _quant_input(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.input_quantizer is None else self.input_quantizer(x)
