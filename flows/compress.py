@@ -16,13 +16,15 @@ from prefect import flow
 
 import diffquant
 from diffquant.calibration import POOL_CODE_VERSION, read_labels_file
+from diffquant.sensitivity import SENSITIVITY_CODE_VERSION
 from diffquant.spec import CompressionSpec, spec_from_dict
-from diffquant.storage import load_safetensors, write_json
+from diffquant.storage import load_safetensors, sha256_file, write_json
 from registry.home import diffquant_home, ensure_writable, tracking_uri
 from registry.tracking import RunTracker, tracked_run
 from tasks.calibrate import quantize_task, select_calibration_task
 from tasks.evaluate import evaluate_task
 from tasks.load import load_model_task
+from tasks.sensitivity import allocate_task, sensitivity_task
 from tasks.trajectories import collect_trajectories_task
 
 logger = logging.getLogger(__name__)
@@ -37,6 +39,9 @@ def default_out_dir(spec: CompressionSpec, home: Path) -> Path:
 
 
 def _plan_description(spec: CompressionSpec) -> str:
+    if spec.allocation is not None:
+        budget = ", ".join(f"{k} <= {v:g}" for k, v in spec.allocation.budget.as_dict().items())
+        return f"mixed precision, W{spec.allocation.weight_bits} A{spec.allocation.activation_bits}, {budget}"
     w, a = spec.quantize.weight.bits, spec.quantize.activation.bits
     text = f"W{w or 'fp'}A{a or 'fp'} uniform, {spec.quantize.weight.granularity}"
     if spec.quantize.keep_full_precision:
@@ -84,6 +89,40 @@ def _collect_pool(cfg: CompressionSpec, model_info: dict[str, Any], home: Path) 
     return result, state.name == "Cached"
 
 
+def _sensitivity(cfg: CompressionSpec, model_info: dict[str, Any], calib: dict[str, Any], home: Path) -> dict[str, Any]:
+    """Run (or reuse from Prefect's cache) the sensitivity task; adds ``cache_hit``."""
+    alloc = cfg.allocation
+    assert alloc is not None
+    key = {
+        "weights": model_info["weights_sha256"],
+        "sampler": cfg.sampler.model_dump(),
+        "weight_bits": alloc.weight_bits,
+        "activation_bits": alloc.activation_bits,
+        "observers": [cfg.quantize.weight.observer, cfg.calibration.observer],
+        "granularity": cfg.quantize.weight.granularity,
+        "content_layers": alloc.content_layers,
+        "content_samples": alloc.content_samples,
+        "sensitivity_inputs": alloc.sensitivity_inputs,
+        "seed": cfg.evaluate.seed,
+    }
+    args = (
+        key,
+        cfg.to_dict(),
+        calib["calibration_path"],
+        sha256_file(Path(calib["calibration_path"])),
+        f"{diffquant.__version__}/{SENSITIVITY_CODE_VERSION}",
+        str(home / "cache" / "sensitivity"),
+    )
+    state = sensitivity_task(*args, return_state=True)
+    result = dict(state.result())
+    if state.name == "Cached" and not Path(result["csv_path"]).is_file():
+        result = dict(sensitivity_task.with_options(refresh_cache=True)(*args))
+        result["cache_hit"] = False
+    else:
+        result["cache_hit"] = state.name == "Cached"
+    return result
+
+
 @flow(name="compress", log_prints=False)
 def compress_flow(spec: dict[str, Any], out_dir: str | None = None) -> dict[str, Any]:
     """Compress the spec's model with its uniform plan and record everything.
@@ -121,7 +160,27 @@ def compress_flow(spec: dict[str, Any], out_dir: str | None = None) -> dict[str,
         for key in ("selection_path", "histogram_png", "pca_png"):
             tracker.log_artifact(Path(calib[key]), "calibration")
         tracker.log_metrics({"calibration.selection_seconds": calib["selection_seconds"]})
-        quant = _timed(timings, "quantize", tracker, quantize_task, data, calib["calibration_path"], str(out))
+        allocation = None
+        if cfg.allocation is not None:
+            sens = _timed(timings, "sensitivity", tracker, _sensitivity, cfg, model_info, calib, home)
+            tracker.log_artifact(Path(sens["csv_path"]), "sensitivity")
+            tracker.log_artifact(Path(sens["heatmap_path"]), "sensitivity")
+            allocation = _timed(
+                timings, "allocate", tracker, allocate_task, data, calib["calibration_path"], sens["csv_path"], str(out)
+            )
+            allocation["sensitivity"] = sens
+            tracker.log_artifact(Path(allocation["allocation_path"]), "plan")
+            tracker.log_metrics({f"allocation.{k}": v for k, v in allocation["usage"].items()})
+        quant = _timed(
+            timings,
+            "quantize",
+            tracker,
+            quantize_task,
+            data,
+            calib["calibration_path"],
+            str(out),
+            plan_path=allocation["plan_path"] if allocation else None,
+        )
         tracker.log_artifact(Path(quant["plan_path"]), "plan")
         tracker.log_artifact(Path(quant["scales_path"]), "plan")
         fp = _timed(timings, "evaluate_fp", tracker, evaluate_task, data, "fp", str(out), calib["sqnr_path"])
@@ -180,6 +239,17 @@ def compress_flow(spec: dict[str, Any], out_dir: str | None = None) -> dict[str,
                 "pca_png": calib["pca_png"],
             },
             "samples": {"fp": fp["samples_path"], "quantized": q["samples_path"], "grid": str(grid)},
+            "allocation": None
+            if allocation is None
+            else {
+                "budget": cfg.allocation.budget.as_dict(),
+                "usage": allocation["usage"],
+                "objective": allocation["objective"],
+                "plan_path": allocation["plan_path"],
+                "allocation_path": allocation["allocation_path"],
+                "sensitivity_csv": allocation["sensitivity"]["csv_path"],
+                "sensitivity_cache_hit": allocation["sensitivity"]["cache_hit"],
+            },
             "export": {"status": "skipped", "reason": EXPORT_SKIPPED, "onnx": None, "engine": None},
             "timings": timings,
             "out_dir": str(out),

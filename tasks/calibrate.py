@@ -10,7 +10,7 @@ import torch
 from prefect import task
 
 from diffquant.calibration import held_out_indices, pool_features, select, subset
-from diffquant.quant.plan import packed_weight_bytes
+from diffquant.quant.plan import LayerPlan, packed_weight_bytes
 from diffquant.quantize import plan_from_spec, quantize_model, save_quantized
 from diffquant.report import pca_projection, timestep_histogram
 from diffquant.selection import SelectionParams
@@ -70,11 +70,16 @@ def select_calibration_task(pool_path: str, spec: dict[str, Any], out_dir: str) 
 
 
 @task(name="quantize")
-def quantize_task(spec: dict[str, Any], calibration_path: str, out_dir: str) -> dict[str, Any]:
-    """Build the plan, quantize weights, calibrate activations and save plan + scales."""
+def quantize_task(
+    spec: dict[str, Any], calibration_path: str, out_dir: str, plan_path: str | None = None
+) -> dict[str, Any]:
+    """Quantize with the given plan (or the spec's uniform plan), calibrate, save plan + scales."""
     cfg = spec_from_dict(spec)
     model = model_from_source(cfg.model.model_dump())
-    plan = plan_from_spec(model, cfg.quantize, cfg.calibration.observer)
+    if plan_path is not None:
+        plan = LayerPlan.load(Path(plan_path))
+    else:
+        plan = plan_from_spec(model, cfg.quantize, cfg.calibration.observer)
     quantized = quantize_model(model, plan, load_trajectories(calibration_path), cfg.calibration)
     plan_path, scales_path = save_quantized(quantized, plan, Path(out_dir) / "plan")
     sizes = packed_weight_bytes(model.unet, plan)

@@ -16,7 +16,7 @@ met, the smallest value that can (found by minimising that resource under the ot
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -212,3 +212,86 @@ def _infeasible(problem: AllocationProblem, time_limit: float | None) -> Allocat
             minimal,
         )
     return AllocationInfeasibleError("infeasible allocation: pins, tied groups and allowed options conflict", minimal)
+
+
+def option_name(weight_bits: int | None, act_bits: int | None) -> str:
+    """Name of a (weight bits, activation bits) option, e.g. ``w4a8`` or ``wfpa8``."""
+    return f"w{weight_bits or 'fp'}a{act_bits or 'fp'}"
+
+
+def qkv_groups(layers: Sequence[str]) -> list[list[str]]:
+    """Tie ``to_q``/``to_k``/``to_v`` of each attention block (they read the same input)."""
+    by_parent: dict[str, list[str]] = {}
+    for name in layers:
+        parent, _, leaf = name.rpartition(".")
+        if leaf in {"to_q", "to_k", "to_v"}:
+            by_parent.setdefault(parent, []).append(name)
+    return [group for group in by_parent.values() if len(group) > 1]
+
+
+@dataclass
+class MixedPrecisionInputs:
+    """What :func:`build_problem` needs about the model."""
+
+    layers: list[str]
+    weight_numel: dict[str, int]
+    out_channels: dict[str, int]
+    macs: dict[str, int]
+    other_params: int
+
+
+def build_problem(
+    inputs: MixedPrecisionInputs,
+    noise: Callable[[str, str, int | None], float],
+    content: Callable[[str, str, int | None], float],
+    weight_bits: Sequence[int | None],
+    act_bits: Sequence[int | None],
+    budgets: Mapping[str, float],
+    objective_weights: Mapping[str, float],
+    groups: Sequence[Sequence[str]] = (),
+    pinned: Mapping[str, str] = {},
+) -> AllocationProblem:
+    """Assemble the allocation program from sensitivities and costs.
+
+    Args:
+        inputs: Layers, weight sizes, MACs and the parameter count outside the layers.
+        noise: ``(layer, kind, bits) -> noise power`` (kind ``weight`` or ``activation``).
+        content: ``(layer, kind, bits) -> content metric``.
+        weight_bits: Candidate weight bits (None: float).
+        act_bits: Candidate input bits (None: float).
+        budgets: Any of ``avg_weight_bits``, ``bytes`` (all parameters), ``bitops``.
+        objective_weights: ``quality`` and ``content`` weights of the normalised metrics.
+        groups: Tied layer groups.
+        pinned: Layer -> option name.
+    """
+    options = [(w, a) for w in weight_bits for a in act_bits]
+    names = [option_name(w, a) for w, a in options]
+    n_l, n_o = len(inputs.layers), len(options)
+    quality = np.zeros((n_l, n_o))
+    semantic = np.zeros((n_l, n_o))
+    avg_bits = np.zeros((n_l, n_o))
+    size = np.zeros((n_l, n_o))
+    bitops = np.zeros((n_l, n_o))
+    total_weights = sum(inputs.weight_numel.values())
+    for i, layer in enumerate(inputs.layers):
+        n = inputs.weight_numel[layer]
+        for j, (w, a) in enumerate(options):
+            quality[i, j] = noise(layer, "weight", w) + noise(layer, "activation", a)
+            semantic[i, j] = content(layer, "weight", w) + content(layer, "activation", a)
+            bits = w or FLOAT_BITS_ALLOC
+            avg_bits[i, j] = bits * n / total_weights
+            size[i, j] = n * 4 if w is None else -(-n * w // 8) + 4 * inputs.out_channels[layer]
+            bitops[i, j] = inputs.macs.get(layer, 0) * bits * (a or FLOAT_BITS_ALLOC)
+    size[0, :] += inputs.other_params * 4
+
+    def normalised(matrix: np.ndarray) -> np.ndarray:
+        top = float(matrix.max())
+        return matrix / top if top > 0 else matrix
+
+    cost = objective_weights.get("quality", 1.0) * normalised(quality)
+    cost = cost + objective_weights.get("content", 1.0) * normalised(semantic)
+    resources = {"avg_weight_bits": avg_bits, "bytes": size, "bitops": bitops}
+    return AllocationProblem(inputs.layers, names, cost, resources, dict(budgets), groups, pinned)
+
+
+FLOAT_BITS_ALLOC = 32

@@ -132,3 +132,27 @@ def pca_projection(features: torch.Tensor, selected: torch.Tensor, t: torch.Tens
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
     return Path(path)
+
+
+def sensitivity_heatmap(rows: list[dict], path: Path) -> Path:
+    """Save a heatmap of SQNR (dB) per layer (rows) and (kind, bits) option (columns)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = list(dict.fromkeys(r["layer"] for r in rows))
+    columns = list(dict.fromkeys((r["kind"], r["bits"]) for r in rows))
+    grid = np.full((len(layers), len(columns)), np.nan)
+    for r in rows:
+        grid[layers.index(r["layer"]), columns.index((r["kind"], r["bits"]))] = min(float(r["sqnr_db"]), 80.0)
+    fig, ax = plt.subplots(figsize=(2 + 0.6 * len(columns), 2 + 0.18 * len(layers)))
+    image = ax.imshow(grid, aspect="auto", cmap="magma")
+    ax.set_xticks(range(len(columns)), [f"{'W' if k == 'weight' else 'A'}{b}" for k, b in columns])
+    ax.set_yticks(range(len(layers)), layers, fontsize=6)
+    fig.colorbar(image, ax=ax, label="denoiser-output SQNR (dB), one layer quantized")
+    fig.tight_layout()
+    with atomic_path(Path(path)) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return Path(path)

@@ -110,6 +110,49 @@ class QuantizeSpec(_Strict):
     keep_full_precision: list[str] = Field(default_factory=list)
 
 
+class BudgetSpec(_Strict):
+    """Upper bounds for allocation; set at least one."""
+
+    avg_weight_bits: float | None = Field(None, gt=0)
+    bytes: float | None = Field(None, gt=0, description="all parameters, quantized weights bit-packed")
+    bitops: float | None = Field(None, gt=0, description="MACs x weight bits x activation bits, one call")
+
+    def as_dict(self) -> dict[str, float]:
+        """The budgets that are set."""
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
+class AllocationSpec(_Strict):
+    """Mixed precision: per-layer options chosen by an integer program under a budget.
+
+    Options are every (weight bits, activation bits) pair from the candidate lists; the objective
+    is ``quality * noise + content * content_metric`` (each normalised to [0, 1]).
+    """
+
+    weight_bits: list[int] = Field(default_factory=lambda: [2, 3, 4, 6, 8], min_length=1)
+    activation_bits: list[int] = Field(default_factory=lambda: [8], min_length=1)
+    allow_float_weights: bool = False
+    allow_float_activations: bool = False
+    budget: BudgetSpec = BudgetSpec(avg_weight_bits=4.0)
+    objective: dict[Literal["quality", "content"], float] = Field(
+        default_factory=lambda: {"quality": 1.0, "content": 1.0}
+    )
+    content_layers: list[str] = Field(default_factory=list, description="globs scored by the content metric too")
+    content_samples: int = Field(100, ge=10)
+    sensitivity_inputs: int = Field(128, ge=1, description="calibration inputs (evenly spaced) used for SQNR")
+    tie_qkv: bool = True
+    pinned: dict[str, str] = Field(default_factory=dict, description="glob -> option name, e.g. conv_out: w8a8")
+
+    @model_validator(mode="after")
+    def _valid(self) -> AllocationSpec:
+        for bits in [*self.weight_bits, *self.activation_bits]:
+            if not MIN_BITS <= bits <= MAX_BITS:
+                raise ValueError(f"candidate bits {bits} outside {MIN_BITS}-{MAX_BITS}")
+        if not self.budget.as_dict():
+            raise ValueError("allocation.budget needs at least one of avg_weight_bits, bytes, bitops")
+        return self
+
+
 class ExportSpec(_Strict):
     """Export targets (the export stage is not part of this release; see README)."""
 
@@ -139,7 +182,7 @@ class CompressionSpec(_Strict):
     sampler: SamplerSpec = SamplerSpec()
     calibration: CalibrationSpec = CalibrationSpec()
     quantize: QuantizeSpec = QuantizeSpec()
-    allocation: None = None
+    allocation: AllocationSpec | None = None
     finetune: None = None
     export: ExportSpec = ExportSpec()
     evaluate: EvaluateSpec = EvaluateSpec()
@@ -190,7 +233,6 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 _NOT_AVAILABLE = {
-    "allocation": "mixed-precision allocation is not available in this release; remove 'allocation'",
     "finetune": "quantized fine-tuning is not available in this release; remove 'finetune'",
 }
 

@@ -99,3 +99,20 @@ def test_deleted_cached_pool_is_collected_again(isolated_home, tmp_path):
     second = run_flow(tmp_path / "b")
     assert second["calibration"]["pool_cache_hit"] is False
     assert Path(second["calibration"]["pool_path"]).is_file()
+
+
+def test_mixed_precision_compress_reuses_cached_sensitivity(isolated_home, tmp_path):
+    mixed = ["allocation={weight_bits: [4, 8], budget: {avg_weight_bits: 6.0}, sensitivity_inputs: 16}"]
+    first = run_flow(tmp_path / "a", mixed)
+    second = run_flow(tmp_path / "b", mixed)
+    assert first["allocation"]["sensitivity_cache_hit"] is False
+    assert second["allocation"]["sensitivity_cache_hit"] is True
+    assert first["allocation"]["usage"]["avg_weight_bits"] <= 6.0 + 1e-6
+    plan = json.loads(Path(first["plan"]["path"]).read_text())["layers"]
+    assert {cfg["weight"]["bits"] for cfg in plan.values()} == {4, 8}
+    assert "mixed precision" in first["plan"]["description"]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=first["tracking_uri"])
+    logged = {a.path for a in client.list_artifacts(first["run_id"], "sensitivity")}
+    assert logged == {"sensitivity/sensitivity.csv", "sensitivity/sensitivity_heatmap.png"}

@@ -141,7 +141,8 @@ def uniform_plan(
     return plan
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule at FQN ``name`` with ``module``."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
@@ -176,7 +177,7 @@ def apply_plan(model: nn.Module, plan: LayerPlan) -> nn.Module:
             act_observer=cfg.activation.observer if cfg.activation else "minmax",
             per_channel=(w.granularity == "per_channel") if w else True,
         )
-        _set_module(model, name, new)
+        set_module(model, name, new)
     return model
 
 

@@ -1,0 +1,97 @@
+"""Sensitivity measurement, costs and the mixed-precision plan on small models."""
+
+import pytest
+import torch
+from torch import nn
+
+from diffquant.allocation import AllocationInfeasibleError, qkv_groups
+from diffquant.calibration import collect_pool, select, subset
+from diffquant.mixed_precision import allocate, sensitivity_for_spec
+from diffquant.models.loading import load_local_model
+from diffquant.quant.modules import QuantConv2d
+from diffquant.quant.plan import quantizable_layers
+from diffquant.sensitivity import SensitivityTable, layer_macs, measure_sensitivity, noise_power, quantize_only
+from diffquant.spec import load_spec
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from tests.conftest import save_tiny_unet
+
+    model = load_local_model(save_tiny_unet(tmp_path_factory.mktemp("m") / "u"))
+    model.num_classes = 10
+    pool = collect_pool(model, trajectories=4, steps=4, seed=0)
+    return model, subset(pool, select(pool, "random", 12, 0))
+
+
+def test_quantize_only_always_restores(tiny):
+    model, calib = tiny
+    original = model.unet.conv_in
+    with quantize_only(model.unet, "conv_in", 4, 8, calib) as layer:
+        assert isinstance(model.unet.conv_in, QuantConv2d) and layer.input_quantizer is not None
+    assert model.unet.conv_in is original
+    with pytest.raises(RuntimeError), quantize_only(model.unet, "conv_in", 4, None):
+        raise RuntimeError("boom")
+    assert model.unet.conv_in is original
+
+
+def test_fewer_bits_more_noise(tiny):
+    model, calib = tiny
+    layers = quantizable_layers(model.unet)[:6]
+    table = measure_sensitivity(model.unet, calib, True, [2, 4, 8], [4, 8], layers)
+    assert len(table.rows) == 6 * 5
+    for layer in layers:
+        w = [table.noise(layer, "weight", b) for b in (2, 4, 8)]
+        assert w[0] >= w[1] >= w[2] >= 0
+        assert table.noise(layer, "activation", 4) >= table.noise(layer, "activation", 8)
+        assert table.noise(layer, "weight", None) == 0.0
+
+
+def test_table_csv_round_trip(tmp_path):
+    table = SensitivityTable(
+        [{"layer": "a", "kind": "weight", "bits": 4, "sqnr_db": 20.0, "noise": 0.01, "content": None}]
+    )
+    loaded = SensitivityTable.load_csv(table.save_csv(tmp_path / "s.csv"))
+    assert loaded.rows == table.rows
+    assert noise_power(20.0) == pytest.approx(0.01)
+
+
+def test_layer_macs_oracle():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 3, 3, padding=1)
+            self.lin = nn.Linear(4, 5)
+
+        def forward(self, x, t, class_labels=None):
+            return self.lin(self.conv(x).reshape(x.shape[0], -1, 4))
+
+    macs = layer_macs(Net(), (torch.zeros(7, 2, 4, 4), torch.zeros(7), None))
+    assert macs == {"conv": 4 * 4 * 3 * 2 * 9, "lin": 12 * 4 * 5}
+
+
+def test_qkv_groups():
+    names = ["a.to_q", "a.to_k", "a.to_v", "a.to_out.0", "b.conv"]
+    assert qkv_groups(names) == [["a.to_q", "a.to_k", "a.to_v"]]
+
+
+def test_allocation_meets_budget_and_builds_plan(tiny):
+    model, calib = tiny
+    spec = load_spec(
+        overrides=[
+            "allocation={weight_bits: [2, 4, 8], budget: {avg_weight_bits: 4.0}}",
+            "allocation.pinned={conv_in: w8a8}",
+        ]
+    )
+    table = sensitivity_for_spec(model, calib, spec, None)
+    plan, result = allocate(model, calib, spec, table)
+    assert result.usage["avg_weight_bits"] <= 4.0 + 1e-6
+    assert plan["conv_in"].weight.bits == 8
+    numel = {n: model.unet.get_submodule(n).weight.numel() for n in plan}
+    avg = sum(plan[n].weight.bits * numel[n] for n in plan) / sum(numel.values())
+    assert avg == pytest.approx(result.usage["avg_weight_bits"])
+    for group in qkv_groups(list(plan)):
+        assert len({plan[n].weight.bits for n in group}) == 1
+    impossible = load_spec(overrides=["allocation={weight_bits: [4, 8], budget: {avg_weight_bits: 3.0}}"])
+    with pytest.raises(AllocationInfeasibleError, match="smallest feasible value is 4"):
+        allocate(model, calib, impossible, sensitivity_for_spec(model, calib, impossible, None))
