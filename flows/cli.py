@@ -178,6 +178,66 @@ def compress(
     typer.echo(summary["summary_path"])
 
 
+@app.command()
+def sweep(
+    config: Annotated[Path, typer.Argument(help="YAML spec with an 'allocation' section.")],
+    budgets: Annotated[str, typer.Option(help="Average weight bits budgets, comma-separated.")] = "3,3.5,4,5,6,8",
+    baselines: Annotated[str, typer.Option(help="Uniform weight bits to compare, comma-separated.")] = "8,4,3",
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a spec key (repeatable).")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Output folder (default <DIFFQUANT_HOME>/sweeps/<time>).")
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show diffquant and Prefect logs.")] = False,
+) -> None:
+    """Allocate, quantize and evaluate at several budgets; write sweep.json and a Pareto plot."""
+    _setup(verbose)
+    from diffquant.errors import DiffquantError, SpecError
+    from diffquant.models.loading import load_model
+    from diffquant.spec import load_spec
+
+    try:
+        spec = load_spec(config, set_ or [])
+        budget_list = [float(b) for b in budgets.split(",") if b.strip()]
+        baseline_list = [int(b) for b in baselines.split(",") if b.strip()]
+        if spec.allocation is None:
+            raise SpecError(f"{config} has no 'allocation' section; sweep varies the allocation budget")
+        load_model(name=spec.model.name, path=spec.model.path)
+    except ValueError:
+        _fail(ValueError("--budgets takes numbers like 3,3.5,4 and --baselines integers like 8,4"))
+    except DiffquantError as error:
+        _fail(error)
+    from diffquant import progress as progress_mod
+    from flows.sweep import sweep_flow
+
+    _quiet_prefect(verbose)
+    with _progress() as bars:
+        progress_mod.set_reporter(RichReporter(bars))
+        try:
+            result = sweep_flow(
+                spec=spec.to_dict(), budgets=budget_list, baselines=baseline_list, out_dir=str(out) if out else None
+            )
+        except DiffquantError as error:
+            bars.stop()
+            _fail(error)
+        finally:
+            progress_mod.set_reporter(None)
+    table = Table(title="diffquant sweep")
+    for column in ("point", "bytes", "avg bits", "accuracy", "FD to real", "FD to FP", "sensitivity cached"):
+        table.add_column(column)
+    for p in result["points"]:
+        table.add_row(
+            p["label"],
+            f"{p['packed_bytes']:,}",
+            _fmt(p["avg_weight_bits"]),
+            _fmt(p["accuracy"]),
+            _fmt(p["fd_real"]),
+            _fmt(p["fd_fp"]),
+            _fmt(p["sensitivity_cache_hit"]),
+        )
+    console.print(table)
+    typer.echo(result["sweep_path"])
+
+
 @app.command("train-reference")
 def train_reference(
     out: Annotated[

@@ -156,3 +156,33 @@ def sensitivity_heatmap(rows: list[dict], path: Path) -> Path:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
     return Path(path)
+
+
+def pareto_plot(points: list[dict], path: Path) -> Path:
+    """Two panels: packed bytes vs FD to real, and vs accuracy; mixed and uniform points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric, label in (
+        (axes[0], "fd_real", "FD to real (lower is better)"),
+        (axes[1], "accuracy", "condition accuracy (higher is better)"),
+    ):
+        for kind, marker in (("mixed", "o-"), ("uniform", "s--")):
+            chosen = sorted(
+                (p for p in points if p["kind"] == kind and p.get(metric) is not None), key=lambda p: p["packed_bytes"]
+            )
+            if chosen:
+                ax.plot([p["packed_bytes"] / 1e6 for p in chosen], [p[metric] for p in chosen], marker, label=kind)
+                for p in chosen:
+                    ax.annotate(p["label"].split(" ", 1)[-1], (p["packed_bytes"] / 1e6, p[metric]), fontsize=7)
+        ax.set_xlabel("packed weight bytes (MB)")
+        ax.set_ylabel(label)
+        ax.legend()
+    fig.tight_layout()
+    with atomic_path(Path(path)) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return Path(path)
