@@ -91,6 +91,23 @@ def _fail(error: BaseException) -> None:
     raise typer.Exit(2)
 
 
+def _run_flow(verbose: bool, flow_fn: Any, **kwargs: Any) -> Any:
+    """Run a flow under rich progress bars; a user error prints one line and exits 2."""
+    from diffquant import progress as progress_mod
+    from diffquant.errors import DiffquantError
+
+    _quiet_prefect(verbose)
+    with _progress() as bars:
+        progress_mod.set_reporter(RichReporter(bars))
+        try:
+            return flow_fn(**kwargs)
+        except DiffquantError as error:
+            bars.stop()
+            _fail(error)
+        finally:
+            progress_mod.set_reporter(None)
+
+
 def _progress() -> Progress:
     return Progress(
         TextColumn("{task.description}"),
@@ -152,21 +169,10 @@ def compress(
             read_labels_file(Path(spec.calibration.labels_file), model.num_classes)
     except DiffquantError as error:
         _fail(error)
-    from diffquant import progress as progress_mod
     from flows.compress import compress_flow
 
-    _quiet_prefect(verbose)
-
     start = time.perf_counter()
-    with _progress() as bars:
-        progress_mod.set_reporter(RichReporter(bars))
-        try:
-            summary = compress_flow(spec=spec.to_dict(), out_dir=str(out) if out else None)
-        except DiffquantError as error:
-            bars.stop()
-            _fail(error)
-        finally:
-            progress_mod.set_reporter(None)
+    summary = _run_flow(verbose, compress_flow, spec=spec.to_dict(), out_dir=str(out) if out else None)
     console.print(_summary_table(summary))
     console.print(f"total wall time: {time.perf_counter() - start:.1f} s")
     console.print(
@@ -206,21 +212,16 @@ def sweep(
         _fail(ValueError("--budgets takes numbers like 3,3.5,4 and --baselines integers like 8,4"))
     except DiffquantError as error:
         _fail(error)
-    from diffquant import progress as progress_mod
     from flows.sweep import sweep_flow
 
-    _quiet_prefect(verbose)
-    with _progress() as bars:
-        progress_mod.set_reporter(RichReporter(bars))
-        try:
-            result = sweep_flow(
-                spec=spec.to_dict(), budgets=budget_list, baselines=baseline_list, out_dir=str(out) if out else None
-            )
-        except DiffquantError as error:
-            bars.stop()
-            _fail(error)
-        finally:
-            progress_mod.set_reporter(None)
+    result = _run_flow(
+        verbose,
+        sweep_flow,
+        spec=spec.to_dict(),
+        budgets=budget_list,
+        baselines=baseline_list,
+        out_dir=str(out) if out else None,
+    )
     table = Table(title="diffquant sweep")
     for column in ("point", "bytes", "avg bits", "accuracy", "FD to real", "FD to FP", "sensitivity cached"):
         table.add_column(column)
@@ -252,19 +253,16 @@ def train_reference(
 ) -> None:
     """Retrain the bundled reference models (digits-unet and its classifier) from a seed."""
     _setup(verbose)
-    from diffquant import progress as progress_mod
     from flows.train_reference import train_reference_flow
 
-    _quiet_prefect(verbose)
-
-    with _progress() as bars:
-        progress_mod.set_reporter(RichReporter(bars))
-        try:
-            result = train_reference_flow(
-                out_dir=str(out) if out else None, steps=steps, seed=seed, eval_samples=eval_samples
-            )
-        finally:
-            progress_mod.set_reporter(None)
+    result = _run_flow(
+        verbose,
+        train_reference_flow,
+        out_dir=str(out) if out else None,
+        steps=steps,
+        seed=seed,
+        eval_samples=eval_samples,
+    )
     table = Table(title=f"reference models written to {result['out_dir']}")
     table.add_column("metric")
     table.add_column("value", justify="right")

@@ -86,12 +86,27 @@ def write_report(summary: dict[str, Any], path: Path) -> Path:
     return write_text(render_report(summary), path)
 
 
-def timestep_histogram(pool_t: torch.Tensor, selected_t: torch.Tensor, path: Path, title: str) -> Path:
-    """Save a bar chart of how many calibration samples each timestep got."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save_figure(fig, path: Path) -> Path:
+    """Save ``fig`` as PNG atomically and close it."""
+    fig.tight_layout()
+    with atomic_path(Path(path)) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    _pyplot().close(fig)
+    return Path(path)
+
+
+def timestep_histogram(pool_t: torch.Tensor, selected_t: torch.Tensor, path: Path, title: str) -> Path:
+    """Save a bar chart of how many calibration samples each timestep got."""
+    plt = _pyplot()
 
     values = torch.unique(pool_t)
     counts = [(selected_t == v).sum().item() for v in values]
@@ -100,19 +115,12 @@ def timestep_histogram(pool_t: torch.Tensor, selected_t: torch.Tensor, path: Pat
     ax.set_xlabel("timestep t")
     ax.set_ylabel("selected samples")
     ax.set_title(title)
-    fig.tight_layout()
-    with atomic_path(Path(path)) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return _save_figure(fig, path)
 
 
 def pca_projection(features: torch.Tensor, selected: torch.Tensor, t: torch.Tensor, path: Path, title: str) -> Path:
     """Save a 2-D PCA scatter of pool features (colored by timestep) with the selected ones circled."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     flat = features.reshape(features.shape[0], -1).double()
     centered = flat - flat.mean(0)
@@ -127,19 +135,12 @@ def pca_projection(features: torch.Tensor, selected: torch.Tensor, t: torch.Tens
     ax.set_ylabel("PC 2")
     ax.set_title(title)
     ax.legend(loc="upper right")
-    fig.tight_layout()
-    with atomic_path(Path(path)) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return _save_figure(fig, path)
 
 
 def sensitivity_heatmap(rows: list[dict], path: Path) -> Path:
     """Save a heatmap of SQNR (dB) per layer (rows) and (kind, bits) option (columns)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     layers = list(dict.fromkeys(r["layer"] for r in rows))
     columns = list(dict.fromkeys((r["kind"], r["bits"]) for r in rows))
@@ -151,19 +152,12 @@ def sensitivity_heatmap(rows: list[dict], path: Path) -> Path:
     ax.set_xticks(range(len(columns)), [f"{'W' if k == 'weight' else 'A'}{b}" for k, b in columns])
     ax.set_yticks(range(len(layers)), layers, fontsize=6)
     fig.colorbar(image, ax=ax, label="denoiser-output SQNR (dB), one layer quantized")
-    fig.tight_layout()
-    with atomic_path(Path(path)) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return _save_figure(fig, path)
 
 
 def pareto_plot(points: list[dict], path: Path) -> Path:
     """Two panels: packed bytes vs FD to real, and vs accuracy; mixed and uniform points."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, metric, label in (
@@ -181,8 +175,4 @@ def pareto_plot(points: list[dict], path: Path) -> Path:
         ax.set_xlabel("packed weight bytes (MB)")
         ax.set_ylabel(label)
         ax.legend()
-    fig.tight_layout()
-    with atomic_path(Path(path)) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return _save_figure(fig, path)
