@@ -253,7 +253,8 @@ def build_problem(
     budgets: Mapping[str, float],
     objective_weights: Mapping[str, float],
     groups: Sequence[Sequence[str]] = (),
-    pinned: Mapping[str, str] = {},
+    pinned: Mapping[str, str] | None = None,
+    latency: Mapping[str, Mapping[str, float]] | None = None,
 ) -> AllocationProblem:
     """Assemble the allocation program from sensitivities and costs.
 
@@ -267,6 +268,8 @@ def build_problem(
         objective_weights: ``quality`` and ``content`` weights of the normalised metrics.
         groups: Tied layer groups.
         pinned: Layer -> option name.
+        latency: Optional lookup ``layer -> option name -> ms``; options missing from it cannot
+            be taken by that layer.
     """
     options = [(w, a) for w in weight_bits for a in act_bits]
     names = [option_name(w, a) for w, a in options]
@@ -295,7 +298,14 @@ def build_problem(
     cost = objective_weights.get("quality", 1.0) * normalised(quality)
     cost = cost + objective_weights.get("content", 1.0) * normalised(semantic)
     resources = {"avg_weight_bits": avg_bits, "bytes": size, "bitops": bitops}
-    return AllocationProblem(inputs.layers, names, cost, resources, dict(budgets), groups, pinned)
+    if latency is not None:
+        table = np.full((n_l, n_o), np.nan)
+        for i, layer in enumerate(inputs.layers):
+            for j, name in enumerate(names):
+                table[i, j] = latency.get(layer, {}).get(name, np.nan)
+        cost = np.where(np.isfinite(table), cost, np.nan)
+        resources["latency_ms"] = np.nan_to_num(table, nan=0.0)
+    return AllocationProblem(inputs.layers, names, cost, resources, dict(budgets), groups, dict(pinned or {}))
 
 
 FLOAT_BITS_ALLOC = 32

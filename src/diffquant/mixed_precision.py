@@ -90,6 +90,26 @@ def sensitivity_for_spec(
     )
 
 
+def read_latency_table(path: str) -> dict[str, dict[str, float]]:
+    """Read ``{layer: {option: ms}}`` measured on a target.
+
+    Raises:
+        SpecError: If the file is missing, not JSON, or not of that shape.
+    """
+    import json
+    from pathlib import Path
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise SpecError(f"allocation.latency_table {path} cannot be read as JSON: {error}") from None
+    if not isinstance(data, dict) or not all(
+        isinstance(v, dict) and all(isinstance(ms, (int, float)) for ms in v.values()) for v in data.values()
+    ):
+        raise SpecError(f"allocation.latency_table {path} must map layer -> option -> milliseconds")
+    return {layer: {opt: float(ms) for opt, ms in opts.items()} for layer, opts in data.items()}
+
+
 def allocate(
     model: DiffusionModel, calib: Trajectories, spec: CompressionSpec, table: SensitivityTable
 ) -> tuple[LayerPlan, Allocation]:
@@ -138,6 +158,7 @@ def allocate(
         alloc.objective,
         qkv_groups(names) if alloc.tie_qkv else [],
         pinned,
+        read_latency_table(alloc.latency_table) if alloc.latency_table else None,
     )
     result = solve_allocation(problem)
     choices = {option_name(w, a): (w, a) for w in w_bits for a in a_bits}

@@ -116,6 +116,7 @@ class BudgetSpec(_Strict):
     avg_weight_bits: float | None = Field(None, gt=0)
     bytes: float | None = Field(None, gt=0, description="all parameters, quantized weights bit-packed")
     bitops: float | None = Field(None, gt=0, description="MACs x weight bits x activation bits, one call")
+    latency_ms: float | None = Field(None, gt=0, description="sum of allocation.latency_table entries")
 
     def as_dict(self) -> dict[str, float]:
         """The budgets that are set."""
@@ -141,6 +142,9 @@ class AllocationSpec(_Strict):
     content_samples: int = Field(100, ge=10)
     sensitivity_inputs: int = Field(128, ge=1, description="calibration inputs (evenly spaced) used for SQNR")
     tie_qkv: bool = True
+    latency_table: str | None = Field(
+        None, description="JSON {layer: {option: ms}} measured on the target; needed for budget.latency_ms"
+    )
     pinned: dict[str, str] = Field(default_factory=dict, description="glob -> option name, e.g. conv_out: w8a8")
 
     @model_validator(mode="after")
@@ -149,7 +153,9 @@ class AllocationSpec(_Strict):
             if not MIN_BITS <= bits <= MAX_BITS:
                 raise ValueError(f"candidate bits {bits} outside {MIN_BITS}-{MAX_BITS}")
         if not self.budget.as_dict():
-            raise ValueError("allocation.budget needs at least one of avg_weight_bits, bytes, bitops")
+            raise ValueError("allocation.budget needs at least one of avg_weight_bits, bytes, bitops, latency_ms")
+        if self.budget.latency_ms is not None and self.latency_table is None:
+            raise ValueError("budget.latency_ms needs allocation.latency_table (JSON: layer -> option -> ms)")
         return self
 
 

@@ -95,3 +95,24 @@ def test_allocation_meets_budget_and_builds_plan(tiny):
     impossible = load_spec(overrides=["allocation={weight_bits: [4, 8], budget: {avg_weight_bits: 3.0}}"])
     with pytest.raises(AllocationInfeasibleError, match="smallest feasible value is 4"):
         allocate(model, calib, impossible, sensitivity_for_spec(model, calib, impossible, None))
+
+
+def test_latency_budget_from_lookup_table(tiny, tmp_path):
+    import json
+
+    model, calib = tiny
+    names = quantizable_layers(model.unet)
+    # W4 is slower than W8 on this made-up target, so a tight latency budget forces W8
+    table = {name: {"w4a8": 2.0, "w8a8": 1.0} for name in names}
+    path = tmp_path / "latency.json"
+    path.write_text(json.dumps(table))
+    spec = load_spec(
+        overrides=[
+            f"allocation={{weight_bits: [4, 8], budget: {{latency_ms: {len(names) * 1.0}}}, latency_table: '{path}'}}"
+        ]
+    )
+    plan, result = allocate(model, calib, spec, sensitivity_for_spec(model, calib, spec, None))
+    assert all(cfg.weight.bits == 8 for cfg in plan.values())
+    assert result.usage["latency_ms"] == pytest.approx(len(names))
+    with pytest.raises(Exception, match="latency_table"):
+        load_spec(overrides=["allocation={budget: {latency_ms: 3}}"])
