@@ -1,7 +1,7 @@
 """Quality of uniform PTQ on digits-unet: FP32 vs W8A8 / W4A8 / W4A4 with min-max and MSE observers.
 
 Every row samples 2,000 images (200 per class) with DDIM 50 from the same noise (seed 0). The
-calibration set is the default spec's: 256 random inputs from 64 FP trajectories. Writes
+calibration set is the default spec's: 256 inputs chosen by its strategy from 64 FP trajectories. Writes
 ``bench/results/quality.json`` and the ``quality`` table of BENCHMARKS.md.
 
 Run: ``.venv/bin/python bench/quality.py`` (about 5 minutes on 2 cores; ``--samples`` to shorten).
@@ -16,7 +16,7 @@ from functools import partial
 
 from common import ROOT, cell, machine, replace_section
 
-from diffquant.calibration import collect_pool, held_out_indices, select, subset
+from diffquant.calibration import collect_pool, held_out_indices, pool_features, select, subset
 from diffquant.data import load_digits_split
 from diffquant.evaluation import evaluate_model
 from diffquant.models.loading import load_model
@@ -49,7 +49,8 @@ def main() -> None:
     real = load_digits_split().held_out_images
     base = load_spec(overrides=[f"sampler.steps={args.steps}", f"evaluate.samples={args.samples}"])
     pool = collect_pool(model, base.calibration.trajectories, args.steps, base.calibration.seed)
-    chosen = select(pool, "random", base.calibration.size, base.calibration.seed)
+    features = pool_features(model.unet, pool, model.conditional, base.calibration.feature_module)
+    chosen = select(pool, base.calibration.strategy, base.calibration.size, base.calibration.seed, features)
     calib = subset(pool, chosen)
     sqnr_in = subset(pool, held_out_indices(len(pool), chosen, 256, base.calibration.seed))
     fp_out = denoiser_outputs(model.unet, sqnr_in)
@@ -120,7 +121,7 @@ def main() -> None:
         "## Uniform PTQ quality on digits-unet",
         "",
         f"Command: `.venv/bin/python bench/quality.py` ({args.samples} samples, DDIM {args.steps}, noise seed 0, "
-        f"calibration: 256 random inputs from 64 FP trajectories). Machine: {machine()}.",
+        f"calibration: the default spec's, 256 inputs chosen by {base.calibration.strategy} from 64 FP trajectories). Machine: {machine()}.",
         "FD uses the evaluation classifier's features (project-specific; real-vs-real FD of the training "
         "digits to the held-out digits is 3.55). Bytes: all parameters with quantized weights bit-packed "
         "plus fp32 scales. Seconds: calibration + sampling + metrics for that row.",

@@ -60,7 +60,7 @@ class CalibrationSpec(_Strict):
     class label per line) sets their conditions for user models, else classes cycle.
     """
 
-    strategy: Literal["random", "uniform_timesteps", "normal_timesteps", "density_diversity"] = "random"
+    strategy: Literal["random", "uniform_timesteps", "normal_timesteps", "density_diversity"] = "density_diversity"
     size: int = Field(256, ge=1)
     seed: int = 0
     trajectories: int = Field(64, ge=1, description="FP sampling trajectories in the candidate pool")
