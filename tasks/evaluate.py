@@ -9,6 +9,7 @@ from prefect import task
 
 from diffquant.data import load_digits_split
 from diffquant.evaluation import EvalResult, evaluate_model
+from diffquant.metrics import sqnr_db
 from diffquant.models.reference import load_classifier
 from diffquant.quantize import load_quantized
 from diffquant.sampling import denoiser_outputs
@@ -61,15 +62,15 @@ def evaluate_task(
         classifier,
         real,
         fp=fp_result,
-        sqnr_inputs=sqnr_inputs if fp is not None else None,
-        fp_outputs=fp_outputs,
         description=f"Sampling ({label})",
     )
+    outputs = denoiser_outputs(model.unet, sqnr_inputs, model.conditional)
+    if fp_outputs is not None:
+        result.metrics["sqnr_db"] = sqnr_db(fp_outputs, outputs)
     folder = Path(out_dir) / "samples"
     tensors = {"samples": result.samples}
     if result.labels is not None:
         tensors["labels"] = result.labels
     samples_path = save_safetensors(tensors, folder / f"{label}.safetensors")
-    outputs = denoiser_outputs(model.unet, sqnr_inputs, model.conditional)
     outputs_path = save_safetensors({"outputs": outputs}, folder / f"{label}_denoiser_outputs.safetensors")
     return {"metrics": result.metrics, "samples_path": str(samples_path), "outputs_path": str(outputs_path)}
