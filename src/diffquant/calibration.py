@@ -15,9 +15,8 @@ from torch import nn
 
 from diffquant.errors import DataError
 from diffquant.models.loading import DiffusionModel
-from diffquant.progress import track
 from diffquant.quant.plan import input_quantizers
-from diffquant.sampling import Trajectories, class_labels, ddim_sample, initial_noise
+from diffquant.sampling import Trajectories, class_labels, ddim_sample, denoiser_outputs, initial_noise
 from diffquant.selection import SelectionParams, select_indices
 
 logger = logging.getLogger(__name__)
@@ -130,12 +129,7 @@ def pool_features(
 
     handle = target.register_forward_hook(hook)
     try:
-        batches = range(0, len(pool), batch_size)
-        with track("Computing pool features", len(batches)) as bar:
-            for start in batches:
-                sl = slice(start, start + batch_size)
-                unet(pool.x[sl], pool.t[sl], class_labels=pool.labels[sl] if conditional else None)
-                bar.advance()
+        denoiser_outputs(unet, pool, conditional, batch_size, description="Computing pool features")
     finally:
         handle.remove()
     return torch.cat(captured)
@@ -167,13 +161,7 @@ def calibrate_activations(
     quantizers = input_quantizers(unet)
     for quantizer in quantizers.values():
         quantizer.start_observing(seed)
-    batches = range(0, len(calib), batch_size)
-    with track("Calibrating activations", len(batches)) as bar:
-        for start in batches:
-            sl = slice(start, start + batch_size)
-            labels = calib.labels[sl] if conditional else None
-            unet(calib.x[sl], calib.t[sl], class_labels=labels)
-            bar.advance()
+    denoiser_outputs(unet, calib, conditional, batch_size, description="Calibrating activations")
     for quantizer in quantizers.values():
         quantizer.finish_observing()
     logger.info("calibrated %d activation quantizers on %d inputs", len(quantizers), len(calib))

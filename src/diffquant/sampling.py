@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,19 +98,29 @@ def ddim_sample(
 
 @torch.no_grad()
 def denoiser_outputs(
-    unet: nn.Module, traj: Trajectories, conditional: bool = True, batch_size: int = 512
+    unet: nn.Module,
+    traj: Trajectories,
+    conditional: bool = True,
+    batch_size: int = 512,
+    description: str | None = None,
 ) -> torch.Tensor:
-    """Evaluate the denoiser on recorded inputs (for SQNR and calibration).
+    """Evaluate the denoiser on recorded inputs (for SQNR, calibration and feature hooks).
 
     Args:
         unet: The denoiser.
         traj: Inputs to evaluate.
         conditional: Pass ``traj.labels`` as class labels (False for unconditional models).
         batch_size: Inputs per forward pass.
+        description: Progress-bar label; None reports no progress.
     """
     outs = []
-    for start in range(0, len(traj), batch_size):
-        sl = slice(start, start + batch_size)
-        labels = traj.labels[sl] if conditional else None
-        outs.append(unet(traj.x[sl], traj.t[sl], class_labels=labels).sample)
+    batches = range(0, len(traj), batch_size)
+    with ExitStack() as stack:
+        bar = stack.enter_context(track(description, len(batches))) if description else None
+        for start in batches:
+            sl = slice(start, start + batch_size)
+            labels = traj.labels[sl] if conditional else None
+            outs.append(unet(traj.x[sl], traj.t[sl], class_labels=labels).sample)
+            if bar is not None:
+                bar.advance()
     return torch.cat(outs)
