@@ -89,24 +89,26 @@ class SensitivityTable:
 
     rows: list[dict[str, float | int | str | None]] = field(default_factory=list)
 
+    def _row(self, layer: str, kind: str, bits: int) -> dict[str, float | int | str | None]:
+        index = getattr(self, "_index", None)
+        if index is None or len(index) != len(self.rows):
+            index = {(r["layer"], r["kind"], r["bits"]): r for r in self.rows}
+            self._index = index
+        try:
+            return index[(layer, kind, bits)]
+        except KeyError:
+            raise KeyError(f"no sensitivity for {layer} {kind} {bits} bits") from None
+
     def noise(self, layer: str, kind: str, bits: int | None) -> float:
         """Noise power of quantizing ``kind`` of ``layer`` at ``bits`` (0 for float)."""
-        if bits is None:
-            return 0.0
-        for row in self.rows:
-            if row["layer"] == layer and row["kind"] == kind and row["bits"] == bits:
-                return float(row["noise"])
-        raise KeyError(f"no sensitivity for {layer} {kind} {bits} bits")
+        return 0.0 if bits is None else float(self._row(layer, kind, bits)["noise"])
 
     def content(self, layer: str, kind: str, bits: int | None) -> float:
         """Content-metric value (0 for float or where it was not measured)."""
         if bits is None:
             return 0.0
-        for row in self.rows:
-            if row["layer"] == layer and row["kind"] == kind and row["bits"] == bits:
-                value = row.get("content")
-                return 0.0 if value in (None, "") else float(value)
-        raise KeyError(f"no sensitivity for {layer} {kind} {bits} bits")
+        value = self._row(layer, kind, bits).get("content")
+        return 0.0 if value in (None, "") else float(value)
 
     def save_csv(self, path: Path) -> Path:
         """Write the table as CSV (atomically)."""
