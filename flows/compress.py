@@ -67,6 +67,20 @@ def _timed(timings: dict[str, float], name: str, tracker: RunTracker, fn: Any, *
     return result
 
 
+def _run_cached(task_fn: Any, args: tuple[Any, ...], path_key: str) -> tuple[dict[str, Any], bool]:
+    """Run a cached task; if its cached result points at a file that is gone, run it again.
+
+    Returns:
+        The task's result and whether it came from Prefect's cache.
+    """
+    state = task_fn(*args, return_state=True)
+    result = dict(state.result())
+    if state.name == "Cached" and not Path(result[path_key]).is_file():
+        logger.warning("cached %s %s is gone; computing it again", path_key, result[path_key])
+        return dict(task_fn.with_options(refresh_cache=True)(*args)), False
+    return result, state.name == "Cached"
+
+
 def _collect_pool(cfg: CompressionSpec, model_info: dict[str, Any], home: Path) -> tuple[dict[str, Any], bool]:
     """Run (or reuse from Prefect's cache) the pool task; returns its result and whether it was cached."""
     labels = None
@@ -81,12 +95,7 @@ def _collect_pool(cfg: CompressionSpec, model_info: dict[str, Any], home: Path) 
         f"{diffquant.__version__}/{POOL_CODE_VERSION}",
         str(home / "cache" / "pools"),
     )
-    state = collect_trajectories_task(*args, return_state=True)
-    result = state.result()
-    if state.name == "Cached" and not Path(result["pool_path"]).is_file():
-        logger.warning("cached pool %s is gone; collecting it again", result["pool_path"])
-        return collect_trajectories_task.with_options(refresh_cache=True)(*args), False
-    return result, state.name == "Cached"
+    return _run_cached(collect_trajectories_task, args, "pool_path")
 
 
 def _sensitivity(cfg: CompressionSpec, model_info: dict[str, Any], calib: dict[str, Any], home: Path) -> dict[str, Any]:
@@ -113,14 +122,8 @@ def _sensitivity(cfg: CompressionSpec, model_info: dict[str, Any], calib: dict[s
         f"{diffquant.__version__}/{SENSITIVITY_CODE_VERSION}",
         str(home / "cache" / "sensitivity"),
     )
-    state = sensitivity_task(*args, return_state=True)
-    result = dict(state.result())
-    if state.name == "Cached" and not Path(result["csv_path"]).is_file():
-        result = dict(sensitivity_task.with_options(refresh_cache=True)(*args))
-        result["cache_hit"] = False
-    else:
-        result["cache_hit"] = state.name == "Cached"
-    return result
+    result, cache_hit = _run_cached(sensitivity_task, args, "csv_path")
+    return {**result, "cache_hit": cache_hit}
 
 
 @flow(name="compress", log_prints=False)
