@@ -119,6 +119,12 @@ def _progress() -> Progress:
     )
 
 
+def _runtime_overrides(runner: str | None, workers: int | None) -> list[str]:
+    """``--runner``/``--workers`` as spec overrides (they win over ``--set``)."""
+    items = [f"runtime.runner={runner}"] if runner is not None else []
+    return items + ([f"runtime.workers={workers}"] if workers is not None else [])
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return "inf" if math.isinf(value) else f"{value:.4g}"
@@ -149,6 +155,12 @@ def compress(
     out: Annotated[
         Path | None, typer.Option("--out", help="Output folder (default: <DIFFQUANT_HOME>/runs/<time>-<spec hash>).")
     ] = None,
+    runner: Annotated[
+        str | None, typer.Option(help="Task runner of the parallel stages: default or dask (runtime.runner).")
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Threads (default runner) or Dask worker processes (runtime.workers).", min=1)
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show diffquant and Prefect logs.")] = False,
 ) -> None:
     """Calibrate, quantize and evaluate a model; log everything to MLflow and write summary.json."""
@@ -160,7 +172,7 @@ def compress(
     from registry.home import ensure_writable, tracking_uri
 
     try:
-        spec = load_spec(config, set_ or [])
+        spec = load_spec(config, [*(set_ or []), *_runtime_overrides(runner, workers)])
         uri = tracking_uri(home)
         if uri.startswith("sqlite:///"):
             ensure_writable(Path(uri.removeprefix("sqlite:///")).parent, "MLflow home")
@@ -193,6 +205,12 @@ def sweep(
     out: Annotated[
         Path | None, typer.Option("--out", help="Output folder (default <DIFFQUANT_HOME>/sweeps/<time>).")
     ] = None,
+    runner: Annotated[
+        str | None, typer.Option(help="Task runner of the parallel stages: default or dask (runtime.runner).")
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Threads (default runner) or Dask worker processes (runtime.workers).", min=1)
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show diffquant and Prefect logs.")] = False,
 ) -> None:
     """Allocate, quantize and evaluate at several budgets; write sweep.json and a Pareto plot."""
@@ -202,7 +220,7 @@ def sweep(
     from diffquant.spec import load_spec
 
     try:
-        spec = load_spec(config, set_ or [])
+        spec = load_spec(config, [*(set_ or []), *_runtime_overrides(runner, workers)])
         budget_list = [float(b) for b in budgets.split(",") if b.strip()]
         baseline_list = [int(b) for b in baselines.split(",") if b.strip()]
         if spec.allocation is None:

@@ -19,12 +19,13 @@ from diffquant.calibration import POOL_CODE_VERSION, read_labels_file
 from diffquant.sensitivity import SENSITIVITY_CODE_VERSION
 from diffquant.spec import CompressionSpec, spec_from_dict
 from diffquant.storage import load_safetensors, sha256_file, write_json
+from flows.sensitivity import sensitivity_flow, task_runner_for
 from registry.home import diffquant_home, ensure_writable, tracking_uri
 from registry.tracking import RunTracker, tracked_run
 from tasks.calibrate import quantize_task, select_calibration_task
 from tasks.evaluate import evaluate_task
 from tasks.load import load_model_task
-from tasks.sensitivity import allocate_task, sensitivity_task
+from tasks.sensitivity import allocate_task
 from tasks.trajectories import collect_trajectories_task
 
 logger = logging.getLogger(__name__)
@@ -44,6 +45,8 @@ def _plan_description(spec: CompressionSpec) -> str:
         return f"mixed precision, W{spec.allocation.weight_bits} A{spec.allocation.activation_bits}, {budget}"
     w, a = spec.quantize.weight.bits, spec.quantize.activation.bits
     text = f"W{w or 'fp'}A{a or 'fp'} uniform, {spec.quantize.weight.granularity}"
+    if spec.quantize.weight.group_size:
+        text += f" (groups of {spec.quantize.weight.group_size})"
     if spec.quantize.keep_full_precision:
         text += f", FP: {', '.join(spec.quantize.keep_full_precision)}"
     return text
@@ -99,7 +102,7 @@ def _collect_pool(cfg: CompressionSpec, model_info: dict[str, Any], home: Path) 
 
 
 def _sensitivity(cfg: CompressionSpec, model_info: dict[str, Any], calib: dict[str, Any], home: Path) -> dict[str, Any]:
-    """Run (or reuse from Prefect's cache) the sensitivity task; adds ``cache_hit``."""
+    """Run the sensitivity subflow on the spec's task runner (cached per group of layers)."""
     alloc = cfg.allocation
     assert alloc is not None
     key = {
@@ -108,22 +111,24 @@ def _sensitivity(cfg: CompressionSpec, model_info: dict[str, Any], calib: dict[s
         "weight_bits": alloc.weight_bits,
         "activation_bits": alloc.activation_bits,
         "observers": [cfg.quantize.weight.observer, cfg.calibration.observer],
-        "granularity": cfg.quantize.weight.granularity,
+        "groups": [alloc.group_bits, alloc.group_sizes],
+        "quality_metric": alloc.quality_metric,
         "content_layers": alloc.content_layers,
         "content_samples": alloc.content_samples,
         "sensitivity_inputs": alloc.sensitivity_inputs,
         "seed": cfg.evaluate.seed,
     }
-    args = (
+    run = sensitivity_flow.with_options(task_runner=task_runner_for(cfg.runtime))
+    return run(
         key,
         cfg.to_dict(),
+        model_info["layer_names"],
         calib["calibration_path"],
         sha256_file(Path(calib["calibration_path"])),
         f"{diffquant.__version__}/{SENSITIVITY_CODE_VERSION}",
         str(home / "cache" / "sensitivity"),
+        cfg.runtime.layers_per_task,
     )
-    result, cache_hit = _run_cached(sensitivity_task, args, "csv_path")
-    return {**result, "cache_hit": cache_hit}
 
 
 @flow(name="compress", log_prints=False)
@@ -252,6 +257,9 @@ def compress_flow(spec: dict[str, Any], out_dir: str | None = None) -> dict[str,
                 "allocation_path": allocation["allocation_path"],
                 "sensitivity_csv": allocation["sensitivity"]["csv_path"],
                 "sensitivity_cache_hit": allocation["sensitivity"]["cache_hit"],
+                "sensitivity_tasks": allocation["sensitivity"]["tasks"],
+                "sensitivity_tasks_cached": allocation["sensitivity"]["tasks_cached"],
+                "runner": cfg.runtime.model_dump(),
             },
             "export": {"status": "skipped", "reason": EXPORT_SKIPPED, "onnx": None, "engine": None},
             "timings": timings,

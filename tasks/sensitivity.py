@@ -1,7 +1,9 @@
-"""Stages: per-layer sensitivity (cached by Prefect) and bit allocation into a LayerPlan."""
+"""Stages: per-layer sensitivity (mapped over layers, cached by Prefect) and bit allocation into a LayerPlan."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -17,19 +19,27 @@ from diffquant.storage import write_json
 from tasks.common import load_trajectories, model_from_source
 
 
-@task(name="sensitivity", cache_policy=(INPUTS - "spec" - "calibration_path") + TASK_SOURCE, persist_result=True)
-def sensitivity_task(
+@task(
+    name="sensitivity-layers",
+    task_run_name="sensitivity {layers[0]} (+{extra})",
+    cache_policy=(INPUTS - "spec" - "calibration_path" - "extra") + TASK_SOURCE,
+    persist_result=True,
+)
+def sensitivity_layers_task(
     spec_key: dict[str, Any],
     spec: dict[str, Any],
     calibration_path: str,
     calibration_sha256: str,
     code_version: str,
+    layers: list[str],
     cache_dir: str,
+    extra: int = 0,
 ) -> dict[str, Any]:
-    """Measure the sensitivity table; cached on the model, calibration set, options and code version.
+    """Measure the sensitivity rows of some layers; cached on what the rows depend on.
 
     The cache key leaves out ``spec`` and ``calibration_path`` (they change with every run and
-    budget); ``spec_key`` and ``calibration_sha256`` carry what the table depends on.
+    budget); ``spec_key``, ``calibration_sha256``, ``code_version`` and ``layers`` carry what the
+    rows depend on, so a killed run resumes with the layers it had finished.
 
     Args:
         spec_key: The spec parts the table depends on (model hash, options, observers, content).
@@ -37,23 +47,38 @@ def sensitivity_task(
         calibration_path: The selected calibration set.
         calibration_sha256: Its hash (part of the cache key).
         code_version: Version of the sensitivity code (part of the cache key).
-        cache_dir: Folder for cached tables.
+        layers: The layers this task measures.
+        cache_dir: Folder of the table (``<cache_dir>/<key>/layers/<hash>.csv``).
+        extra: Number of layers after the first (only for the task run's name).
 
     Returns:
-        ``csv_path`` and ``heatmap_path``.
+        ``csv_path`` of this task's rows.
     """
-    import hashlib
-    import json
-
     cfg = spec_from_dict(spec)
     model = model_from_source(cfg.model.model_dump())
     classifier = load_classifier() if model.digits_compatible else None
-    table = sensitivity_for_spec(model, load_trajectories(calibration_path), cfg, classifier)
-    key = hashlib.sha256(json.dumps([spec_key, calibration_sha256, code_version], sort_keys=True).encode())
-    folder = Path(cache_dir) / key.hexdigest()[:20]
-    csv_path = table.save_csv(folder / "sensitivity.csv")
-    heatmap = sensitivity_heatmap(table.rows, folder / "sensitivity_heatmap.png")
+    table = sensitivity_for_spec(
+        model, load_trajectories(calibration_path), cfg, classifier, layers, description=f"Sensitivity {layers[0]}"
+    )
+    folder = Path(cache_dir) / table_key(spec_key, calibration_sha256, code_version)
+    name = hashlib.sha256(json.dumps(layers).encode()).hexdigest()[:20]
+    return {"csv_path": str(table.save_csv(folder / "layers" / f"{name}.csv"))}
+
+
+@task(name="sensitivity-merge")
+def merge_sensitivity_task(csv_paths: list[str], folder: str) -> dict[str, Any]:
+    """Concatenate the per-task tables (in layer order) into one CSV and draw the heatmap."""
+    rows = [row for path in csv_paths for row in SensitivityTable.load_csv(Path(path)).rows]
+    table = SensitivityTable(rows)
+    csv_path = table.save_csv(Path(folder) / "sensitivity.csv")
+    heatmap = sensitivity_heatmap(table.rows, Path(folder) / "sensitivity_heatmap.png")
     return {"csv_path": str(csv_path), "heatmap_path": str(heatmap)}
+
+
+def table_key(spec_key: dict[str, Any], calibration_sha256: str, code_version: str) -> str:
+    """Folder name of a sensitivity table: a hash of what it depends on."""
+    key = json.dumps([spec_key, calibration_sha256, code_version], sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:20]
 
 
 @task(name="allocate")

@@ -218,9 +218,14 @@ def _infeasible(problem: AllocationProblem, time_limit: float | None) -> Allocat
     return AllocationInfeasibleError("infeasible allocation: pins, tied groups and allowed options conflict", minimal)
 
 
-def option_name(weight_bits: int | None, act_bits: int | None) -> str:
-    """Name of a (weight bits, activation bits) option, e.g. ``w4a8`` or ``wfpa8``."""
-    return f"w{weight_bits or 'fp'}a{act_bits or 'fp'}"
+def option_name(weight_bits: int | None, act_bits: int | None, group_size: int | None = None) -> str:
+    """Name of a (weight, activation) option, e.g. ``w4a8``, ``w4g32a8`` (group-wise) or ``wfpa8``."""
+    group = f"g{group_size}" if group_size else ""
+    return f"w{weight_bits or 'fp'}{group}a{act_bits or 'fp'}"
+
+
+WeightChoice = tuple[int | None, int | None]
+"""A weight candidate: ``(bits, group_size)``; ``(None, None)`` is float, group None is per channel."""
 
 
 def qkv_groups(layers: Sequence[str]) -> list[list[str]]:
@@ -242,13 +247,15 @@ class MixedPrecisionInputs:
     out_channels: dict[str, int]
     macs: dict[str, int]
     other_params: int
+    group_channels: dict[str, int] = field(default_factory=dict)
+    """Input channels that weight groups may split (0 or absent: the layer takes no groups)."""
 
 
 def build_problem(
     inputs: MixedPrecisionInputs,
-    noise: Callable[[str, str, int | None], float],
-    content: Callable[[str, str, int | None], float],
-    weight_bits: Sequence[int | None],
+    noise: Callable[[str, str, int | None, int | None], float],
+    content: Callable[[str, str, int | None, int | None], float],
+    weight_options: Sequence[WeightChoice],
     act_bits: Sequence[int | None],
     budgets: Mapping[str, float],
     objective_weights: Mapping[str, float],
@@ -260,9 +267,11 @@ def build_problem(
 
     Args:
         inputs: Layers, weight sizes, MACs and the parameter count outside the layers.
-        noise: ``(layer, kind, bits) -> noise power`` (kind ``weight`` or ``activation``).
-        content: ``(layer, kind, bits) -> content metric``.
-        weight_bits: Candidate weight bits (None: float).
+        noise: ``(layer, kind, bits, group_size) -> noise power`` (kind ``weight`` or ``activation``).
+        content: ``(layer, kind, bits, group_size) -> content metric``.
+        weight_options: Candidate ``(bits, group_size)`` weights (``(None, None)``: float). A
+            group-wise option costs ``bits + 32 / g`` average bits (its fp32 scales) and is
+            unavailable to layers whose ``group_channels`` it does not divide.
         act_bits: Candidate input bits (None: float).
         budgets: Any of ``avg_weight_bits``, ``bytes`` (all parameters), ``bitops``.
         objective_weights: ``quality`` and ``content`` weights of the normalised metrics.
@@ -271,8 +280,8 @@ def build_problem(
         latency: Optional lookup ``layer -> option name -> ms``; options missing from it cannot
             be taken by that layer.
     """
-    options = [(w, a) for w in weight_bits for a in act_bits]
-    names = [option_name(w, a) for w, a in options]
+    options = [(w, g, a) for w, g in weight_options for a in act_bits]
+    names = [option_name(w, a, g) for w, g, a in options]
     n_l, n_o = len(inputs.layers), len(options)
     quality = np.zeros((n_l, n_o))
     semantic = np.zeros((n_l, n_o))
@@ -282,17 +291,22 @@ def build_problem(
     total_weights = sum(inputs.weight_numel.values())
     for i, layer in enumerate(inputs.layers):
         n = inputs.weight_numel[layer]
-        for j, (w, a) in enumerate(options):
-            quality[i, j] = noise(layer, "weight", w) + noise(layer, "activation", a)
-            semantic[i, j] = content(layer, "weight", w) + content(layer, "activation", a)
+        channels = inputs.group_channels.get(layer, 0)
+        for j, (w, g, a) in enumerate(options):
+            if g is not None and (channels == 0 or channels % g):
+                quality[i, j] = semantic[i, j] = np.nan
+                continue
+            quality[i, j] = noise(layer, "weight", w, g) + noise(layer, "activation", a, None)
+            semantic[i, j] = content(layer, "weight", w, g) + content(layer, "activation", a, None)
             bits = w or FLOAT_BITS_ALLOC
-            avg_bits[i, j] = bits * n / total_weights
-            size[i, j] = n * 4 if w is None else -(-n * w // 8) + 4 * inputs.out_channels[layer]
+            avg_bits[i, j] = (bits + (FLOAT_BITS_ALLOC / g if g else 0.0)) * n / total_weights
+            scales = n // g if g else inputs.out_channels[layer]
+            size[i, j] = n * 4 if w is None else -(-n * w // 8) + 4 * scales
             bitops[i, j] = inputs.macs.get(layer, 0) * bits * (a or FLOAT_BITS_ALLOC)
     size[0, :] += inputs.other_params * 4
 
     def normalised(matrix: np.ndarray) -> np.ndarray:
-        top = float(matrix.max())
+        top = float(np.nanmax(matrix)) if np.isfinite(matrix).any() else 0.0
         return matrix / top if top > 0 else matrix
 
     cost = objective_weights.get("quality", 1.0) * normalised(quality)

@@ -11,12 +11,14 @@ from torch import nn
 from diffquant.allocation import (
     Allocation,
     MixedPrecisionInputs,
+    WeightChoice,
     build_problem,
     option_name,
     qkv_groups,
     solve_allocation,
 )
 from diffquant.errors import SpecError
+from diffquant.metrics import psnr
 from diffquant.models.loading import DiffusionModel
 from diffquant.quant.plan import (
     ActivationConfig,
@@ -33,45 +35,88 @@ from diffquant.spec import CompressionSpec
 logger = logging.getLogger(__name__)
 
 
-def content_metric(
-    model: DiffusionModel, classifier: nn.Module, samples: int, steps: int, seed: int
-) -> Callable[[nn.Module], float]:
-    """Return ``unet -> mean KL(FP logits || quantized logits)`` on final samples from fixed noise."""
+def final_sample_probe(
+    model: DiffusionModel,
+    classifier: nn.Module | None,
+    samples: int,
+    steps: int,
+    seed: int,
+    content_layers: set[str],
+    psnr_all: bool,
+) -> Callable[[nn.Module, str], dict[str, float]]:
+    """Return ``(unet, layer) -> final-sample metrics`` against FP samples from the same noise.
+
+    For layers in ``content_layers`` the result has ``content`` (mean KL of the classifier's
+    logits, FP || quantized); with ``psnr_all`` every layer also gets ``psnr_db`` of the final
+    samples. Layers needing neither are not sampled (an empty dict).
+    """
     labels = class_labels(samples, model.num_classes)
     noise = initial_noise(samples, model.sample_shape, seed)
-    fp_images, _ = ddim_sample(
-        model.unet, model.scheduler_config, noise, labels, steps, description="Content reference"
-    )
-    with torch.no_grad():
-        fp_logp = torch.log_softmax(classifier(fp_images), dim=1)
-
-    def measure(unet: nn.Module) -> float:
-        images, _ = ddim_sample(unet, model.scheduler_config, noise, labels, steps, description="Content metric")
+    fp_images, _ = ddim_sample(model.unet, model.scheduler_config, noise, labels, steps, description="FP samples")
+    fp_logp = None
+    if classifier is not None:
         with torch.no_grad():
-            logp = torch.log_softmax(classifier(images), dim=1)
-        return float((fp_logp.exp() * (fp_logp - logp)).sum(1).mean())
+            fp_logp = torch.log_softmax(classifier(fp_images), dim=1)
 
-    return measure
+    def probe(unet: nn.Module, layer: str) -> dict[str, float]:
+        want_content = layer in content_layers and fp_logp is not None
+        if not (want_content or psnr_all):
+            return {}
+        images, _ = ddim_sample(unet, model.scheduler_config, noise, labels, steps, description="Final samples")
+        out: dict[str, float] = {}
+        if want_content:
+            with torch.no_grad():
+                logp = torch.log_softmax(classifier(images), dim=1)
+            out["content"] = float((fp_logp.exp() * (fp_logp - logp)).sum(1).mean())
+        if psnr_all:
+            out["psnr_db"] = psnr(fp_images, images)
+        return out
+
+    return probe
 
 
 def sensitivity_for_spec(
-    model: DiffusionModel, calib: Trajectories, spec: CompressionSpec, classifier: nn.Module | None
+    model: DiffusionModel,
+    calib: Trajectories,
+    spec: CompressionSpec,
+    classifier: nn.Module | None,
+    layers: list[str] | None = None,
+    description: str = "Measuring layer sensitivity",
 ) -> SensitivityTable:
-    """Measure the sensitivity table the spec's allocation needs."""
+    """Measure the sensitivity table the spec's allocation needs.
+
+    Args:
+        model: The FP model.
+        calib: Calibration set (subsampled evenly to ``allocation.sensitivity_inputs``).
+        spec: The spec; its ``allocation`` section sets the options and metrics.
+        classifier: Evaluation classifier (needed for content layers).
+        layers: Measure only these layers (default: all), e.g. one chunk of a parallel map.
+        description: Progress-bar label.
+
+    Raises:
+        SpecError: Without an allocation section, or content layers without a classifier.
+    """
     alloc = spec.allocation
     if alloc is None:
         raise SpecError("sensitivity needs an 'allocation' section in the spec")
     names = quantizable_layers(model.unet)
     try:
-        content_layers = sorted(resolve_globs(names, alloc.content_layers))
+        content_layers = set(resolve_globs(names, alloc.content_layers))
     except ValueError as error:
         raise SpecError(f"allocation.content_layers: {error}") from None
-    content_fn = None
-    if content_layers:
-        if classifier is None or not model.digits_compatible:
-            raise SpecError("allocation.content_layers needs a model the evaluation classifier can judge")
-        content_fn = content_metric(
-            model, classifier, alloc.content_samples, spec.sampler.steps, spec.evaluate.seed + 1
+    if content_layers and (classifier is None or not model.digits_compatible):
+        raise SpecError("allocation.content_layers needs a model the evaluation classifier can judge")
+    wanted = names if layers is None else layers
+    probe = None
+    if alloc.quality_metric == "psnr" or content_layers & set(wanted):
+        probe = final_sample_probe(
+            model,
+            classifier if content_layers else None,
+            alloc.content_samples,
+            spec.sampler.steps,
+            spec.evaluate.seed + 1,
+            content_layers,
+            alloc.quality_metric == "psnr",
         )
     if len(calib) > alloc.sensitivity_inputs:
         pick = torch.linspace(0, len(calib) - 1, alloc.sensitivity_inputs).round().long().unique()
@@ -82,11 +127,12 @@ def sensitivity_for_spec(
         model.conditional,
         alloc.weight_bits,
         alloc.activation_bits,
-        names,
+        wanted,
         spec.quantize.weight.observer,
         spec.calibration.observer,
-        content_layers,
-        content_fn,
+        [(b, g) for b in alloc.group_bits for g in alloc.group_sizes],
+        probe,
+        description,
     )
 
 
@@ -108,6 +154,12 @@ def read_latency_table(path: str) -> dict[str, dict[str, float]]:
     ):
         raise SpecError(f"allocation.latency_table {path} must map layer -> option -> milliseconds")
     return {layer: {opt: float(ms) for opt, ms in opts.items()} for layer, opts in data.items()}
+
+
+def _group_channels(layer: nn.Module) -> int:
+    if isinstance(layer, nn.Conv2d):
+        return layer.in_channels if layer.groups == 1 else 0
+    return int(getattr(layer, "in_features", 0))
 
 
 def allocate(
@@ -135,10 +187,14 @@ def allocate(
         out_channels={name: int(m.weight.shape[0]) for name, m in modules.items()},
         macs=layer_macs(unet, (calib.x, calib.t, calib.labels if model.conditional else None)),
         other_params=int(other),
+        group_channels={name: _group_channels(m) for name, m in modules.items()},
     )
-    w_bits: list[int | None] = [*alloc.weight_bits, *([None] if alloc.allow_float_weights else [])]
+    w_opts: list[WeightChoice] = [(b, None) for b in alloc.weight_bits]
+    w_opts += [(b, g) for b in alloc.group_bits for g in alloc.group_sizes]
+    w_opts += [(None, None)] if alloc.allow_float_weights else []
     a_bits: list[int | None] = [*alloc.activation_bits, *([None] if alloc.allow_float_activations else [])]
-    valid = {option_name(w, a) for w in w_bits for a in a_bits}
+    choices = {option_name(w, a, g): (w, g, a) for w, g in w_opts for a in a_bits}
+    valid = set(choices)
     pinned: dict[str, str] = {}
     for pattern, option in alloc.pinned.items():
         if option not in valid:
@@ -148,11 +204,16 @@ def allocate(
                 pinned[name] = option
         except ValueError as error:
             raise SpecError(f"allocation.pinned: {error}") from None
+    metric = alloc.quality_metric
+
+    def noise(layer: str, kind: str, bits: int | None, group: int | None) -> float:
+        return table.noise(layer, kind, bits, group, metric)
+
     problem = build_problem(
         inputs,
-        table.noise,
+        noise,
         table.content,
-        w_bits,
+        w_opts,
         a_bits,
         alloc.budget.as_dict(),
         alloc.objective,
@@ -161,13 +222,13 @@ def allocate(
         read_latency_table(alloc.latency_table) if alloc.latency_table else None,
     )
     result = solve_allocation(problem)
-    choices = {option_name(w, a): (w, a) for w in w_bits for a in a_bits}
     w_spec = spec.quantize.weight
     plan = LayerPlan()
     for name in names:
-        w, a = choices[result.choice[name]]
+        w, g, a = choices[result.choice[name]]
+        granularity = "per_group" if g is not None else "per_channel"
         plan[name] = LayerConfig(
-            WeightConfig(w, w_spec.granularity, w_spec.observer) if w is not None else None,
+            WeightConfig(w, granularity, w_spec.observer, g) if w is not None else None,
             ActivationConfig(a, spec.calibration.observer) if a is not None else None,
         )
     logger.info("allocation: objective %.4g, usage %s", result.objective, result.usage)

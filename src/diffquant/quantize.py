@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
+import logging
 from pathlib import Path
 
 from diffquant.calibration import calibrate_activations
 from diffquant.errors import SpecError
 from diffquant.models.loading import DiffusionModel
+from diffquant.quant.modules import groups_allowed
 from diffquant.quant.plan import (
     ActivationConfig,
     LayerConfig,
@@ -15,42 +17,58 @@ from diffquant.quant.plan import (
     WeightConfig,
     apply_plan,
     load_quantizer_state,
+    quantizable_layers,
     quantizer_state,
     resolve_globs,
-    uniform_plan,
 )
 from diffquant.sampling import Trajectories
 from diffquant.spec import CalibrationSpec, QuantizeSpec
 from diffquant.storage import load_safetensors, save_safetensors
 
+logger = logging.getLogger(__name__)
+
 
 def plan_from_spec(model: DiffusionModel, quantize: QuantizeSpec, act_observer: str = "minmax") -> LayerPlan:
     """Resolve the spec's uniform plan, its overrides and full-precision globs against ``model``.
+
+    With ``per_group`` weights, layers whose input channels the group size does not divide stay
+    per-channel at the same bits (the plan records which).
 
     Raises:
         SpecError: If a glob matches no layer.
     """
     w = quantize.weight
+    fallback: list[str] = []
 
-    def formats(w_bits: int | None, a_bits: int | None) -> tuple[WeightConfig | None, ActivationConfig | None]:
-        weight = WeightConfig(w_bits, w.granularity, w.observer) if w_bits is not None else None
-        return weight, ActivationConfig(a_bits, act_observer) if a_bits is not None else None
+    def formats(
+        name: str, w_bits: int | None, a_bits: int | None
+    ) -> tuple[WeightConfig | None, ActivationConfig | None]:
+        act = ActivationConfig(a_bits, act_observer) if a_bits is not None else None
+        if w_bits is None:
+            return None, act
+        if w.group_size is not None and not groups_allowed(model.unet.get_submodule(name), w.group_size):
+            fallback.append(name)
+            return WeightConfig(w_bits, "per_channel", w.observer), act
+        return WeightConfig(w_bits, w.granularity, w.observer, w.group_size), act
 
-    plan = uniform_plan(model.unet, *formats(w.bits, quantize.activation.bits))
+    plan = LayerPlan()
+    for name in quantizable_layers(model.unet):
+        plan[name] = LayerConfig(*formats(name, w.bits, quantize.activation.bits))
     for i, override in enumerate(quantize.overrides):
         try:
             names = resolve_globs(plan, override.layers)
         except ValueError as error:
             raise SpecError(f"quantize.overrides.{i}.layers: {error}") from None
-        weight, act = formats(override.weight_bits, override.activation_bits)
         for name in names:
-            plan[name] = LayerConfig(weight, act)
+            plan[name] = LayerConfig(*formats(name, override.weight_bits, override.activation_bits))
     try:
         keep = resolve_globs(plan, quantize.keep_full_precision)
     except ValueError as error:
         raise SpecError(f"quantize.keep_full_precision: {error}") from None
     for name in keep:
         plan[name] = LayerConfig(None, None)
+    if fallback:
+        logger.info("%d layers cannot take groups of %s and stay per-channel", len(set(fallback)), w.group_size)
     return plan
 
 

@@ -29,12 +29,13 @@ from torch import nn
 
 from diffquant.metrics import sqnr_db
 from diffquant.progress import track
-from diffquant.quant.modules import QuantConv2d, QuantLinear
+from diffquant.quant.modules import QuantConv2d, QuantLinear, groups_allowed
 from diffquant.quant.plan import QUANTIZABLE, quantizable_layers, set_module
 from diffquant.sampling import Trajectories, denoiser_outputs
 
 FLOAT_BITS = 32
-SENSITIVITY_CODE_VERSION = "1"
+SENSITIVITY_CODE_VERSION = "2"
+COLUMNS = ("layer", "kind", "bits", "group_size", "sqnr_db", "noise", "content", "psnr_db")
 
 
 @contextmanager
@@ -47,6 +48,7 @@ def quantize_only(
     conditional: bool = True,
     weight_observer: str = "minmax",
     act_observer: str = "minmax",
+    group_size: int | None = None,
 ) -> Iterator[nn.Module]:
     """Temporarily replace layer ``name`` by a fake-quantized copy; always restores the original.
 
@@ -59,12 +61,15 @@ def quantize_only(
         conditional: Pass class labels from ``calib``.
         weight_observer: Weight observer.
         act_observer: Activation observer.
+        group_size: Group-wise weight scales over this many input channels (None: per channel).
     """
     original = model.get_submodule(name)
     if not isinstance(original, QUANTIZABLE) or isinstance(original, (QuantLinear, QuantConv2d)):
         raise ValueError(f"{name!r} is not a float Linear/Conv2d layer")
     cls = QuantLinear if isinstance(original, nn.Linear) else QuantConv2d
-    replacement = cls.from_float(original, weight_bits, act_bits, weight_observer, act_observer)
+    replacement = cls.from_float(
+        original, weight_bits, act_bits, weight_observer, act_observer, per_channel=True, group_size=group_size
+    )
     set_module(model, name, replacement)
     try:
         if act_bits is not None:
@@ -83,31 +88,64 @@ def noise_power(sqnr: float) -> float:
     return 0.0 if math.isinf(sqnr) else 10.0 ** (-sqnr / 10.0)
 
 
+Row = dict[str, float | int | str | None]
+
+
 @dataclass
 class SensitivityTable:
-    """Rows of (layer, kind, bits, sqnr_db, noise, content); kind is ``weight`` or ``activation``."""
+    """Rows of (layer, kind, bits, group_size, sqnr_db, noise, content, psnr_db).
 
-    rows: list[dict[str, float | int | str | None]] = field(default_factory=list)
+    ``kind`` is ``weight`` or ``activation``; ``group_size`` is set for group-wise weight rows;
+    ``content`` and ``psnr_db`` are empty where they were not measured.
+    """
 
-    def _row(self, layer: str, kind: str, bits: int) -> dict[str, float | int | str | None]:
+    rows: list[Row] = field(default_factory=list)
+
+    def _row(self, layer: str, kind: str, bits: int, group_size: int | None) -> Row:
         index = getattr(self, "_index", None)
         if index is None or len(index) != len(self.rows):
-            index = {(r["layer"], r["kind"], r["bits"]): r for r in self.rows}
+            index = {(r["layer"], r["kind"], r["bits"], r.get("group_size")): r for r in self.rows}
             self._index = index
         try:
-            return index[(layer, kind, bits)]
+            return index[(layer, kind, bits, group_size)]
         except KeyError:
-            raise KeyError(f"no sensitivity for {layer} {kind} {bits} bits") from None
+            group = f" in groups of {group_size}" if group_size else ""
+            raise KeyError(f"no sensitivity for {layer} {kind} {bits} bits{group}") from None
 
-    def noise(self, layer: str, kind: str, bits: int | None) -> float:
-        """Noise power of quantizing ``kind`` of ``layer`` at ``bits`` (0 for float)."""
-        return 0.0 if bits is None else float(self._row(layer, kind, bits)["noise"])
+    def has(self, layer: str, kind: str, bits: int, group_size: int | None = None) -> bool:
+        """Whether the table holds a row for this layer and option."""
+        try:
+            self._row(layer, kind, bits, group_size)
+        except KeyError:
+            return False
+        return True
 
-    def content(self, layer: str, kind: str, bits: int | None) -> float:
+    def noise(
+        self, layer: str, kind: str, bits: int | None, group_size: int | None = None, metric: str = "sqnr"
+    ) -> float:
+        """Relative noise power of quantizing ``kind`` of ``layer`` at ``bits`` (0 for float).
+
+        Args:
+            layer: Layer FQN.
+            kind: ``weight`` or ``activation``.
+            bits: Bit-width, None for float.
+            group_size: Group size of a group-wise weight option.
+            metric: ``sqnr`` (denoiser output) or ``psnr`` (final samples, where measured).
+        """
+        if bits is None:
+            return 0.0
+        row = self._row(layer, kind, bits, group_size)
+        if metric == "psnr":
+            if row.get("psnr_db") in (None, ""):
+                raise KeyError(f"no final-sample PSNR for {layer} {kind} {bits} bits")
+            return noise_power(float(row["psnr_db"]))
+        return float(row["noise"])
+
+    def content(self, layer: str, kind: str, bits: int | None, group_size: int | None = None) -> float:
         """Content-metric value (0 for float or where it was not measured)."""
         if bits is None:
             return 0.0
-        value = self._row(layer, kind, bits).get("content")
+        value = self._row(layer, kind, bits, group_size).get("content")
         return 0.0 if value in (None, "") else float(value)
 
     def save_csv(self, path: Path) -> Path:
@@ -115,26 +153,40 @@ class SensitivityTable:
         from diffquant.storage import atomic_path
 
         with atomic_path(Path(path)) as tmp, tmp.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=["layer", "kind", "bits", "sqnr_db", "noise", "content"])
+            writer = csv.DictWriter(handle, fieldnames=list(COLUMNS))
             writer.writeheader()
             for row in self.rows:
-                writer.writerow({k: row.get(k) for k in writer.fieldnames})
+                writer.writerow({k: row.get(k) for k in COLUMNS})
         return Path(path)
 
     @classmethod
     def load_csv(cls, path: Path) -> SensitivityTable:
-        """Read a table written by :meth:`save_csv`."""
+        """Read a table written by :meth:`save_csv`.
+
+        Raises:
+            ValueError: If the file lacks a column of :data:`COLUMNS`.
+        """
+
+        def optional(value: str | None, kind: type) -> float | int | None:
+            return kind(value) if value not in (None, "") else None
+
         rows = []
         with Path(path).open(newline="") as handle:
-            for row in csv.DictReader(handle):
+            reader = csv.DictReader(handle)
+            missing = set(COLUMNS) - set(reader.fieldnames or ())
+            if missing:
+                raise ValueError(f"{path}: not a sensitivity table (missing {', '.join(sorted(missing))})")
+            for row in reader:
                 rows.append(
                     {
                         "layer": row["layer"],
                         "kind": row["kind"],
                         "bits": int(row["bits"]),
+                        "group_size": optional(row["group_size"], int),
                         "sqnr_db": float(row["sqnr_db"]),
                         "noise": float(row["noise"]),
-                        "content": float(row["content"]) if row["content"] else None,
+                        "content": optional(row["content"], float),
+                        "psnr_db": optional(row["psnr_db"], float),
                     }
                 )
         return cls(rows)
@@ -149,50 +201,58 @@ def measure_sensitivity(
     layers: Sequence[str] | None = None,
     weight_observer: str = "minmax",
     act_observer: str = "minmax",
-    content_layers: Sequence[str] = (),
-    content_fn: Callable[[nn.Module], float] | None = None,
+    group_options: Sequence[tuple[int, int]] = (),
+    final_fn: Callable[[nn.Module, str], dict[str, float]] | None = None,
+    description: str = "Measuring layer sensitivity",
 ) -> SensitivityTable:
-    """Measure every layer's weight and input sensitivity at each candidate bit-width.
+    """Measure every layer's weight and input sensitivity at each candidate option.
 
     Args:
         unet: The FP denoiser (restored after every measurement).
         calib: Calibration inputs; SQNR is taken over all of them.
         conditional: Pass class labels.
-        weight_bits: Candidate weight bit-widths.
+        weight_bits: Candidate per-channel weight bit-widths.
         act_bits: Candidate input bit-widths.
         layers: Layers to measure (default: every Linear/Conv2d).
         weight_observer: Weight observer.
         act_observer: Activation observer.
-        content_layers: Layers whose content metric is also measured.
-        content_fn: ``model -> content metric`` (e.g. classifier-logit KL of final samples).
+        group_options: ``(bits, group_size)`` group-wise weight candidates, measured on the
+            layers that allow them.
+        final_fn: ``(model, layer) -> {"content": ..., "psnr_db": ...}`` final-sample metrics
+            for this measurement (an empty dict where none are wanted for the layer).
+        description: Progress-bar label.
 
     Returns:
-        The table, one row per (layer, kind, bits).
+        The table, one row per (layer, kind, bits, group size).
     """
     layers = list(layers) if layers is not None else quantizable_layers(unet)
     reference = denoiser_outputs(unet, calib, conditional)
-    content_set = set(content_layers)
+    jobs: list[tuple[str, str, int, int | None]] = []
+    for name in layers:
+        module = unet.get_submodule(name)
+        jobs += [(name, "weight", bits, None) for bits in weight_bits]
+        jobs += [(name, "weight", b, g) for b, g in group_options if groups_allowed(module, g)]
+        jobs += [(name, "activation", bits, None) for bits in act_bits]
     table = SensitivityTable()
-    total = len(layers) * (len(weight_bits) + len(act_bits))
-    with torch.no_grad(), track("Measuring layer sensitivity", total) as bar:
-        for name in layers:
-            for kind, options in (("weight", weight_bits), ("activation", act_bits)):
-                for bits in options:
-                    w, a = (bits, None) if kind == "weight" else (None, bits)
-                    with quantize_only(unet, name, w, a, calib, conditional, weight_observer, act_observer):
-                        sqnr = sqnr_db(reference, denoiser_outputs(unet, calib, conditional))
-                        content = content_fn(unet) if content_fn is not None and name in content_set else None
-                    table.rows.append(
-                        {
-                            "layer": name,
-                            "kind": kind,
-                            "bits": bits,
-                            "sqnr_db": sqnr,
-                            "noise": noise_power(sqnr),
-                            "content": content,
-                        }
-                    )
-                    bar.advance()
+    with torch.no_grad(), track(description, len(jobs)) as bar:
+        for name, kind, bits, group in jobs:
+            w, a = (bits, None) if kind == "weight" else (None, bits)
+            with quantize_only(unet, name, w, a, calib, conditional, weight_observer, act_observer, group):
+                sqnr = sqnr_db(reference, denoiser_outputs(unet, calib, conditional))
+                extra = final_fn(unet, name) if final_fn is not None else {}
+            table.rows.append(
+                {
+                    "layer": name,
+                    "kind": kind,
+                    "bits": bits,
+                    "group_size": group,
+                    "sqnr_db": sqnr,
+                    "noise": noise_power(sqnr),
+                    "content": extra.get("content"),
+                    "psnr_db": extra.get("psnr_db"),
+                }
+            )
+            bar.advance()
     return table
 
 

@@ -75,11 +75,22 @@ class CalibrationSpec(_Strict):
 
 
 class WeightQuantSpec(_Strict):
-    """Weight format of the uniform plan (None bits keeps weights in float)."""
+    """Weight format of the uniform plan (None bits keeps weights in float).
+
+    ``per_group`` uses one scale per ``group_size`` input channels; layers whose input channels
+    the group size does not divide (e.g. a 1-channel ``conv_in``) fall back to per-channel.
+    """
 
     bits: int | None = Field(8, ge=MIN_BITS, le=MAX_BITS)
-    granularity: Literal["per_channel", "per_tensor"] = "per_channel"
+    granularity: Literal["per_channel", "per_tensor", "per_group"] = "per_channel"
     observer: Literal["minmax", "percentile", "mse"] = "minmax"
+    group_size: int | None = Field(None, ge=2)
+
+    @model_validator(mode="after")
+    def _group(self) -> WeightQuantSpec:
+        if (self.granularity == "per_group") != (self.group_size is not None):
+            raise ValueError("group_size is required with granularity per_group and only with it")
+        return self
 
 
 class ActivationQuantSpec(_Strict):
@@ -126,17 +137,28 @@ class BudgetSpec(_Strict):
 class AllocationSpec(_Strict):
     """Mixed precision: per-layer options chosen by an integer program under a budget.
 
-    Options are every (weight bits, activation bits) pair from the candidate lists; the objective
+    Weight candidates are ``weight_bits`` per output channel plus ``group_bits`` x ``group_sizes``
+    group-wise (option names like ``w4g32a8``; only for layers whose input channels the group size
+    divides). Options are every (weight candidate, activation bits) pair; the objective
     is ``quality * noise + content * content_metric`` (each normalised to [0, 1]).
     """
 
     weight_bits: list[int] = Field(default_factory=lambda: [2, 3, 4, 6, 8], min_length=1)
+    group_bits: list[int] = Field(default_factory=lambda: [4], description="bits of the group-wise weight options")
+    group_sizes: list[int] = Field(
+        default_factory=lambda: [32, 64], description="group sizes of group-wise options (layers that allow them)"
+    )
     activation_bits: list[int] = Field(default_factory=lambda: [8], min_length=1)
     allow_float_weights: bool = False
     allow_float_activations: bool = False
     budget: BudgetSpec = BudgetSpec(avg_weight_bits=4.0)
     objective: dict[Literal["quality", "content"], float] = Field(
         default_factory=lambda: {"quality": 1.0, "content": 1.0}
+    )
+    quality_metric: Literal["sqnr", "psnr"] = Field(
+        "sqnr",
+        description="sqnr: denoiser output on calibration inputs (cheap); psnr: final samples vs FP "
+        "(content_samples DDIM runs per option and layer)",
     )
     content_layers: list[str] = Field(default_factory=list, description="globs scored by the content metric too")
     content_samples: int = Field(100, ge=10)
@@ -149,7 +171,9 @@ class AllocationSpec(_Strict):
 
     @model_validator(mode="after")
     def _valid(self) -> AllocationSpec:
-        for bits in [*self.weight_bits, *self.activation_bits]:
+        if any(size < 2 for size in self.group_sizes):
+            raise ValueError("group sizes must be at least 2")
+        for bits in [*self.weight_bits, *self.group_bits, *self.activation_bits]:
             if not MIN_BITS <= bits <= MAX_BITS:
                 raise ValueError(f"candidate bits {bits} outside {MIN_BITS}-{MAX_BITS}")
         if not self.budget.as_dict():
@@ -181,6 +205,18 @@ class PromoteSpec(_Strict):
     gates: dict[str, float] = Field(default_factory=dict)
 
 
+class RuntimeSpec(_Strict):
+    """Where the parallel stages run; does not change results (up to float summation order).
+
+    ``default`` runs mapped tasks on Prefect's thread pool (``workers`` threads); ``dask`` on
+    prefect-dask's DaskTaskRunner over a local cluster of ``workers`` processes, one thread each.
+    """
+
+    runner: Literal["default", "dask"] = "default"
+    workers: int = Field(1, ge=1, le=64)
+    layers_per_task: int = Field(4, ge=1, description="layers measured by one sensitivity task")
+
+
 class CompressionSpec(_Strict):
     """Everything one ``diffquant compress`` run needs."""
 
@@ -193,6 +229,7 @@ class CompressionSpec(_Strict):
     export: ExportSpec = ExportSpec()
     evaluate: EvaluateSpec = EvaluateSpec()
     promote: PromoteSpec = PromoteSpec()
+    runtime: RuntimeSpec = RuntimeSpec()
 
     @model_validator(mode="after")
     def _calibration_fits_pool(self) -> CompressionSpec:
@@ -214,8 +251,12 @@ class CompressionSpec(_Strict):
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def spec_hash(self) -> str:
-        """Return a sha256 of the canonical JSON form (first 16 hex digits)."""
-        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        """Return a sha256 of the canonical JSON form (first 16 hex digits).
+
+        ``runtime`` is left out: where stages run does not change what they compute.
+        """
+        data = {k: v for k, v in self.to_dict().items() if k != "runtime"}
+        canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
     def flat_params(self) -> dict[str, str]:

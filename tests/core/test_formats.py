@@ -1,3 +1,4 @@
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -95,3 +96,38 @@ def test_per_channel_gradient():
     out.sum().backward()
     inside = (w.abs() <= 7 * scale[:, None]).float()
     assert torch.equal(w.grad, inside)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.sampled_from([2, 4, 8]),
+    st.integers(1, 4),
+    st.integers(1, 3),
+    st.sampled_from([(), (3, 3), (1, 1)]),
+    st.integers(0, 10_000),
+)
+def test_grouped_fake_quant_matches_per_group_loop(b, out_ch, n_groups, kernel, seed):
+    from diffquant.quant.formats import fake_quant_grouped
+    from diffquant.quant.observers import weight_scale
+
+    group = 4
+    torch.manual_seed(seed)
+    w = torch.randn(out_ch, n_groups * group, *kernel)
+    fmt = IntFormat(b)
+    scale = weight_scale(w, fmt, "minmax", group_size=group)
+    assert scale.shape == (out_ch, n_groups, *kernel)
+    got = fake_quant_grouped(w, scale, fmt, group)
+    expected = torch.empty_like(w)
+    for o in range(out_ch):
+        for gi in range(n_groups):
+            block = w[o, gi * group : (gi + 1) * group]  # (group, *kernel): one scale per kernel position
+            s = scale_from_absmax(block.abs().amax(dim=0), fmt)
+            expected[o, gi * group : (gi + 1) * group] = torch.clamp(torch.round(block / s), fmt.qmin, fmt.qmax) * s
+    assert torch.allclose(got, expected, atol=1e-6)
+
+
+def test_group_view_rejects_indivisible_channels():
+    from diffquant.quant.formats import group_view
+
+    with pytest.raises(ValueError, match="no groups of 4"):
+        group_view(torch.zeros(2, 6), 4)

@@ -144,3 +144,56 @@ def test_cached_quantized_weight_follows_in_place_updates():
         second = q.proj.quantized_weight()
     assert second is not first
     assert torch.allclose(second, q.proj.weight_quantizer(q.proj.weight))
+
+
+def test_group_wise_plan_quantizes_allowed_layers_and_refuses_others(tmp_path):
+    from diffquant.quant.modules import groups_allowed
+
+    model = Tiny()
+    x = torch.randn(2, 1, 8, 8)
+    ref = model(x)
+    assert not groups_allowed(model.conv_in, 2) and groups_allowed(model.block[0], 2)
+    assert groups_allowed(model.proj, 32) and not groups_allowed(model.proj, 3)
+    bad = LayerPlan({"conv_in": LayerConfigFor(4, 2)})
+    with pytest.raises(ValueError, match=r"conv_in.*groups of 2"):
+        apply_plan(Tiny(), bad)
+    plan = LayerPlan({"block.0": LayerConfigFor(4, 2), "proj": LayerConfigFor(4, 32)})
+    loaded = LayerPlan.load(plan.save(tmp_path / "plan.json"))
+    assert loaded == plan
+    grouped = apply_plan(Tiny(), loaded)
+    per_channel = apply_plan(Tiny(), LayerPlan({"block.0": LayerConfigFor(4), "proj": LayerConfigFor(4)}))
+    assert grouped.proj.weight_quantizer.scale.shape == (10, 8)
+    assert grouped.block[0].weight_quantizer.scale.shape == (4, 2, 3, 3)
+    err_group = (grouped(x) - ref).pow(2).mean()
+    err_channel = (per_channel(x) - ref).pow(2).mean()
+    assert 0 < err_group < err_channel
+    state = quantizer_state(grouped)
+    again = apply_plan(Tiny(), loaded)
+    load_quantizer_state(again, state)
+    assert torch.equal(again(x), grouped(x))
+
+
+def test_group_wise_packed_bytes_oracle():
+    model = Tiny()
+    plan = LayerPlan({"proj": LayerConfigFor(4, 32)})
+    sizes = packed_weight_bytes(model, plan)
+    n = model.proj.weight.numel()
+    assert sizes["fp32"] - sizes["packed"] == n * 4 - (n * 4 // 8 + 4 * n // 32)
+
+
+def test_weight_config_validates_groups(tmp_path):
+    with pytest.raises(ValueError, match="group_size"):
+        WeightConfig(4, "per_group")
+    with pytest.raises(ValueError, match="group_size"):
+        WeightConfig(4, "per_channel", group_size=32)
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps({"version": 1, "layers": {"a": {"weight": {"bits": 4, "granularity": "diagonal"}}}}))
+    with pytest.raises(ValueError, match=r"layer .a.*granularity"):
+        LayerPlan.load(path)
+
+
+def LayerConfigFor(bits, group=None):  # noqa: N802
+    from diffquant.quant.plan import LayerConfig
+
+    granularity = "per_group" if group else "per_channel"
+    return LayerConfig(WeightConfig(bits, granularity, "minmax", group), None)

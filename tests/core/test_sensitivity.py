@@ -48,12 +48,25 @@ def test_fewer_bits_more_noise(tiny):
 
 
 def test_table_csv_round_trip(tmp_path):
+    row = {"layer": "a", "kind": "weight", "bits": 4, "sqnr_db": 20.0, "noise": 0.01}
     table = SensitivityTable(
-        [{"layer": "a", "kind": "weight", "bits": 4, "sqnr_db": 20.0, "noise": 0.01, "content": None}]
+        [
+            {**row, "group_size": None, "content": None, "psnr_db": None},
+            {**row, "group_size": 32, "content": 0.5, "psnr_db": float("inf")},
+        ]
     )
     loaded = SensitivityTable.load_csv(table.save_csv(tmp_path / "s.csv"))
     assert loaded.rows == table.rows
+    assert loaded.content("a", "weight", 4, 32) == 0.5 and loaded.noise("a", "weight", 4, 32, "psnr") == 0.0
+    with pytest.raises(KeyError, match="no final-sample PSNR"):
+        loaded.noise("a", "weight", 4, None, "psnr")
+    with pytest.raises(KeyError, match="groups of 64"):
+        loaded.noise("a", "weight", 4, 64)
     assert noise_power(20.0) == pytest.approx(0.01)
+    old = tmp_path / "old.csv"
+    old.write_text("layer,kind,bits,sqnr_db,noise,content\na,weight,4,20,0.01,\n")
+    with pytest.raises(ValueError, match="missing group_size"):
+        SensitivityTable.load_csv(old)
 
 
 def test_layer_macs_oracle():
@@ -116,3 +129,50 @@ def test_latency_budget_from_lookup_table(tiny, tmp_path):
     assert result.usage["latency_ms"] == pytest.approx(len(names))
     with pytest.raises(Exception, match="latency_table"):
         load_spec(overrides=["allocation={budget: {latency_ms: 3}}"])
+
+
+def test_group_options_measured_where_allowed_and_chosen_by_allocation(tiny):
+    from diffquant.quant.modules import groups_allowed
+
+    model, calib = tiny
+    spec = load_spec(
+        overrides=[
+            "allocation={weight_bits: [4], group_bits: [4], group_sizes: [8], budget: {avg_weight_bits: 8.0}}",
+            "allocation.objective={quality: 1.0, content: 0.0}",
+        ]
+    )
+    table = sensitivity_for_spec(model, calib, spec, None)
+    names = quantizable_layers(model.unet)
+    allowed = [n for n in names if groups_allowed(model.unet.get_submodule(n), 8)]
+    assert 0 < len(allowed) < len(names)
+    assert all(table.has(n, "weight", 4, 8) == (n in allowed) for n in names)
+    # finer scales: group-wise 4-bit beats per-channel 4-bit on average
+    grouped = sum(table.noise(n, "weight", 4, 8) for n in allowed)
+    assert grouped < sum(table.noise(n, "weight", 4) for n in allowed)
+    plan, result = allocate(model, calib, spec, table)
+    assert all(plan[n].weight.group_size in (None, 8) for n in names)
+    assert all(plan[n].weight.group_size is None for n in names if n not in allowed)
+    assert any(plan[n].weight.group_size == 8 for n in allowed)
+    numel = {n: model.unet.get_submodule(n).weight.numel() for n in names}
+    bits = {n: plan[n].weight.bits + (32 / 8 if plan[n].weight.group_size else 0) for n in names}
+    expected = sum(bits[n] * numel[n] for n in names) / sum(numel.values())
+    assert result.usage["avg_weight_bits"] == pytest.approx(expected)
+
+
+def test_final_sample_psnr_metric(tiny):
+    model, calib = tiny
+    spec = load_spec(
+        overrides=[
+            "allocation={weight_bits: [2, 8], group_sizes: [], quality_metric: psnr, content_samples: 10, "
+            "budget: {avg_weight_bits: 8}}",
+            "sampler.steps=4",
+            "calibration.size=12",
+            "calibration.trajectories=4",
+        ]
+    )
+    layers = quantizable_layers(model.unet)[:2]
+    table = sensitivity_for_spec(model, calib, spec, None, layers=layers)
+    assert {r["layer"] for r in table.rows} == set(layers)
+    for layer in layers:
+        assert table.noise(layer, "weight", 2, None, "psnr") >= table.noise(layer, "weight", 8, None, "psnr")
+        assert all(r["psnr_db"] is not None for r in table.rows)

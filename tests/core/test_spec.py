@@ -52,6 +52,8 @@ def test_overrides_parse_yaml_values():
         (["allocation.budget=4"], "allocation.budget"),
         (["allocation.weight_bits=[1, 4]"], "candidate bits 1"),
         (["nonsense"], "section.key=value"),
+        (["quantize.weight.granularity=per_group"], "group_size is required"),
+        (["allocation.group_sizes=[1]"], "group sizes"),
     ],
 )
 def test_bad_values_name_the_key(overrides, fragment):
@@ -120,3 +122,18 @@ def test_overrides_and_full_precision_resolve_into_the_plan():
     bad = load_spec(overrides=["quantize.overrides=[{layers: [nope]}]"])
     with pytest.raises(SpecError, match=r"quantize.overrides.0.layers: pattern 'nope'"):
         plan_from_spec(load_model("digits-unet"), bad.quantize)
+
+
+def test_per_group_plan_falls_back_to_per_channel_where_groups_do_not_fit():
+    from diffquant.models.loading import load_model
+    from diffquant.quant.modules import groups_allowed
+    from diffquant.quantize import plan_from_spec
+
+    model = load_model("digits-unet")
+    spec = load_spec(overrides=["quantize.weight={bits: 4, granularity: per_group, group_size: 32}"])
+    plan = plan_from_spec(model, spec.quantize)
+    assert plan["conv_in"].weight.granularity == "per_channel"  # one input channel
+    for name, cfg in plan.items():
+        fits = groups_allowed(model.unet.get_submodule(name), 32)
+        assert (cfg.weight.group_size == 32) == fits
+    assert sum(cfg.weight.group_size == 32 for cfg in plan.values()) > len(plan) // 2

@@ -86,7 +86,7 @@ def test_mlflow_home_not_writable(isolated_home, tmp_path, monkeypatch):
 def test_help_documents_every_option():
     result = runner.invoke(app, ["compress", "--help"])
     assert result.exit_code == 0
-    for option in ("--set", "--out", "--verbose"):
+    for option in ("--set", "--out", "--verbose", "--runner", "--workers"):
         assert option in result.output
 
 
@@ -121,3 +121,14 @@ def test_nan_trajectories_fail_cleanly(isolated_home, tmp_path):
     runs = mlflow_runs(isolated_home)
     assert runs and all(r.info.status == "FAILED" for r in runs)
     assert not (tmp_path / "out" / "summary.json").exists()
+
+
+def test_unknown_runner(isolated_home):
+    assert_clean_failure(invoke("--runner", "ray"), "runtime.runner", isolated_home)
+
+
+def test_runtime_flags_become_spec_overrides():
+    from flows.cli import _runtime_overrides
+
+    assert _runtime_overrides("dask", 2) == ["runtime.runner=dask", "runtime.workers=2"]
+    assert _runtime_overrides(None, None) == []

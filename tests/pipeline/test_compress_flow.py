@@ -101,12 +101,32 @@ def test_deleted_cached_pool_is_collected_again(isolated_home, tmp_path):
     assert Path(second["calibration"]["pool_path"]).is_file()
 
 
-def test_mixed_precision_compress_reuses_cached_sensitivity(isolated_home, tmp_path):
-    mixed = ["allocation={weight_bits: [4, 8], budget: {avg_weight_bits: 6.0}, sensitivity_inputs: 16}"]
-    first = run_flow(tmp_path / "a", mixed)
-    second = run_flow(tmp_path / "b", mixed)
+def test_mixed_precision_sensitivity_on_dask_then_cached_for_the_default_runner(isolated_home, tmp_path):
+    mixed = [
+        "allocation={weight_bits: [4, 8], group_sizes: [32], budget: {avg_weight_bits: 6.0}, sensitivity_inputs: 16}"
+    ]
+    first = run_flow(tmp_path / "a", [*mixed, "runtime={runner: dask, workers: 2, layers_per_task: 16}"])
+    second = run_flow(tmp_path / "b", [*mixed, "runtime.layers_per_task=16"])  # same tasks, other runner
+    assert first["allocation"]["runner"]["runner"] == "dask"
     assert first["allocation"]["sensitivity_cache_hit"] is False
+    assert first["allocation"]["sensitivity_tasks_cached"] == 0
     assert second["allocation"]["sensitivity_cache_hit"] is True
+    assert second["allocation"]["sensitivity_tasks"] == first["allocation"]["sensitivity_tasks"] > 1
+    # the rows computed in Dask workers equal an in-process measurement of the same layers
+    from diffquant.mixed_precision import sensitivity_for_spec
+    from diffquant.models.loading import load_model
+    from diffquant.sensitivity import SensitivityTable
+    from tasks.common import load_trajectories
+
+    table = SensitivityTable.load_csv(Path(first["allocation"]["sensitivity_csv"]))
+    spec = load_spec(overrides=SMALL + mixed)
+    calib = load_trajectories(tmp_path / "a" / "calibration" / "calibration_set.safetensors")
+    layers = ["conv_in", "mid_block.resnets.0.conv1"]
+    local = sensitivity_for_spec(load_model("digits-unet"), calib, spec, None, layers=layers)
+    for row in local.rows:
+        key = (row["layer"], row["kind"], row["bits"], row["group_size"])
+        assert table.noise(*key) == pytest.approx(row["noise"], rel=1e-3, abs=1e-9)
+    assert table.has("mid_block.resnets.0.conv1", "weight", 4, 32) and not table.has("conv_in", "weight", 4, 32)
     assert first["allocation"]["usage"]["avg_weight_bits"] <= 6.0 + 1e-6
     plan = json.loads(Path(first["plan"]["path"]).read_text())["layers"]
     assert {cfg["weight"]["bits"] for cfg in plan.values()} == {4, 8}

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
-from diffquant.quant.formats import IntFormat, fake_quant
+from diffquant.quant.formats import IntFormat, fake_quant, fake_quant_grouped
 from diffquant.quant.observers import ActivationObserver, weight_scale
 
 
@@ -26,7 +26,15 @@ class FakeQuantizer(nn.Module):
     The scale is a buffer, so it is saved with the model's state dict (as safetensors).
     """
 
-    def __init__(self, bits: int, axis: int | None = None, observer: str = "minmax", channels: int = 1) -> None:
+    def __init__(
+        self,
+        bits: int,
+        axis: int | None = None,
+        observer: str = "minmax",
+        channels: int = 1,
+        group_size: int | None = None,
+        weight_shape: tuple[int, ...] | None = None,
+    ) -> None:
         """Create an uncalibrated quantizer.
 
         Args:
@@ -34,12 +42,21 @@ class FakeQuantizer(nn.Module):
             axis: Channel axis for per-channel scales, None for per-tensor.
             observer: Observer used by :meth:`calibrate_from` / observe mode.
             channels: Number of scales when per-channel.
+            group_size: Group-wise weight scales over this many input channels (needs ``weight_shape``).
+            weight_shape: Shape of the weight, for the group-wise scale shape ``[O, I // g, *k]``.
         """
         super().__init__()
         self.fmt = IntFormat(bits)
         self.axis = axis
         self.observer_name = observer
-        self.register_buffer("scale", torch.ones(channels if axis is not None else ()))
+        self.group_size = group_size
+        if group_size is not None:
+            if weight_shape is None or len(weight_shape) < 2 or weight_shape[1] % group_size:
+                raise ValueError(f"group size {group_size} does not divide the input channels of {weight_shape}")
+            shape: tuple[int, ...] = (weight_shape[0], weight_shape[1] // group_size, *weight_shape[2:])
+        else:
+            shape = (channels,) if axis is not None else ()
+        self.register_buffer("scale", torch.ones(shape))
         self.mode = QuantizerMode.OFF
         self._observer: ActivationObserver | None = None
 
@@ -50,7 +67,7 @@ class FakeQuantizer(nn.Module):
 
     def calibrate_from(self, tensor: torch.Tensor) -> None:
         """Set the scale from a whole tensor at once (weights) and switch to quantize mode."""
-        self.scale.copy_(weight_scale(tensor, self.fmt, self.observer_name, self.axis))
+        self.scale.copy_(weight_scale(tensor, self.fmt, self.observer_name, self.axis, group_size=self.group_size))
         self.mode = QuantizerMode.QUANTIZE
 
     def start_observing(self, seed: int = 0) -> None:
@@ -71,6 +88,8 @@ class FakeQuantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Observe, fake-quantize or pass through ``x`` according to the mode."""
         if self.mode is QuantizerMode.QUANTIZE:
+            if self.group_size is not None:
+                return fake_quant_grouped(x, self.scale.to(x.dtype), self.fmt, self.group_size)
             return fake_quant(x, self.scale.to(x.dtype), self.fmt, self.axis)
         if self.mode is QuantizerMode.OBSERVE and self._observer is not None:
             self._observer.update(x)
@@ -78,7 +97,21 @@ class FakeQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         """Describe the format for ``print(model)``."""
-        return f"bits={self.bits}, axis={self.axis}, observer={self.observer_name}, mode={self.mode.value}"
+        group = f", group_size={self.group_size}" if self.group_size is not None else ""
+        return f"bits={self.bits}, axis={self.axis}{group}, observer={self.observer_name}, mode={self.mode.value}"
+
+
+def groups_allowed(layer: nn.Module, group_size: int) -> bool:
+    """Whether ``layer`` can take group-wise weight scales over ``group_size`` input channels.
+
+    Linear layers need ``in_features`` divisible by ``g``; convolutions additionally need
+    ``groups == 1`` (ONNX block-wise DequantizeLinear blocks axis 1 of the weight).
+    """
+    if isinstance(layer, nn.Conv2d):
+        return layer.groups == 1 and layer.in_channels % group_size == 0
+    if isinstance(layer, nn.Linear):
+        return layer.in_features % group_size == 0
+    return False
 
 
 class _QuantMixin:
@@ -87,11 +120,19 @@ class _QuantMixin:
     input_quantizer: FakeQuantizer | None
 
     def _setup_quantizers(
-        self, weight_bits: int | None, weight_observer: str, per_channel: bool, act_bits: int | None, act_observer: str
+        self,
+        weight_bits: int | None,
+        weight_observer: str,
+        per_channel: bool,
+        act_bits: int | None,
+        act_observer: str,
+        group_size: int | None = None,
     ) -> None:
-        out_channels = self.weight.shape[0]
+        shape = tuple(self.weight.shape)
+        if group_size is not None and not groups_allowed(self, group_size):
+            raise ValueError(f"{type(self).__name__} with weight {shape} cannot take groups of {group_size}")
         self.weight_quantizer = (
-            FakeQuantizer(weight_bits, 0 if per_channel else None, weight_observer, out_channels)
+            FakeQuantizer(weight_bits, 0 if per_channel else None, weight_observer, shape[0], group_size, shape)
             if weight_bits is not None
             else None
         )
@@ -132,6 +173,7 @@ class QuantLinear(_QuantMixin, nn.Linear):
         weight_observer: str = "minmax",
         act_observer: str = "minmax",
         per_channel: bool = True,
+        group_size: int | None = None,
     ) -> QuantLinear:
         """Build from a float ``nn.Linear``, sharing its parameters.
 
@@ -142,12 +184,13 @@ class QuantLinear(_QuantMixin, nn.Linear):
             weight_observer: Observer for the weight scale.
             act_observer: Observer for the input scale (set during calibration).
             per_channel: Per-output-channel weight scales (else one per tensor).
+            group_size: Group-wise weight scales over this many input features instead.
         """
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.in_features, new.out_features = layer.in_features, layer.out_features
         new.weight, new.bias = layer.weight, layer.bias
-        new._setup_quantizers(weight_bits, weight_observer, per_channel, act_bits, act_observer)
+        new._setup_quantizers(weight_bits, weight_observer, per_channel, act_bits, act_observer, group_size)
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -167,6 +210,7 @@ class QuantConv2d(_QuantMixin, nn.Conv2d):
         weight_observer: str = "minmax",
         act_observer: str = "minmax",
         per_channel: bool = True,
+        group_size: int | None = None,
     ) -> QuantConv2d:
         """Build from a float ``nn.Conv2d``, sharing its parameters (arguments as QuantLinear)."""
         new = cls.__new__(cls)
@@ -186,7 +230,7 @@ class QuantConv2d(_QuantMixin, nn.Conv2d):
             setattr(new, attr, getattr(layer, attr))
         new._reversed_padding_repeated_twice = layer._reversed_padding_repeated_twice
         new.weight, new.bias = layer.weight, layer.bias
-        new._setup_quantizers(weight_bits, weight_observer, per_channel, act_bits, act_observer)
+        new._setup_quantizers(weight_bits, weight_observer, per_channel, act_bits, act_observer, group_size)
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from typing import Literal
 
 import torch
 
-from diffquant.quant.formats import IntFormat, fake_quant, scale_from_absmax
+from diffquant.quant.formats import IntFormat, fake_quant, group_view, scale_from_absmax
 
 ObserverName = Literal["minmax", "percentile", "mse"]
 OBSERVERS: tuple[str, ...] = ("minmax", "percentile", "mse")
@@ -60,6 +60,7 @@ def weight_scale(
     observer: str = "minmax",
     axis: int | None = 0,
     percentile: float = DEFAULT_PERCENTILE,
+    group_size: int | None = None,
 ) -> torch.Tensor:
     """Compute weight scales (per output channel when ``axis`` is 0, per tensor when None).
 
@@ -67,14 +68,19 @@ def weight_scale(
         weight: The weight tensor (output channels on axis 0).
         fmt: Target format.
         observer: ``minmax``, ``percentile`` or ``mse``.
-        axis: Channel axis, or None for a single scale.
+        axis: Channel axis, or None for a single scale (ignored with ``group_size``).
         percentile: Quantile of ``|w|`` in percent for the percentile observer.
+        group_size: One scale per group of this many input channels (axis 1) instead.
 
     Returns:
-        Positive scales, shape ``(weight.shape[axis],)`` or ``()``.
+        Positive scales, shape ``(weight.shape[axis],)``, ``()``, or ``[O, I // g, *k]`` for groups.
     """
     _check_name(observer)
     w = weight.detach().float()
+    if group_size is not None:
+        grouped = group_view(w, group_size).movedim(2, -1)
+        rows = grouped.reshape(-1, group_size)
+        return weight_scale(rows, fmt, observer, 0, percentile).reshape(grouped.shape[:-1])
     if observer == "mse":
         return mse_scale(w, fmt, axis)
     flat = w.reshape(1, -1) if axis is None else w.movedim(axis, 0).reshape(w.shape[axis], -1)

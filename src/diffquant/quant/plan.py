@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,19 +20,37 @@ import torch
 from torch import nn
 
 from diffquant.quant.formats import MAX_BITS, MIN_BITS
-from diffquant.quant.modules import FakeQuantizer, QuantConv2d, QuantLinear
+from diffquant.quant.modules import FakeQuantizer, QuantConv2d, QuantLinear, groups_allowed
 
 QUANTIZABLE = (nn.Linear, nn.Conv2d)
 PLAN_VERSION = 1
 
 
+GRANULARITIES = ("per_channel", "per_tensor", "per_group")
+
+
 @dataclass(frozen=True)
 class WeightConfig:
-    """Weight quantization of one layer."""
+    """Weight quantization of one layer.
+
+    ``granularity`` is ``per_channel`` (one scale per output channel), ``per_tensor`` or
+    ``per_group`` (one scale per ``group_size`` input channels of each output channel and
+    kernel position: ONNX's block-wise layout).
+    """
 
     bits: int
     granularity: str = "per_channel"
     observer: str = "minmax"
+    group_size: int | None = None
+
+    def __post_init__(self) -> None:
+        """Check that the granularity and group size agree."""
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"unknown granularity {self.granularity!r}; choose one of {', '.join(GRANULARITIES)}")
+        if (self.granularity == "per_group") != (self.group_size is not None):
+            raise ValueError("group_size is required with per_group granularity and only with it")
+        if self.group_size is not None and self.group_size < 2:
+            raise ValueError(f"group_size must be at least 2, got {self.group_size}")
 
 
 @dataclass(frozen=True)
@@ -62,7 +81,12 @@ class LayerPlan(dict[str, LayerConfig]):
         """Return ``{fqn: {"weight": ..., "activation": ...}}`` in layer order."""
 
         def part(cfg: WeightConfig | ActivationConfig | None) -> dict[str, Any] | None:
-            return None if cfg is None else dict(cfg.__dict__)
+            if cfg is None:
+                return None
+            data = dict(cfg.__dict__)
+            if data.get("group_size", 0) is None:
+                del data["group_size"]
+            return data
 
         return {name: {"weight": part(c.weight), "activation": part(c.activation)} for name, c in self.items()}
 
@@ -77,8 +101,11 @@ class LayerPlan(dict[str, LayerConfig]):
         """Parse the ``layers`` mapping of a saved plan, validating bit-widths."""
         plan = cls()
         for name, cfg in layers.items():
-            weight = WeightConfig(**cfg["weight"]) if cfg.get("weight") else None
-            act = ActivationConfig(**cfg["activation"]) if cfg.get("activation") else None
+            try:
+                weight = WeightConfig(**cfg["weight"]) if cfg.get("weight") else None
+                act = ActivationConfig(**cfg["activation"]) if cfg.get("activation") else None
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"layer {name!r}: {error}") from None
             for part in (weight, act):
                 if part is not None and not MIN_BITS <= part.bits <= MAX_BITS:
                     raise ValueError(f"layer {name!r}: bits {part.bits} outside {MIN_BITS}-{MAX_BITS}")
@@ -169,13 +196,16 @@ def apply_plan(model: nn.Module, plan: LayerPlan) -> nn.Module:
             raise ValueError(f"plan layer {name!r} is a {type(layer).__name__}, not Linear/Conv2d")
         cls = QuantLinear if isinstance(layer, nn.Linear) else QuantConv2d
         w = cfg.weight
+        if w is not None and w.group_size is not None and not groups_allowed(layer, w.group_size):
+            raise ValueError(f"layer {name!r} cannot take weight groups of {w.group_size} input channels")
         new = cls.from_float(
             layer,
             weight_bits=w.bits if w else None,
             act_bits=cfg.activation.bits if cfg.activation else None,
             weight_observer=w.observer if w else "minmax",
             act_observer=cfg.activation.observer if cfg.activation else "minmax",
-            per_channel=(w.granularity == "per_channel") if w else True,
+            per_channel=(w.granularity != "per_tensor") if w else True,
+            group_size=w.group_size if w else None,
         )
         set_module(model, name, new)
     return model
@@ -213,11 +243,20 @@ def load_quantizer_state(model: nn.Module, state: dict[str, torch.Tensor]) -> No
         module.mode = QuantizerMode.QUANTIZE
 
 
+def weight_scale_count(shape: tuple[int, ...], weight: WeightConfig) -> int:
+    """Number of scales a weight of ``shape`` stores under ``weight``'s granularity."""
+    if weight.granularity == "per_channel":
+        return shape[0]
+    if weight.granularity == "per_group":
+        return math.prod(shape) // int(weight.group_size or 1)
+    return 1
+
+
 def packed_weight_bytes(model: nn.Module, plan: LayerPlan) -> dict[str, int]:
     """Bytes of all parameters once quantized weights are bit-packed.
 
-    Quantized weights count ``ceil(numel * bits / 8)`` plus one fp32 scale per channel (or per
-    tensor); every other parameter (biases, norms, embeddings, FP layers) counts 4 bytes each.
+    Quantized weights count ``ceil(numel * bits / 8)`` plus one fp32 scale per channel, per
+    tensor or per group; every other parameter (biases, norms, embeddings, FP layers) counts 4 bytes each.
 
     Returns:
         ``{"fp32": ..., "packed": ...}`` in bytes.
@@ -228,6 +267,6 @@ def packed_weight_bytes(model: nn.Module, plan: LayerPlan) -> dict[str, int]:
         if cfg.weight is None:
             continue
         weight = model.get_submodule(name).weight
-        scales = weight.shape[0] if cfg.weight.granularity == "per_channel" else 1
+        scales = weight_scale_count(tuple(weight.shape), cfg.weight)
         packed += -(-weight.numel() * cfg.weight.bits // 8) + 4 * scales - weight.numel() * 4
     return {"fp32": int(fp32), "packed": int(packed)}
