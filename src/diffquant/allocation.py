@@ -101,28 +101,70 @@ class Allocation:
 
 
 def _equalities(problem: AllocationProblem) -> tuple[csr_matrix, np.ndarray]:
+    """One option per layer (tied groups are merged away before solving)."""
     n_l, n_o = len(problem.layers), len(problem.options)
+    rows = np.repeat(np.arange(n_l), n_o)
+    matrix = coo_matrix((np.ones(n_l * n_o), (rows, np.arange(n_l * n_o))), shape=(n_l, n_l * n_o)).tocsr()
+    return matrix, np.ones(n_l)
+
+
+def _merge_tied(problem: AllocationProblem) -> tuple[AllocationProblem, list[list[int]]]:
+    """Merge each set of tied layers into one row (exact: they must take the same option).
+
+    Costs and resources of a merged row are the sums over its layers (an option one member
+    cannot take stays NaN); overlapping groups are united.
+
+    Returns:
+        The reduced problem (no groups) and, per reduced row, the original layer indices.
+
+    Raises:
+        AllocationInfeasibleError: If layers of one group are pinned to different options.
+    """
     index = {name: i for i, name in enumerate(problem.layers)}
-    rows, cols, vals, rhs = [], [], [], []
-    row = 0
-    for i in range(n_l):
-        rows += [row] * n_o
-        cols += list(range(i * n_o, (i + 1) * n_o))
-        vals += [1.0] * n_o
-        rhs.append(1.0)
-        row += 1
+    parent = list(range(len(problem.layers)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
     for group in problem.groups:
-        first = index[group[0]]
+        root = find(index[group[0]])
         for other in group[1:]:
-            j = index[other]
-            for o in range(n_o):
-                rows += [row, row]
-                cols += [first * n_o + o, j * n_o + o]
-                vals += [1.0, -1.0]
-                rhs.append(0.0)
-                row += 1
-    matrix = coo_matrix((vals, (rows, cols)), shape=(row, n_l * n_o)).tocsr()
-    return matrix, np.array(rhs)
+            parent[find(index[other])] = root
+    components: dict[int, list[int]] = {}
+    for i in range(len(problem.layers)):
+        components.setdefault(find(i), []).append(i)
+    members = list(components.values())
+    if len(members) == len(problem.layers):
+        return problem, [[i] for i in range(len(problem.layers))]
+    cost = np.asarray(problem.cost, dtype=float)
+    names = [problem.layers[m[0]] for m in members]
+    pinned: dict[str, str] = {}
+    for name, member in zip(names, members, strict=True):
+        pins = {problem.pinned[problem.layers[i]] for i in member if problem.layers[i] in problem.pinned}
+        if len(pins) > 1:
+            raise AllocationInfeasibleError(
+                f"infeasible allocation: tied layers around {name!r} are pinned to different options "
+                f"({', '.join(sorted(pins))})",
+                {},
+            )
+        if pins:
+            pinned[name] = pins.pop()
+    reduced = AllocationProblem(
+        names,
+        problem.options,
+        np.stack([cost[m].sum(axis=0) for m in members]),
+        {
+            k: np.stack([np.asarray(v, dtype=float)[m].sum(axis=0) for m in members])
+            for k, v in problem.resources.items()
+        },
+        dict(problem.budgets),
+        (),
+        pinned,
+    )
+    return reduced, members
 
 
 def _bounds(problem: AllocationProblem) -> tuple[np.ndarray, np.ndarray]:
@@ -181,16 +223,23 @@ def solve_allocation(problem: AllocationProblem, time_limit: float | None = None
         RuntimeError: When the solver stops without a solution (time limit, error).
     """
     problem.validate()
-    cost = np.asarray(problem.cost, dtype=float)
+    reduced, members = _merge_tied(problem)
+    cost = np.asarray(reduced.cost, dtype=float)
     objective = np.where(np.isfinite(cost), cost, 0.0).ravel()
-    x, status = _solve(objective, problem, problem.budgets, time_limit)
+    x, status = _solve(objective, reduced, reduced.budgets, time_limit)
     if x is None:
         if status == "infeasible":
-            raise _infeasible(problem, time_limit)
+            raise _infeasible(reduced, time_limit)
         raise RuntimeError(f"allocation solver stopped: {status}")
     n_o = len(problem.options)
-    picks = x.reshape(len(problem.layers), n_o).argmax(axis=1)
-    choice = {layer: problem.options[k] for layer, k in zip(problem.layers, picks, strict=True)}
+    picks = x.reshape(len(reduced.layers), n_o).argmax(axis=1)
+    full = np.zeros((len(problem.layers), n_o))
+    for member, k in zip(members, picks, strict=True):
+        full[member, k] = 1.0
+    x = full.ravel()
+    full_cost = np.asarray(problem.cost, dtype=float)
+    objective = np.where(np.isfinite(full_cost), full_cost, 0.0).ravel()
+    choice = {layer: problem.options[k] for layer, k in zip(problem.layers, full.argmax(axis=1), strict=True)}
     usage = {name: float(np.asarray(res, dtype=float).ravel() @ x) for name, res in problem.resources.items()}
     return Allocation(choice, float(objective @ x), usage, status)
 

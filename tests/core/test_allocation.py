@@ -113,3 +113,18 @@ def test_bad_input():
         solve_allocation(AllocationProblem(["a"], ["x"], np.zeros((1, 1)), pinned={"a": "z"}))
     with pytest.raises(ValueError, match="cannot take"):
         solve_allocation(AllocationProblem(["a"], ["x", "y"], np.array([[0.0, np.nan]]), pinned={"a": "y"}))
+
+
+def test_overlapping_tied_groups_are_united_and_conflicting_pins_refused():
+    layers, options = ["a", "b", "c", "d"], ["w4", "w8"]
+    cost = np.array([[0.0, 1.0], [5.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+    size = np.array([[4.0, 8.0]] * 4)
+    problem = AllocationProblem(layers, options, cost, {"bytes": size}, {"bytes": 32.0}, [["a", "b"], ["b", "c"]])
+    result = solve_allocation(problem)
+    assert len({result.choice[n] for n in "abc"}) == 1
+    assert result.objective == pytest.approx(brute_force(problem))
+    pinned = AllocationProblem(
+        layers, options, cost, {"bytes": size}, {}, [["a", "b"], ["b", "c"]], {"a": "w4", "c": "w8"}
+    )
+    with pytest.raises(AllocationInfeasibleError, match="pinned to different options"):
+        solve_allocation(pinned)
