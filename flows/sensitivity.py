@@ -36,7 +36,7 @@ def task_runner_for(runtime: RuntimeSpec) -> TaskRunner:
                 "n_workers": runtime.workers,
                 "threads_per_worker": 1,
                 "processes": True,
-                "dashboard_address": None,
+                "dashboard_address": ":0",
             },
         )
     return ThreadPoolTaskRunner(max_workers=runtime.workers)
