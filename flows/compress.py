@@ -21,10 +21,11 @@ from diffquant.spec import CompressionSpec, spec_from_dict
 from diffquant.storage import load_safetensors, sha256_file, write_json
 from flows.sensitivity import sensitivity_flow, task_runner_for
 from registry.home import diffquant_home, ensure_writable, tracking_uri
-from registry.tracking import RunTracker, tracked_run
+from registry.tracking import RunTracker, git_sha, tracked_run
 from tasks.calibrate import quantize_task, select_calibration_task
 from tasks.evaluate import evaluate_task
 from tasks.load import load_model_task
+from tasks.register import register_task
 from tasks.sensitivity import allocate_task
 from tasks.trajectories import collect_trajectories_task
 
@@ -60,14 +61,67 @@ def _grid(out: Path, fp: dict[str, Any], quant: dict[str, Any]) -> Path:
     return comparison_grid(left, right, out / "samples" / "fp_vs_quantized.png")
 
 
-def _timed(timings: dict[str, float], name: str, tracker: RunTracker, fn: Any, *args: Any, **kwargs: Any) -> Any:
-    start = time.perf_counter()
-    with tracker.stage(name) as stage:
-        result = fn(*args, **kwargs)
-        if isinstance(result, dict) and isinstance(result.get("metrics"), dict):
-            stage.log_metrics(result["metrics"])
-    timings[name] = time.perf_counter() - start
-    return result
+def _model_files(out: Path, cfg: CompressionSpec, quant: dict[str, Any]) -> Path:
+    """Gather what a registered version ships into ``<out>/model``: plan, scales and spec."""
+    import shutil
+
+    folder = out / "model"
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(quant["plan_path"], folder / "plan.json")
+    shutil.copy2(quant["scales_path"], folder / "quantizer_scales.safetensors")
+    (folder / "spec.yaml").write_text(cfg.to_yaml())
+    return folder
+
+
+def _version_tags(cfg: CompressionSpec, quant: dict[str, Any], fp_run_id: str) -> dict[str, str]:
+    return {
+        "spec_hash": cfg.spec_hash(),
+        "plan_sha256": sha256_file(Path(quant["plan_path"])),
+        "git_sha": git_sha(),
+        "diffquant_version": diffquant.__version__,
+        "fp_baseline_run": fp_run_id,
+        "source_model": cfg.model.name or str(cfg.model.path),
+    }
+
+
+def _candidate(fp: dict[str, float], q: dict[str, float], sizes: dict[str, Any]) -> dict[str, Any]:
+    inf = float("inf")
+    return {
+        "fd_real": float(q.get("fd_real", inf)),
+        "fp_fd_real": float(fp.get("fd_real", inf)),
+        "accuracy": q.get("accuracy"),
+        "size_bytes": int(sizes["packed_bytes"]),
+        "fp32_bytes": int(sizes["fp32_bytes"]),
+    }
+
+
+def _prefect_summary_artifact(markdown: str) -> None:
+    """Attach the report as a markdown artifact to the Prefect flow run (best effort)."""
+    from prefect.artifacts import create_markdown_artifact
+
+    try:
+        create_markdown_artifact(markdown=markdown, key="compress-summary", description="diffquant compress summary")
+    except Exception as error:  # the API may refuse artifacts (old server); the run itself succeeded
+        logger.warning("could not create the Prefect summary artifact: %s", error)
+
+
+class _Stages:
+    """Runs stages as nested MLflow runs, recording wall time and run id of each."""
+
+    def __init__(self, tracker: RunTracker) -> None:
+        self.tracker = tracker
+        self.seconds: dict[str, float] = {}
+        self.run_ids: dict[str, str] = {}
+
+    def run(self, name: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        with self.tracker.stage(name) as stage:
+            self.run_ids[name] = stage.run_id
+            result = fn(*args, **kwargs)
+            if isinstance(result, dict) and isinstance(result.get("metrics"), dict):
+                stage.log_metrics(result["metrics"])
+        self.seconds[name] = time.perf_counter() - start
+        return result
 
 
 def _run_cached(task_fn: Any, args: tuple[Any, ...], path_key: str) -> tuple[dict[str, Any], bool]:
@@ -147,7 +201,6 @@ def compress_flow(spec: dict[str, Any], out_dir: str | None = None) -> dict[str,
     out = ensure_writable(Path(out_dir) if out_dir else default_out_dir(cfg, home), "output folder")
     data = cfg.to_dict()
     model_info = load_model_task(data["model"])
-    timings: dict[str, float] = {}
     experiment = model_info["name"]
     with tracked_run(
         tracking_uri(home),
@@ -156,33 +209,30 @@ def compress_flow(spec: dict[str, Any], out_dir: str | None = None) -> dict[str,
         home / "mlartifacts",
         tags={"spec_hash": cfg.spec_hash(), "model.weights_sha256": model_info["weights_sha256"]},
     ) as tracker:
+        stages = _Stages(tracker)
         tracker.log_params(cfg.flat_params())
         spec_path = out / "spec" / "spec.yaml"
         spec_path.parent.mkdir(parents=True, exist_ok=True)
         spec_path.write_text(cfg.to_yaml())
         tracker.log_artifact(spec_path, "spec")
-        pool, pool_cached = _timed(timings, "collect_trajectories", tracker, _collect_pool, cfg, model_info, home)
-        calib = _timed(
-            timings, "select_calibration", tracker, select_calibration_task, pool["pool_path"], data, str(out)
-        )
+        pool, pool_cached = stages.run("collect_trajectories", _collect_pool, cfg, model_info, home)
+        calib = stages.run("select_calibration", select_calibration_task, pool["pool_path"], data, str(out))
         for key in ("selection_path", "histogram_png", "pca_png"):
             tracker.log_artifact(Path(calib[key]), "calibration")
         tracker.log_metrics({"calibration.selection_seconds": calib["selection_seconds"]})
         allocation = None
         if cfg.allocation is not None:
-            sens = _timed(timings, "sensitivity", tracker, _sensitivity, cfg, model_info, calib, home)
+            sens = stages.run("sensitivity", _sensitivity, cfg, model_info, calib, home)
             tracker.log_artifact(Path(sens["csv_path"]), "sensitivity")
             tracker.log_artifact(Path(sens["heatmap_path"]), "sensitivity")
-            allocation = _timed(
-                timings, "allocate", tracker, allocate_task, data, calib["calibration_path"], sens["csv_path"], str(out)
+            allocation = stages.run(
+                "allocate", allocate_task, data, calib["calibration_path"], sens["csv_path"], str(out)
             )
             allocation["sensitivity"] = sens
             tracker.log_artifact(Path(allocation["allocation_path"]), "plan")
             tracker.log_metrics({f"allocation.{k}": v for k, v in allocation["usage"].items()})
-        quant = _timed(
-            timings,
+        quant = stages.run(
             "quantize",
-            tracker,
             quantize_task,
             data,
             calib["calibration_path"],
@@ -191,11 +241,9 @@ def compress_flow(spec: dict[str, Any], out_dir: str | None = None) -> dict[str,
         )
         tracker.log_artifact(Path(quant["plan_path"]), "plan")
         tracker.log_artifact(Path(quant["scales_path"]), "plan")
-        fp = _timed(timings, "evaluate_fp", tracker, evaluate_task, data, "fp", str(out), calib["sqnr_path"])
-        q = _timed(
-            timings,
+        fp = stages.run("evaluate_fp", evaluate_task, data, "fp", str(out), calib["sqnr_path"])
+        q = stages.run(
             "evaluate_quantized",
-            tracker,
             evaluate_task,
             data,
             "quantized",
@@ -223,7 +271,7 @@ def compress_flow(spec: dict[str, Any], out_dir: str | None = None) -> dict[str,
                 "name": model_info["name"],
                 "weights_sha256": model_info["weights_sha256"],
                 "registered": None,
-                "registered_reason": "model registry is not part of this release",
+                "registered_reason": "promote.register is false",
                 "alias": None,
             },
             "metrics": {"fp": fp["metrics"], "quantized": q["metrics"]},
@@ -262,15 +310,36 @@ def compress_flow(spec: dict[str, Any], out_dir: str | None = None) -> dict[str,
                 "runner": cfg.runtime.model_dump(),
             },
             "export": {"status": "skipped", "reason": EXPORT_SKIPPED, "onnx": None, "engine": None},
-            "timings": timings,
+            "timings": stages.seconds,
             "out_dir": str(out),
         }
-        from diffquant.report import write_report
+        if cfg.promote.register:
+            registration = stages.run(
+                "register",
+                register_task,
+                tracking_uri(home),
+                tracker.run_id,
+                cfg.promote.registered_model or model_info["name"],
+                str(_model_files(out, cfg, quant)),
+                _version_tags(cfg, quant, stages.run_ids.get("evaluate_fp", "")),
+                _candidate(fp["metrics"], q["metrics"], sizes),
+                cfg.promote.gates.model_dump(),
+            )
+            summary["model"].update(
+                registered=registration["version"],
+                registered_name=registration["name"],
+                registered_reason=None,
+                alias="champion" if registration["champion"] == registration["version"] else "challenger",
+                champion=registration["champion"],
+                promotion={k: registration[k] for k in ("passed", "reasons", "previous_champion")},
+            )
+        from diffquant.report import render_report, write_report
 
         report = write_report(summary, out / "report.md")
         tracker.log_artifact(report)
         summary_path = write_json(summary, out / "summary.json")
         tracker.log_artifact(summary_path)
+        _prefect_summary_artifact(render_report(summary))
     summary["summary_path"] = str(summary_path)
     logger.info("compress finished: %s", summary_path)
     return summary

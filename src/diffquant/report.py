@@ -78,6 +78,18 @@ def render_report(summary: dict[str, Any]) -> str:
     lines += ["", "| stage | seconds |", "|---|---|"]
     lines += [f"| {stage} | {sec:.1f} |" for stage, sec in summary["timings"].items()]
     lines += ["", f"Export: {summary['export']['status']} ({summary['export']['reason']})", ""]
+    reg = summary["model"]
+    if reg.get("registered"):
+        verdict = "passed its gates" if reg["promotion"]["passed"] else "did not pass its gates"
+        lines += [
+            f"Registry: `{reg['registered_name']}` version {reg['registered']} ({verdict}); "
+            f"champion is now version {reg['champion']}.",
+            "",
+            *[f"- {reason}" for reason in reg["promotion"]["reasons"]],
+            "",
+        ]
+    else:
+        lines += [f"Registry: not registered ({reg.get('registered_reason')}).", ""]
     return "\n".join(lines)
 
 

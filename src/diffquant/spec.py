@@ -199,10 +199,27 @@ class EvaluateSpec(_Strict):
     sqnr_inputs: int = Field(256, ge=1, description="pool inputs (not in the calibration set) for SQNR")
 
 
-class PromoteSpec(_Strict):
-    """Promotion gates (read by the registry stage)."""
+REGISTERED_MODEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 
-    gates: dict[str, float] = Field(default_factory=dict)
+
+class GatesSpec(_Strict):
+    """What a registered version must meet to become ``champion`` (None: no such gate)."""
+
+    max_fd_ratio: float | None = Field(1.5, gt=0, description="quantized FD to real / FP's FD to real")
+    min_accuracy: float | None = Field(None, ge=0, le=1, description="condition accuracy of quantized samples")
+    max_size_ratio: float | None = Field(None, gt=0, description="packed weight bytes / FP32 bytes")
+
+
+class PromoteSpec(_Strict):
+    """Registration in the MLflow model registry and gated promotion (the ``champion`` alias).
+
+    ``registered_model`` defaults to the source model's name (``digits-unet``); letters, digits,
+    ``.``, ``_`` and ``-`` only, so the name is also a valid path and URI segment.
+    """
+
+    register: bool = True
+    registered_model: str | None = Field(None, pattern=REGISTERED_MODEL_PATTERN)
+    gates: GatesSpec = GatesSpec()
 
 
 class RuntimeSpec(_Strict):

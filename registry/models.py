@@ -1,0 +1,73 @@
+"""Model versions: log the compressed model's files to a run and register them.
+
+A version's source is the run's ``model/`` artifact folder: the ONNX export (as an ``mlflow.onnx``
+flavor folder when onnxruntime can load it) or, without an export, the plan, the quantizer scales
+and the spec, from which :func:`diffquant.quantize.load_quantized` rebuilds the model. Tags carry
+the spec hash, LayerPlan hash, git SHA, diffquant version, key metrics and the FP baseline run.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from diffquant.errors import TrackingError
+from diffquant.spec import REGISTERED_MODEL_PATTERN
+
+logger = logging.getLogger(__name__)
+
+MODEL_ARTIFACT_PATH = "model"
+
+
+def check_registered_model_name(name: str) -> str:
+    """Return ``name`` if it is a valid registered-model name.
+
+    Raises:
+        TrackingError: Naming the rule it breaks.
+    """
+    if not re.match(REGISTERED_MODEL_PATTERN, name or ""):
+        raise TrackingError(
+            f"registered model name {name!r} is invalid: use 1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def ensure_registered_model(client: MlflowClient, name: str) -> None:
+    """Create the registered model unless it exists (safe when two runs race to create it)."""
+    try:
+        client.get_registered_model(name)
+        return
+    except MlflowException:
+        pass
+    try:
+        client.create_registered_model(name, description="diffquant-compressed versions of this model")
+    except MlflowException as error:
+        if "RESOURCE_ALREADY_EXISTS" not in str(error.error_code) and "already exists" not in str(error):
+            raise
+
+
+def register_version(client: MlflowClient, run_id: str, name: str, model_dir: Path, tags: dict[str, str]) -> str:
+    """Log ``model_dir`` as the run's ``model/`` artifacts and register it as a new version.
+
+    Args:
+        client: MLflow client.
+        run_id: The compress run.
+        name: Registered model name.
+        model_dir: Folder with the files of the version.
+        tags: Version tags (stringified).
+
+    Returns:
+        The new version number (as a string).
+    """
+    check_registered_model_name(name)
+    client.log_artifacts(run_id, str(model_dir), MODEL_ARTIFACT_PATH)
+    ensure_registered_model(client, name)
+    source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{MODEL_ARTIFACT_PATH}"
+    version = client.create_model_version(name, source, run_id=run_id, tags={k: str(v) for k, v in tags.items()})
+    logger.info("registered %s version %s from run %s", name, version.version, run_id)
+    return str(version.version)

@@ -1,0 +1,197 @@
+"""Real servers for tests: MLflow tracking, Prefect API, PostgreSQL; each on 127.0.0.1, free ports.
+
+Every helper is a context manager that starts the server as a child process, waits until it
+answers (bounded), and stops it (terminate, then kill) even when the test fails.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    """An unused TCP port on 127.0.0.1."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float, process: subprocess.Popen | None = None) -> None:
+    """Poll ``url`` until it answers 200 or ``timeout`` seconds pass.
+
+    Raises:
+        RuntimeError: If the server exits or does not answer in time.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"server for {url} exited with {process.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"{url} did not answer within {timeout:.0f} s")
+
+
+def stop(process: subprocess.Popen) -> None:
+    """Terminate a process group, kill it after 10 s."""
+    if process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=10)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        with suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+
+
+def start(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start ``cmd`` in its own process group, output to ``log``."""
+    handle = log.open("w")
+    return subprocess.Popen(
+        cmd, stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, start_new_session=True
+    )
+
+
+@contextmanager
+def mlflow_server(folder: Path, backend_uri: str | None = None) -> Iterator[str]:
+    """An MLflow tracking server (SQLite in ``folder`` unless ``backend_uri``); yields its URL."""
+    folder.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    backend = backend_uri or f"sqlite:///{folder / 'mlflow.db'}"
+    cmd = [
+        str(BIN / "mlflow"),
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--backend-store-uri",
+        backend,
+        "--artifacts-destination",
+        str(folder / "artifacts"),
+        "--workers",
+        "1",
+    ]
+    process = start(cmd, folder / "mlflow-server.log", {"MLFLOW_DISABLE_TELEMETRY": "true"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/health", 90, process)
+        yield url
+    finally:
+        stop(process)
+
+
+@contextmanager
+def prefect_server(folder: Path) -> Iterator[str]:
+    """A Prefect API server with its own home in ``folder``; yields its API URL."""
+    folder.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    env = {
+        "PREFECT_HOME": str(folder / "prefect-home"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_UI_ENABLED": "false",
+        "PREFECT_API_URL": "",
+    }
+    cmd = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"]
+    process = start(cmd, folder / "prefect-server.log", env)
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        wait_http(f"{url}/health", 120, process)
+        yield url
+    finally:
+        stop(process)
+
+
+def postgres_available() -> bool:
+    """Whether PostgreSQL's server binaries (initdb, pg_ctl) and psycopg2 are here."""
+    try:
+        import psycopg2  # noqa: F401
+    except ImportError:
+        return False
+    return shutil.which("initdb") is not None and shutil.which("pg_ctl") is not None
+
+
+@contextmanager
+def postgres_server(folder: Path) -> Iterator[str]:
+    """A throwaway PostgreSQL cluster on 127.0.0.1 (run as the current user); yields a SQLAlchemy URI.
+
+    As root, the cluster is created and run as the ``postgres`` user when it exists (initdb refuses
+    root); the data folder is then owned by that user.
+    """
+    import tempfile
+
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        # pytest's tmp folders are private to root; the postgres user needs its own folder
+        folder = Path(tempfile.mkdtemp(prefix="diffquant-pg-"))
+        shutil.chown(folder, "postgres")
+        prefix = ["runuser", "-u", "postgres", "--"]
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / "pgdata"
+    port = free_port()
+    subprocess.run(
+        [*prefix, "initdb", "-D", str(data), "-U", "diffquant", "--auth=trust", "-E", "UTF8"],
+        check=True,
+        capture_output=True,
+    )
+    log = folder / "postgres.log"
+    subprocess.run(
+        [
+            *prefix,
+            "pg_ctl",
+            "-D",
+            str(data),
+            "-l",
+            str(log),
+            "-o",
+            f"-h 127.0.0.1 -p {port} -k {folder}",
+            "-w",
+            "-t",
+            "60",
+            "start",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    try:
+        subprocess.run(
+            [
+                "psql",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                "-U",
+                "diffquant",
+                "-d",
+                "postgres",
+                "-c",
+                "CREATE DATABASE mlflow",
+            ],
+            check=True,
+            capture_output=True,
+        )
+        yield f"postgresql://diffquant@127.0.0.1:{port}/mlflow"
+    finally:
+        subprocess.run(
+            [*prefix, "pg_ctl", "-D", str(data), "-m", "fast", "-w", "stop"], capture_output=True, check=False
+        )
+        if prefix:
+            shutil.rmtree(folder, ignore_errors=True)
