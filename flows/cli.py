@@ -119,6 +119,15 @@ def _progress() -> Progress:
     )
 
 
+def _preflight(uri: str, registered_model: str | None) -> None:
+    """Registry name, MLflow server and Prefect API checks, before any model is loaded."""
+    from prefect.settings import PREFECT_API_URL
+
+    from registry.preflight import preflight
+
+    preflight(uri, PREFECT_API_URL.value(), registered_model)
+
+
 def _runtime_overrides(runner: str | None, workers: int | None) -> list[str]:
     """``--runner``/``--workers`` as spec overrides (they win over ``--set``)."""
     items = [f"runtime.runner={runner}"] if runner is not None else []
@@ -176,6 +185,7 @@ def compress(
         uri = tracking_uri(home)
         if uri.startswith("sqlite:///"):
             ensure_writable(Path(uri.removeprefix("sqlite:///")).parent, "MLflow home")
+        _preflight(uri, spec.registered_model_name() if spec.promote.register else None)
         model = load_model(name=spec.model.name, path=spec.model.path)
         if spec.calibration.labels_file:
             read_labels_file(Path(spec.calibration.labels_file), model.num_classes)
@@ -214,10 +224,11 @@ def sweep(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show diffquant and Prefect logs.")] = False,
 ) -> None:
     """Allocate, quantize and evaluate at several budgets; write sweep.json and a Pareto plot."""
-    _setup(verbose)
+    home = _setup(verbose)
     from diffquant.errors import DiffquantError, SpecError
     from diffquant.models.loading import load_model
     from diffquant.spec import load_spec
+    from registry.home import tracking_uri
 
     try:
         spec = load_spec(config, [*(set_ or []), *_runtime_overrides(runner, workers)])
@@ -225,6 +236,7 @@ def sweep(
         baseline_list = [int(b) for b in baselines.split(",") if b.strip()]
         if spec.allocation is None:
             raise SpecError(f"{config} has no 'allocation' section; sweep varies the allocation budget")
+        _preflight(tracking_uri(home), spec.registered_model_name() if spec.promote.register else None)
         load_model(name=spec.model.name, path=spec.model.path)
     except ValueError:
         _fail(ValueError("--budgets takes numbers like 3,3.5,4 and --baselines integers like 8,4"))
@@ -288,6 +300,60 @@ def train_reference(
         if key != "out_dir":
             table.add_row(key, _fmt(value))
     console.print(table)
+
+
+@app.command()
+def promote(
+    model: Annotated[str, typer.Argument(help="Registered model name, e.g. digits-unet.")],
+    version: Annotated[str, typer.Argument(help="Version to make champion.")],
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show logs.")] = False,
+) -> None:
+    """Make VERSION the champion of MODEL by hand (gates are not checked; the action is recorded)."""
+    home = _setup(verbose)
+    from registry.promotion import promote as promote_version
+
+    client = _registry_client(home)
+    _registry_action(lambda: promote_version(client, model, version))
+    console.print(f"{model}: champion is now version {version}")
+
+
+@app.command()
+def rollback(
+    model: Annotated[str, typer.Argument(help="Registered model name, e.g. digits-unet.")],
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show logs.")] = False,
+) -> None:
+    """Demote MODEL's champion and restore the best earlier version that passed its gates."""
+    home = _setup(verbose)
+    from registry.promotion import rollback as rollback_model
+
+    client = _registry_client(home)
+    restored = _registry_action(lambda: rollback_model(client, model))
+    console.print(f"{model}: champion rolled back to version {restored}")
+
+
+def _registry_client(home: Path) -> Any:
+    from mlflow.tracking import MlflowClient
+
+    from diffquant.errors import DiffquantError
+    from registry.home import tracking_uri
+    from registry.preflight import check_tracking_server
+
+    uri = tracking_uri(home)
+    try:
+        check_tracking_server(uri)
+    except DiffquantError as error:
+        _fail(error)
+    return MlflowClient(tracking_uri=uri)
+
+
+def _registry_action(action: Any) -> Any:
+    from diffquant.errors import DiffquantError
+
+    _quiet_prefect(False)
+    try:
+        return action()
+    except DiffquantError as error:
+        _fail(error)
 
 
 def main() -> None:

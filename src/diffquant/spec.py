@@ -259,6 +259,10 @@ class CompressionSpec(_Strict):
             )
         return self
 
+    def registered_model_name(self) -> str:
+        """Registry name of the versions: ``promote.registered_model``, else ``model.name``, else the folder name of ``model.path``."""
+        return self.promote.registered_model or self.model.name or Path(str(self.model.path)).name
+
     def to_dict(self) -> dict[str, Any]:
         """Return the spec as plain JSON-compatible data."""
         return self.model_dump(mode="json")

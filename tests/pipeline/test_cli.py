@@ -2,6 +2,7 @@
 
 import json
 import pickle
+import time
 from pathlib import Path
 
 import pytest
@@ -132,3 +133,67 @@ def test_runtime_flags_become_spec_overrides():
 
     assert _runtime_overrides("dask", 2) == ["runtime.runner=dask", "runtime.workers=2"]
     assert _runtime_overrides(None, None) == []
+
+
+def _no_model_loading(monkeypatch):
+    import diffquant.models.loading as loading
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the pre-flight checks failed")
+
+    monkeypatch.setattr(loading, "load_model", refuse)
+
+
+def test_preflight_unreachable_tracking_server(isolated_home, monkeypatch):
+    from tests.servers import free_port
+
+    _no_model_loading(monkeypatch)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    start = time.perf_counter()
+    result = invoke()
+    assert time.perf_counter() - start < 15
+    assert_clean_failure(result, "MLflow tracking server", isolated_home)
+
+
+def test_preflight_prefect_api_not_answering(isolated_home, monkeypatch):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from tests.servers import free_port
+
+    _no_model_loading(monkeypatch)
+    with temporary_settings({PREFECT_API_URL: f"http://127.0.0.1:{free_port()}/api"}):
+        result = invoke()
+    assert_clean_failure(result, "Prefect API", isolated_home)
+
+
+def test_preflight_invalid_registry_name(isolated_home, tmp_path, monkeypatch):
+    _no_model_loading(monkeypatch)
+    assert_clean_failure(
+        invoke("--set", "promote.registered_model=bad/name"), "promote.registered_model", isolated_home
+    )
+    folder = tmp_path / "my model"
+    folder.mkdir()
+    assert_clean_failure(invoke("--set", f"model.path={folder}"), "registered model name 'my model'", isolated_home)
+
+
+def test_promote_and_rollback_commands(isolated_home, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from tests.registry.test_promotion import register
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{isolated_home / 'mlflow.db'}")
+    isolated_home.mkdir(parents=True, exist_ok=True)
+    register(client, tmp_path, 1.2)
+    register(client, tmp_path, 1.1)
+    result = runner.invoke(app, ["promote", "digits-unet", "1"])
+    assert result.exit_code == 0, result.output
+    assert str(client.get_registered_model("digits-unet").aliases["champion"]) == "1"
+    result = runner.invoke(app, ["rollback", "digits-unet"])
+    assert result.exit_code == 0 and "rolled back to version 2" in result.output, result.output
+    for args, fragment in (
+        (["promote", "digits-unet", "7"], "no version '7'"),
+        (["rollback", "nope"], "does not exist"),
+    ):
+        failed = runner.invoke(app, args)
+        assert failed.exit_code == 2 and failed.output.strip().splitlines()[-1].startswith("error:"), failed.output
+        assert fragment in failed.output and "Traceback" not in failed.output

@@ -51,6 +51,29 @@ def test_compress_logs_everything(isolated_home, tmp_path):
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "plan")} >= {"plan/plan.json"}
     assert (Path(saved["samples"]["grid"])).read_bytes()[:4] == b"\x89PNG"
     assert "| accuracy |" in (tmp_path / "out" / "report.md").read_text()
+    # registered as version 1 of digits-unet; the first version that passes its gates is champion
+    assert saved["model"]["registered"] == "1" and saved["model"]["alias"] == "champion"
+    assert saved["model"]["promotion"]["passed"] is True
+    version = client.get_model_version("digits-unet", "1")
+    assert version.run_id == parent.info.run_id
+    assert version.tags["spec_hash"] == saved["spec_hash"] and version.tags["fp_baseline_run"] in {
+        r.info.run_id for r in runs
+    }
+    assert {"plan_sha256", "git_sha", "diffquant_version", "metric.fd_real", "promotion.reasons"} <= version.tags.keys()
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "model")} >= {
+        "model/plan.json",
+        "model/quantizer_scales.safetensors",
+        "model/spec.yaml",
+    }
+    assert "Registry: `digits-unet` version 1 (passed its gates)" in (tmp_path / "out" / "report.md").read_text()
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as prefect:
+        artifacts = prefect.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["compress-summary"]))
+        )
+    assert artifacts and "| accuracy |" in artifacts[-1].data
 
 
 def test_failure_marks_run_failed_and_writes_no_summary(isolated_home, tmp_path, monkeypatch):
