@@ -303,6 +303,25 @@ def train_reference(
 
 
 @app.command()
+def deploy(
+    model: Annotated[str, typer.Argument(help="Registered model name, e.g. digits-unet.")],
+    target: Annotated[Path, typer.Option("--target", help="Bundle folder to write (replaced atomically).")],
+    alias: Annotated[str, typer.Option(help="Alias of the version to deploy.")] = "champion",
+    run_id: Annotated[str | None, typer.Option("--run-id", help="Deploy the version of this run instead.")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show logs.")] = False,
+) -> None:
+    """Fetch a registered version, verify every artifact's sha256, build for this GPU, write a bundle."""
+    home = _setup(verbose)
+    from flows.deploy import deploy_flow
+
+    _registry_client(home)
+    result = _run_flow(
+        verbose, deploy_flow, model=model, target=str(target), alias=None if run_id else alias, run_id=run_id
+    )
+    console.print(f"{model} v{result['version']} -> {result['bundle']} ({result['engine_reason']})")
+
+
+@app.command()
 def promote(
     model: Annotated[str, typer.Argument(help="Registered model name, e.g. digits-unet.")],
     version: Annotated[str, typer.Argument(help="Version to make champion.")],

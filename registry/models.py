@@ -16,7 +16,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from diffquant.errors import TrackingError
+from diffquant.manifest import write_manifest
 from diffquant.spec import REGISTERED_MODEL_PATTERN
+from diffquant.storage import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +56,9 @@ def ensure_registered_model(client: MlflowClient, name: str) -> None:
 def register_version(client: MlflowClient, run_id: str, name: str, model_dir: Path, tags: dict[str, str]) -> str:
     """Log ``model_dir`` as the run's ``model/`` artifacts and register it as a new version.
 
+    A ``manifest.json`` (sha256 of every file) is written into ``model_dir`` first; its own sha256
+    becomes the version tag ``manifest_sha256``, so a deployment can verify every artifact.
+
     Args:
         client: MLflow client.
         run_id: The compress run.
@@ -65,6 +70,8 @@ def register_version(client: MlflowClient, run_id: str, name: str, model_dir: Pa
         The new version number (as a string).
     """
     check_registered_model_name(name)
+    manifest = write_manifest(Path(model_dir))
+    tags = {**tags, "manifest_sha256": sha256_file(manifest)}
     client.log_artifacts(run_id, str(model_dir), MODEL_ARTIFACT_PATH)
     ensure_registered_model(client, name)
     source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{MODEL_ARTIFACT_PATH}"

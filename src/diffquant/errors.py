@@ -26,3 +26,7 @@ class TrackingError(DiffquantError):
 
 class DataError(DiffquantError):
     """Input data (trajectories, calibration sets) is unusable, e.g. contains NaN."""
+
+
+class IntegrityError(DiffquantError):
+    """A file does not match its recorded sha256 (tampered or incomplete); it is refused."""

@@ -1,0 +1,93 @@
+"""The ``deploy`` flow: fetch a registered version, verify it, build for the local GPU, write a bundle.
+
+The version is chosen by alias (default ``champion``) or by the run that produced it. Every
+artifact is checked against the version's manifest (whose sha256 is a version tag) before use;
+a tampered artifact stops the flow with :class:`diffquant.errors.IntegrityError`. Where an ONNX
+export is present and TensorRT and a GPU are available, an engine is built for this device;
+otherwise the ONNX is shipped for an on-device build and the reason is recorded.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+
+from diffquant.errors import TrackingError
+from diffquant.manifest import verify_files
+from export.bundle import write_bundle
+from registry.home import diffquant_home, tracking_uri
+
+logger = logging.getLogger(__name__)
+
+
+def _find_version(client: Any, model: str, alias: str | None, run_id: str | None) -> Any:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        if run_id is not None:
+            found = [v for v in client.search_model_versions(f"name='{model}'") if v.run_id == run_id]
+            if not found:
+                raise TrackingError(f"registered model {model!r} has no version from run {run_id}")
+            return found[0]
+        return client.get_model_version_by_alias(model, alias)
+    except MlflowException as error:
+        raise TrackingError(f"cannot find {model!r} @ {alias or run_id}: {str(error).splitlines()[0]}") from None
+
+
+def _engine_for(folder: Path, out: Path) -> tuple[Path | None, str]:
+    """Build a TensorRT engine from the version's ONNX when possible; else say why not."""
+    onnx_files = sorted(folder.rglob("*.onnx"))
+    if not onnx_files:
+        return None, "the version has no ONNX export; the bundle ships the plan and scales"
+    try:
+        from export.tensorrt import build_engine, tensorrt_available
+    except ImportError:
+        return None, "this diffquant has no TensorRT support; the ONNX is shipped for an on-device build"
+    ok, reason = tensorrt_available()
+    if not ok:
+        return None, f"{reason}; the ONNX is shipped for an on-device build"
+    engine = build_engine(onnx_files[0], out / "model.engine")
+    return Path(engine["engine_path"]) if isinstance(engine, dict) else Path(engine), "built for this GPU"
+
+
+@flow(name="deploy", log_prints=False)
+def deploy_flow(model: str, target: str, alias: str | None = "champion", run_id: str | None = None) -> dict[str, Any]:
+    """Fetch ``model`` @ ``alias`` (or the version of ``run_id``), verify, and write a bundle to ``target``.
+
+    Returns:
+        ``bundle`` (path), ``version``, ``engine`` (path or None) and ``engine_reason``.
+
+    Raises:
+        TrackingError: Unknown model, alias or run.
+        IntegrityError: An artifact does not match its manifest.
+    """
+    import mlflow.artifacts
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri(diffquant_home())
+    client = MlflowClient(tracking_uri=uri)
+    version = _find_version(client, model, alias, run_id)
+    with tempfile.TemporaryDirectory(prefix="diffquant-deploy-") as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=tmp, tracking_uri=uri))
+        verify_files(local, version.tags.get("manifest_sha256") or "missing")
+        engine, reason = _engine_for(local, Path(tmp))
+        info = {
+            "model": model,
+            "version": str(version.version),
+            "alias": alias,
+            "run_id": version.run_id,
+            "source": version.source,
+            "engine": reason,
+        }
+        bundle = write_bundle(local, Path(target), info, engine)
+    logger.info("deployed %s v%s to %s (%s)", model, version.version, bundle, reason)
+    return {
+        "bundle": str(bundle),
+        "version": str(version.version),
+        "engine": str(Path(bundle) / "engine" / engine.name) if engine else None,
+        "engine_reason": reason,
+    }

@@ -1,0 +1,36 @@
+"""`diffquant deploy`: a registered version fetched by alias, verified, bundled; tampering refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from flows.cli import app
+
+runner = CliRunner()
+
+
+def test_deploy_by_alias_and_refuse_tampered(isolated_home, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from diffquant.manifest import verify_files
+    from tests.registry.test_promotion import register
+
+    isolated_home.mkdir(parents=True, exist_ok=True)
+    client = MlflowClient(tracking_uri=f"sqlite:///{isolated_home / 'mlflow.db'}")
+    first = register(client, tmp_path, 1.2)
+    target = tmp_path / "edge" / "digits"
+    result = runner.invoke(app, ["deploy", "digits-unet", "--target", str(target)])
+    assert result.exit_code == 0, result.output
+    manifest = verify_files(target)
+    assert manifest["bundle"]["version"] == first["version"] and "plan.json" in manifest["files"]
+    assert "no ONNX export" in manifest["bundle"]["engine"]
+    # tamper with the stored artifact of version 1: deploying it must be refused, the old bundle kept
+    source = Path(client.get_model_version("digits-unet", "1").source.removeprefix("file://"))
+    (source / "plan.json").write_text('{"evil": true}')
+    result = runner.invoke(app, ["deploy", "digits-unet", "--target", str(target)])
+    assert result.exit_code == 2 and "plan.json does not match" in result.output, result.output
+    assert verify_files(target)["bundle"]["version"] == "1"
+    result = runner.invoke(app, ["deploy", "digits-unet", "--alias", "nope", "--target", str(target)])
+    assert result.exit_code == 2 and "cannot find 'digits-unet' @ nope" in result.output, result.output
