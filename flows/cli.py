@@ -185,7 +185,7 @@ def compress(
         uri = tracking_uri(home)
         if uri.startswith("sqlite:///"):
             ensure_writable(Path(uri.removeprefix("sqlite:///")).parent, "MLflow home")
-        _preflight(uri, spec.registered_model_name() if spec.promote.register else None)
+        _preflight(uri, spec.registered_model_name() if spec.promote.register_model else None)
         model = load_model(name=spec.model.name, path=spec.model.path)
         if spec.calibration.labels_file:
             read_labels_file(Path(spec.calibration.labels_file), model.num_classes)
@@ -236,7 +236,7 @@ def sweep(
         baseline_list = [int(b) for b in baselines.split(",") if b.strip()]
         if spec.allocation is None:
             raise SpecError(f"{config} has no 'allocation' section; sweep varies the allocation budget")
-        _preflight(tracking_uri(home), spec.registered_model_name() if spec.promote.register else None)
+        _preflight(tracking_uri(home), spec.registered_model_name() if spec.promote.register_model else None)
         load_model(name=spec.model.name, path=spec.model.path)
     except ValueError:
         _fail(ValueError("--budgets takes numbers like 3,3.5,4 and --baselines integers like 8,4"))

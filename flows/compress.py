@@ -271,7 +271,7 @@ def compress_flow(spec: dict[str, Any], out_dir: str | None = None) -> dict[str,
                 "name": model_info["name"],
                 "weights_sha256": model_info["weights_sha256"],
                 "registered": None,
-                "registered_reason": "promote.register is false",
+                "registered_reason": "promote.register_model is false",
                 "alias": None,
             },
             "metrics": {"fp": fp["metrics"], "quantized": q["metrics"]},
@@ -313,7 +313,7 @@ def compress_flow(spec: dict[str, Any], out_dir: str | None = None) -> dict[str,
             "timings": stages.seconds,
             "out_dir": str(out),
         }
-        if cfg.promote.register:
+        if cfg.promote.register_model:
             registration = stages.run(
                 "register",
                 register_task,

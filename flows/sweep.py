@@ -71,6 +71,7 @@ def sweep_flow(
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     out = ensure_writable(Path(out_dir) if out_dir else home / "sweeps" / stamp, "output folder")
     base = cfg.to_dict()
+    base["promote"] = {**base["promote"], "register_model": False}  # a sweep explores; it registers nothing
     points = []
     experiment = "sweeps"
     for budget in budgets:

@@ -119,13 +119,22 @@ def prefect_server(folder: Path) -> Iterator[str]:
         stop(process)
 
 
+def pg_bin(name: str) -> str | None:
+    """Path of a PostgreSQL server program: on PATH, or in Debian's /usr/lib/postgresql/<v>/bin."""
+    found = shutil.which(name)
+    if found:
+        return found
+    candidates = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), reverse=True)
+    return str(candidates[0]) if candidates else None
+
+
 def postgres_available() -> bool:
-    """Whether PostgreSQL's server binaries (initdb, pg_ctl) and psycopg2 are here."""
+    """Whether PostgreSQL's server programs (initdb, pg_ctl, psql) and psycopg2 are here."""
     try:
         import psycopg2  # noqa: F401
     except ImportError:
         return False
-    return shutil.which("initdb") is not None and shutil.which("pg_ctl") is not None
+    return all(pg_bin(name) for name in ("initdb", "pg_ctl", "psql"))
 
 
 @contextmanager
@@ -147,7 +156,7 @@ def postgres_server(folder: Path) -> Iterator[str]:
     data = folder / "pgdata"
     port = free_port()
     subprocess.run(
-        [*prefix, "initdb", "-D", str(data), "-U", "diffquant", "--auth=trust", "-E", "UTF8"],
+        [*prefix, pg_bin("initdb"), "-D", str(data), "-U", "diffquant", "--auth=trust", "-E", "UTF8"],
         check=True,
         capture_output=True,
     )
@@ -155,7 +164,7 @@ def postgres_server(folder: Path) -> Iterator[str]:
     subprocess.run(
         [
             *prefix,
-            "pg_ctl",
+            pg_bin("pg_ctl"),
             "-D",
             str(data),
             "-l",
@@ -173,7 +182,7 @@ def postgres_server(folder: Path) -> Iterator[str]:
     try:
         subprocess.run(
             [
-                "psql",
+                pg_bin("psql"),
                 "-h",
                 "127.0.0.1",
                 "-p",
@@ -188,10 +197,10 @@ def postgres_server(folder: Path) -> Iterator[str]:
             check=True,
             capture_output=True,
         )
-        yield f"postgresql://diffquant@127.0.0.1:{port}/mlflow"
+        yield f"postgresql+psycopg2://diffquant@127.0.0.1:{port}/mlflow"
     finally:
         subprocess.run(
-            [*prefix, "pg_ctl", "-D", str(data), "-m", "fast", "-w", "stop"], capture_output=True, check=False
+            [*prefix, pg_bin("pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"], capture_output=True, check=False
         )
         if prefix:
             shutil.rmtree(folder, ignore_errors=True)

@@ -217,7 +217,7 @@ class PromoteSpec(_Strict):
     ``.``, ``_`` and ``-`` only, so the name is also a valid path and URI segment.
     """
 
-    register: bool = True
+    register_model: bool = True
     registered_model: str | None = Field(None, pattern=REGISTERED_MODEL_PATTERN)
     gates: GatesSpec = GatesSpec()
 

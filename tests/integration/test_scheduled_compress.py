@@ -1,0 +1,151 @@
+"""The unattended loop against real servers: Prefect server + process worker, MLflow tracking server.
+
+For each tracking backend (SQLite, PostgreSQL): deploy every deployment of prefect.yaml with
+``prefect deploy --all``, trigger ``compress/compress-nightly`` with a fast spec, let a process
+worker run it, and check through the MLflow client that a version was registered and the
+``champion`` alias moved to it. On SQLite, headless Chromium also renders the MLflow run page
+(screenshot) and the registered-model page (which must list the version and its aliases).
+Everything listens on 127.0.0.1 with free ports and is stopped at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+
+from tests.pipeline.conftest import SMALL
+from tests.servers import BIN, mlflow_server, postgres_available, postgres_server, prefect_server, start, stop
+
+ROOT = Path(__file__).resolve().parents[2]
+RUN_TIMEOUT_S = 420
+
+
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory):
+    with prefect_server(tmp_path_factory.mktemp("prefect")) as url:
+        yield url
+
+
+def prefect_cli(args: list[str], env: dict[str, str]) -> str:
+    result = subprocess.run(
+        [str(BIN / "prefect"), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180, check=False
+    )
+    assert result.returncode == 0, f"prefect {' '.join(args)}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result.stdout
+
+
+def wait_for_flow_run(api_url: str, flow_run_id, timeout: float):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    deadline = time.monotonic() + timeout
+    with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            run = client.read_flow_run(flow_run_id)
+            if run.state is not None and run.state.is_final():
+                return run
+            time.sleep(2)
+    raise AssertionError(f"flow run {flow_run_id} did not finish within {timeout} s")
+
+
+def chromium(args: list[str], profile: Path) -> subprocess.CompletedProcess:
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        "--window-size=1400,1000",
+        "--virtual-time-budget=20000",
+    ]
+    return subprocess.run(
+        [shutil.which("chromium") or "chromium", *flags, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_deployed_compress_registers_and_promotes(backend, prefect_api, tmp_path):
+    from mlflow.tracking import MlflowClient
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from diffquant.spec import load_spec
+
+    if backend == "postgresql" and not postgres_available():
+        pytest.fail("PostgreSQL (initdb, pg_ctl) and psycopg2 are needed; .ci/run installs them")
+    with ExitStack() as stack:
+        backend_uri = stack.enter_context(postgres_server(tmp_path / "pg")) if backend == "postgresql" else None
+        mlflow_url = stack.enter_context(mlflow_server(tmp_path / "mlflow", backend_uri))
+        env = {
+            **os.environ,
+            "PREFECT_API_URL": prefect_api,
+            "PREFECT_HOME": str(tmp_path / "prefect-client"),
+            "MLFLOW_TRACKING_URI": mlflow_url,
+            "DIFFQUANT_HOME": str(tmp_path / "home"),
+            "PREFECT_LOGGING_LEVEL": "WARNING",
+            "PYTHONPATH": str(ROOT),
+        }
+        for pool in ("diffquant-cpu", "edge-orin"):
+            prefect_cli(["work-pool", "create", pool, "--type", "process", "--overwrite"], env)
+        out = prefect_cli(["--no-prompt", "deploy", "--all"], env)
+        for name in ("compress-nightly", "sweep-weekly", "deploy-edge"):
+            assert name in out
+        spec = load_spec(overrides=SMALL).to_dict()
+        with temporary_settings({PREFECT_API_URL: prefect_api}):
+            flow_run = run_deployment("compress/compress-nightly", parameters={"spec": spec}, timeout=0)
+        worker = start(
+            [str(BIN / "prefect"), "worker", "start", "--pool", "diffquant-cpu", "--type", "process"],
+            tmp_path / "worker.log",
+            {k: v for k, v in env.items() if k != "PREFECT_LOGGING_LEVEL"},
+        )
+        try:
+            finished = wait_for_flow_run(prefect_api, flow_run.id, RUN_TIMEOUT_S)
+        finally:
+            stop(worker)
+        log = (tmp_path / "worker.log").read_text()[-4000:]
+        assert finished.state.is_completed(), f"{finished.state}\n{log}"
+
+        client = MlflowClient(tracking_uri=mlflow_url)
+        versions = client.search_model_versions("name='digits-unet'")
+        assert [v.version for v in versions] in (["1"], [1])
+        model = client.get_registered_model("digits-unet")
+        assert str(model.aliases["champion"]) == "1" and str(model.aliases["challenger"]) == "1"
+        run = client.get_run(versions[0].run_id)
+        assert run.info.status == "FINISHED"
+        logged = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"samples", "plan", "report.md", "model", "summary.json"} <= logged
+
+        if backend == "sqlite":
+            assert shutil.which("chromium"), "Debian's chromium is needed; .ci/run installs it"
+            shot = tmp_path / "run-page.png"
+            page = f"{mlflow_url}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+            result = chromium([f"--screenshot={shot}", page], tmp_path / "chrome-1")
+            assert shot.is_file() and shot.stat().st_size > 10_000, result.stderr[-2000:]
+            if os.environ.get("DIFFQUANT_SCREENSHOT_DIR"):
+                shutil.copy(shot, Path(os.environ["DIFFQUANT_SCREENSHOT_DIR"]) / "mlflow-run-page.png")
+            dom = chromium(["--dump-dom", f"{mlflow_url}/#/models/digits-unet"], tmp_path / "chrome-2").stdout
+            assert "Version 1" in dom and "champion" in dom, dom[-3000:]
+
+
+def test_servers_are_gone_after_the_test(tmp_path):
+    """The helpers leave nothing listening: a stopped server's port refuses connections."""
+    import socket
+
+    with mlflow_server(tmp_path / "m") as url:
+        port = int(url.rsplit(":", 1)[1])
+    with socket.socket() as sock:
+        assert sock.connect_ex(("127.0.0.1", port)) != 0
