@@ -351,10 +351,9 @@ def rollback(
 
 
 def _registry_client(home: Path) -> Any:
-    from mlflow.tracking import MlflowClient
-
     from diffquant.errors import DiffquantError
     from registry.home import tracking_uri
+    from registry.models import registry_client
     from registry.preflight import check_tracking_server
 
     uri = tracking_uri(home)
@@ -362,7 +361,7 @@ def _registry_client(home: Path) -> Any:
         check_tracking_server(uri)
     except DiffquantError as error:
         _fail(error)
-    return MlflowClient(tracking_uri=uri)
+    return registry_client(uri)
 
 
 def _registry_action(action: Any) -> Any:

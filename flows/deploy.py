@@ -16,26 +16,12 @@ from typing import Any
 
 from prefect import flow
 
-from diffquant.errors import TrackingError
 from diffquant.manifest import verify_files
 from export.bundle import write_bundle
 from registry.home import diffquant_home, tracking_uri
+from registry.models import download_version, find_version, registry_client
 
 logger = logging.getLogger(__name__)
-
-
-def _find_version(client: Any, model: str, alias: str | None, run_id: str | None) -> Any:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        if run_id is not None:
-            found = [v for v in client.search_model_versions(f"name='{model}'") if v.run_id == run_id]
-            if not found:
-                raise TrackingError(f"registered model {model!r} has no version from run {run_id}")
-            return found[0]
-        return client.get_model_version_by_alias(model, alias)
-    except MlflowException as error:
-        raise TrackingError(f"cannot find {model!r} @ {alias or run_id}: {str(error).splitlines()[0]}") from None
 
 
 def _engine_for(folder: Path, out: Path) -> tuple[Path | None, str]:
@@ -65,14 +51,10 @@ def deploy_flow(model: str, target: str, alias: str | None = "champion", run_id:
         TrackingError: Unknown model, alias or run.
         IntegrityError: An artifact does not match its manifest.
     """
-    import mlflow.artifacts
-    from mlflow.tracking import MlflowClient
-
-    uri = tracking_uri(diffquant_home())
-    client = MlflowClient(tracking_uri=uri)
-    version = _find_version(client, model, alias, run_id)
+    client = registry_client(tracking_uri(diffquant_home()))
+    version = find_version(client, model, alias, run_id)
     with tempfile.TemporaryDirectory(prefix="diffquant-deploy-") as tmp:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=tmp, tracking_uri=uri))
+        local = download_version(client, version, Path(tmp))
         verify_files(local, version.tags.get("manifest_sha256") or "missing")
         engine, reason = _engine_for(local, Path(tmp))
         info = {

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
+from typing import Any
 
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -78,3 +79,36 @@ def register_version(client: MlflowClient, run_id: str, name: str, model_dir: Pa
     version = client.create_model_version(name, source, run_id=run_id, tags={k: str(v) for k, v in tags.items()})
     logger.info("registered %s version %s from run %s", name, version.version, run_id)
     return str(version.version)
+
+
+def registry_client(tracking_uri: str) -> MlflowClient:
+    """An MLflow client for ``tracking_uri`` (the one place outside tracking that builds clients)."""
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def find_version(client: MlflowClient, name: str, alias: str | None, run_id: str | None = None) -> Any:
+    """The version of ``name`` with ``alias``, or the one registered from ``run_id``.
+
+    Raises:
+        TrackingError: Unknown model, alias or run.
+    """
+    try:
+        if run_id is not None:
+            found = [v for v in client.search_model_versions(f"name='{name}'") if v.run_id == run_id]
+            if not found:
+                raise TrackingError(f"registered model {name!r} has no version from run {run_id}")
+            return found[0]
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException as error:
+        raise TrackingError(f"cannot find {name!r} @ {alias or run_id}: {str(error).splitlines()[0]}") from None
+
+
+def download_version(client: MlflowClient, version: Any, dst: Path) -> Path:
+    """Download a version's files (its ``model/`` folder) into ``dst``; returns the local folder."""
+    import mlflow.artifacts
+
+    return Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=version.source, dst_path=str(dst), tracking_uri=client.tracking_uri
+        )
+    )

@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mlflow.tracking import MlflowClient
 from prefect import task
 
-from registry.models import register_version
+from registry.models import register_version, registry_client
 from registry.promotion import Candidate, Gates, apply_decision, champion_candidate, decide_promotion
 
 
@@ -37,7 +36,7 @@ def register_task(
         ``name``, ``version``, ``passed``, ``reasons``, ``champion`` (after reconciliation) and
         ``previous_champion``.
     """
-    client = MlflowClient(tracking_uri=tracking_uri)
+    client = registry_client(tracking_uri)
     metric_tags = {
         "metric.fd_real": repr(float(candidate["fd_real"])),
         "metric.fp_fd_real": repr(float(candidate["fp_fd_real"])),
