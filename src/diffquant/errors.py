@@ -26,3 +26,15 @@ class TrackingError(DiffquantError):
 
 class DataError(DiffquantError):
     """Input data (trajectories, calibration sets) is unusable, e.g. contains NaN."""
+
+
+class ExportError(DiffquantError):
+    """A model cannot be exported (unsupported layer, uncalibrated quantizer, plan mismatch)."""
+
+
+class RulesError(ExportError):
+    """An exported ONNX model breaks TensorRT's explicit-quantization rules or disagrees with its plan."""
+
+
+class ParityError(ExportError):
+    """The exported model's outputs or samples differ from the PyTorch model's beyond the stated tolerance."""
