@@ -1,4 +1,5 @@
-"""Export of quantized models (ONNX Q/DQ, TensorRT, edge bundles).
+"""Export of quantized models: ONNX Q/DQ, TensorRT rules, onnxruntime parity, TensorRT engines.
 
-Not implemented in this release: the compress flow reports the export stage as skipped.
+Modules: :mod:`export.onnx`, :mod:`export.rules`, :mod:`export.parity`, :mod:`export.tensorrt`
+(TensorRT imported lazily). The edge bundle and the compress-flow stage are not built yet.
 """

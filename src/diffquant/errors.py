@@ -30,3 +30,15 @@ class DataError(DiffquantError):
 
 class IntegrityError(DiffquantError):
     """A file does not match its recorded sha256 (tampered or incomplete); it is refused."""
+
+
+class ExportError(DiffquantError):
+    """A model cannot be exported (unsupported layer, uncalibrated quantizer, plan mismatch)."""
+
+
+class RulesError(ExportError):
+    """An exported ONNX model breaks TensorRT's explicit-quantization rules or disagrees with its plan."""
+
+
+class ParityError(ExportError):
+    """The exported model's outputs or samples differ from the PyTorch model's beyond the stated tolerance."""

@@ -1,0 +1,359 @@
+"""Check an exported ONNX model against TensorRT's explicit-quantization rules and its plan.
+
+TensorRT (explicit quantization) wants: symmetric Q/DQ (zero point 0), scales that are
+constant and positive, per-tensor activation scales, INT8 activations, per-channel weight
+scales on the output-channel axis (or block-wise on the input axis with ``block_size``, opset
+21), INT4 only as weight-only ``DequantizeLinear``. The plan adds: every planned layer has its
+weight DQ and input Q/DQ with the integer type its bits need (:func:`export.onnx.storage_type`),
+integer weights inside the b-bit range, a ``Clip`` to the b-bit range before an activation
+quantized at fewer than 8 bits, and no Q/DQ on a layer the plan keeps in float nor anywhere
+outside the planned layers.
+
+Layers are found through the ``diffquant.layers`` metadata of :func:`export.onnx.export_onnx`
+(falling back to nodes named ``<fqn>/Conv``, ``<fqn>/MatMul`` or ``<fqn>/Gemm``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+
+from diffquant.errors import RulesError
+from diffquant.quant.formats import IntFormat
+from diffquant.quant.plan import LayerConfig, LayerPlan
+from export.onnx import LAYERS_METADATA_KEY, storage_type
+
+_INT_TYPES = {
+    TensorProto.INT4: "INT4",
+    TensorProto.INT8: "INT8",
+    TensorProto.UINT8: "UINT8",
+    TensorProto.UINT4: "UINT4",
+}
+_CLIP_RTOL = 1e-6
+_INT4_TYPES = (TensorProto.INT4, TensorProto.UINT4)
+
+
+@dataclass(frozen=True)
+class Violation:
+    """One broken rule, at one node."""
+
+    node: str
+    rule: str
+    message: str
+    layer: str | None = None
+
+    def __str__(self) -> str:
+        """``node: message``."""
+        return f"{self.node}: {self.message}"
+
+
+def rules_error(violations: list[Violation]) -> RulesError:
+    """A :class:`RulesError` naming the first violation's node (and how many there are)."""
+    first = violations[0]
+    more = f" (and {len(violations) - 1} more)" if len(violations) > 1 else ""
+    return RulesError(
+        f"the ONNX export breaks TensorRT explicit-quantization rules at node {first.node!r}: {first.message}{more}; "
+        "re-export the model with its own plan"
+    )
+
+
+def _type_name(data_type: int) -> str:
+    return _INT_TYPES.get(data_type, TensorProto.DataType.Name(data_type))
+
+
+class _Checker:
+    def __init__(self, model: onnx.ModelProto, plan: LayerPlan) -> None:
+        self.model, self.plan = model, plan
+        graph = model.graph
+        self.inits = {t.name: t for t in graph.initializer}
+        self.producer = {o: n for n in graph.node for o in n.output}
+        self.by_name = {n.name: n for n in graph.node}
+        self.violations: list[Violation] = []
+        self.claimed: set[str] = set()
+        meta = {p.key: p.value for p in model.metadata_props}
+        self.layer_nodes: dict[str, str] = {
+            k: v["node"] for k, v in json.loads(meta.get(LAYERS_METADATA_KEY, "{}")).items()
+        }
+
+    def add(self, node: str, rule: str, message: str, layer: str | None = None) -> None:
+        self.violations.append(Violation(node, rule, message, layer))
+
+    def compute_node(self, layer: str) -> onnx.NodeProto | None:
+        candidates = [self.layer_nodes.get(layer)] + [f"{layer}/{op}" for op in ("Conv", "MatMul", "Gemm")]
+        for name in candidates:
+            if name and name in self.by_name:
+                return self.by_name[name]
+        return None
+
+    def constant(self, node: onnx.NodeProto, index: int, what: str, layer: str) -> np.ndarray | None:
+        """The value of input ``index`` of ``node`` if it is an initializer, else a violation."""
+        if index >= len(node.input) or not node.input[index]:
+            return None
+        name = node.input[index]
+        if name not in self.inits:
+            self.add(node.name, "constant", f"{what} {name!r} is not a constant initializer", layer)
+            return None
+        return numpy_helper.to_array(self.inits[name])
+
+    def scale(self, node: onnx.NodeProto, layer: str, what: str) -> np.ndarray | None:
+        scale = self.constant(node, 1, f"{what} scale", layer)
+        if scale is None:
+            if len(node.input) < 2 or not node.input[1]:
+                self.add(node.name, "constant", f"{what} has no scale", layer)
+            return None
+        if scale.dtype.kind != "f":
+            self.add(node.name, "scale_type", f"{what} scale has type {scale.dtype}, not float", layer)
+        elif not (np.isfinite(scale).all() and (scale > 0).all()):
+            self.add(
+                node.name, "scale_positive", f"{what} scale is not positive and finite (min {scale.min():g})", layer
+            )
+        return scale
+
+    def zero_point(self, node: onnx.NodeProto, layer: str, what: str, expected_type: int | None) -> None:
+        if len(node.input) < 3 or not node.input[2]:
+            if expected_type is not None and expected_type != TensorProto.UINT8:
+                self.add(
+                    node.name,
+                    "integer_type",
+                    f"{what} has no zero point, so its type is UINT8, not {_type_name(expected_type)}",
+                    layer,
+                )
+            return
+        name = node.input[2]
+        if name not in self.inits:
+            self.add(node.name, "constant", f"{what} zero point {name!r} is not a constant initializer", layer)
+            return
+        tensor = self.inits[name]
+        if expected_type is not None and tensor.data_type != expected_type:
+            self.add(
+                node.name,
+                "integer_type",
+                f"{what} zero point is {_type_name(tensor.data_type)}, expected {_type_name(expected_type)}",
+                layer,
+            )
+        if np.any(numpy_helper.to_array(tensor).astype(np.int32) != 0):
+            self.add(
+                node.name, "zero_point", f"{what} zero point is not 0 (TensorRT needs symmetric quantization)", layer
+            )
+
+    def check_weight(self, layer: str, cfg: LayerConfig, compute: onnx.NodeProto) -> None:
+        if len(compute.input) < 2:
+            self.add(compute.name, "missing_weight", "has no weight input", layer)
+            return
+        producer = self.producer.get(compute.input[1])
+        if cfg.weight is None:
+            if producer is not None and producer.op_type in ("DequantizeLinear", "QuantizeLinear"):
+                self.add(
+                    producer.name,
+                    "quantized_fp_layer",
+                    f"quantizes the weight of {layer}, which the plan keeps in float",
+                    layer,
+                )
+                self.claimed.add(producer.name)
+            return
+        if producer is None or producer.op_type != "DequantizeLinear":
+            self.add(
+                compute.name, "missing_weight_dq", f"weight of {layer} is not produced by a DequantizeLinear", layer
+            )
+            return
+        dq = producer
+        self.claimed.add(dq.name)
+        what = "weight"
+        bits = cfg.weight.bits
+        expected_type = storage_type(bits)
+        source = dq.input[0]
+        if source not in self.inits:
+            origin = self.producer.get(source)
+            how = f"by {origin.op_type} {origin.name!r}" if origin is not None else "at run time"
+            self.add(
+                dq.name, "weight_initializer", f"integer weight is produced {how}, not stored as an initializer", layer
+            )
+            if origin is not None and origin.op_type == "QuantizeLinear":
+                self.claimed.add(origin.name)
+            q = None
+        else:
+            tensor = self.inits[source]
+            if tensor.data_type != expected_type:
+                self.add(
+                    dq.name,
+                    "integer_type",
+                    f"{bits}-bit weight stored as {_type_name(tensor.data_type)}, expected {_type_name(expected_type)}",
+                    layer,
+                )
+            q = numpy_helper.to_array(tensor).astype(np.int32)
+            fmt = IntFormat(bits)
+            if q.dtype.kind in "iu" and q.size and (q.min() < fmt.qmin or q.max() > fmt.qmax):
+                self.add(
+                    dq.name,
+                    "weight_range",
+                    f"weight values span [{q.min()}, {q.max()}], outside the {bits}-bit range [{fmt.qmin}, {fmt.qmax}]",
+                    layer,
+                )
+        scale = self.scale(dq, layer, what)
+        self.zero_point(dq, layer, what, expected_type)
+        if q is None or scale is None:
+            return
+        out_axis, in_axis = self.weight_axes(compute, q.ndim)
+        attrs = {a.name: a.i for a in dq.attribute}
+        axis = attrs.get("axis", 1)
+        axis = axis + q.ndim if axis < 0 else axis
+        block = attrs.get("block_size", 0)
+        w = cfg.weight
+        if w.granularity == "per_tensor":
+            if scale.size != 1:
+                self.add(dq.name, "weight_granularity", f"per-tensor weight has {scale.size} scales", layer)
+        elif w.granularity == "per_channel":
+            if block:
+                self.add(dq.name, "weight_granularity", f"per-channel weight uses block_size {block}", layer)
+            if scale.ndim != 1 or axis != out_axis or scale.shape[0] != q.shape[out_axis]:
+                self.add(
+                    dq.name,
+                    "weight_axis",
+                    f"per-channel scales {list(scale.shape)} on axis {axis}; expected {q.shape[out_axis]} on the "
+                    f"output-channel axis {out_axis} of weight {list(q.shape)}",
+                    layer,
+                )
+        else:
+            expected = list(q.shape)
+            expected[in_axis] = -(-q.shape[in_axis] // int(w.group_size or 1))
+            if block != w.group_size or axis != in_axis or list(scale.shape) != expected:
+                self.add(
+                    dq.name,
+                    "weight_block",
+                    f"block-wise scales {list(scale.shape)}, axis {axis}, block_size {block}; expected {expected}, "
+                    f"axis {in_axis}, block_size {w.group_size}",
+                    layer,
+                )
+
+    def weight_axes(self, compute: onnx.NodeProto, rank: int) -> tuple[int, int]:
+        """(output-channel axis, input-channel axis) of the weight of ``compute``."""
+        if compute.op_type == "Gemm":
+            trans_b = next((a.i for a in compute.attribute if a.name == "transB"), 0)
+            return (0, 1) if trans_b else (1, 0)
+        if compute.op_type == "MatMul":
+            return rank - 1, rank - 2
+        return 0, 1
+
+    def check_activation(self, layer: str, cfg: LayerConfig, compute: onnx.NodeProto) -> None:
+        producer = self.producer.get(compute.input[0])
+        if cfg.activation is None:
+            if producer is not None and producer.op_type == "DequantizeLinear":
+                self.add(
+                    producer.name,
+                    "quantized_fp_layer",
+                    f"quantizes the input of {layer}, which the plan keeps in float",
+                    layer,
+                )
+                self.claimed.add(producer.name)
+                q = self.producer.get(producer.input[0])
+                if q is not None and q.op_type == "QuantizeLinear":
+                    self.claimed.add(q.name)
+            return
+        if producer is None or producer.op_type != "DequantizeLinear":
+            self.add(
+                compute.name, "missing_activation_qdq", f"input of {layer} is not produced by a DequantizeLinear", layer
+            )
+            return
+        dq = producer
+        self.claimed.add(dq.name)
+        q = self.producer.get(dq.input[0])
+        if q is None or q.op_type != "QuantizeLinear":
+            self.add(
+                dq.name,
+                "missing_activation_qdq",
+                f"input DequantizeLinear of {layer} is not fed by a QuantizeLinear",
+                layer,
+            )
+            return
+        self.claimed.add(q.name)
+        scales = []
+        for node in (q, dq):
+            scale = self.scale(node, layer, "activation")
+            self.zero_point(node, layer, "activation", TensorProto.INT8)
+            if scale is not None and scale.size != 1:
+                self.add(
+                    node.name,
+                    "activation_per_tensor",
+                    f"activation scale has shape {list(scale.shape)}, not per-tensor",
+                    layer,
+                )
+            scales.append(scale)
+        if all(s is not None and s.size == 1 for s in scales) and not np.array_equal(
+            scales[0].reshape(()), scales[1].reshape(())
+        ):
+            self.add(dq.name, "scale_mismatch", "QuantizeLinear and DequantizeLinear scales differ", layer)
+        bits = cfg.activation.bits
+        if bits < 8 and scales[0] is not None and scales[0].size == 1:
+            s = float(scales[0].reshape(()))
+            fmt = IntFormat(bits)
+            clip = self.producer.get(q.input[0])
+            bounds = None
+            if clip is not None and clip.op_type == "Clip" and len(clip.input) == 3:
+                self.claimed.add(clip.name)
+                lo, hi = (self.inits.get(name) for name in clip.input[1:3])
+                if lo is not None and hi is not None:
+                    bounds = (float(numpy_helper.to_array(lo)), float(numpy_helper.to_array(hi)))
+            if bounds is None or not np.allclose(bounds, (fmt.qmin * s, fmt.qmax * s), rtol=_CLIP_RTOL, atol=0):
+                self.add(
+                    q.name,
+                    "activation_clamp",
+                    f"{bits}-bit activation needs Clip to [{fmt.qmin * s:g}, {fmt.qmax * s:g}] before its INT8 "
+                    f"QuantizeLinear (found {bounds})",
+                    layer,
+                )
+
+    def run(self) -> list[Violation]:
+        for layer, cfg in self.plan.items():
+            compute = self.compute_node(layer)
+            if compute is None:
+                if not cfg.is_full_precision:
+                    self.add(
+                        layer,
+                        "missing_layer",
+                        f"planned layer {layer} has no Conv/MatMul/Gemm node in the graph",
+                        layer,
+                    )
+                continue
+            self.check_weight(layer, cfg, compute)
+            self.check_activation(layer, cfg, compute)
+        for node in self.model.graph.node:
+            if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+                continue
+            zero_point = self.inits.get(node.input[2]) if len(node.input) > 2 else None
+            if node.op_type == "QuantizeLinear" and zero_point is not None and zero_point.data_type in _INT4_TYPES:
+                self.add(
+                    node.name,
+                    "int4_activation",
+                    "INT4 QuantizeLinear: TensorRT takes INT4 only as weight-only DequantizeLinear",
+                )
+            if node.name not in self.claimed:
+                self.add(node.name, "unplanned_qdq", f"{node.op_type} belongs to no planned quantizer")
+        return self.violations
+
+
+def check_rules(
+    model: onnx.ModelProto | str | Path, plan: LayerPlan, raise_on_violation: bool = False
+) -> list[Violation]:
+    """Validate an export against TensorRT's explicit-quantization rules and ``plan``.
+
+    Args:
+        model: The exported model, or the path of its ``.onnx`` file (external data is loaded).
+        plan: The plan it was exported with (FP layers included, so Q/DQ on them is caught).
+        raise_on_violation: Raise instead of returning a non-empty list.
+
+    Returns:
+        Every violation, each naming the node at fault; empty when the export is valid.
+
+    Raises:
+        RulesError: With ``raise_on_violation``, if any rule is broken (names the first node).
+    """
+    proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
+    violations = _Checker(proto, plan).run()
+    if violations and raise_on_violation:
+        raise rules_error(violations)
+    return violations
