@@ -21,17 +21,19 @@ from diffquant.spec import CompressionSpec, spec_from_dict
 from diffquant.storage import load_safetensors, sha256_file, write_json
 from flows.sensitivity import sensitivity_flow, task_runner_for
 from registry.home import diffquant_home, ensure_writable, tracking_uri
+from registry.models import add_onnx_flavor
 from registry.tracking import RunTracker, git_sha, tracked_run
 from tasks.calibrate import quantize_task, select_calibration_task
 from tasks.evaluate import evaluate_task
 from tasks.load import load_model_task
+from tasks.onnx_export import export_task
 from tasks.register import register_task
 from tasks.sensitivity import allocate_task
 from tasks.trajectories import collect_trajectories_task
 
 logger = logging.getLogger(__name__)
 
-EXPORT_SKIPPED = "ONNX/TensorRT export is not part of this release"
+EXPORT_SKIPPED = "export.onnx is false"
 
 
 def default_out_dir(spec: CompressionSpec, home: Path) -> Path:
@@ -61,16 +63,36 @@ def _grid(out: Path, fp: dict[str, Any], quant: dict[str, Any]) -> Path:
     return comparison_grid(left, right, out / "samples" / "fp_vs_quantized.png")
 
 
-def _model_files(out: Path, cfg: CompressionSpec, quant: dict[str, Any]) -> Path:
-    """Gather what a registered version ships into ``<out>/model``: plan, scales and spec."""
+def _model_files(out: Path, cfg: CompressionSpec, quant: dict[str, Any], onnx_path: str | None) -> Path:
+    """Gather what a registered version ships into ``<out>/model``: plan, scales, spec and the ONNX flavor."""
     import shutil
 
     folder = out / "model"
-    folder.mkdir(parents=True, exist_ok=True)
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
     shutil.copy2(quant["plan_path"], folder / "plan.json")
     shutil.copy2(quant["scales_path"], folder / "quantizer_scales.safetensors")
     (folder / "spec.yaml").write_text(cfg.to_yaml())
+    if onnx_path is not None:
+        add_onnx_flavor(Path(onnx_path), folder)
     return folder
+
+
+def _export_summary(exported: dict[str, Any] | None) -> dict[str, Any]:
+    if exported is None:
+        return {"status": "skipped", "reason": EXPORT_SKIPPED, "onnx": None, "engine": None}
+    engine = exported["engine"]
+    return {
+        "status": "exported",
+        "reason": "engine built" if engine.get("built") else f"no TensorRT engine: {engine.get('skip_reason')}",
+        "onnx": exported["onnx_path"],
+        "onnx_weight_bytes": exported["onnx_weight_bytes"],
+        "parity": {k: exported["parity"][k] for k in ("passed", "failures")},
+        "parity_path": exported["parity_path"],
+        "onnx_metrics": exported["metrics"],
+        "engine": engine,
+    }
 
 
 def _version_tags(cfg: CompressionSpec, quant: dict[str, Any], fp_run_id: str) -> dict[str, str]:
@@ -252,6 +274,12 @@ def compress_flow(spec: dict[str, Any], out_dir: str | None = None) -> dict[str,
             quantized=quant,
             fp=fp,
         )
+        exported = None
+        if cfg.export.onnx:
+            exported = stages.run("export", export_task, data, quant, calib["calibration_path"], str(out))
+            tracker.log_artifact(Path(exported["onnx_path"]).parent, "onnx")
+            tracker.log_metrics({"export.onnx_weight_bytes": exported["onnx_weight_bytes"]})
+            tracker.log_metrics(exported["metrics"])
         grid = _grid(out, fp, q)
         tracker.log_artifact(grid, "samples")
         tracker.log_metrics({f"fp.{k}": v for k, v in fp["metrics"].items()})
@@ -260,8 +288,9 @@ def compress_flow(spec: dict[str, Any], out_dir: str | None = None) -> dict[str,
             "fp32_bytes": quant["fp32_bytes"],
             "packed_bytes": quant["packed_bytes"],
             "ratio": quant["packed_bytes"] / quant["fp32_bytes"],
+            "onnx_weight_bytes": exported["onnx_weight_bytes"] if exported else None,
         }
-        tracker.log_metrics({f"size.{k}": v for k, v in sizes.items()})
+        tracker.log_metrics({f"size.{k}": v for k, v in sizes.items() if v is not None})
         summary = {
             "run_id": tracker.run_id,
             "experiment": experiment,
@@ -309,7 +338,7 @@ def compress_flow(spec: dict[str, Any], out_dir: str | None = None) -> dict[str,
                 "sensitivity_tasks_cached": allocation["sensitivity"]["tasks_cached"],
                 "runner": cfg.runtime.model_dump(),
             },
-            "export": {"status": "skipped", "reason": EXPORT_SKIPPED, "onnx": None, "engine": None},
+            "export": _export_summary(exported),
             "timings": stages.seconds,
             "out_dir": str(out),
         }
@@ -320,7 +349,7 @@ def compress_flow(spec: dict[str, Any], out_dir: str | None = None) -> dict[str,
                 tracking_uri(home),
                 tracker.run_id,
                 cfg.registered_model_name(),
-                str(_model_files(out, cfg, quant)),
+                str(_model_files(out, cfg, quant, exported["onnx_path"] if exported else None)),
                 _version_tags(cfg, quant, stages.run_ids.get("evaluate_fp", "")),
                 _candidate(fp["metrics"], q["metrics"], sizes),
                 cfg.promote.gates.model_dump(),

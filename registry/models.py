@@ -81,6 +81,24 @@ def register_version(client: MlflowClient, run_id: str, name: str, model_dir: Pa
     return str(version.version)
 
 
+def add_onnx_flavor(onnx_path: Path, folder: Path) -> Path:
+    """Save ``onnx_path`` as an ``mlflow.onnx`` model under ``<folder>/onnx`` (loadable by pyfunc).
+
+    Args:
+        onnx_path: The exported model (with its external data beside it, if any).
+        folder: The version folder.
+
+    Returns:
+        The flavor folder.
+    """
+    import mlflow.onnx
+    import onnx
+
+    target = Path(folder) / "onnx"
+    mlflow.onnx.save_model(onnx.load(str(onnx_path)), str(target), pip_requirements=["onnxruntime"])
+    return target
+
+
 def registry_client(tracking_uri: str) -> MlflowClient:
     """An MLflow client for ``tracking_uri`` (the one place outside tracking that builds clients)."""
     return MlflowClient(tracking_uri=tracking_uri)

@@ -184,10 +184,21 @@ class AllocationSpec(_Strict):
 
 
 class ExportSpec(_Strict):
-    """Export targets (the export stage is not part of this release; see README)."""
+    """ONNX export (Q/DQ, TensorRT's explicit form), its rules check and parity, and the engine.
+
+    ``tensorrt: auto`` builds an engine where TensorRT and a GPU exist and otherwise records why
+    not; ``on`` makes a missing TensorRT an error; ``off`` never builds. Parity compares
+    onnxruntime with the PyTorch model on the calibration inputs and, with ``parity_samples`` > 0,
+    on final samples from the same noise; a failed check fails the run when ``enforce_parity``.
+    """
 
     onnx: bool = True
     tensorrt: Literal["auto", "on", "off"] = "auto"
+    opset: int = Field(21, ge=13, le=23)
+    parity_samples: int = Field(500, ge=0, description="samples for the sampling parity check (0: outputs only)")
+    enforce_parity: bool = True
+    optimization_level: int = Field(3, ge=0, le=5, description="TensorRT builder optimization level")
+    max_batch: int = Field(32, ge=1, description="largest batch of the TensorRT optimization profile")
 
 
 class EvaluateSpec(_Strict):

@@ -14,6 +14,7 @@ SMALL = [
     "calibration.size=32",
     "evaluate.samples=40",
     "evaluate.sqnr_inputs=16",
+    "export.parity_samples=40",
 ]
 
 
