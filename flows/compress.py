@@ -25,6 +25,7 @@ from registry.models import add_onnx_flavor
 from registry.tracking import RunTracker, git_sha, tracked_run
 from tasks.calibrate import quantize_task, select_calibration_task
 from tasks.evaluate import evaluate_task
+from tasks.finetune import finetune_task
 from tasks.load import load_model_task
 from tasks.onnx_export import export_task
 from tasks.register import register_task
@@ -74,9 +75,75 @@ def _model_files(out: Path, cfg: CompressionSpec, quant: dict[str, Any], onnx_pa
     shutil.copy2(quant["plan_path"], folder / "plan.json")
     shutil.copy2(quant["scales_path"], folder / "quantizer_scales.safetensors")
     (folder / "spec.yaml").write_text(cfg.to_yaml())
+    if quant.get("weights_path"):
+        shutil.copy2(quant["weights_path"], folder / "finetuned_denoiser.safetensors")
     if onnx_path is not None:
         add_onnx_flavor(Path(onnx_path), folder)
     return folder
+
+
+def _finetune(
+    stages: _Stages,
+    cfg: CompressionSpec,
+    data: dict[str, Any],
+    quant: dict[str, Any],
+    q: dict[str, Any],
+    fp: dict[str, Any],
+    pool: dict[str, Any],
+    calib: dict[str, Any],
+    allocation: dict[str, Any] | None,
+    out: Path,
+    home: Path,
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Fine-tune the PTQ model, evaluate it, and keep it only if it is no worse on FD to FP.
+
+    Returns:
+        The kept model's quantize result and evaluation, and the ``finetune`` summary section.
+    """
+    tuned = stages.run(
+        "finetune",
+        finetune_task,
+        data,
+        quant,
+        pool["pool_path"],
+        str(out),
+        str(home / "cache" / "finetune"),
+        tracking_uri(home),
+        stages.tracker.run_id,
+        allocation["sensitivity"]["csv_path"] if allocation else None,
+    )
+    q_ft = stages.run(
+        "evaluate_finetuned",
+        evaluate_task,
+        data,
+        "finetuned",
+        str(out),
+        calib["sqnr_path"],
+        quantized=tuned,
+        fp=fp,
+    )
+    before, after = q["metrics"], q_ft["metrics"]
+    keep_tuned = after.get("fd_fp", float("inf")) <= before.get("fd_fp", float("inf"))
+    reason = (
+        f"fine-tuned FD to FP {after.get('fd_fp', float('nan')):.4g} vs PTQ {before.get('fd_fp', float('nan')):.4g}: "
+        + ("kept the fine-tuned model" if keep_tuned else "fine-tuning made it worse; kept the PTQ model")
+    )
+    logger.info(reason)
+    section = {
+        "kept": "finetuned" if keep_tuned else "ptq",
+        "reason": reason,
+        "before": before,
+        "after": after,
+        "steps": tuned["result"]["steps"],
+        "resumed_from": tuned["result"]["resumed_from"],
+        "seconds": tuned["result"]["seconds"],
+        "trainable_parameters": tuned["result"]["trainable_parameters"],
+        "trainable_layers": len(tuned["result"]["layers"]),
+        "first_loss": tuned["result"]["first_loss"],
+        "last_loss": tuned["result"]["last_loss"],
+        "weights_path": tuned["weights_path"],
+    }
+    return (tuned, q_ft, section) if keep_tuned else (quant, q, section)
 
 
 def _export_summary(exported: dict[str, Any] | None) -> dict[str, Any]:
@@ -274,6 +341,9 @@ def compress_flow(spec: dict[str, Any], out_dir: str | None = None) -> dict[str,
             quantized=quant,
             fp=fp,
         )
+        finetune = None
+        if cfg.finetune is not None:
+            quant, q, finetune = _finetune(stages, cfg, data, quant, q, fp, pool, calib, allocation, out, home)
         exported = None
         if cfg.export.onnx:
             exported = stages.run("export", export_task, data, quant, calib["calibration_path"], str(out))
@@ -284,6 +354,8 @@ def compress_flow(spec: dict[str, Any], out_dir: str | None = None) -> dict[str,
         tracker.log_artifact(grid, "samples")
         tracker.log_metrics({f"fp.{k}": v for k, v in fp["metrics"].items()})
         tracker.log_metrics({f"quantized.{k}": v for k, v in q["metrics"].items()})
+        if finetune is not None:
+            tracker.log_metrics({f"ptq.{k}": v for k, v in finetune["before"].items()})
         sizes = {
             "fp32_bytes": quant["fp32_bytes"],
             "packed_bytes": quant["packed_bytes"],
@@ -303,7 +375,9 @@ def compress_flow(spec: dict[str, Any], out_dir: str | None = None) -> dict[str,
                 "registered_reason": "promote.register_model is false",
                 "alias": None,
             },
-            "metrics": {"fp": fp["metrics"], "quantized": q["metrics"]},
+            "metrics": {"fp": fp["metrics"], "quantized": q["metrics"]}
+            | ({"ptq": finetune["before"]} if finetune else {}),
+            "finetune": finetune,
             "sizes": sizes,
             "plan": {
                 "path": quant["plan_path"],

@@ -43,7 +43,9 @@ def evaluate_task(
     cfg = spec_from_dict(spec)
     model = model_from_source(cfg.model.model_dump())
     if quantized is not None:
-        model = load_quantized(model, Path(quantized["plan_path"]), Path(quantized["scales_path"]))
+        model = load_quantized(
+            model, Path(quantized["plan_path"]), Path(quantized["scales_path"]), quantized.get("weights_path")
+        )
     classifier = load_classifier() if model.digits_compatible else None
     real = load_digits_split().held_out_images if classifier is not None else None
     sqnr_inputs = load_trajectories(sqnr_path)

@@ -38,7 +38,9 @@ def export_task(spec: dict[str, Any], quantized: dict[str, Any], calibration_pat
     cfg = spec_from_dict(spec)
     model = model_from_source(cfg.model.model_dump())
     plan = LayerPlan.load(Path(quantized["plan_path"]))
-    qmodel = load_quantized(model, Path(quantized["plan_path"]), Path(quantized["scales_path"]))
+    qmodel = load_quantized(
+        model, Path(quantized["plan_path"]), Path(quantized["scales_path"]), quantized.get("weights_path")
+    )
     folder = Path(out_dir) / "onnx"
     info = export_onnx(qmodel, plan, folder / "model.onnx", opset=cfg.export.opset)
     check_rules(info.path, plan, raise_on_violation=True)

@@ -90,9 +90,20 @@ def save_quantized(model: DiffusionModel, plan: LayerPlan, out_dir: Path) -> tup
     return plan_path, scales_path
 
 
-def load_quantized(model: DiffusionModel, plan_path: Path, scales_path: Path) -> DiffusionModel:
-    """Rebuild the quantized model from the FP model, a saved plan and saved scales."""
+def load_quantized(
+    model: DiffusionModel, plan_path: Path, scales_path: Path, weights_path: Path | None = None
+) -> DiffusionModel:
+    """Rebuild the quantized model from the FP model, a saved plan and saved scales.
+
+    Args:
+        model: The FP model.
+        plan_path: The LayerPlan.
+        scales_path: Quantizer scales (:func:`save_quantized`).
+        weights_path: Fine-tuned denoiser weights (safetensors of the whole state dict), if any.
+    """
     quantized = copy.deepcopy(model)
     apply_plan(quantized.unet, LayerPlan.load(plan_path))
     load_quantizer_state(quantized.unet, load_safetensors(scales_path))
+    if weights_path is not None:
+        quantized.unet.load_state_dict(load_safetensors(Path(weights_path)), strict=True)
     return quantized

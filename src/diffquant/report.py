@@ -77,6 +77,13 @@ def render_report(summary: dict[str, Any]) -> str:
         lines.append(f"| {name} | " + " | ".join(_fmt(metrics[s].get(name, "")) for s in metrics) + " |")
     lines += ["", "| stage | seconds |", "|---|---|"]
     lines += [f"| {stage} | {sec:.1f} |" for stage, sec in summary["timings"].items()]
+    if summary.get("finetune"):
+        ft = summary["finetune"]
+        lines += [
+            "",
+            f"Fine-tuning: {ft['steps']} steps, {ft['trainable_parameters']:,} trainable parameters in "
+            f"{ft['trainable_layers']} layers, {ft['seconds']:.0f} s; {ft['reason']}.",
+        ]
     lines += ["", f"Export: {summary['export']['status']} ({summary['export']['reason']})", ""]
     reg = summary["model"]
     if reg.get("registered"):

@@ -183,6 +183,44 @@ class AllocationSpec(_Strict):
         return self
 
 
+class TrainableSpec(_Strict):
+    """Which quantized layers fine-tuning trains (QuEST): a rule plus extra globs."""
+
+    rule: Literal["all", "time_embedding", "attention", "top_k"] = "all"
+    layers: list[str] = Field(default_factory=list, description="extra layer globs")
+    top_k: int = Field(8, ge=1, description="rule top_k: the most sensitive layers (needs allocation)")
+
+
+class FinetuneSpec(_Strict):
+    """Quantized fine-tuning: QALoRA adapters + LSQ step sizes, distilled from the FP teacher without data.
+
+    ``timestep_groups`` above 1 (one activation scale per group of timesteps) is refused: every
+    group would need its own engine (or a per-step scale input TensorRT cannot fuse) at deployment.
+    """
+
+    steps: int = Field(2000, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0, description="adapter learning rate (cosine decay to 5%)")
+    scale_lr: float = Field(1e-4, gt=0, description="LSQ step-size learning rate")
+    rank: int = Field(4, ge=1)
+    alpha: float | None = Field(None, gt=0, description="adapter scale alpha / rank (default alpha = rank)")
+    learn_weight_scales: bool = True
+    learn_activation_scales: bool = True
+    trainable: TrainableSpec = TrainableSpec()
+    timestep_groups: int = Field(1, ge=1)
+    checkpoint_every: int = Field(200, ge=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _deployable(self) -> FinetuneSpec:
+        if self.timestep_groups > 1:
+            raise ValueError(
+                "timestep_groups > 1 is not available: per-group activation scales would need one engine per "
+                "timestep group at deployment; use 1 (one learned scale per tensor)"
+            )
+        return self
+
+
 class ExportSpec(_Strict):
     """ONNX export (Q/DQ, TensorRT's explicit form), its rules check and parity, and the engine.
 
@@ -253,7 +291,7 @@ class CompressionSpec(_Strict):
     calibration: CalibrationSpec = CalibrationSpec()
     quantize: QuantizeSpec = QuantizeSpec()
     allocation: AllocationSpec | None = None
-    finetune: None = None
+    finetune: FinetuneSpec | None = None
     export: ExportSpec = ExportSpec()
     evaluate: EvaluateSpec = EvaluateSpec()
     promote: PromoteSpec = PromoteSpec()
@@ -311,9 +349,7 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-_NOT_AVAILABLE = {
-    "finetune": "quantized fine-tuning is not available in this release; remove 'finetune'",
-}
+_NOT_AVAILABLE: dict[str, str] = {}
 
 
 def _format_error(error: ValidationError) -> str:

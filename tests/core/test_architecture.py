@@ -56,4 +56,5 @@ def test_import_direction():
 
 def test_no_flow_file_shadows_a_package():
     packages = {"diffquant", "flows", "tasks", "export", "registry"}
-    assert not {p.stem for p in (ROOT / "flows").glob("*.py")} & packages
+    for folder in ("flows", "bench"):
+        assert not {p.stem for p in (ROOT / folder).glob("*.py")} & packages, folder

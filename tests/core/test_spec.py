@@ -48,7 +48,7 @@ def test_overrides_parse_yaml_values():
         (["quantize.activation.bits=1"], "'quantize.activation.bits'"),
         (["calibration.size=100000"], "exceeds the candidate pool"),
         (["sampler.guidance=3"], "guidance"),
-        (["finetune.steps=4"], "fine-tuning is not available"),
+        (["finetune.timestep_groups=2"], "timestep_groups > 1 is not available"),
         (["allocation.budget=4"], "allocation.budget"),
         (["allocation.weight_bits=[1, 4]"], "candidate bits 1"),
         (["nonsense"], "section.key=value"),

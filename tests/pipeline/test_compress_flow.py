@@ -165,3 +165,29 @@ def test_mixed_precision_sensitivity_on_dask_then_cached_for_the_default_runner(
     client = MlflowClient(tracking_uri=first["tracking_uri"])
     logged = {a.path for a in client.list_artifacts(first["run_id"], "sensitivity")}
     assert logged == {"sensitivity/sensitivity.csv", "sensitivity/sensitivity_heatmap.png"}
+
+
+def test_finetune_stage_trains_evaluates_and_keeps_the_better_model(isolated_home, tmp_path):
+    summary = run_flow(
+        tmp_path / "ft",
+        [
+            "quantize.weight.bits=3",
+            "quantize.activation.bits=6",
+            "finetune={steps: 30, batch_size: 32, checkpoint_every: 10, trainable: {rule: attention, layers: [conv_out]}}",
+        ],
+    )
+    ft = summary["finetune"]
+    assert ft["kept"] in {"finetuned", "ptq"} and ft["steps"] == 30 and ft["trainable_parameters"] > 0
+    assert set(summary["metrics"]) == {"fp", "ptq", "quantized"}
+    kept = ft["after"] if ft["kept"] == "finetuned" else ft["before"]
+    assert summary["metrics"]["quantized"] == kept
+    assert ft["after"]["fd_fp"] <= ft["before"]["fd_fp"] or ft["kept"] == "ptq"
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=summary["tracking_uri"])
+    history = client.get_metric_history(summary["run_id"], "finetune.loss")
+    assert len(history) >= 3 and {m.step for m in history} >= {0, 10, 29}
+    assert summary["export"]["parity"]["passed"] is True
+    if ft["kept"] == "finetuned":
+        files = {a.path for a in client.list_artifacts(summary["run_id"], "model")}
+        assert "model/finetuned_denoiser.safetensors" in files

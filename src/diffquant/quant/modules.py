@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
-from diffquant.quant.formats import IntFormat, fake_quant, fake_quant_grouped
+from diffquant.quant.formats import IntFormat, broadcast_scale, fake_quant, fake_quant_grouped, group_view
+from diffquant.quant.lsq import lsq_fake_quant
 from diffquant.quant.observers import ActivationObserver, weight_scale
 
 
@@ -57,6 +58,7 @@ class FakeQuantizer(nn.Module):
         else:
             shape = (channels,) if axis is not None else ()
         self.register_buffer("scale", torch.ones(shape))
+        self.learnable = False
         self.mode = QuantizerMode.OFF
         self._observer: ActivationObserver | None = None
 
@@ -85,8 +87,37 @@ class FakeQuantizer(nn.Module):
         self._observer = None
         self.mode = QuantizerMode.QUANTIZE
 
+    def make_learnable(self) -> nn.Parameter:
+        """Turn the scale into a trainable parameter (LSQ); the state-dict key stays ``scale``."""
+        if not self.learnable:
+            value = self.scale.detach().clone()
+            del self._buffers["scale"]
+            self.scale = nn.Parameter(value)
+            self.learnable = True
+        return self.scale
+
+    def freeze(self) -> None:
+        """Turn a learned scale back into a buffer (after fine-tuning)."""
+        if self.learnable:
+            value = self.scale.detach().clone()
+            del self._parameters["scale"]
+            self.register_buffer("scale", value)
+            self.learnable = False
+
+    def _broadcast_scale(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x viewed for the scale, scale broadcast against it)``."""
+        if self.group_size is not None:
+            return group_view(x, self.group_size), self.scale.unsqueeze(2)
+        return x, broadcast_scale(self.scale, x, self.axis)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Observe, fake-quantize or pass through ``x`` according to the mode."""
+        """Observe, fake-quantize or pass through ``x`` according to the mode.
+
+        A learnable scale under autograd uses LSQ's gradients; the forward value is the same.
+        """
+        if self.mode is QuantizerMode.QUANTIZE and self.learnable and torch.is_grad_enabled():
+            view, step = self._broadcast_scale(x)
+            return lsq_fake_quant(view, step.to(x.dtype), self.fmt, view.numel() // self.scale.numel()).reshape(x.shape)
         if self.mode is QuantizerMode.QUANTIZE:
             if self.group_size is not None:
                 return fake_quant_grouped(x, self.scale.to(x.dtype), self.fmt, self.group_size)
@@ -140,20 +171,57 @@ class _QuantMixin:
         if self.weight_quantizer is not None:
             self.weight_quantizer.calibrate_from(self.weight.detach())
 
+    def add_adapter(self, rank: int, alpha: float | None = None, seed: int = 0) -> None:
+        """Attach a QALoRA adapter: ``W + (alpha / rank) * B @ A`` is what gets fake-quantized.
+
+        ``A`` starts small and random (seeded), ``B`` at zero, so the layer is unchanged until trained.
+        """
+        fan_in = self.weight[0].numel()
+        generator = torch.Generator().manual_seed(seed)
+        a = torch.randn(rank, fan_in, generator=generator) / fan_in**0.5
+        self.lora_A = nn.Parameter(a.to(self.weight.dtype))
+        self.lora_B = nn.Parameter(torch.zeros(self.weight.shape[0], rank, dtype=self.weight.dtype))
+        self.lora_scale = (alpha if alpha is not None else rank) / rank
+
+    def has_adapter(self) -> bool:
+        """Whether a QALoRA adapter is attached."""
+        return getattr(self, "lora_A", None) is not None
+
+    def adapter_delta(self) -> torch.Tensor:
+        """The adapter's weight update, shaped like the weight."""
+        return (self.lora_B @ self.lora_A).reshape(self.weight.shape) * self.lora_scale
+
+    def merge_adapter(self) -> None:
+        """Fold the adapter into the float weight and remove it (the layer computes exactly the same)."""
+        if not self.has_adapter():
+            return
+        with torch.no_grad():
+            merged = self.weight + self.adapter_delta()
+            self.weight.copy_(merged)
+        del self.lora_A, self.lora_B
+        self.lora_A = None
+        self.lora_B = None
+
+    def _float_weight(self) -> torch.Tensor:
+        return self.weight + self.adapter_delta() if self.has_adapter() else self.weight
+
     def quantized_weight(self) -> torch.Tensor:
         """The weight as the quantized layer uses it (fake-quantized, or as is when FP).
 
-        Without autograd the result is cached until the weight or its scale changes in place.
+        With an adapter, ``W + delta`` is quantized. Without autograd the result is cached until
+        the weight, the adapter or the scale changes in place.
         """
         quantizer = self.weight_quantizer
         if quantizer is None:
-            return self.weight
+            return self._float_weight()
         if torch.is_grad_enabled():
-            return quantizer(self.weight)
+            return quantizer(self._float_weight())
         key = (self.weight._version, quantizer.scale._version, quantizer.mode, self.weight.data_ptr())
+        if self.has_adapter():
+            key += (self.lora_A._version, self.lora_B._version, self.lora_A.data_ptr(), self.lora_B.data_ptr())
         cached = getattr(self, "_weight_cache", None)
         if cached is None or cached[0] != key:
-            cached = (key, quantizer(self.weight))
+            cached = (key, quantizer(self._float_weight()))
             self._weight_cache = cached
         return cached[1]
 

@@ -13,26 +13,19 @@ with the op types onnxruntime's optimizer leaves in each graph (what it fused).
 
 Writes ``bench/results/export.json`` and the ``export`` table of BENCHMARKS.md.
 
-Run: ``.venv/bin/python bench/export.py`` (about 10 minutes on 2 cores; ``--samples`` to shorten).
+Run: ``.venv/bin/python bench/onnx_runtime.py`` (about 10 minutes on 2 cores; ``--samples`` to shorten).
 """
 
 from __future__ import annotations
 
-# ruff: noqa: E402
 import argparse
 import collections
 import dataclasses
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
-
-# this script's folder comes first on sys.path and its own name would shadow the `export`
-# package: look there last (for `common`) instead
-_BENCH = Path(__file__).resolve().parent
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != _BENCH] + [str(_BENCH)]
 
 import numpy as np
 import onnx
@@ -292,7 +285,7 @@ def main() -> None:
     lines = [
         "## ONNX export on onnxruntime (CPU)",
         "",
-        f"Command: `.venv/bin/python bench/export.py` ({args.samples} samples, DDIM {args.steps}, noise seed 0, "
+        f"Command: `.venv/bin/python bench/onnx_runtime.py` ({args.samples} samples, DDIM {args.steps}, noise seed 0, "
         f"sampled through onnxruntime {ort.__version__} CPU, {THREADS} threads; calibration: the default spec's 256 "
         f"inputs for ours and for quantize_static). Machine: {machine()}.",
         f"PyTorch FP32 at the same noise: accuracy {torch_fp_metrics['accuracy']:.4f}, FD to real "
