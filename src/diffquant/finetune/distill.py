@@ -28,7 +28,7 @@ from torch import nn
 from diffquant.errors import DataError
 from diffquant.quant.modules import QuantConv2d, QuantLinear
 from diffquant.quant.plan import resolve_globs
-from diffquant.sampling import Trajectories
+from diffquant.sampling import Trajectories, denoiser_outputs
 from diffquant.storage import load_safetensors, save_safetensors, write_json
 
 logger = logging.getLogger(__name__)
@@ -234,6 +234,8 @@ def distill(
     start = load_checkpoint(checkpoint_dir, student, optimizer)
     result = DistillResult(cfg.steps, start, 0.0, sum(p.numel() for g in groups for p in g["params"]), layers)
     teacher.eval()
+    # the teacher's predictions on the pool are fixed: compute them once (one batched no-grad pass)
+    targets = denoiser_outputs(teacher, pool, conditional)
     student.train()
     began = time.perf_counter()
     with track("Fine-tuning", cfg.steps) as bar:
@@ -243,8 +245,7 @@ def distill(
             idx = torch.randint(len(pool), (min(cfg.batch_size, len(pool)),), generator=generator)
             x, t = pool.x[idx], pool.t[idx]
             y = pool.labels[idx] if conditional else None
-            with torch.no_grad():
-                target = teacher(x, t, class_labels=y).sample
+            target = targets[idx]
             factor = _lr_factor(step, cfg.steps)
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * factor

@@ -9,21 +9,45 @@ multiplied by the gradient scale ``g = 1 / sqrt(N * qmax)`` (N: elements per sca
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
 from diffquant.quant.formats import IntFormat
 
 
+class _GradScale(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad * ctx.scale, None
+
+
+class _RoundSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
 def grad_scale(x: torch.Tensor, scale: float) -> torch.Tensor:
-    """Identity in the forward pass; multiplies the gradient by ``scale``."""
-    y = x * scale
-    return (x - y).detach() + y
+    """Exactly ``x`` in the forward pass; multiplies the gradient by ``scale``.
+
+    (The common ``(x - x*g).detach() + x*g`` trick can change ``x`` in its last bit.)
+    """
+    return _GradScale.apply(x, scale)
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
-    """``round`` with a straight-through (identity) gradient."""
-    return (x.round() - x).detach() + x
+    """Exactly ``round(x)`` forward, with a straight-through (identity) gradient."""
+    return _RoundSTE.apply(x)
 
 
 def lsq_fake_quant(x: torch.Tensor, step: torch.Tensor, fmt: IntFormat, elements_per_scale: int) -> torch.Tensor:
