@@ -12,6 +12,19 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "BENCHMARKS.md"
 
 
+def temporary_home(prefix: str) -> Path:
+    """A fresh DIFFQUANT_HOME (embedded Prefect + MLflow) for one benchmark run, set in the environment."""
+    import tempfile
+
+    home = Path(tempfile.mkdtemp(prefix=prefix))
+    os.environ["DIFFQUANT_HOME"] = str(home)
+    from registry.home import configure_environment
+
+    configure_environment(home)
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    return home
+
+
 def machine() -> str:
     """One line describing where the numbers were measured."""
     return (

@@ -16,11 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, machine, replace_section
+from common import ROOT, machine, replace_section, temporary_home
 
 KEEP_8 = "quantize.overrides=[{layers: [conv_in, conv_out, 'time_embedding.*'], weight_bits: 8, activation_bits: 8}]"
 
@@ -45,12 +44,7 @@ def main() -> None:
     parser.add_argument("--w4a4-steps", type=int, default=1500)
     parser.add_argument("--samples", type=int, default=2000)
     args = parser.parse_args()
-    home = tempfile.mkdtemp(prefix="diffquant-finetune-")
-    os.environ["DIFFQUANT_HOME"] = home
-    from registry.home import configure_environment
-
-    configure_environment(Path(home))
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    home = str(temporary_home("diffquant-finetune-"))
     from diffquant.spec import load_spec
     from flows.compress import compress_flow
 

@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, machine, replace_section
+from common import ROOT, machine, replace_section, temporary_home
 
 
 def main() -> None:
@@ -27,12 +25,7 @@ def main() -> None:
     parser.add_argument("--layers-per-task", type=int, default=4)
     parser.add_argument("--variants", default="default:1,dask:1,dask:2")
     args = parser.parse_args()
-    home = Path(tempfile.mkdtemp(prefix="diffquant-parallel-"))
-    os.environ["DIFFQUANT_HOME"] = str(home)
-    from registry.home import configure_environment
-
-    configure_environment(home)
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    home = temporary_home("diffquant-parallel-")
     import diffquant
     from diffquant.calibration import collect_pool, select, subset
     from diffquant.models.loading import load_model

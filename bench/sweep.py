@@ -14,11 +14,10 @@ import argparse
 import json
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, machine, replace_section
+from common import ROOT, machine, replace_section, temporary_home
 
 
 def main() -> None:
@@ -27,12 +26,7 @@ def main() -> None:
     parser.add_argument("--baselines", default="8,4,3")
     parser.add_argument("--samples", type=int, default=2000)
     args = parser.parse_args()
-    home = tempfile.mkdtemp(prefix="diffquant-sweep-")
-    os.environ["DIFFQUANT_HOME"] = home
-    from registry.home import configure_environment
-
-    configure_environment(Path(home))
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    home = str(temporary_home("diffquant-sweep-"))
     from diffquant.spec import load_spec
     from flows.sweep import sweep_flow
 
