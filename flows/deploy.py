@@ -36,8 +36,10 @@ def _engine_for(folder: Path, out: Path) -> tuple[Path | None, str]:
     ok, reason = tensorrt_available()
     if not ok:
         return None, f"{reason}; the ONNX is shipped for an on-device build"
-    engine = build_engine(onnx_files[0], out / "model.engine")
-    return Path(engine["engine_path"]) if isinstance(engine, dict) else Path(engine), "built for this GPU"
+    result = build_engine(onnx_files[0], out / "model.engine")
+    if not result.built or result.engine_path is None:
+        return None, f"{result.skip_reason}; the ONNX is shipped for an on-device build"
+    return Path(result.engine_path), "TensorRT engine built for this GPU"
 
 
 @flow(name="deploy", log_prints=False)

@@ -34,3 +34,21 @@ def test_deploy_by_alias_and_refuse_tampered(isolated_home, tmp_path):
     assert verify_files(target)["bundle"]["version"] == "1"
     result = runner.invoke(app, ["deploy", "digits-unet", "--alias", "nope", "--target", str(target)])
     assert result.exit_code == 2 and "cannot find 'digits-unet' @ nope" in result.output, result.output
+
+
+def test_engine_for_ships_onnx_without_tensorrt_and_uses_a_built_engine(tmp_path, monkeypatch):
+    import export.tensorrt as trt
+    from flows.deploy import _engine_for
+
+    (tmp_path / "v" / "onnx").mkdir(parents=True)
+    assert _engine_for(tmp_path / "v", tmp_path)[0] is None  # no ONNX at all
+    (tmp_path / "v" / "onnx" / "model.onnx").write_bytes(b"onnx")
+    engine, reason = _engine_for(tmp_path / "v", tmp_path)
+    assert engine is None and "shipped for an on-device build" in reason
+    built = tmp_path / "model.engine"
+    monkeypatch.setattr(trt, "tensorrt_available", lambda: (True, ""))
+    monkeypatch.setattr(
+        trt, "build_engine", lambda onnx, path, **kw: trt.EngineResult(built=True, engine_path=Path(path))
+    )
+    engine, reason = _engine_for(tmp_path / "v", tmp_path)
+    assert engine == built and "built" in reason
