@@ -49,13 +49,15 @@ def check_safetensors(path: Path) -> None:
         raise ModelLoadError(f"weights file {path} does not exist")
     with path.open("rb") as handle:
         head = handle.read(9)
+    # safetensors first: its 8-byte header length may itself begin with 0x80 (e.g. 0x3780 bytes)
+    if len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] <= path.stat().st_size:
+        return
     if any(head.startswith(magic) for magic in _PICKLE_MAGIC):
         raise ModelLoadError(
             f"{path} is a pickle checkpoint, which can run arbitrary code; "
             "convert it to safetensors (model.save_pretrained(..., safe_serialization=True))"
         )
-    if len(head) < 9 or head[8:9] != b"{" or struct.unpack("<Q", head[:8])[0] > path.stat().st_size:
-        raise ModelLoadError(f"{path} is not a safetensors file")
+    raise ModelLoadError(f"{path} is not a safetensors file")
 
 
 def load_safetensors(path: Path) -> dict[str, torch.Tensor]:

@@ -94,3 +94,23 @@ def test_safetensors_round_trip_and_atomic_failure(tmp_path):
         raise RuntimeError("boom")
     assert not target.exists()
     assert list(tmp_path.iterdir()) == [path]
+
+
+def test_safetensors_whose_header_length_starts_with_0x80_is_accepted(tmp_path):
+    """Regression: a header of 0x..80 bytes made the first byte look like a pickle opcode."""
+    import json as _json
+
+    import torch
+
+    from diffquant.storage import load_safetensors
+
+    for pad in range(0, 300):
+        tensors = {"x" * (1 + pad): torch.zeros(1)}
+        path = save_safetensors(tensors, tmp_path / "t.safetensors")
+        if path.read_bytes()[0] == 0x80:
+            break
+    else:
+        raise AssertionError("no header length starting with 0x80 found")
+    check_safetensors(path)
+    assert torch.equal(next(iter(load_safetensors(path).values())), torch.zeros(1))
+    assert _json.loads(path.read_bytes()[8 : 8 + path.read_bytes()[0] + 256 * path.read_bytes()[1]])
