@@ -53,7 +53,7 @@ def main() -> None:
         extra = [f"evaluate.samples={args.samples}", "export.onnx=false", "promote.register_model=false"]
         spec = load_spec(config, [*overrides, *extra])
         start = time.perf_counter()
-        summary = compress_flow(spec=spec.to_dict(), out_dir=os.path.join(home, label.split()[0] + label.split()[1]))
+        summary = compress_flow(spec=spec.to_dict(), out_dir=os.path.join(home, f"row{len(results)}"))
         ft = summary["finetune"]
         row = {
             "label": label,
