@@ -171,8 +171,7 @@ def test_finetune_stage_trains_evaluates_and_keeps_the_better_model(isolated_hom
     summary = run_flow(
         tmp_path / "ft",
         [
-            "quantize.weight.bits=3",
-            "quantize.activation.bits=6",
+            "quantize.weight.bits=4",
             "finetune={steps: 30, batch_size: 32, checkpoint_every: 10, trainable: {rule: attention, layers: [conv_out]}}",
         ],
     )
