@@ -91,6 +91,15 @@ class RunTracker:
         infinite = [RunTag(f"metric.{k}", str(v)) for k, v in metrics.items() if not math.isfinite(float(v))]
         self.client.log_batch(self.run_id, metrics=finite, tags=infinite)
 
+    def log_series(self, points: list[tuple[int, dict[str, float]]]) -> None:
+        """Log metrics of several steps at once (``[(step, {name: value})]``), in batches."""
+        now = int(time.time() * 1000)
+        metrics = [
+            Metric(k, float(v), now, step) for step, values in points for k, v in values.items() if math.isfinite(v)
+        ]
+        for start in range(0, len(metrics), 1000):
+            self.client.log_batch(self.run_id, metrics=metrics[start : start + 1000])
+
     def set_tags(self, tags: dict[str, str]) -> None:
         """Set run tags."""
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])

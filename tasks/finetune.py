@@ -73,9 +73,14 @@ def finetune_task(
         ).encode()
     ).hexdigest()[:20]
     tracker = RunTracker(registry_client(tracking_uri), run_id)
+    pending: list[tuple[int, dict[str, float]]] = []
 
     def log(step: int, loss: float, lr: float) -> None:
-        tracker.log_metrics({"finetune.loss": loss, "finetune.lr": lr}, step=step)
+        """Every step's loss and learning rate, sent to MLflow 50 steps at a time."""
+        pending.append((step, {"finetune.loss": loss, "finetune.lr": lr}))
+        if len(pending) >= 50 or step == ft.steps - 1:
+            tracker.log_series(pending)
+            pending.clear()
 
     config = DistillConfig(
         steps=ft.steps,
@@ -88,6 +93,7 @@ def finetune_task(
         learn_activation_scales=ft.learn_activation_scales,
         checkpoint_every=ft.checkpoint_every,
         seed=ft.seed,
+        log_every=1,
     )
     result = distill(
         student.unet,

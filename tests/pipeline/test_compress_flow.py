@@ -185,7 +185,7 @@ def test_finetune_stage_trains_evaluates_and_keeps_the_better_model(isolated_hom
 
     client = MlflowClient(tracking_uri=summary["tracking_uri"])
     history = client.get_metric_history(summary["run_id"], "finetune.loss")
-    assert len(history) >= 3 and {m.step for m in history} >= {0, 10, 29}
+    assert {m.step for m in history} == set(range(30))  # every step
     assert summary["export"]["parity"]["passed"] is True
     if ft["kept"] == "finetuned":
         files = {a.path for a in client.list_artifacts(summary["run_id"], "model")}
