@@ -29,6 +29,13 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 
+RunnerOption = Annotated[
+    str | None, typer.Option(help="Task runner of the parallel stages: default or dask (runtime.runner).")
+]
+WorkersOption = Annotated[
+    int | None, typer.Option(help="Threads (default runner) or Dask worker processes (runtime.workers).", min=1)
+]
+
 
 class _RichHandle:
     def __init__(self, progress: Progress, task: TaskID) -> None:
@@ -164,12 +171,8 @@ def compress(
     out: Annotated[
         Path | None, typer.Option("--out", help="Output folder (default: <DIFFQUANT_HOME>/runs/<time>-<spec hash>).")
     ] = None,
-    runner: Annotated[
-        str | None, typer.Option(help="Task runner of the parallel stages: default or dask (runtime.runner).")
-    ] = None,
-    workers: Annotated[
-        int | None, typer.Option(help="Threads (default runner) or Dask worker processes (runtime.workers).", min=1)
-    ] = None,
+    runner: RunnerOption = None,
+    workers: WorkersOption = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show diffquant and Prefect logs.")] = False,
 ) -> None:
     """Calibrate, quantize and evaluate a model; log everything to MLflow and write summary.json."""
@@ -215,12 +218,8 @@ def sweep(
     out: Annotated[
         Path | None, typer.Option("--out", help="Output folder (default <DIFFQUANT_HOME>/sweeps/<time>).")
     ] = None,
-    runner: Annotated[
-        str | None, typer.Option(help="Task runner of the parallel stages: default or dask (runtime.runner).")
-    ] = None,
-    workers: Annotated[
-        int | None, typer.Option(help="Threads (default runner) or Dask worker processes (runtime.workers).", min=1)
-    ] = None,
+    runner: RunnerOption = None,
+    workers: WorkersOption = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show diffquant and Prefect logs.")] = False,
 ) -> None:
     """Allocate, quantize and evaluate at several budgets; write sweep.json and a Pareto plot."""
