@@ -120,3 +120,12 @@ def test_distillation_lowers_loss_and_resume_matches_uninterrupted(tiny, tmp_pat
     first = sum(loss for _, loss in trained.losses[:5]) / 5
     last = sum(loss for _, loss in trained.losses[-5:]) / 5
     assert last < first
+
+
+def test_learned_scales_stay_positive_under_a_huge_learning_rate(tiny, tmp_path):
+    model, quantized, pool = tiny
+    student = copy.deepcopy(quantized.unet)
+    cfg = DistillConfig(steps=4, batch_size=8, lr=1e-2, scale_lr=10.0, checkpoint_every=4)
+    distill(student, model.unet, pool, True, select_layers(student), cfg, tmp_path)
+    scales = [v for k, v in student.state_dict().items() if k.endswith("_quantizer.scale")]
+    assert scales and all(bool((s > 0).all() and torch.isfinite(s).all()) for s in scales)

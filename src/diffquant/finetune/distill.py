@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from diffquant.errors import DataError
+from diffquant.quant.formats import SCALE_EPS
 from diffquant.quant.modules import QuantConv2d, QuantLinear
 from diffquant.quant.plan import resolve_globs
 from diffquant.sampling import Trajectories, denoiser_outputs
@@ -230,6 +231,7 @@ def distill(
     from diffquant.progress import track
 
     groups = prepare_student(student, layers, cfg)
+    scales = [p for g in groups[1:] for p in g["params"]]
     optimizer = torch.optim.Adam(groups)
     start = load_checkpoint(checkpoint_dir, student, optimizer)
     result = DistillResult(cfg.steps, start, 0.0, sum(p.numel() for g in groups for p in g["params"]), layers)
@@ -255,6 +257,9 @@ def distill(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            with torch.no_grad():  # a learned step size must stay a valid (positive) scale
+                for scale in scales:
+                    scale.clamp_(min=SCALE_EPS)
             value = float(loss.detach())
             result.first_loss = value if result.first_loss is None else result.first_loss
             result.last_loss = value
