@@ -126,13 +126,13 @@ def _progress() -> Progress:
     )
 
 
-def _preflight(uri: str, registered_model: str | None) -> None:
-    """Registry name, MLflow server and Prefect API checks, before any model is loaded."""
+def _preflight(uri: str, spec: Any) -> None:
+    """Registry name (when the spec registers), MLflow server and Prefect API checks, before any model is loaded."""
     from prefect.settings import PREFECT_API_URL
 
     from registry.preflight import preflight
 
-    preflight(uri, PREFECT_API_URL.value(), registered_model)
+    preflight(uri, PREFECT_API_URL.value(), spec.registered_model_name() if spec.promote.register_model else None)
 
 
 def _runtime_overrides(runner: str | None, workers: int | None) -> list[str]:
@@ -188,7 +188,7 @@ def compress(
         uri = tracking_uri(home)
         if uri.startswith("sqlite:///"):
             ensure_writable(Path(uri.removeprefix("sqlite:///")).parent, "MLflow home")
-        _preflight(uri, spec.registered_model_name() if spec.promote.register_model else None)
+        _preflight(uri, spec)
         model = load_model(name=spec.model.name, path=spec.model.path)
         if spec.calibration.labels_file:
             read_labels_file(Path(spec.calibration.labels_file), model.num_classes)
@@ -235,7 +235,7 @@ def sweep(
         baseline_list = [int(b) for b in baselines.split(",") if b.strip()]
         if spec.allocation is None:
             raise SpecError(f"{config} has no 'allocation' section; sweep varies the allocation budget")
-        _preflight(tracking_uri(home), spec.registered_model_name() if spec.promote.register_model else None)
+        _preflight(tracking_uri(home), spec)
         load_model(name=spec.model.name, path=spec.model.path)
     except ValueError:
         _fail(ValueError("--budgets takes numbers like 3,3.5,4 and --baselines integers like 8,4"))
