@@ -82,19 +82,7 @@ def finetune_task(
             tracker.log_series(pending)
             pending.clear()
 
-    config = DistillConfig(
-        steps=ft.steps,
-        batch_size=ft.batch_size,
-        lr=ft.lr,
-        scale_lr=ft.scale_lr,
-        rank=ft.rank,
-        alpha=ft.alpha,
-        learn_weight_scales=ft.learn_weight_scales,
-        learn_activation_scales=ft.learn_activation_scales,
-        checkpoint_every=ft.checkpoint_every,
-        seed=ft.seed,
-        log_every=1,
-    )
+    config = DistillConfig(**ft.model_dump(exclude={"trainable", "timestep_groups"}), log_every=1)
     result = distill(
         student.unet,
         model.unet,
