@@ -1,7 +1,8 @@
 """ONNX export of a (fake-quantized) denoiser in TensorRT's explicit-quantization (Q/DQ) form.
 
 The exported graph takes ``sample`` (N, C, H, W float32), ``timestep`` (N, int64) and, for
-class-conditional models, ``class_labels`` (N, int64), and returns ``noise_pred`` (N, C, H, W).
+class-conditional models, ``class_labels`` (N, int64) or, for text-conditioned models, ``input_ids``
+(N, L, int64: the text encoder runs inside the graph), and returns ``noise_pred`` (N, C, H, W).
 The batch dimension is dynamic.
 
 How each planned layer (a Conv2d or Linear named in the :class:`LayerPlan`) is written:
@@ -66,7 +67,8 @@ from diffquant.quant.plan import QUANTIZABLE, ActivationConfig, LayerConfig, Lay
 
 logger = logging.getLogger(__name__)
 
-INPUT_NAMES = ("sample", "timestep", "class_labels")
+INPUT_NAMES = ("sample", "timestep")
+CONDITION_INPUTS = {"class": "class_labels", "text": "input_ids"}
 OUTPUT_NAME = "noise_pred"
 LAYERS_METADATA_KEY = "diffquant.layers"
 DEFAULT_OPSET = 21
@@ -164,14 +166,14 @@ class _ExportLinear(nn.Module):
 
 
 class _Denoiser(nn.Module):
-    """``(sample, timestep[, class_labels]) -> noise prediction`` over a diffusers UNet."""
+    """``(sample, timestep[, condition]) -> noise prediction`` over a denoiser."""
 
     def __init__(self, unet: nn.Module, conditional: bool) -> None:
         super().__init__()
         self.unet, self.conditional = unet, conditional
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor | None = None):
-        return self.unet(sample, timestep, class_labels=class_labels if self.conditional else None).sample
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, condition: torch.Tensor | None = None):
+        return self.unet(sample, timestep, condition if self.conditional else None).sample
 
 
 def _weight_config(quantizer: FakeQuantizer) -> WeightConfig:
@@ -508,10 +510,12 @@ def export_onnx(
     sample = torch.randn((example_batch, c, h, w), generator=generator)
     timestep = torch.arange(example_batch, dtype=torch.long) * 7 + 1
     args: tuple[torch.Tensor, ...] = (sample, timestep)
-    names = list(INPUT_NAMES[:2])
-    if model.conditional:
-        args = (*args, torch.arange(example_batch, dtype=torch.long) % int(model.num_classes or 1))
-        names.append(INPUT_NAMES[2])
+    names = list(INPUT_NAMES)
+    if model.condition is not None:
+        condition, _ = model.conditions(example_batch, "calibration")
+        assert condition is not None
+        args = (*args, condition)
+        names.append(CONDITION_INPUTS[model.condition])
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.simplefilter("ignore", DeprecationWarning)

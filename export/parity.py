@@ -85,7 +85,7 @@ def ort_session(path: str | Path, threads: int | None = None, optimize: bool = T
 
 
 class OrtDenoiser(nn.Module):
-    """An onnxruntime session behind the diffusers call ``unet(x, t, class_labels=y).sample``.
+    """An onnxruntime session behind the denoiser call ``unet(x, t, condition).sample``.
 
     It lets :func:`diffquant.sampling.ddim_sample` and :func:`denoiser_outputs` run the exported
     model unchanged.
@@ -99,16 +99,18 @@ class OrtDenoiser(nn.Module):
         self.output_name = session.get_outputs()[0].name
 
     def forward(
-        self, sample: torch.Tensor, timestep: torch.Tensor | int, class_labels: torch.Tensor | None = None
+        self, sample: torch.Tensor, timestep: torch.Tensor | int, condition: torch.Tensor | None = None
     ) -> DenoiserOutput:
         """Run the session on one batch and return its noise prediction."""
         batch = sample.shape[0]
         t = torch.as_tensor(timestep, dtype=torch.long).reshape(-1).expand(batch)
         feeds = {"sample": sample.detach().float().contiguous().numpy(), "timestep": t.contiguous().numpy()}
-        if "class_labels" in self.input_names:
-            if class_labels is None:
-                raise ValueError("the exported model is class-conditional; pass class_labels")
-            feeds["class_labels"] = class_labels.to(torch.long).reshape(-1).contiguous().numpy()
+        extra = [name for name in self.input_names if name not in feeds]
+        if extra:
+            if condition is None:
+                raise ValueError(f"the exported model is conditional; pass its {extra[0]}")
+            ids = condition.to(torch.long)
+            feeds[extra[0]] = (ids if ids.dim() > 1 else ids.reshape(-1)).contiguous().numpy()
         (out,) = self.session.run([self.output_name], feeds)
         return DenoiserOutput(torch.from_numpy(out))
 

@@ -189,9 +189,9 @@ def compress(
         if uri.startswith("sqlite:///"):
             ensure_writable(Path(uri.removeprefix("sqlite:///")).parent, "MLflow home")
         _preflight(uri, spec)
-        model = load_model(name=spec.model.name, path=spec.model.path)
+        model = load_model(name=spec.model.name, path=spec.model.path, prompts=spec.model.prompts)
         if spec.calibration.labels_file:
-            read_labels_file(Path(spec.calibration.labels_file), model.num_classes)
+            read_labels_file(Path(spec.calibration.labels_file), model.num_classes, model.condition)
     except DiffquantError as error:
         _fail(error)
     from flows.compress import compress_flow
@@ -236,7 +236,7 @@ def sweep(
         if spec.allocation is None:
             raise SpecError(f"{config} has no 'allocation' section; sweep varies the allocation budget")
         _preflight(tracking_uri(home), spec)
-        load_model(name=spec.model.name, path=spec.model.path)
+        load_model(name=spec.model.name, path=spec.model.path, prompts=spec.model.prompts)
     except ValueError:
         _fail(ValueError("--budgets takes numbers like 3,3.5,4 and --baselines integers like 8,4"))
     except DiffquantError as error:

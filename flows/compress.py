@@ -51,7 +51,9 @@ def _plan_description(spec: CompressionSpec) -> str:
     text = f"W{w or 'fp'}A{a or 'fp'} uniform, {spec.quantize.weight.granularity}"
     if spec.quantize.weight.group_size:
         text += f" (groups of {spec.quantize.weight.group_size})"
-    if spec.quantize.keep_full_precision:
+    if spec.quantize.keep_full_precision is None:
+        text += ", FP: the model family's defaults"
+    elif spec.quantize.keep_full_precision:
         text += f", FP: {', '.join(spec.quantize.keep_full_precision)}"
     return text
 
@@ -231,8 +233,15 @@ def _collect_pool(cfg: CompressionSpec, model_info: dict[str, Any], home: Path) 
     """Run (or reuse from Prefect's cache) the pool task; returns its result and whether it was cached."""
     labels = None
     if cfg.calibration.labels_file:
-        labels = read_labels_file(Path(cfg.calibration.labels_file), model_info["num_classes"]).tolist()
-    pool_spec = {"trajectories": cfg.calibration.trajectories, "seed": cfg.calibration.seed, "labels": labels}
+        labels = read_labels_file(
+            Path(cfg.calibration.labels_file), model_info["num_classes"], model_info["condition"]
+        ).tolist()
+    pool_spec = {
+        "trajectories": cfg.calibration.trajectories,
+        "seed": cfg.calibration.seed,
+        "labels": labels,
+        "prompts_sha256": model_info["prompts_sha256"],
+    }
     args = (
         cfg.model.model_dump(),
         model_info["weights_sha256"],

@@ -12,7 +12,7 @@ from diffquant.storage import load_safetensors, save_safetensors
 
 def model_from_source(source: dict[str, Any]) -> DiffusionModel:
     """Load the model described by a spec's ``model`` section."""
-    return load_model(name=source.get("name"), path=source.get("path"))
+    return load_model(name=source.get("name"), path=source.get("path"), prompts=source.get("prompts"))
 
 
 def save_trajectories(traj: Trajectories, path: Path) -> Path:

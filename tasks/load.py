@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from prefect import task
 
+from diffquant.storage import sha256_file
 from tasks.common import model_from_source
 
 
@@ -14,14 +16,19 @@ def load_model_task(source: dict[str, Any]) -> dict[str, Any]:
     """Load the model once to validate it; return its identity.
 
     Returns:
-        ``name``, ``weights_sha256``, ``sample_shape``, ``num_classes``, ``layers`` (count) and
+        ``name``, ``family``, ``condition``, ``weights_sha256``, ``prompts_sha256`` (of
+        ``model.prompts``, if set), ``sample_shape``, ``num_classes``, ``layers`` (count) and
         ``layer_names`` (quantizable layers in module order).
     """
     from diffquant.quant.plan import quantizable_layers
 
     model = model_from_source(source)
     names = quantizable_layers(model.unet)
+    prompts = source.get("prompts")
     return {
+        "family": model.family,
+        "condition": model.condition,
+        "prompts_sha256": sha256_file(Path(prompts)) if prompts else None,
         "layer_names": names,
         "name": model.name,
         "weights_sha256": model.weights_sha256,

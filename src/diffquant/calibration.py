@@ -16,7 +16,7 @@ from torch import nn
 from diffquant.errors import DataError
 from diffquant.models.loading import DiffusionModel
 from diffquant.quant.plan import input_quantizers
-from diffquant.sampling import Trajectories, class_labels, ddim_sample, denoiser_outputs, initial_noise
+from diffquant.sampling import Trajectories, ddim_sample, denoiser_outputs, initial_noise
 from diffquant.selection import SelectionParams, select_indices
 
 logger = logging.getLogger(__name__)
@@ -25,13 +25,23 @@ POOL_SEED_OFFSET = 10_000
 POOL_CODE_VERSION = "1"
 
 
-def read_labels_file(path: Path, num_classes: int | None) -> torch.Tensor:
+def read_labels_file(path: Path, num_classes: int | None, condition: str | None = "class") -> torch.Tensor:
     """Read class labels (one integer per line, ``#`` comments allowed) for calibration sampling.
 
+    Args:
+        path: The labels file.
+        num_classes: The model's number of classes (None: unconditional).
+        condition: The model's condition kind; labels files are for ``class`` models only.
+
     Raises:
-        DataError: If the file is missing, unreadable, empty, or holds labels out of range.
+        DataError: If the file is missing, unreadable, empty, holds labels out of range, or the
+            model is text-conditioned (which takes ``model.prompts`` instead).
     """
     path = Path(path)
+    if condition == "text":
+        raise DataError(
+            f"labels file {path} given, but the model is text-conditioned; set model.prompts to a prompts file"
+        )
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as error:
@@ -62,20 +72,26 @@ def collect_pool(
         trajectories: Number of sampling trajectories.
         steps: DDIM steps per trajectory.
         seed: Calibration seed (noise seed is ``POOL_SEED_OFFSET + seed``).
-        labels: Conditions to cycle through (default: all classes in turn).
+        labels: Class labels to cycle through (class models; default: all classes in turn).
+            Text models use their calibration prompts.
 
     Raises:
         DataError: If any recorded input is NaN or infinite.
     """
-    if not model.conditional:
-        labels = None
-    elif labels is None:
-        labels = class_labels(trajectories, model.num_classes)
-    else:
+    if labels is not None and model.condition == "class":
         labels = labels[torch.arange(trajectories) % labels.numel()]
+    else:
+        labels, _ = model.conditions(trajectories, "calibration")
     noise = initial_noise(trajectories, model.sample_shape, POOL_SEED_OFFSET + seed)
     _, traj = ddim_sample(
-        model.unet, model.scheduler_config, noise, labels, steps, record=True, description="Collecting FP trajectories"
+        model.unet,
+        model.scheduler_config,
+        noise,
+        labels,
+        steps,
+        record=True,
+        description="Collecting FP trajectories",
+        clamp=not model.latent,
     )
     assert traj is not None
     check_finite(traj)

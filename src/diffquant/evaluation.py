@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from diffquant.metrics import condition_accuracy, frechet_distance, psnr, sqnr_db, ssim
+from diffquant.metrics import DATA_RANGE, condition_accuracy, frechet_distance, psnr, sample_range, sqnr_db, ssim
 from diffquant.models.classifier import DigitClassifier
 from diffquant.models.loading import DiffusionModel
-from diffquant.sampling import Trajectories, class_labels, ddim_sample, denoiser_outputs, initial_noise
+from diffquant.sampling import Trajectories, ddim_sample, denoiser_outputs, initial_noise
 
 
 @dataclass
@@ -25,11 +25,22 @@ class EvalResult:
 def generate(
     model: DiffusionModel, samples: int, steps: int, seed: int, batch_size: int, description: str = "Sampling"
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Sample ``samples`` images with balanced classes from seeded noise."""
-    labels = class_labels(samples, model.num_classes) if model.conditional else None
+    """Sample ``samples`` images from seeded noise under the model's evaluation conditions.
+
+    Returns:
+        The samples and the class each one asks for (None when unknown, e.g. free-form prompts).
+    """
+    conditions, labels = model.conditions(samples, "evaluation")
     noise = initial_noise(samples, model.sample_shape, seed)
     images, _ = ddim_sample(
-        model.unet, model.scheduler_config, noise, labels, steps, batch_size, description=description
+        model.unet,
+        model.scheduler_config,
+        noise,
+        conditions,
+        steps,
+        batch_size,
+        description=description,
+        clamp=not model.latent,
     )
     return images, labels
 
@@ -76,8 +87,9 @@ def evaluate_model(
         if fp is not None:
             metrics["fd_fp"] = frechet_distance(classifier, fp.samples, images)
     if fp is not None:
-        metrics["psnr"] = psnr(fp.samples, images)
-        metrics["ssim"] = ssim(fp.samples, images)
+        data_range = sample_range(fp.samples) if model.latent else DATA_RANGE
+        metrics["psnr"] = psnr(fp.samples, images, data_range)
+        metrics["ssim"] = ssim(fp.samples, images, data_range)
     if sqnr_inputs is not None and fp_outputs is not None:
         outputs = denoiser_outputs(model.unet, sqnr_inputs, model.conditional)
         metrics["sqnr_db"] = sqnr_db(fp_outputs, outputs)

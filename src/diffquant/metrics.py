@@ -49,21 +49,26 @@ def condition_accuracy(classifier: nn.Module, images: torch.Tensor, labels: torc
     return float((predictions == labels).float().mean())
 
 
-def psnr(reference: torch.Tensor, images: torch.Tensor) -> float:
+def sample_range(reference: torch.Tensor) -> float:
+    """Data range (max - min) of ``reference``: PSNR/SSIM's range for latents, which are unbounded."""
+    return float(reference.max() - reference.min()) or 1.0
+
+
+def psnr(reference: torch.Tensor, images: torch.Tensor, data_range: float = DATA_RANGE) -> float:
     """PSNR in dB of ``images`` against ``reference`` (inf when identical)."""
     from torchmetrics.functional.image import peak_signal_noise_ratio
 
     if torch.equal(reference, images):
         return math.inf
-    return float(peak_signal_noise_ratio(images.float(), reference.float(), data_range=DATA_RANGE))
+    return float(peak_signal_noise_ratio(images.float(), reference.float(), data_range=data_range))
 
 
-def ssim(reference: torch.Tensor, images: torch.Tensor) -> float:
+def ssim(reference: torch.Tensor, images: torch.Tensor, data_range: float = DATA_RANGE) -> float:
     """Mean SSIM of ``images`` against ``reference``."""
     from torchmetrics.functional.image import structural_similarity_index_measure
 
     value = structural_similarity_index_measure(
-        images.float(), reference.float(), data_range=DATA_RANGE, kernel_size=SSIM_KERNEL, sigma=SSIM_SIGMA
+        images.float(), reference.float(), data_range=data_range, kernel_size=SSIM_KERNEL, sigma=SSIM_SIGMA
     )
     return float(value)
 

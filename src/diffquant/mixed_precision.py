@@ -28,7 +28,7 @@ from diffquant.quant.plan import (
     quantizable_layers,
     resolve_globs,
 )
-from diffquant.sampling import Trajectories, class_labels, ddim_sample, initial_noise
+from diffquant.sampling import Trajectories, ddim_sample, initial_noise
 from diffquant.sensitivity import SensitivityTable, layer_macs, measure_sensitivity
 from diffquant.spec import CompressionSpec
 
@@ -50,9 +50,12 @@ def final_sample_probe(
     logits, FP || quantized); with ``psnr_all`` every layer also gets ``psnr_db`` of the final
     samples. Layers needing neither are not sampled (an empty dict).
     """
-    labels = class_labels(samples, model.num_classes)
+    labels, _ = model.conditions(samples, "calibration")
     noise = initial_noise(samples, model.sample_shape, seed)
-    fp_images, _ = ddim_sample(model.unet, model.scheduler_config, noise, labels, steps, description="FP samples")
+    clamp = not model.latent
+    fp_images, _ = ddim_sample(
+        model.unet, model.scheduler_config, noise, labels, steps, description="FP samples", clamp=clamp
+    )
     fp_logp = None
     if classifier is not None:
         with torch.no_grad():
@@ -62,7 +65,9 @@ def final_sample_probe(
         want_content = layer in content_layers and fp_logp is not None
         if not (want_content or psnr_all):
             return {}
-        images, _ = ddim_sample(unet, model.scheduler_config, noise, labels, steps, description="Final samples")
+        images, _ = ddim_sample(
+            unet, model.scheduler_config, noise, labels, steps, description="Final samples", clamp=clamp
+        )
         out: dict[str, float] = {}
         if want_content:
             with torch.no_grad():

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import fnmatch
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 
 from diffquant.calibration import calibrate_activations
@@ -61,8 +63,9 @@ def plan_from_spec(model: DiffusionModel, quantize: QuantizeSpec, act_observer: 
             raise SpecError(f"quantize.overrides.{i}.layers: {error}") from None
         for name in names:
             plan[name] = LayerConfig(*formats(name, override.weight_bits, override.activation_bits))
+    keep = family_defaults(model, plan) if quantize.keep_full_precision is None else set()
     try:
-        keep = resolve_globs(plan, quantize.keep_full_precision)
+        keep |= resolve_globs(plan, quantize.keep_full_precision or [])
     except ValueError as error:
         raise SpecError(f"quantize.keep_full_precision: {error}") from None
     for name in keep:
@@ -70,6 +73,15 @@ def plan_from_spec(model: DiffusionModel, quantize: QuantizeSpec, act_observer: 
     if fallback:
         logger.info("%d layers cannot take groups of %s and stay per-channel", len(set(fallback)), w.group_size)
     return plan
+
+
+def family_defaults(model: DiffusionModel, names: Iterable[str]) -> set[str]:
+    """The layers among ``names`` that the model family keeps in float by default."""
+    names = list(names)
+    keep: set[str] = set()
+    for pattern in model.family_info.keep_full_precision:
+        keep |= {name for name in names if fnmatch.fnmatchcase(name, pattern)}
+    return keep
 
 
 def quantize_model(

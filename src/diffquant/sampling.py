@@ -14,7 +14,11 @@ from diffquant.progress import track
 
 @dataclass(frozen=True)
 class Trajectories:
-    """Denoiser inputs seen during sampling: ``x`` (N*steps, C, H, W), ``t`` and ``labels``."""
+    """Denoiser inputs seen during sampling: ``x`` (N*steps, C, H, W), ``t`` and ``labels``.
+
+    ``labels`` holds each input's condition: class ids ``(M,)`` or token ids ``(M, L)``
+    (zeros for unconditional models).
+    """
 
     x: torch.Tensor
     t: torch.Tensor
@@ -58,18 +62,20 @@ def ddim_sample(
     batch_size: int = 1000,
     record: bool = False,
     description: str = "Sampling",
+    clamp: bool = True,
 ) -> tuple[torch.Tensor, Trajectories | None]:
-    """Run DDIM (eta 0) from ``noise`` and return final samples (clamped to [-1, 1]).
+    """Run DDIM (eta 0) from ``noise`` and return final samples.
 
     Args:
-        unet: A diffusers denoiser called as ``unet(x, t, class_labels=y).sample``.
+        unet: A denoiser called as ``unet(x, t, condition).sample``.
         scheduler_config: The model's scheduler config.
         noise: Initial noise, (N, C, H, W).
-        labels: Class labels (N,) or None for an unconditional model.
+        labels: Conditions (class ids (N,) or token ids (N, L)), or None for an unconditional model.
         steps: Number of DDIM steps.
         batch_size: Samples per forward pass.
         record: Also return every denoiser input as :class:`Trajectories`.
         description: Progress-bar label.
+        clamp: Clamp final samples to [-1, 1] (pixel-space models; not for latents).
 
     Returns:
         Samples (N, C, H, W) and the recorded trajectories (or None).
@@ -88,10 +94,10 @@ def ddim_sample(
                     xs.append(x.clone())
                     ts.append(t_batch)
                     ys.append(y if y is not None else torch.zeros_like(t_batch))
-                eps = unet(x, t_batch, class_labels=y).sample
+                eps = unet(x, t_batch, y).sample
                 x = scheduler.step(eps, t, x).prev_sample
                 bar.advance()
-            outputs.append(x.clamp(-1, 1))
+            outputs.append(x.clamp(-1, 1) if clamp else x)
     traj = Trajectories(torch.cat(xs), torch.cat(ts), torch.cat(ys)) if record else None
     return torch.cat(outputs), traj
 
@@ -109,7 +115,7 @@ def denoiser_outputs(
     Args:
         unet: The denoiser.
         traj: Inputs to evaluate.
-        conditional: Pass ``traj.labels`` as class labels (False for unconditional models).
+        conditional: Pass ``traj.labels`` as the condition (False for unconditional models).
         batch_size: Inputs per forward pass.
         description: Progress-bar label; None reports no progress.
     """
@@ -120,7 +126,7 @@ def denoiser_outputs(
         for start in batches:
             sl = slice(start, start + batch_size)
             labels = traj.labels[sl] if conditional else None
-            outs.append(unet(traj.x[sl], traj.t[sl], class_labels=labels).sample)
+            outs.append(unet(traj.x[sl], traj.t[sl], labels).sample)
             if bar is not None:
                 bar.advance()
     return torch.cat(outs)

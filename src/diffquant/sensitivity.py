@@ -276,7 +276,7 @@ def layer_macs(unet: nn.Module, sample: tuple[torch.Tensor, torch.Tensor, torch.
         handles.append(module.register_forward_hook(hook))
     try:
         x, t, y = sample
-        unet(x[:1], t[:1], class_labels=None if y is None else y[:1])
+        unet(x[:1], t[:1], None if y is None else y[:1])
     finally:
         for handle in handles:
             handle.remove()

@@ -24,10 +24,15 @@ class _Strict(BaseModel):
 
 
 class ModelSource(_Strict):
-    """Where the model comes from: a bundled reference ``name`` or a local diffusers ``path``."""
+    """Where the model comes from: a bundled reference ``name`` or a local diffusers ``path``.
+
+    ``prompts`` is a text file with one prompt per line for text-conditioned models (used for
+    calibration trajectories and evaluation samples); bundled text models carry their own.
+    """
 
     name: str | None = None
     path: str | None = None
+    prompts: str | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSource:
@@ -112,13 +117,15 @@ class QuantizeSpec(_Strict):
 
     Every quantizable layer gets ``weight`` and ``activation``; then each entry of ``overrides``
     (in order, later wins) sets the bits of the layers it matches; ``keep_full_precision`` is
-    applied last and keeps its layers entirely in float.
+    applied last and keeps its layers entirely in float. Left unset (None), it is the model
+    family's default (first/last layers, time embedding, position/context embedders; see
+    :mod:`diffquant.models.families`); ``[]`` quantizes every layer.
     """
 
     weight: WeightQuantSpec = WeightQuantSpec(bits=8)
     activation: ActivationQuantSpec = ActivationQuantSpec(bits=8)
     overrides: list[LayerOverride] = Field(default_factory=list)
-    keep_full_precision: list[str] = Field(default_factory=list)
+    keep_full_precision: list[str] | None = None
 
 
 class BudgetSpec(_Strict):

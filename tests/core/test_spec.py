@@ -11,6 +11,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_default_spec_is_the_w8a8_preset():
     assert load_spec() == load_spec(ROOT / "configs" / "digits-unet-w8a8.yaml") == CompressionSpec()
+    # unset: the model family's full-precision defaults apply
+    assert CompressionSpec().quantize.keep_full_precision is None
 
 
 def test_presets_parse():
@@ -130,7 +132,9 @@ def test_per_group_plan_falls_back_to_per_channel_where_groups_do_not_fit():
     from diffquant.quantize import plan_from_spec
 
     model = load_model("digits-unet")
-    spec = load_spec(overrides=["quantize.weight={bits: 4, granularity: per_group, group_size: 32}"])
+    spec = load_spec(
+        overrides=["quantize.weight={bits: 4, granularity: per_group, group_size: 32}", "quantize.keep_full_precision=[]"]
+    )
     plan = plan_from_spec(model, spec.quantize)
     assert plan["conv_in"].weight.granularity == "per_channel"  # one input channel
     for name, cfg in plan.items():

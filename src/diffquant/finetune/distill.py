@@ -251,7 +251,7 @@ def distill(
             factor = _lr_factor(step, cfg.steps)
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * factor
-            loss = torch.nn.functional.mse_loss(student(x, t, class_labels=y).sample, target)
+            loss = torch.nn.functional.mse_loss(student(x, t, y).sample, target)
             if not torch.isfinite(loss):
                 raise DataError(f"fine-tuning loss became {loss.item()} at step {step}; lower finetune.lr")
             optimizer.zero_grad(set_to_none=True)
