@@ -274,13 +274,17 @@ def train_reference(
         Path | None, typer.Option("--out", help="Destination (default: the package's bundled weights).")
     ] = None,
     steps: Annotated[
-        int | None, typer.Option(help="digits-unet training steps (default 4000, the shipped run).", min=1)
+        int | None, typer.Option(help="Training steps of each chosen model (default: its shipped run).", min=1)
     ] = None,
-    seed: Annotated[int, typer.Option(help="Seed of both trainings.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of every training.")] = 0,
+    model: Annotated[
+        list[str] | None,
+        typer.Option("--model", help="digits-unet (with the classifier), digits-dit or digits-t2i; repeatable; default all."),
+    ] = None,
     eval_samples: Annotated[int, typer.Option(help="Samples for the model-card metrics.", min=10)] = 2000,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show diffquant and Prefect logs.")] = False,
 ) -> None:
-    """Retrain the bundled reference models (digits-unet and its classifier) from a seed."""
+    """Retrain the bundled reference models (digits-unet with its classifier, digits-dit, digits-t2i) from a seed."""
     _setup(verbose)
     from flows.train_reference import train_reference_flow
 
@@ -291,6 +295,7 @@ def train_reference(
         steps=steps,
         seed=seed,
         eval_samples=eval_samples,
+        models=model,
     )
     table = Table(title=f"reference models written to {result['out_dir']}")
     table.add_column("metric")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,15 @@ def train_classifier(data: DigitsSplit, config: ClassifierTrainConfig) -> tuple[
     return model, accuracy
 
 
+def _class_condition(cond_drop: float) -> Condition:
+    def condition(labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        labels = labels.clone()
+        labels[torch.rand(labels.shape[0], generator=generator) < cond_drop] = NULL_CLASS
+        return labels
+
+    return condition
+
+
 def train_digits_unet(data: DigitsSplit, config: UNetTrainConfig):
     """Train the class-conditional digits-unet with epsilon prediction and an EMA copy.
 
@@ -101,31 +111,51 @@ def train_digits_unet(data: DigitsSplit, config: UNetTrainConfig):
     Returns:
         A tuple of the EMA model (eval mode) and the list of per-step losses.
     """
+    torch.manual_seed(config.seed)
+    return train_denoiser(build_digits_unet(), data, config, _class_condition(config.cond_drop), "digits-unet")
+
+
+Condition = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+"""Maps a batch of digit labels to the denoiser's condition (may drop some to the null one)."""
+
+
+def train_denoiser(model: torch.nn.Module, data: DigitsSplit, config: UNetTrainConfig, condition: Condition, name: str):
+    """Train a denoiser ``model(x_t, t, condition).sample`` with epsilon prediction and an EMA copy.
+
+    The shared loop of every reference model: seeded batches from the train split, uniform
+    timesteps of the cosine schedule, AdamW with a one-cycle learning rate, gradient clip 1.0.
+
+    Args:
+        model: The untrained denoiser (parameters initialised by the caller under its seed).
+        data: The digits split (only the train half is used).
+        config: Training hyper-parameters (``cond_drop`` is applied by ``condition``).
+        condition: Builds each batch's condition from its labels.
+        name: Model name for the progress bar and logs.
+
+    Returns:
+        A tuple of the EMA model (eval mode) and the list of per-step losses.
+    """
     from diffusers import DDPMScheduler
 
-    torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     scheduler = DDPMScheduler(**SCHEDULER_CONFIG)
     alphas = scheduler.alphas_cumprod
-    model = build_digits_unet()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=config.steps)
     n = data.train_images.shape[0]
     losses: list[float] = []
     model.train()
-    with track("Training digits-unet", config.steps) as bar:
+    with track(f"Training {name}", config.steps) as bar:
         for step in range(config.steps):
             idx = torch.randint(0, n, (config.batch_size,), generator=generator)
             x0 = data.train_images[idx]
-            labels = data.train_labels[idx].clone()
-            drop = torch.rand(config.batch_size, generator=generator) < config.cond_drop
-            labels[drop] = NULL_CLASS
+            cond = condition(data.train_labels[idx], generator)
             t = torch.randint(0, scheduler.config.num_train_timesteps, (config.batch_size,), generator=generator)
             noise = torch.randn(x0.shape, generator=generator)
             a = alphas[t].view(-1, 1, 1, 1)
             xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-            loss = F.mse_loss(model(xt, t, class_labels=labels).sample, noise)
+            loss = F.mse_loss(model(xt, t, cond).sample, noise)
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -137,7 +167,7 @@ def train_digits_unet(data: DigitsSplit, config: UNetTrainConfig):
                     p_ema.lerp_(p, 1 - decay)
             losses.append(loss.item())
             if step % 500 == 0 or step == config.steps - 1:
-                logger.info("step %d loss %.4f", step, loss.item())
+                logger.info("%s step %d loss %.4f", name, step, loss.item())
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"training diverged at step {step}")
             bar.advance()

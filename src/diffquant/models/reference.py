@@ -14,8 +14,10 @@ from typing import Any
 from diffquant.errors import ModelLoadError
 
 DIGITS_UNET = "digits-unet"
+DIGITS_DIT = "digits-dit"
+DIGITS_T2I = "digits-t2i"
 DIGITS_CLASSIFIER = "digits-classifier"
-REFERENCE_MODELS = (DIGITS_UNET,)
+REFERENCE_MODELS = (DIGITS_UNET, DIGITS_DIT, DIGITS_T2I)
 NULL_CLASS = 10
 
 DIGITS_UNET_CONFIG: dict[str, Any] = {
@@ -29,6 +31,47 @@ DIGITS_UNET_CONFIG: dict[str, Any] = {
     "norm_num_groups": 8,
     "num_class_embeds": 11,
 }
+
+DIGITS_DIT_CONFIG: dict[str, Any] = {
+    "sample_size": 8,
+    "in_channels": 1,
+    "out_channels": 1,
+    "patch_size": 2,
+    "num_layers": 6,
+    "num_attention_heads": 2,
+    "attention_head_dim": 32,
+    "num_embeds_ada_norm": 10,
+    "norm_num_groups": 32,
+}
+"""digits-dit: 16 tokens of 2x2 patches, width 64, six AdaLN-Zero blocks (about 0.6M parameters)."""
+
+DIGITS_T2I_UNET_CONFIG: dict[str, Any] = {
+    "sample_size": 8,
+    "in_channels": 1,
+    "out_channels": 1,
+    "block_out_channels": [32, 64],
+    "layers_per_block": 1,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+    "cross_attention_dim": 64,
+    "attention_head_dim": 8,
+    "norm_num_groups": 8,
+}
+"""digits-t2i's U-Net: cross-attention at 4x4 and in the middle block."""
+
+DIGITS_T2I_TEXT_CONFIG: dict[str, Any] = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 10,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+"""digits-t2i's text encoder (a CLIPTextModel; vocab size comes from the tokenizer)."""
+
+T2I_MAX_TOKENS = 10
 
 SCHEDULER_CONFIG: dict[str, Any] = {
     "num_train_timesteps": 1000,
@@ -63,6 +106,29 @@ def build_digits_unet():
     from diffusers import UNet2DModel
 
     return UNet2DModel(**DIGITS_UNET_CONFIG)
+
+
+def build_digits_dit():
+    """Build an untrained ``digits-dit`` (diffusers ``DiTTransformer2DModel``)."""
+    from diffusers import DiTTransformer2DModel
+
+    return DiTTransformer2DModel(**DIGITS_DIT_CONFIG)
+
+
+def build_digits_t2i(vocab_size: int):
+    """Build an untrained ``digits-t2i``: a CLIP text encoder and a cross-attention U-Net.
+
+    Returns:
+        A :class:`~diffquant.models.denoisers.TextConditionedUNet`.
+    """
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from diffquant.models.denoisers import TextConditionedUNet
+
+    text_config = CLIPTextConfig(vocab_size=vocab_size, **DIGITS_T2I_TEXT_CONFIG)
+    text_config._attn_implementation = "eager"
+    return TextConditionedUNet(CLIPTextModel(text_config), UNet2DConditionModel(**DIGITS_T2I_UNET_CONFIG))
 
 
 def load_classifier(path: Path | None = None):
