@@ -175,7 +175,7 @@ def main() -> None:
     real = load_digits_split().held_out_images
     base = load_spec(overrides=[f"sampler.steps={args.steps}"])
     pool = collect_pool(model, base.calibration.trajectories, args.steps, base.calibration.seed)
-    features = pool_features(model.unet, pool, model.conditional, base.calibration.feature_module)
+    features = pool_features(model.unet, pool, model.conditional, model.family_info.feature_module)
     calib = subset(
         pool, select(pool, base.calibration.strategy, base.calibration.size, base.calibration.seed, features)
     )

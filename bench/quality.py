@@ -49,7 +49,7 @@ def main() -> None:
     real = load_digits_split().held_out_images
     base = load_spec(overrides=[f"sampler.steps={args.steps}", f"evaluate.samples={args.samples}"])
     pool = collect_pool(model, base.calibration.trajectories, args.steps, base.calibration.seed)
-    features = pool_features(model.unet, pool, model.conditional, base.calibration.feature_module)
+    features = pool_features(model.unet, pool, model.conditional, model.family_info.feature_module)
     chosen = select(pool, base.calibration.strategy, base.calibration.size, base.calibration.seed, features)
     calib = subset(pool, chosen)
     sqnr_in = subset(pool, held_out_indices(len(pool), chosen, 256, base.calibration.seed))

@@ -150,19 +150,31 @@ class _ExportConv(nn.Module):
 
 
 class _ExportLinear(nn.Module):
-    """A Linear exported as ``MatMul(x, W^T) + b`` with the transposed weight as the initializer."""
+    """A Linear exported as ``MatMul(x, W^T) + b`` with the transposed weight as the initializer.
+
+    A layer that keeps leading tokens in float (``fp_tokens``) becomes
+    ``Concat(Expand(FP outputs), MatMul(Q/DQ(x[:, k:]), W^T) + b)`` along the token axis.
+    """
 
     def __init__(self, layer: nn.Linear, name: str, mark_input: bool) -> None:
         super().__init__()
         self.name, self.mark_input = name, mark_input
         self.weight_t = nn.Parameter(layer.weight.detach().t().contiguous(), requires_grad=False)
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+        self.fp_tokens = int(getattr(layer, "fp_tokens", 0))
+        if self.fp_tokens:
+            self.register_buffer("fp_token_outputs", layer.fp_token_outputs.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        head = None
+        if self.fp_tokens:
+            head = self.fp_token_outputs.unsqueeze(0).expand(x.shape[0], -1, -1)
+            x = x[:, self.fp_tokens :]
         if self.mark_input:
             x = _mark(x, self.name, "input")
         y = torch.matmul(x, _mark(self.weight_t, self.name, "weight"))
-        return y if self.bias is None else y + self.bias
+        y = y if self.bias is None else y + self.bias
+        return y if head is None else torch.cat([head, y], dim=1)
 
 
 class _Denoiser(nn.Module):

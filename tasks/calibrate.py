@@ -10,6 +10,8 @@ import torch
 from prefect import task
 
 from diffquant.calibration import held_out_indices, pool_features, select, subset
+from diffquant.errors import SpecError
+from diffquant.outlier_tokens import apply_outlier_tokens, detect_outlier_tokens
 from diffquant.quant.plan import LayerPlan, packed_weight_bytes
 from diffquant.quantize import plan_from_spec, quantize_model, save_quantized
 from diffquant.report import pca_projection, timestep_histogram
@@ -32,7 +34,8 @@ def select_calibration_task(pool_path: str, spec: dict[str, Any], out_dir: str) 
     pool = load_trajectories(pool_path)
     start = time.perf_counter()
     model = model_from_source(cfg.model.model_dump())
-    features = pool_features(model.unet, pool, model.conditional, cal.feature_module)
+    module = cal.feature_module or model.family_info.feature_module
+    features = pool_features(model.unet, pool, model.conditional, module)
     params = SelectionParams(
         normal_mean=cal.normal_mean,
         normal_std=cal.normal_std,
@@ -80,7 +83,13 @@ def quantize_task(
         plan = LayerPlan.load(Path(plan_path))
     else:
         plan = plan_from_spec(model, cfg.quantize, cfg.calibration.observer)
-    quantized = quantize_model(model, plan, load_trajectories(calibration_path), cfg.calibration)
+    calib = load_trajectories(calibration_path)
+    try:
+        outliers = detect_outlier_tokens(model, calib.labels, cfg.quantize.outlier_tokens)
+    except ValueError as error:
+        raise SpecError(f"quantize.outlier_tokens: {error}") from None
+    plan = apply_outlier_tokens(plan, outliers)
+    quantized = quantize_model(model, plan, calib, cfg.calibration)
     plan_path, scales_path = save_quantized(quantized, plan, Path(out_dir) / "plan")
     sizes = packed_weight_bytes(model.unet, plan)
     return {
@@ -90,4 +99,5 @@ def quantize_task(
         "quantized_layers": len(plan.quantized_layers()),
         "fp32_bytes": sizes["fp32"],
         "packed_bytes": sizes["packed"],
+        "outlier_tokens": outliers.to_dict(),
     }

@@ -105,5 +105,6 @@ def finetune_task(
         "packed_bytes": quantized["packed_bytes"],
         "layers": quantized["layers"],
         "quantized_layers": quantized["quantized_layers"],
+        "outlier_tokens": quantized.get("outlier_tokens"),
         "result": result.to_dict(),
     }

@@ -11,6 +11,7 @@ from pathlib import Path
 from diffquant.calibration import calibrate_activations
 from diffquant.errors import SpecError
 from diffquant.models.loading import DiffusionModel
+from diffquant.outlier_tokens import precompute_fp_tokens
 from diffquant.quant.modules import groups_allowed
 from diffquant.quant.plan import (
     ActivationConfig,
@@ -87,9 +88,15 @@ def family_defaults(model: DiffusionModel, names: Iterable[str]) -> set[str]:
 def quantize_model(
     model: DiffusionModel, plan: LayerPlan, calib: Trajectories, calibration: CalibrationSpec
 ) -> DiffusionModel:
-    """Return a fake-quantized copy of ``model`` with calibrated activation scales."""
+    """Return a fake-quantized copy of ``model`` with calibrated activation scales.
+
+    Layers that keep leading tokens in float (``fp_tokens``) get their precomputed outputs from
+    the FP ``model`` before calibration.
+    """
     quantized = copy.deepcopy(model)
     apply_plan(quantized.unet, plan)
+    if any(cfg.fp_tokens for cfg in plan.values()):
+        precompute_fp_tokens(model, quantized.unet, calib.labels)
     calibrate_activations(quantized.unet, calib, quantized.conditional, calibration.batch_size, calibration.seed)
     return quantized
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from diffquant.errors import SpecError
 from diffquant.quant.formats import MAX_BITS, MIN_BITS
@@ -76,7 +76,9 @@ class CalibrationSpec(_Strict):
     normal_std: float = Field(0.4, gt=0.0, description="normal_timesteps: std as a fraction of T")
     radius: float | None = Field(None, gt=0.0, description="density_diversity radius; None = median distance")
     diversity_weight: float = Field(1.2, ge=0.0, description="density_diversity lambda")
-    feature_module: str = Field("mid_block", description="denoiser module whose output gives pool features")
+    feature_module: str | None = Field(
+        None, description="denoiser module whose output gives pool features; None: the model family's default"
+    )
 
 
 class WeightQuantSpec(_Strict):
@@ -126,6 +128,26 @@ class QuantizeSpec(_Strict):
     activation: ActivationQuantSpec = ActivationQuantSpec(bits=8)
     overrides: list[LayerOverride] = Field(default_factory=list)
     keep_full_precision: list[str] | None = None
+    outlier_tokens: Literal["auto", "off"] | int = Field(
+        "auto",
+        description="text models: leading tokens whose cross-attention keys/values stay in float "
+        "(MixDQ's BOS-aware quantization); auto detects them, off disables, N forces N; "
+        "applies to allocated plans too",
+    )
+
+    @field_validator("outlier_tokens", mode="before")
+    @classmethod
+    def _yaml_booleans(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare ``off`` / ``on`` as a boolean
+        if isinstance(value, bool):
+            return "auto" if value else "off"
+        return value
+
+    @model_validator(mode="after")
+    def _outlier_tokens(self) -> QuantizeSpec:
+        if isinstance(self.outlier_tokens, int) and self.outlier_tokens < 0:
+            raise ValueError("outlier_tokens must be auto, off or a count >= 0")
+        return self
 
 
 class BudgetSpec(_Strict):

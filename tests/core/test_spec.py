@@ -141,3 +141,17 @@ def test_per_group_plan_falls_back_to_per_channel_where_groups_do_not_fit():
         fits = groups_allowed(model.unet.get_submodule(name), 32)
         assert (cfg.weight.group_size == 32) == fits
     assert sum(cfg.weight.group_size == 32 for cfg in plan.values()) > len(plan) // 2
+
+
+def test_outlier_tokens_setting():
+    assert load_spec().quantize.outlier_tokens == "auto"
+    assert load_spec(overrides=["quantize.outlier_tokens=off"]).quantize.outlier_tokens == "off"
+    assert load_spec(overrides=["quantize.outlier_tokens=1"]).quantize.outlier_tokens == 1
+    for bad in ("-1", "sometimes"):
+        with pytest.raises(SpecError, match="outlier_tokens"):
+            load_spec(overrides=[f"quantize.outlier_tokens={bad}"])
+
+
+def test_model_prompts_and_feature_module_default_to_the_family():
+    spec = load_spec(overrides=["model.prompts=prompts.txt"])
+    assert spec.model.prompts == "prompts.txt" and spec.calibration.feature_module is None

@@ -35,7 +35,11 @@ def test_compress_logs_everything(isolated_home, tmp_path):
     from diffquant.quant.plan import quantizable_layers
 
     assert list(plan) == quantizable_layers(load_model("digits-unet").unet)
-    assert saved["plan"]["quantized_layers"] == len(plan)
+    # the UNet2DModel family keeps conv_in, conv_out and the two time-embedding Linears in float
+    kept = {name for name, cfg in plan.items() if cfg["weight"] is None and cfg["activation"] is None}
+    assert kept == {"conv_in", "conv_out", "time_embedding.linear_1", "time_embedding.linear_2"}
+    assert saved["plan"]["quantized_layers"] == len(plan) - 4
+    assert saved["model"]["family"] == "unet2d" and saved["plan"]["outlier_tokens"]["count"] == 0
     selection = json.loads(Path(saved["calibration"]["selection_path"]).read_text())
     assert len(selection["indices"]) == 32 and not set(selection["indices"]) & set(selection["sqnr_indices"])
 

@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 from diffquant.data import load_digits_split
 from diffquant.models.loading import load_local_model
 from diffquant.training import UNetTrainConfig, train_digits_unet
+from diffquant.zoo import train_digits_dit, train_digits_t2i
 from flows.cli import app
 
 
@@ -23,6 +24,19 @@ def test_train_reference_cli_writes_loadable_models_with_cards(isolated_home, tm
     metrics = json.loads((tmp_path / "ref" / "digits-unet" / "metrics.json").read_text())
     assert metrics["classifier_accuracy"] >= 0.97
     assert (tmp_path / "ref" / "digits-classifier" / "model.safetensors").is_file()
+    dit = load_local_model(tmp_path / "ref" / "digits-dit")
+    assert dit.family == "dit" and dit.digits_compatible
+    t2i = load_local_model(tmp_path / "ref" / "digits-t2i")
+    assert t2i.family == "text-unet" and t2i.condition == "text" and t2i.digits_compatible
+    for name in ("digits-dit", "digits-t2i"):
+        card = (tmp_path / "ref" / name / "MODEL_CARD.md").read_text()
+        assert "3 steps" in card and f"--model {name}" in card
+        assert "accuracy" in json.loads((tmp_path / "ref" / name / "metrics.json").read_text())
+
+
+def test_train_reference_refuses_an_unknown_model(isolated_home, tmp_path):
+    result = CliRunner().invoke(app, ["train-reference", "--out", str(tmp_path), "--model", "digits-gan"])
+    assert result.exit_code == 2 and "unknown reference model 'digits-gan'" in result.output
 
 
 def test_unet_training_is_deterministic():
@@ -33,3 +47,14 @@ def test_unet_training_is_deterministic():
     assert losses_a == losses_b
     for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
         assert torch.equal(pa, pb)
+
+
+def test_dit_and_t2i_training_are_deterministic():
+    data = load_digits_split()
+    config = UNetTrainConfig(steps=3, batch_size=16)
+    a, losses_a = train_digits_dit(data, config)
+    b, losses_b = train_digits_dit(data, config)
+    assert losses_a == losses_b and all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True))
+    _, c, losses_c = train_digits_t2i(data, config)
+    _, d, losses_d = train_digits_t2i(data, config)
+    assert losses_c == losses_d and all(torch.equal(x, y) for x, y in zip(c.parameters(), d.parameters(), strict=True))

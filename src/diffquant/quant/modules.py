@@ -261,9 +261,30 @@ class QuantLinear(_QuantMixin, nn.Linear):
         new._setup_quantizers(weight_bits, weight_observer, per_channel, act_bits, act_observer, group_size)
         return new
 
+    fp_tokens: int = 0
+
+    def keep_tokens_in_float(self, count: int) -> None:
+        """Serve the first ``count`` token positions from precomputed full-precision outputs.
+
+        For inputs ``(N, L, in)`` whose leading tokens are the same for every input (a causal text
+        encoder's BOS state): their rows come from the buffer ``fp_token_outputs`` (``(count, out)``,
+        filled by :func:`diffquant.outlier_tokens.precompute_fp_tokens`), and only tokens
+        ``count..L-1`` pass the input quantizer, so the outliers never set its range.
+        """
+        if count < 1:
+            raise ValueError(f"count must be >= 1, got {count}")
+        self.fp_tokens = count
+        self.register_buffer("fp_token_outputs", torch.zeros(count, self.out_features, dtype=self.weight.dtype))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Linear over the quantized input and weight."""
-        return F.linear(self._quant_input(x), self.quantized_weight(), self.bias)
+        """Linear over the quantized input and weight (leading tokens from FP outputs if set)."""
+        if not self.fp_tokens:
+            return F.linear(self._quant_input(x), self.quantized_weight(), self.bias)
+        if x.dim() != 3 or x.shape[1] <= self.fp_tokens:
+            raise ValueError(f"fp_tokens={self.fp_tokens} needs (N, L > {self.fp_tokens}, D) inputs, got {tuple(x.shape)}")
+        rest = F.linear(self._quant_input(x[:, self.fp_tokens :]), self.quantized_weight(), self.bias)
+        head = self.fp_token_outputs.to(rest.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
+        return torch.cat([head, rest], dim=1)
 
 
 class QuantConv2d(_QuantMixin, nn.Conv2d):

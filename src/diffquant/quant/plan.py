@@ -63,10 +63,16 @@ class ActivationConfig:
 
 @dataclass(frozen=True)
 class LayerConfig:
-    """Precision of one layer; None parts stay in float."""
+    """Precision of one layer; None parts stay in float.
+
+    ``fp_tokens`` (Linear layers over text-encoder states only) is the number of leading token
+    positions whose outputs are precomputed in full precision instead of quantized (MixDQ's
+    BOS-aware quantization; see :mod:`diffquant.outlier_tokens`).
+    """
 
     weight: WeightConfig | None
     activation: ActivationConfig | None
+    fp_tokens: int = 0
 
     @property
     def is_full_precision(self) -> bool:
@@ -88,7 +94,13 @@ class LayerPlan(dict[str, LayerConfig]):
                 del data["group_size"]
             return data
 
-        return {name: {"weight": part(c.weight), "activation": part(c.activation)} for name, c in self.items()}
+        def layer(cfg: LayerConfig) -> dict[str, Any]:
+            data: dict[str, Any] = {"weight": part(cfg.weight), "activation": part(cfg.activation)}
+            if cfg.fp_tokens:
+                data["fp_tokens"] = cfg.fp_tokens
+            return data
+
+        return {name: layer(c) for name, c in self.items()}
 
     def save(self, path: Path) -> Path:
         """Write the plan as JSON (atomically)."""
@@ -109,7 +121,10 @@ class LayerPlan(dict[str, LayerConfig]):
             for part in (weight, act):
                 if part is not None and not MIN_BITS <= part.bits <= MAX_BITS:
                     raise ValueError(f"layer {name!r}: bits {part.bits} outside {MIN_BITS}-{MAX_BITS}")
-            plan[name] = LayerConfig(weight, act)
+            fp_tokens = int(cfg.get("fp_tokens", 0))
+            if fp_tokens < 0:
+                raise ValueError(f"layer {name!r}: fp_tokens must be >= 0, got {fp_tokens}")
+            plan[name] = LayerConfig(weight, act, fp_tokens)
         return plan
 
     @classmethod
@@ -195,6 +210,8 @@ def apply_plan(model: nn.Module, plan: LayerPlan) -> nn.Module:
         if not isinstance(layer, QUANTIZABLE):
             raise ValueError(f"plan layer {name!r} is a {type(layer).__name__}, not Linear/Conv2d")
         cls = QuantLinear if isinstance(layer, nn.Linear) else QuantConv2d
+        if cfg.fp_tokens and cls is not QuantLinear:
+            raise ValueError(f"layer {name!r}: fp_tokens applies to Linear layers over token sequences only")
         w = cfg.weight
         if w is not None and w.group_size is not None and not groups_allowed(layer, w.group_size):
             raise ValueError(f"layer {name!r} cannot take weight groups of {w.group_size} input channels")
@@ -207,6 +224,8 @@ def apply_plan(model: nn.Module, plan: LayerPlan) -> nn.Module:
             per_channel=(w.granularity != "per_tensor") if w else True,
             group_size=w.group_size if w else None,
         )
+        if cfg.fp_tokens:
+            new.keep_tokens_in_float(cfg.fp_tokens)
         set_module(model, name, new)
     return model
 
@@ -220,9 +239,15 @@ def input_quantizers(model: nn.Module) -> dict[str, FakeQuantizer]:
     }
 
 
+QUANTIZER_STATE_SUFFIXES = ("_quantizer.scale", ".fp_token_outputs")
+
+
 def quantizer_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Return every quantizer scale keyed by ``<layer>.<weight|input>_quantizer.scale``."""
-    return {k: v for k, v in model.state_dict().items() if k.endswith("_quantizer.scale")}
+    """Quantizer scales and precomputed full-precision token outputs of ``model``.
+
+    Keys are ``<layer>.<weight|input>_quantizer.scale`` and ``<layer>.fp_token_outputs``.
+    """
+    return {k: v for k, v in model.state_dict().items() if k.endswith(QUANTIZER_STATE_SUFFIXES)}
 
 
 def load_quantizer_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -238,9 +263,11 @@ def load_quantizer_state(model: nn.Module, state: dict[str, torch.Tensor]) -> No
         missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         raise ValueError(f"quantizer state mismatch: missing {missing[:3]}, unexpected {extra[:3]}")
     for key, value in state.items():
-        module = model.get_submodule(key.rsplit(".", 1)[0])
-        module.scale.copy_(value)
-        module.mode = QuantizerMode.QUANTIZE
+        owner, attribute = key.rsplit(".", 1)
+        module = model.get_submodule(owner)
+        getattr(module, attribute).copy_(value)
+        if isinstance(module, FakeQuantizer):
+            module.mode = QuantizerMode.QUANTIZE
 
 
 def weight_scale_count(shape: tuple[int, ...], weight: WeightConfig) -> int:
@@ -256,7 +283,8 @@ def packed_weight_bytes(model: nn.Module, plan: LayerPlan) -> dict[str, int]:
     """Bytes of all parameters once quantized weights are bit-packed.
 
     Quantized weights count ``ceil(numel * bits / 8)`` plus one fp32 scale per channel, per
-    tensor or per group; every other parameter (biases, norms, embeddings, FP layers) counts 4 bytes each.
+    tensor or per group; every other parameter (biases, norms, embeddings, FP layers) counts 4 bytes
+    each, and precomputed full-precision token outputs 4 bytes per value.
 
     Returns:
         ``{"fp32": ..., "packed": ...}`` in bytes.
@@ -264,6 +292,8 @@ def packed_weight_bytes(model: nn.Module, plan: LayerPlan) -> dict[str, int]:
     fp32 = sum(p.numel() * 4 for p in model.parameters())
     packed = fp32
     for name, cfg in plan.items():
+        if cfg.fp_tokens:
+            packed += 4 * cfg.fp_tokens * model.get_submodule(name).weight.shape[0]
         if cfg.weight is None:
             continue
         weight = model.get_submodule(name).weight
