@@ -299,6 +299,7 @@ class _Graph:
         self.graph = graph
         self.inits = {t.name: t for t in graph.initializer}
         self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        self.removed: set[tuple[str, ...]] = set()
         for node in graph.node:
             for name in node.input:
                 self.consumers.setdefault(name, []).append(node)
@@ -311,7 +312,8 @@ class _Graph:
         return tensor.name
 
     def drop_init_if_unused(self, name: str, removed: onnx.NodeProto) -> None:
-        users = [n for n in self.consumers.get(name, []) if list(n.output) != list(removed.output)]
+        self.removed.add(tuple(removed.output))
+        users = [n for n in self.consumers.get(name, []) if tuple(n.output) not in self.removed]
         if name in self.inits and not users and name not in {o.name for o in self.graph.output}:
             self.graph.initializer.remove(self.inits.pop(name))
 
@@ -323,12 +325,16 @@ def _float_scalar(name: str, value: float) -> TensorProto:
 def _lower_marks(model: onnx.ModelProto, unet: nn.Module, plan: LayerPlan) -> dict[str, dict[str, str]]:
     """Replace every Mark node by its Q/DQ lowering (or by nothing); name the compute nodes.
 
+    A layer called more than once (DiT's output layer reuses block 0's timestep embedder) gets
+    one set of initializers and numbered nodes (``<fqn>/MatMul``, ``<fqn>/MatMul_1``, ...).
+
     Returns:
         ``{layer_fqn: {"node": compute node name, "kind": "conv" | "linear"}}``.
     """
     graph = model.graph
     index = _Graph(graph)
     layers: dict[str, dict[str, str]] = {}
+    calls: dict[tuple[str, str], int] = {}
     new_nodes: list[onnx.NodeProto] = []
     for node in list(graph.node):
         if node.domain != _MARK_DOMAIN:
@@ -339,14 +345,16 @@ def _lower_marks(model: onnx.ModelProto, unet: nn.Module, plan: LayerPlan) -> di
         module = unet.get_submodule(name)
         cfg = plan[name]
         source, out = node.input[0], node.output[0]
+        calls[(name, role)] = call = calls.get((name, role), -1) + 1
+        suffix = f"_{call}" if call else ""
         prefix = f"{name}/{role}_quantizer"
         if role == "weight":
             users = index.consumers.get(out, [])
             if len(users) != 1 or users[0].op_type not in ("Conv", "MatMul"):
                 raise ExportError(f"layer {name!r}: its weight feeds {[u.op_type for u in users]}, not one Conv/MatMul")
             compute = users[0]
-            compute.name = f"{name}/{compute.op_type}"
-            layers[name] = {"node": compute.name, "kind": "conv" if compute.op_type == "Conv" else "linear"}
+            compute.name = f"{name}/{compute.op_type}{suffix}"
+            layers.setdefault(name, {"node": compute.name, "kind": "conv" if compute.op_type == "Conv" else "linear"})
             if cfg.weight is None:
                 compute.input[1] = source
                 continue
@@ -354,9 +362,11 @@ def _lower_marks(model: onnx.ModelProto, unet: nn.Module, plan: LayerPlan) -> di
             _quantizer_ready(name, module.weight_quantizer, "weight")
             q, scale, axis, block = _quantized_weight(module)
             data_type = storage_type(cfg.weight.bits)
-            q_name = index.add_init(_int_tensor(f"{name}.weight_quantized", q, data_type))
-            s_name = index.add_init(numpy_helper.from_array(scale.astype(np.float32), f"{name}.weight_scale"))
-            z_name = index.add_init(_int_tensor(f"{name}.weight_zero_point", np.zeros(scale.shape, np.int8), data_type))
+            q_name, s_name, z_name = f"{name}.weight_quantized", f"{name}.weight_scale", f"{name}.weight_zero_point"
+            if not call:
+                index.add_init(_int_tensor(q_name, q, data_type))
+                index.add_init(numpy_helper.from_array(scale.astype(np.float32), s_name))
+                index.add_init(_int_tensor(z_name, np.zeros(scale.shape, np.int8), data_type))
             index.drop_init_if_unused(source, node)
             kwargs: dict[str, int] = {}
             if axis is not None:
@@ -365,7 +375,11 @@ def _lower_marks(model: onnx.ModelProto, unet: nn.Module, plan: LayerPlan) -> di
                 kwargs["block_size"] = block
             new_nodes.append(
                 helper.make_node(
-                    "DequantizeLinear", [q_name, s_name, z_name], [out], name=f"{prefix}/DequantizeLinear", **kwargs
+                    "DequantizeLinear",
+                    [q_name, s_name, z_name],
+                    [out],
+                    name=f"{prefix}/DequantizeLinear{suffix}",
+                    **kwargs,
                 )
             )
         else:
@@ -374,21 +388,27 @@ def _lower_marks(model: onnx.ModelProto, unet: nn.Module, plan: LayerPlan) -> di
             _quantizer_ready(name, quantizer, "input")
             scale = float(quantizer.scale.reshape(-1)[0])
             fmt = quantizer.fmt
-            s_name = index.add_init(_float_scalar(f"{name}.input_scale", scale))
-            z_name = index.add_init(numpy_helper.from_array(np.array(0, dtype=np.int8), f"{name}.input_zero_point"))
+            s_name, z_name = f"{name}.input_scale", f"{name}.input_zero_point"
+            lo, hi = f"{name}.input_clip_min", f"{name}.input_clip_max"
+            if not call:
+                index.add_init(_float_scalar(s_name, scale))
+                index.add_init(numpy_helper.from_array(np.array(0, dtype=np.int8), z_name))
+                if fmt.bits < 8:
+                    index.add_init(_float_scalar(lo, fmt.qmin * scale))
+                    index.add_init(_float_scalar(hi, fmt.qmax * scale))
             q_in = source
             if fmt.bits < 8:
-                lo = index.add_init(_float_scalar(f"{name}.input_clip_min", fmt.qmin * scale))
-                hi = index.add_init(_float_scalar(f"{name}.input_clip_max", fmt.qmax * scale))
-                q_in = f"{prefix}/Clip_output_0"
-                new_nodes.append(helper.make_node("Clip", [source, lo, hi], [q_in], name=f"{prefix}/Clip"))
-            quantized = f"{prefix}/QuantizeLinear_output_0"
+                q_in = f"{prefix}/Clip{suffix}_output_0"
+                new_nodes.append(helper.make_node("Clip", [source, lo, hi], [q_in], name=f"{prefix}/Clip{suffix}"))
+            quantized = f"{prefix}/QuantizeLinear{suffix}_output_0"
             new_nodes.append(
-                helper.make_node("QuantizeLinear", [q_in, s_name, z_name], [quantized], name=f"{prefix}/QuantizeLinear")
+                helper.make_node(
+                    "QuantizeLinear", [q_in, s_name, z_name], [quantized], name=f"{prefix}/QuantizeLinear{suffix}"
+                )
             )
             new_nodes.append(
                 helper.make_node(
-                    "DequantizeLinear", [quantized, s_name, z_name], [out], name=f"{prefix}/DequantizeLinear"
+                    "DequantizeLinear", [quantized, s_name, z_name], [out], name=f"{prefix}/DequantizeLinear{suffix}"
                 )
             )
     del graph.node[:]

@@ -90,6 +90,13 @@ class _Checker:
                 return self.by_name[name]
         return None
 
+    def repeated_calls(self, compute: onnx.NodeProto) -> list[onnx.NodeProto]:
+        """The compute node and its numbered repeats (a layer called more than once: ``<name>_1``, ...)."""
+        nodes = [compute]
+        while f"{compute.name}_{len(nodes)}" in self.by_name:
+            nodes.append(self.by_name[f"{compute.name}_{len(nodes)}"])
+        return nodes
+
     def constant(self, node: onnx.NodeProto, index: int, what: str, layer: str) -> np.ndarray | None:
         """The value of input ``index`` of ``node`` if it is an initializer, else a violation."""
         if index >= len(node.input) or not node.input[index]:
@@ -319,8 +326,9 @@ class _Checker:
                         layer,
                     )
                 continue
-            self.check_weight(layer, cfg, compute)
-            self.check_activation(layer, cfg, compute)
+            for call in self.repeated_calls(compute):
+                self.check_weight(layer, cfg, call)
+                self.check_activation(layer, cfg, call)
         for node in self.model.graph.node:
             if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
                 continue

@@ -279,7 +279,9 @@ def train_reference(
     seed: Annotated[int, typer.Option(help="Seed of every training.")] = 0,
     model: Annotated[
         list[str] | None,
-        typer.Option("--model", help="digits-unet (with the classifier), digits-dit or digits-t2i; repeatable; default all."),
+        typer.Option(
+            "--model", help="digits-unet (with the classifier), digits-dit or digits-t2i; repeatable; default all."
+        ),
     ] = None,
     eval_samples: Annotated[int, typer.Option(help="Samples for the model-card metrics.", min=10)] = 2000,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show diffquant and Prefect logs.")] = False,

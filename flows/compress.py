@@ -16,6 +16,7 @@ from prefect import flow
 
 import diffquant
 from diffquant.calibration import POOL_CODE_VERSION, read_labels_file
+from diffquant.report import quality_notes
 from diffquant.sensitivity import SENSITIVITY_CODE_VERSION
 from diffquant.spec import CompressionSpec, spec_from_dict
 from diffquant.storage import load_safetensors, sha256_file, write_json
@@ -381,6 +382,8 @@ def compress_flow(spec: dict[str, Any], out_dir: str | None = None) -> dict[str,
                 "name": model_info["name"],
                 "family": model_info["family"],
                 "condition": model_info["condition"],
+                "sample_shape": model_info["sample_shape"],
+                "latent": model_info["latent"],
                 "weights_sha256": model_info["weights_sha256"],
                 "registered": None,
                 "registered_reason": "promote.register_model is false",
@@ -388,6 +391,7 @@ def compress_flow(spec: dict[str, Any], out_dir: str | None = None) -> dict[str,
             },
             "metrics": {"fp": fp["metrics"], "quantized": q["metrics"]}
             | ({"ptq": finetune["before"]} if finetune else {}),
+            "notes": quality_notes(model_info, {"fp": fp["metrics"], "quantized": q["metrics"]}),
             "finetune": finetune,
             "sizes": sizes,
             "plan": {

@@ -17,8 +17,8 @@ def load_model_task(source: dict[str, Any]) -> dict[str, Any]:
 
     Returns:
         ``name``, ``family``, ``condition``, ``weights_sha256``, ``prompts_sha256`` (of
-        ``model.prompts``, if set), ``sample_shape``, ``num_classes``, ``layers`` (count) and
-        ``layer_names`` (quantizable layers in module order).
+        ``model.prompts``, if set), ``sample_shape``, ``num_classes``, ``latent`` (samples are
+        latents), ``layers`` (count) and ``layer_names`` (quantizable layers in module order).
     """
     from diffquant.quant.plan import quantizable_layers
 
@@ -33,6 +33,7 @@ def load_model_task(source: dict[str, Any]) -> dict[str, Any]:
         "name": model.name,
         "weights_sha256": model.weights_sha256,
         "sample_shape": list(model.sample_shape),
+        "latent": model.latent,
         "num_classes": model.num_classes,
         "layers": len(names),
         "source_dir": str(model.source_dir),

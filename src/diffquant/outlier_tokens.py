@@ -60,11 +60,18 @@ class OutlierTokens:
         return asdict(self)
 
 
-def encoder_state_readers(denoiser: nn.Module, condition: torch.Tensor) -> tuple[list[str], torch.Tensor | None]:
+def encoder_state_readers(
+    denoiser: nn.Module, condition: torch.Tensor, sample_shape: tuple[int, int, int]
+) -> tuple[list[str], torch.Tensor | None]:
     """Linear layers that take the text encoder's output as input, and that output.
 
-    Runs the denoiser once (batch 1) with hooks: the encoder's ``last_hidden_state`` tensor is
-    captured and every Linear whose input *is* that tensor is reported.
+    Runs the denoiser once with hooks: the encoder's output (``encode``) is computed, served
+    as a constant, and every Linear whose input equals it is reported.
+
+    Args:
+        denoiser: The (wrapped) denoiser.
+        condition: Token ids of one or more prompts.
+        sample_shape: The model's ``(C, H, W)``.
 
     Returns:
         Layer names in module order and the captured hidden states (None when the denoiser has
@@ -88,7 +95,6 @@ def encoder_state_readers(denoiser: nn.Module, condition: torch.Tensor) -> tuple
     try:
         with torch.no_grad():
             denoiser.encode = _constant(hidden)  # type: ignore[method-assign]
-            sample_shape = _sample_shape(denoiser)
             x = torch.zeros((condition.shape[0], *sample_shape))
             denoiser(x, torch.full((condition.shape[0],), 500, dtype=torch.long), condition)
     finally:
@@ -104,12 +110,6 @@ def _constant(hidden: torch.Tensor):
         return hidden
 
     return encode
-
-
-def _sample_shape(denoiser: nn.Module) -> tuple[int, int, int]:
-    config = denoiser.unet.config
-    size = config.sample_size if isinstance(config.sample_size, int) else config.sample_size[0]
-    return (int(config.in_channels), int(size), int(size))
 
 
 def detect_outlier_tokens(
@@ -132,15 +132,17 @@ def detect_outlier_tokens(
     if model.condition != "text" or mode == "off":
         return OutlierTokens(0, str(mode))
     prompts = torch.unique(conditions, dim=0)
-    layers, hidden = encoder_state_readers(model.unet, prompts[:1])
+    layers, hidden = encoder_state_readers(model.unet, prompts[:1], model.sample_shape)
     with torch.no_grad():
         hidden = model.unet.encode(prompts)
     absmax = hidden.abs().amax(dim=(0, 2))
     spread = (hidden - hidden[:1]).abs().amax(dim=(0, 2))
     same_ids = (prompts == prompts[:1]).all(dim=0)
     constant = 0
-    while constant < hidden.shape[1] - 1 and same_ids[constant] and spread[constant] <= CONSTANT_TOLERANCE * max(
-        float(absmax[constant]), 1.0
+    while (
+        constant < hidden.shape[1] - 1
+        and same_ids[constant]
+        and spread[constant] <= CONSTANT_TOLERANCE * max(float(absmax[constant]), 1.0)
     ):
         constant += 1
     ratio = float(absmax[0] / absmax[1:].median().clamp_min(1e-12))

@@ -52,6 +52,36 @@ def comparison_grid(
     return Path(path)
 
 
+QUALITY_WITHOUT_CLASSIFIER = (
+    "quality is measured against the full-precision model (PSNR/SSIM of samples from the same noise, "
+    "SQNR of denoiser outputs); accuracy and FD are not computed"
+)
+
+
+def quality_notes(model: dict[str, Any], metrics: dict[str, dict[str, float]]) -> list[str]:
+    """Notes on what the quality metrics of a run can say; empty when the classifier judged the samples.
+
+    The digits classifier judges only digits-shaped pixel samples (1x8x8) whose evaluation
+    conditions name a digit; for any other model the run falls back to FD-free comparisons with
+    the full-precision model, and the note says why.
+
+    Args:
+        model: The model's identity: ``family``, ``sample_shape``, ``latent``, ``condition``,
+            ``num_classes`` (the load task's result holds them).
+        metrics: Metrics per stage (``fp``, ``quantized``, ...).
+    """
+    if any("accuracy" in stage or "fd_real" in stage for stage in metrics.values()):
+        return []
+    shape = "x".join(str(d) for d in model.get("sample_shape") or ())
+    kind = "latents" if model.get("latent") else "samples"
+    digits_like = tuple(model.get("sample_shape") or ()) == (1, 8, 8) and not model.get("latent")
+    if digits_like and (model.get("num_classes") == 10 or model.get("condition") == "text"):
+        why = f"the evaluation conditions name no digit class (family {model.get('family')}, {kind} {shape})"
+    else:
+        why = f"no evaluation classifier fits this model (family {model.get('family')}, {kind} {shape})"
+    return [f"{why}: {QUALITY_WITHOUT_CLASSIFIER}"]
+
+
 def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
@@ -75,6 +105,8 @@ def render_report(summary: dict[str, Any]) -> str:
     ]
     for name in names:
         lines.append(f"| {name} | " + " | ".join(_fmt(metrics[s].get(name, "")) for s in metrics) + " |")
+    for note in summary.get("notes") or []:
+        lines += ["", f"Note: {note}."]
     lines += ["", "| stage | seconds |", "|---|---|"]
     lines += [f"| {stage} | {sec:.1f} |" for stage, sec in summary["timings"].items()]
     if summary.get("finetune"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -366,12 +367,19 @@ class CompressionSpec(_Strict):
         }
 
 
+_PARAM_KEY = re.compile(r"^[A-Za-z0-9_\-. /]+$")
+
+
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Flatten nested dicts into dotted keys (lists and scalars are leaves)."""
+    """Flatten nested dicts into dotted keys (lists and scalars are leaves).
+
+    A dict whose keys are not valid MLflow parameter names (globs such as ``allocation.pinned``'s
+    ``unet.time_embedding.*``) stays one leaf.
+    """
     out: dict[str, Any] = {}
     for key, value in data.items():
         name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
+        if isinstance(value, dict) and value and all(_PARAM_KEY.match(str(k)) for k in value):
             out.update(flatten(value, f"{name}."))
         else:
             out[name] = value

@@ -44,10 +44,10 @@ from diffquant.training import UNetTrainConfig, train_denoiser
 
 logger = logging.getLogger(__name__)
 
-DIT_TRAIN = UNetTrainConfig(steps=5000, lr=1e-3, cond_drop=0.1)
+DIT_TRAIN = UNetTrainConfig(steps=2000, lr=1e-3, cond_drop=0.1)
 """Shipped digits-dit run (the DiT drops labels itself: AdaLN label embedding, p = 0.1)."""
 
-T2I_TRAIN = UNetTrainConfig(steps=3000, lr=2e-3, cond_drop=0.1)
+T2I_TRAIN = UNetTrainConfig(steps=2000, lr=2e-3, cond_drop=0.1)
 """Shipped digits-t2i run (prompts dropped to the empty prompt with p = ``cond_drop``)."""
 
 
@@ -122,7 +122,13 @@ def _evaluate(model_dir: Path, name: str, eval_samples: int, eval_steps: int) ->
     metrics: dict[str, float] = {}
     for seed, suffix in ((0, ""), (1, "_2")):
         result = evaluate_model(
-            model, eval_samples, eval_steps, seed, 1000, classifier, data.held_out_images,
+            model,
+            eval_samples,
+            eval_steps,
+            seed,
+            1000,
+            classifier,
+            data.held_out_images,
             description=f"Evaluating {name} (seed {seed})",
         )
         metrics[f"accuracy{suffix}"] = result.metrics["accuracy"]
@@ -132,7 +138,13 @@ def _evaluate(model_dir: Path, name: str, eval_samples: int, eval_steps: int) ->
         assert trained.prompts is not None
         trained.prompts.evaluation = trained.prompts.calibration
         result = evaluate_model(
-            trained, eval_samples, eval_steps, 0, 1000, classifier, data.held_out_images,
+            trained,
+            eval_samples,
+            eval_steps,
+            0,
+            1000,
+            classifier,
+            data.held_out_images,
             description=f"Evaluating {name} (training phrasings)",
         )
         metrics["accuracy_train_phrasings"] = result.metrics["accuracy"]

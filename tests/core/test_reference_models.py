@@ -7,7 +7,15 @@ import torch
 
 from diffquant.data import HELD_OUT_SIZE, load_digits_split
 from diffquant.models.loading import load_model
-from diffquant.models.reference import DIGITS_CLASSIFIER, DIGITS_UNET, load_classifier, reference_dir
+from diffquant.models.reference import (
+    DIGITS_CLASSIFIER,
+    DIGITS_DIT,
+    DIGITS_T2I,
+    DIGITS_UNET,
+    load_classifier,
+    reference_dir,
+)
+from diffquant.quant.plan import quantizable_layers
 from diffquant.storage import check_safetensors
 
 
@@ -45,3 +53,41 @@ def test_digits_unet_loads_with_metadata():
     assert 1_000_000 < sum(p.numel() for p in model.unet.parameters()) < 1_300_000
     metrics = json.loads((reference_dir(DIGITS_UNET) / "metrics.json").read_text())
     assert metrics["accuracy"] >= 0.97
+
+
+@pytest.mark.parametrize("name", [DIGITS_DIT, DIGITS_T2I])
+def test_transformer_and_text_models_are_shipped_small_and_safe(name):
+    folder = reference_dir(name)
+    weights = sorted(folder.rglob("*.safetensors"))
+    assert weights and not list(folder.rglob("*.bin"))
+    for path in weights:
+        check_safetensors(path)
+    assert sum(p.stat().st_size for p in weights) <= 6 * 1024 * 1024
+    card = (folder / "MODEL_CARD.md").read_text()
+    assert f"diffquant train-reference --model {name}" in card and "random_state=0" in card
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["accuracy"] >= 0.85 and metrics["accuracy_2"] >= 0.85
+
+
+def test_digits_dit_is_a_class_conditional_dit():
+    model = load_model(DIGITS_DIT)
+    assert model.family == "dit" and model.condition == "class" and model.digits_compatible
+    names = quantizable_layers(model.unet)
+    assert sum(name.endswith("attn1.to_q") for name in names) == 6
+    out = model.unet(torch.zeros(2, 1, 8, 8), torch.tensor([10, 500]), torch.tensor([3, 7])).sample
+    assert out.shape == (2, 1, 8, 8)
+
+
+def test_digits_t2i_quantizes_its_text_encoder_and_evaluates_on_held_out_phrasings():
+    model = load_model(DIGITS_T2I)
+    assert model.family == "text-unet" and model.condition == "text" and model.digits_compatible
+    names = quantizable_layers(model.unet)
+    assert any(name.startswith("text_encoder.") for name in names)
+    assert any(name.endswith("attn2.to_k") for name in names)
+    evaluation = [p.text for p in model.prompts.evaluation]
+    calibration = {p.text for p in model.prompts.calibration}
+    assert evaluation and not calibration & set(evaluation)
+    ids, labels = model.conditions(20, "evaluation")
+    assert ids.shape[0] == 20 and labels.tolist() == [i % 10 for i in range(20)]
+    metrics = json.loads((reference_dir(DIGITS_T2I) / "metrics.json").read_text())
+    assert metrics["accuracy_train_phrasings"] >= 0.85

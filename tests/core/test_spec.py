@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pytest
@@ -133,7 +134,10 @@ def test_per_group_plan_falls_back_to_per_channel_where_groups_do_not_fit():
 
     model = load_model("digits-unet")
     spec = load_spec(
-        overrides=["quantize.weight={bits: 4, granularity: per_group, group_size: 32}", "quantize.keep_full_precision=[]"]
+        overrides=[
+            "quantize.weight={bits: 4, granularity: per_group, group_size: 32}",
+            "quantize.keep_full_precision=[]",
+        ]
     )
     plan = plan_from_spec(model, spec.quantize)
     assert plan["conv_in"].weight.granularity == "per_channel"  # one input channel
@@ -155,3 +159,13 @@ def test_outlier_tokens_setting():
 def test_model_prompts_and_feature_module_default_to_the_family():
     spec = load_spec(overrides=["model.prompts=prompts.txt"])
     assert spec.model.prompts == "prompts.txt" and spec.calibration.feature_module is None
+
+
+def test_flat_params_keep_glob_keyed_mappings_as_one_param():
+    spec = load_spec(
+        overrides=["allocation={budget: {avg_weight_bits: 4.0}, pinned: {'time_embedding.*': w8a8, conv_out: w8a8}}"]
+    )
+    params = spec.flat_params()
+    assert json.loads(params["allocation.pinned"]) == {"time_embedding.*": "w8a8", "conv_out": "w8a8"}
+    assert params["allocation.budget.avg_weight_bits"] == "4.0"
+    assert not any("*" in key for key in params)

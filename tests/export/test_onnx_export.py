@@ -96,7 +96,7 @@ def test_fp_export_matches_torch(tiny, tmp_path):
     torch_out = denoiser_outputs(model.unet, calib)
     assert (ort_out - torch_out).abs().max() < 1e-5
     # batch is dynamic
-    one = OrtDenoiser(ort_session(info.path))(calib.x[:1], calib.t[:1], class_labels=calib.labels[:1]).sample
+    one = OrtDenoiser(ort_session(info.path))(calib.x[:1], calib.t[:1], calib.labels[:1]).sample
     assert torch.allclose(one, torch_out[:1], atol=1e-5)
 
 

@@ -36,7 +36,7 @@ def test_digits_t2i_quantizes_its_text_encoder_and_exports(isolated_home, tmp_pa
     saved = run(tmp_path / "out", "digits-t2i-w8a8.yaml", ["quantize.outlier_tokens=1"])
     assert saved["model"]["family"] == "text-unet" and saved["model"]["condition"] == "text"
     plan = json.loads(Path(saved["plan"]["path"]).read_text())["layers"]
-    assert plan["text_encoder.text_model.encoder.layers.0.self_attn.q_proj"]["weight"]["bits"] == 8
+    assert plan["text_encoder.encoder.layers.0.self_attn.q_proj"]["weight"]["bits"] == 8
     kv = [name for name in plan if name.endswith(("attn2.to_k", "attn2.to_v"))]
     assert kv and all(plan[name].get("fp_tokens") == 1 for name in kv)
     outliers = saved["plan"]["outlier_tokens"]

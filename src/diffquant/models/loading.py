@@ -21,7 +21,7 @@ from torch import nn
 
 from diffquant.errors import ModelLoadError
 from diffquant.models.families import FAMILIES, Family, family_for
-from diffquant.models.prompts import Prompt, PromptSet, hf_tokenize, read_prompts_file
+from diffquant.models.prompts import Prompt, PromptSet, Tokenize, hf_tokenize, read_prompts_file
 from diffquant.models.reference import DIGITS_UNET, reference_dir
 from diffquant.storage import check_safetensors, sha256_file
 
@@ -146,7 +146,7 @@ def _tokenizer(folder: Path):
     from transformers import AutoTokenizer
 
     if not folder.is_dir():
-        raise ModelLoadError(f"{folder.parent} has a text encoder but no tokenizer/ folder")
+        raise ModelLoadError(f"{folder.parent} has a text encoder but no {folder.name}/ folder")
     try:
         return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError, TypeError, KeyError) as error:
@@ -175,8 +175,28 @@ def _size(value: Any) -> int:
     return int(value if isinstance(value, int) else value[0])
 
 
-def _prompt_set(meta: dict[str, Any], tokenizer, prompts_file: Path | None, path: Path) -> PromptSet:
-    tokenize = hf_tokenize(tokenizer)
+def _family_tokenize(tokenizers: list[Any], family: Family) -> Tokenize:
+    """The family's tokenization: each tokenizer pads to its own length; ids concatenated along dim 1.
+
+    ``family.max_tokens`` caps the tokenizers' length and ``family.lowercase_prompts`` lower-cases
+    the prompts first, as the family's diffusers pipeline does.
+    """
+    for tokenizer in tokenizers:
+        if family.max_tokens is not None and tokenizer.model_max_length > family.max_tokens:
+            tokenizer.model_max_length = family.max_tokens
+    parts = [hf_tokenize(tokenizer) for tokenizer in tokenizers]
+
+    def tokenize(texts: list[str]) -> torch.Tensor:
+        if family.lowercase_prompts:
+            texts = [text.lower().strip() for text in texts]
+        return torch.cat([part(texts) for part in parts], dim=1)
+
+    if len(parts) == 1 and not family.lowercase_prompts:
+        return parts[0]
+    return tokenize
+
+
+def _prompt_set(meta: dict[str, Any], tokenize: Tokenize, prompts_file: Path | None, path: Path) -> PromptSet:
     if prompts_file is not None:
         prompts = read_prompts_file(prompts_file)
         return PromptSet(prompts, prompts, tokenize)
@@ -196,7 +216,7 @@ def _prompt_set(meta: dict[str, Any], tokenizer, prompts_file: Path | None, path
 def _load_bare(path: Path, meta: dict[str, Any]) -> tuple[nn.Module, str, str, Family]:
     config = _read_json(path / "config.json")
     class_name = config.get("_class_name")
-    family = family_for(class_name, components=())
+    family = family_for(class_name, components=(), config=config)
     if family.condition == "text":
         raise ModelLoadError(
             f"{path} is a bare {class_name}, which needs its text encoder; point model.path at the "
@@ -248,21 +268,40 @@ def _load_pipeline(path: Path, meta: dict[str, Any], name: str | None, prompts_f
     folder = path / denoiser_key
     if not (folder / "config.json").is_file():
         raise ModelLoadError(f"{path} lists a {denoiser_key} but has no {denoiser_key}/config.json")
-    class_name = _read_json(folder / "config.json").get("_class_name")
-    family = family_for(class_name, components=tuple(sorted(components)))
-    scheduler = _scheduler(path, [path / "scheduler" / "scheduler_config.json"])
+    denoiser_config = _read_json(folder / "config.json")
+    class_name = denoiser_config.get("_class_name")
+    family = family_for(class_name, components=tuple(sorted(components)), config=denoiser_config)
+    latent = "vae" in components
+    scheduler = _latent_scheduler(_scheduler(path, [path / "scheduler" / "scheduler_config.json"]), latent)
     import diffusers
 
     denoiser, sha = _from_pretrained(getattr(diffusers, class_name), folder, DIFFUSERS_WEIGHTS)
     hashes = {denoiser_key: sha}
     prompts = None
     if family.condition == "text":
-        text_encoder, hashes["text_encoder"] = _text_encoder(path / "text_encoder")
-        prompts = _prompt_set(meta, _tokenizer(path / "tokenizer"), prompts_file, path)
-        denoiser = family.wrap(text_encoder, denoiser)
+        encoders, tokenizers = [], []
+        for encoder_key, tokenizer_key in family.text_components:
+            encoder, hashes[encoder_key] = _text_encoder(path / encoder_key)
+            encoders.append(encoder)
+            tokenizers.append(_tokenizer(path / tokenizer_key))
+        prompts = _prompt_set(meta, _family_tokenize(tokenizers, family), prompts_file, path)
+        denoiser = family.wrap(encoders, tokenizers, denoiser)
     elif prompts_file is not None:
         raise ModelLoadError(f"model.prompts is set, but {path} is not text-conditioned")
-    return _assemble(path, name, meta, denoiser, hashes, scheduler, family, prompts, latent="vae" in components)
+    return _assemble(path, name, meta, denoiser, hashes, scheduler, family, prompts, latent=latent)
+
+
+def _latent_scheduler(config: dict[str, Any], latent: bool) -> dict[str, Any]:
+    """Turn off DDIM's x0 clipping for latents unless the scheduler config sets it.
+
+    diffquant samples with DDIM, whose ``clip_sample`` defaults to True; latent pipelines ship
+    schedulers (PNDM, Euler, DPM-Solver) that never clip, and clipping latents to [-1, 1] would
+    change the model's samples.
+    """
+    if latent and "clip_sample" not in config:
+        logger.info("latent model: sampling with clip_sample False (its scheduler config does not set it)")
+        return config | {"clip_sample": False}
+    return config
 
 
 def _assemble(

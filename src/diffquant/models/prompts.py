@@ -57,9 +57,7 @@ class Prompt:
 
 def digit_prompts(templates: Sequence[str]) -> list[Prompt]:
     """Every template filled with every digit, ordered so that prompt ``i`` names digit ``i % 10``."""
-    return [
-        Prompt(template.format(word=DIGIT_WORDS[d], digit=d), d) for template in templates for d in range(10)
-    ]
+    return [Prompt(template.format(word=DIGIT_WORDS[d], digit=d), d) for template in templates for d in range(10)]
 
 
 def read_prompts_file(path: Path) -> list[Prompt]:
@@ -87,9 +85,7 @@ def hf_tokenize(tokenizer) -> Tokenize:
     """Wrap a transformers tokenizer: pad and truncate to its ``model_max_length``, int64 ids."""
 
     def tokenize(texts: list[str]) -> torch.Tensor:
-        encoded = tokenizer(
-            list(texts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True
-        )
+        encoded = tokenizer(list(texts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True)
         return torch.tensor(encoded["input_ids"], dtype=torch.long)
 
     return tokenize

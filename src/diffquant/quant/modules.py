@@ -281,7 +281,9 @@ class QuantLinear(_QuantMixin, nn.Linear):
         if not self.fp_tokens:
             return F.linear(self._quant_input(x), self.quantized_weight(), self.bias)
         if x.dim() != 3 or x.shape[1] <= self.fp_tokens:
-            raise ValueError(f"fp_tokens={self.fp_tokens} needs (N, L > {self.fp_tokens}, D) inputs, got {tuple(x.shape)}")
+            raise ValueError(
+                f"fp_tokens={self.fp_tokens} needs (N, L > {self.fp_tokens}, D) inputs, got {tuple(x.shape)}"
+            )
         rest = F.linear(self._quant_input(x[:, self.fp_tokens :]), self.quantized_weight(), self.bias)
         head = self.fp_token_outputs.to(rest.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
         return torch.cat([head, rest], dim=1)
