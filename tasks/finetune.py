@@ -9,6 +9,7 @@ from typing import Any
 
 from prefect import task
 
+from diffquant.errors import SpecError
 from diffquant.finetune.distill import DistillConfig, distill, select_layers
 from diffquant.quant.plan import LayerPlan
 from diffquant.quantize import load_quantized, save_quantized
@@ -57,9 +58,16 @@ def finetune_task(
     assert ft is not None
     model = model_from_source(cfg.model.model_dump())
     student = load_quantized(model, Path(quantized["plan_path"]), Path(quantized["scales_path"]))
-    layers = select_layers(
-        student.unet, ft.trainable.rule, ft.trainable.layers, _sensitivity_by_layer(sensitivity_csv), ft.trainable.top_k
-    )
+    try:
+        layers = select_layers(
+            student.unet,
+            ft.trainable.rule,
+            ft.trainable.layers,
+            _sensitivity_by_layer(sensitivity_csv),
+            ft.trainable.top_k,
+        )
+    except ValueError as error:
+        raise SpecError(f"finetune.trainable: {error} (only quantized layers can be fine-tuned)") from None
     key = hashlib.sha256(
         json.dumps(
             [

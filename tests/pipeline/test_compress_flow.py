@@ -176,6 +176,7 @@ def test_finetune_stage_trains_evaluates_and_keeps_the_better_model(isolated_hom
         tmp_path / "ft",
         [
             "quantize.weight.bits=4",
+            "quantize.keep_full_precision=[]",
             "finetune={steps: 30, batch_size: 32, checkpoint_every: 10, trainable: {rule: attention, layers: [conv_out]}}",
         ],
     )

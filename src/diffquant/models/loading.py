@@ -114,7 +114,8 @@ def _from_pretrained(cls: type, folder: Path, weights_name: str) -> tuple[nn.Mod
     """Load ``cls`` from ``folder`` (safetensors only); return it in eval mode and its sha256."""
     weights = _checked_weights(folder, weights_name)
     try:
-        module = cls.from_pretrained(str(folder), use_safetensors=True, local_files_only=True)
+        # low_cpu_mem_usage=False: the fast path needs `accelerate`, and diffusers warns without it
+        module = cls.from_pretrained(str(folder), use_safetensors=True, local_files_only=True, low_cpu_mem_usage=False)
     except (OSError, ValueError, RuntimeError, TypeError, KeyError) as error:
         raise ModelLoadError(f"cannot load {folder}: {str(error).splitlines()[0]}") from None
     return module.eval().requires_grad_(False), sha256_file(weights)
@@ -337,7 +338,7 @@ def _assemble(
         prompts=prompts,
         latent=latent,
     )
-    logger.info("loaded %s (%s family, %s condition) from %s", model.name, family.name, condition, path)
+    logger.debug("loaded %s (%s family, %s condition) from %s", model.name, family.name, condition, path)
     return model
 
 
