@@ -114,3 +114,14 @@ def test_safetensors_whose_header_length_starts_with_0x80_is_accepted(tmp_path):
     check_safetensors(path)
     assert torch.equal(next(iter(load_safetensors(path).values())), torch.zeros(1))
     assert _json.loads(path.read_bytes()[8 : 8 + path.read_bytes()[0] + 256 * path.read_bytes()[1]])
+
+
+def test_text_encoder_load_draws_no_transformers_progress_bar(capfd):
+    import transformers
+
+    from diffquant.models.reference import DIGITS_T2I
+
+    assert transformers.utils.logging.is_progress_bar_enabled()
+    load_model(DIGITS_T2I)
+    assert "Loading weights" not in capfd.readouterr().err
+    assert transformers.utils.logging.is_progress_bar_enabled()

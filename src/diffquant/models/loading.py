@@ -134,12 +134,18 @@ def _text_encoder(folder: Path) -> tuple[nn.Module, str]:
         )
     weights = _checked_weights(folder, TRANSFORMERS_WEIGHTS)
     cls = getattr(transformers, architectures[0])
+    # transformers draws a tqdm bar per load on stderr, which breaks the CLI's rich progress display
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()
     try:
         cfg = AutoConfig.from_pretrained(str(folder), local_files_only=True)
         cfg._attn_implementation = "eager"
         module = cls.from_pretrained(str(folder), config=cfg, use_safetensors=True, local_files_only=True)
     except (OSError, ValueError, RuntimeError, TypeError, KeyError) as error:
         raise ModelLoadError(f"cannot load {folder}: {str(error).splitlines()[0]}") from None
+    finally:
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
     return module.eval().requires_grad_(False), sha256_file(weights)
 
 
