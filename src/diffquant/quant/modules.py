@@ -361,6 +361,10 @@ class QuantConv2d(_QuantMixin, nn.Conv2d):
             and self.weight_quantizer.group_size is None
         )
 
+    def _bias_on_grid(self) -> bool:
+        # only once the input scale is calibrated (while observing, the float bias is used)
+        return self.integer_bias() and self.input_quantizer.mode is QuantizerMode.QUANTIZE
+
     def bias_scale(self) -> torch.Tensor:
         """The INT32 bias scale ``s_in * s_w`` (float32; per output channel or per tensor)."""
         assert self.input_quantizer is not None and self.weight_quantizer is not None
@@ -375,9 +379,12 @@ class QuantConv2d(_QuantMixin, nn.Conv2d):
     def quantized_bias(self) -> torch.Tensor | None:
         """The bias as the layer uses it: on the INT32 grid when :meth:`integer_bias`, else as is.
 
+        The grid needs the input scale, so during calibration (input quantizer not yet in quantize
+        mode) the float bias is used.
+
         Under autograd the rounding passes gradients straight through to the float bias.
         """
-        if not self.integer_bias():
+        if not self._bias_on_grid():
             return self.bias
         assert self.bias is not None
         rounded = (self.bias_integers() * self.bias_scale()).to(self.bias.dtype)
