@@ -81,18 +81,27 @@ def feeds(traj: Trajectories, batch: int) -> dict[str, np.ndarray]:
     }
 
 
-def latency(path: Path, traj: Trajectories, batch: int, warmup: int, runs: int) -> float:
-    """Median seconds of one denoiser call at ``batch``."""
-    sess = session(path)
+def latencies(
+    paths: dict[str, Path], traj: Trajectories, batch: int, warmup: int, runs: int, rounds: int
+) -> dict[str, list[float]]:
+    """Milliseconds of one denoiser call at ``batch`` for each model, ``rounds`` x ``runs`` each.
+
+    The rounds interleave the models, so that load from other processes on a shared machine hits
+    every model alike; report the median.
+    """
     inputs = feeds(traj, batch)
-    for _ in range(warmup):
-        sess.run(None, inputs)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        sess.run(None, inputs)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    sessions = {name: session(path) for name, path in paths.items()}
+    for sess in sessions.values():
+        for _ in range(warmup):
+            sess.run(None, inputs)
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    for _ in range(rounds):
+        for name, sess in sessions.items():
+            for _ in range(runs):
+                start = time.perf_counter()
+                sess.run(None, inputs)
+                times[name].append(1000 * (time.perf_counter() - start))
+    return times
 
 
 def fused_ops(path: Path) -> dict[str, int]:
@@ -246,14 +255,17 @@ def part_digits(args: argparse.Namespace, tmp: Path) -> dict:
             logger.info("quantize_static %s %s: %.1fs", method, label, time.perf_counter() - start)
             entries.append((f"ORT quantize_static {method}, {label}", out, None))
 
+    paths = {name: path for name, path, _ in entries}
+    b1 = latencies(paths, calib, 1, args.warmup, args.runs, args.rounds)
+    b32 = latencies(paths, calib, 32, args.warmup, args.runs, args.rounds)
     for name, path, packed in entries:
         row = {
             "name": name,
             "onnx_weight_bytes": onnx_weight_bytes(path),
             "file_bytes": path.stat().st_size,
             "plan_packed_bytes": packed,
-            "latency_b1_ms": 1000 * latency(path, calib, 1, args.warmup, args.runs),
-            "latency_b32_ms": 1000 * latency(path, calib, 32, args.warmup, args.runs),
+            "latency_b1_ms": statistics.median(b1[name]),
+            "latency_b32_ms": statistics.median(b32[name]),
             **sample_metrics(path, model, args, classifier, real),
         }
         rows.append(row)
@@ -282,7 +294,7 @@ def part_digits(args: argparse.Namespace, tmp: Path) -> dict:
         "onnxruntime": ort.__version__,
         "samples": args.samples,
         "steps": args.steps,
-        "runs": args.runs,
+        "runs": args.runs * args.rounds,
         "warmup": args.warmup,
         "load_average": load,
         "rows": rows,
@@ -314,18 +326,7 @@ def part_latency(args: argparse.Namespace, tmp: Path) -> dict:
         (ORT_FORM, big_ort_form),
         ("ORT quantize_static MinMax, Conv/MatMul/Gemm", big_ort),
     ]
-    inputs = feeds(big_calib, 32)
-    sessions = {name: session(path) for name, path in models}
-    for sess in sessions.values():
-        sess.run(None, inputs)
-    # interleaved rounds, so that load from other processes hits every model alike
-    times: dict[str, list[float]] = {name: [] for name, _ in models}
-    for _ in range(args.big_rounds):
-        for name, _ in models:
-            for _ in range(args.big_runs):
-                start = time.perf_counter()
-                sessions[name].run(None, inputs)
-                times[name].append(1000 * (time.perf_counter() - start))
+    times = latencies(dict(models), big_calib, 32, 1, args.big_runs, args.big_rounds)
     big_rows = []
     for name, path in models:
         big_rows.append(
@@ -364,8 +365,8 @@ def render(result: dict) -> str:
             "threads; calibration: the default spec's 256 inputs for ours and for quantize_static). "
             f"Machine: {result['machine']}.{load}",
             f"PyTorch FP32 at the same noise: accuracy {torch_fp['accuracy']:.4f}, FD to real "
-            f"{torch_fp['fd_real']:.2f}. Latency: one denoiser call, median of {runs} after {warmup} "
-            "warmup. Weight bytes: ONNX initializers (INT4 packed); plan bytes: the plan's packed count. "
+            f"{torch_fp['fd_real']:.2f}. Latency: one denoiser call, median of {runs} (interleaved rounds over "
+            f"the models) after {warmup} warmup. Weight bytes: ONNX initializers (INT4 packed); plan bytes: the plan's packed count. "
             f"{ORT_FORM}: `export.target: onnxruntime` (output Q/DQ on the quantized Conv2d layers, UINT8 "
             "activations with zero point 128, INT32 biases).",
             "",
@@ -412,7 +413,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--runs", type=int, default=15)
+    parser.add_argument("--runs", type=int, default=5, help="part 1: runs per model per round")
+    parser.add_argument("--rounds", type=int, default=3, help="part 1: interleaved rounds over the models")
     parser.add_argument("--big-runs", type=int, default=5, help="part 2: runs per model per round")
     parser.add_argument("--big-rounds", type=int, default=3, help="part 2: interleaved rounds over the models")
     args = parser.parse_args()

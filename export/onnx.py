@@ -568,8 +568,15 @@ def export_target(plan: LayerPlan, target: str | None = None) -> str:
 
 
 def onnx_target(path: str | Path) -> str:
-    """The Q/DQ form of the export at ``path`` (``diffquant.target`` metadata; ``tensorrt`` when absent)."""
-    proto = onnx.load(str(path), load_external_data=False)
+    """The Q/DQ form of the export at ``path`` (``diffquant.target`` metadata; ``tensorrt`` when absent).
+
+    Raises:
+        ExportError: If the file is not a readable ONNX model.
+    """
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as error:  # protobuf's DecodeError and OS errors alike
+        raise ExportError(f"{path} is not a readable ONNX model: {error}") from None
     meta = {p.key: p.value for p in proto.metadata_props}
     return meta.get(TARGET_METADATA_KEY, "tensorrt")
 
