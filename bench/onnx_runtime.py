@@ -1,6 +1,8 @@
 """ONNX export on onnxruntime (CPU): our Q/DQ exports vs FP32 and vs onnxruntime's own quantize_static.
 
-Part 1, digits-unet: FP32, our W8A8 (min-max, per-channel) and W4A8 (MSE) exports, and
+Part 1, digits-unet: FP32, our W8A8 (min-max, per-channel) and W4A8 (MSE) exports in TensorRT's
+form, our W8A8 in the onnxruntime form (``export.target: onnxruntime``: output quantizers on the
+Conv2d layers, UINT8 activations, INT32 biases, so onnxruntime fuses ``QLinearConv``), and
 onnxruntime's ``quantize_static`` (QDQ, per-channel, symmetric activations and weights) on our FP32
 export with the MinMax and Percentile calibrators, over all op types (its default) and restricted
 to Conv/MatMul/Gemm, fed the same calibration inputs. For each: accuracy and FD to real digits of
@@ -8,12 +10,16 @@ DDIM samples drawn through onnxruntime (same noise for all), initializer bytes, 
 latency of one denoiser call at batch 1 and 32 (median of ``--runs`` after ``--warmup``).
 
 Part 2, latency only: the same UNet2DModel design at 32x32 with untrained weights (seeded random
-init, >= 10M parameters): FP32 vs our W8A8 export vs onnxruntime's best-configured INT8 at batch 32,
-with the op types onnxruntime's optimizer leaves in each graph (what it fused).
+init, >= 10M parameters): FP32 vs our W8A8 exports (both forms) vs onnxruntime's best-configured
+INT8 at batch 32, with the op types onnxruntime's optimizer leaves in each graph (what it fused).
 
-Writes ``bench/results/export.json`` and the ``export`` table of BENCHMARKS.md.
+Writes ``bench/results/export.json`` and the ``export`` section of BENCHMARKS.md (between its
+``<!-- export:start -->`` / ``<!-- export:end -->`` markers). ``--part 1`` or ``--part 2`` runs one
+part and keeps the other part's last results from the JSON; ``--scratch DIR`` keeps the ONNX files
+(default: a fresh temporary folder).
 
-Run: ``.venv/bin/python bench/onnx_runtime.py`` (about 10 minutes on 2 cores; ``--samples`` to shorten).
+Run: ``.venv/bin/python bench/onnx_runtime.py [--part 1|2|all]`` (part 1 about 10 minutes on 2
+cores, ``--samples`` to shorten; part 2 about 5 minutes).
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ import argparse
 import collections
 import dataclasses
 import json
+import logging
+import os
 import statistics
 import tempfile
 import time
@@ -49,6 +57,10 @@ from export.rules import check_rules
 
 THREADS = 2
 CONV_MATMUL = ["Conv", "MatMul", "Gemm"]
+RESULTS = ROOT / "bench" / "results" / "export.json"
+ORT_FORM = "ours W8A8 (onnxruntime form)"
+ORT_FORM_PERCENTILE = "ours W8A8 (onnxruntime form, percentile)"
+logger = logging.getLogger("bench.onnx_runtime")
 
 
 def session(path: Path, optimized_path: Path | None = None) -> ort.InferenceSession:
@@ -70,18 +82,27 @@ def feeds(traj: Trajectories, batch: int) -> dict[str, np.ndarray]:
     }
 
 
-def latency(path: Path, traj: Trajectories, batch: int, warmup: int, runs: int) -> float:
-    """Median seconds of one denoiser call at ``batch``."""
-    sess = session(path)
+def latencies(
+    paths: dict[str, Path], traj: Trajectories, batch: int, warmup: int, runs: int, rounds: int
+) -> dict[str, list[float]]:
+    """Milliseconds of one denoiser call at ``batch`` for each model, ``rounds`` x ``runs`` each.
+
+    The rounds interleave the models, so that load from other processes on a shared machine hits
+    every model alike; report the median.
+    """
     inputs = feeds(traj, batch)
-    for _ in range(warmup):
-        sess.run(None, inputs)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        sess.run(None, inputs)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    sessions = {name: session(path) for name, path in paths.items()}
+    for sess in sessions.values():
+        for _ in range(warmup):
+            sess.run(None, inputs)
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    for _ in range(rounds):
+        for name, sess in sessions.items():
+            for _ in range(runs):
+                start = time.perf_counter()
+                sess.run(None, inputs)
+                times[name].append(1000 * (time.perf_counter() - start))
+    return times
 
 
 def fused_ops(path: Path) -> dict[str, int]:
@@ -159,26 +180,51 @@ def big_unet() -> DiffusionModel:
     return DiffusionModel("unet-32x32-random", unet, SCHEDULER_CONFIG, Path("."), "-", 10, (1, 32, 32))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--samples", type=int, default=1000)
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--runs", type=int, default=15)
-    parser.add_argument("--big-runs", type=int, default=5)
-    args = parser.parse_args()
-    torch.set_num_threads(THREADS)
-    tmp = Path(tempfile.mkdtemp(prefix="bench-export-"))
+def calibration_set(model: DiffusionModel, steps: int) -> Trajectories:
+    """The default spec's calibration inputs for ``model`` (its family's feature module)."""
+    base = load_spec(overrides=[f"sampler.steps={steps}"])
+    pool = collect_pool(model, base.calibration.trajectories, steps, base.calibration.seed)
+    features = pool_features(model.unet, pool, model.conditional, model.family_info.feature_module)
+    return subset(pool, select(pool, base.calibration.strategy, base.calibration.size, base.calibration.seed, features))
 
+
+def ours(
+    model: DiffusionModel,
+    calib: Trajectories,
+    path: Path,
+    overrides: list[str],
+    observer: str = "minmax",
+    target: str = "tensorrt",
+    parity: bool = True,
+) -> tuple[Path, int, dict | None]:
+    """Quantize ``model`` with the spec ``overrides``, export for ``target``, check rules (and parity).
+
+    Returns:
+        ``(onnx path, plan packed bytes, parity outputs report or None)``.
+    """
+    spec = load_spec(overrides=overrides)
+    plan = plan_from_spec(model, spec.quantize, observer, target)
+    quantized = quantize_model(model, plan, calib, spec.calibration)
+    out = export_onnx(quantized, plan, path, target=target).path
+    violations = check_rules(out, plan)
+    assert violations == [], f"{path.name}: {violations[0]}"
+    report = None
+    if parity:
+        checked = check_parity(out, quantized, calib)
+        report = checked.to_dict()["outputs"]
+        logger.info(
+            "%s: parity %s (max %.3g, mean %.2g)", path.name, checked.passed, report["max_abs"], report["mean_abs"]
+        )
+    return out, packed_weight_bytes(model.unet, plan)["packed"], report
+
+
+def part_digits(args: argparse.Namespace, tmp: Path) -> dict:
+    """Part 1: digits-unet, accuracy / FD / bytes / latency of FP32, ours and quantize_static."""
+    load = os.getloadavg()[0]
     model = load_model("digits-unet")
     classifier = load_classifier()
     real = load_digits_split().held_out_images
-    base = load_spec(overrides=[f"sampler.steps={args.steps}"])
-    pool = collect_pool(model, base.calibration.trajectories, args.steps, base.calibration.seed)
-    features = pool_features(model.unet, pool, model.conditional, model.family_info.feature_module)
-    calib = subset(
-        pool, select(pool, base.calibration.strategy, base.calibration.size, base.calibration.seed, features)
-    )
+    calib = calibration_set(model, args.steps)
 
     rows: list[dict] = []
     fp_path = export_onnx(model, None, tmp / "fp32.onnx").path
@@ -187,46 +233,54 @@ def main() -> None:
     peer_fp_path = export_onnx(model, None, tmp / "fp32_opset20.onnx", opset=20).path
     entries: list[tuple[str, Path, int | None]] = [("FP32", fp_path, None)]
     parity = {}
-    for name, w, a, observer in (("ours W8A8", 8, 8, "minmax"), ("ours W4A8", 4, 8, "mse")):
-        spec = load_spec(
-            overrides=[
-                f"quantize.weight.bits={w}",
-                f"quantize.activation.bits={a}",
-                f"quantize.weight.observer={observer}",
-                f"calibration.observer={observer}",
-            ]
-        )
-        plan = plan_from_spec(model, spec.quantize, observer)
-        quantized = quantize_model(model, plan, calib, spec.calibration)
-        path = export_onnx(quantized, plan, tmp / f"{name.split()[1]}.onnx").path
-        assert check_rules(path, plan) == [], name
-        report = check_parity(path, quantized, calib)
-        parity[name] = report.to_dict()["outputs"]
-        entries.append((name, path, packed_weight_bytes(model.unet, plan)["packed"]))
-        print(f"{name}: parity {report.passed} (max {report.outputs.max_abs:.3g}, mean {report.outputs.mean_abs:.2g})")
+    for name, w, a, observer, target in (
+        ("ours W8A8", 8, 8, "minmax", "tensorrt"),
+        ("ours W4A8", 4, 8, "mse", "tensorrt"),
+        (ORT_FORM, 8, 8, "minmax", "onnxruntime"),
+        (ORT_FORM_PERCENTILE, 8, 8, "percentile", "onnxruntime"),
+    ):
+        # percentile: weights stay min-max (per channel), activations (inputs and outputs) use the percentile observer
+        weight_observer = "minmax" if observer == "percentile" else observer
+        overrides = [
+            f"quantize.weight.bits={w}",
+            f"quantize.activation.bits={a}",
+            f"quantize.weight.observer={weight_observer}",
+            f"calibration.observer={observer}",
+        ]
+        file = tmp / f"{name.split()[1]}{'_ort' if target == 'onnxruntime' else ''}_{observer}.onnx"
+        path, packed, report = ours(model, calib, file, overrides, observer, target)
+        parity[name] = report
+        entries.append((name, path, packed))
     for method in ("MinMax", "Percentile"):
         for ops, label in ((None, "all ops"), (CONV_MATMUL, "Conv/MatMul/Gemm")):
             out = tmp / f"ort_{method}_{'all' if ops is None else 'cmg'}.onnx"
             start = time.perf_counter()
             ort_quantize(peer_fp_path, out, calib, method, ops)
-            print(f"quantize_static {method} {label}: {time.perf_counter() - start:.1f}s")
+            logger.info("quantize_static %s %s: %.1fs", method, label, time.perf_counter() - start)
             entries.append((f"ORT quantize_static {method}, {label}", out, None))
 
+    paths = {name: path for name, path, _ in entries}
+    b1 = latencies(paths, calib, 1, args.warmup, args.runs, args.rounds)
+    b32 = latencies(paths, calib, 32, args.warmup, args.runs, args.rounds)
     for name, path, packed in entries:
         row = {
             "name": name,
             "onnx_weight_bytes": onnx_weight_bytes(path),
             "file_bytes": path.stat().st_size,
             "plan_packed_bytes": packed,
-            "latency_b1_ms": 1000 * latency(path, calib, 1, args.warmup, args.runs),
-            "latency_b32_ms": 1000 * latency(path, calib, 32, args.warmup, args.runs),
+            "latency_b1_ms": statistics.median(b1[name]),
+            "latency_b32_ms": statistics.median(b32[name]),
             **sample_metrics(path, model, args, classifier, real),
         }
         rows.append(row)
-        print(
-            f"{name:45s} acc {row['accuracy']:.4f} fd {row['fd_real']:.2f} b1 {row['latency_b1_ms']:.2f} ms "
-            f"b32 {row['latency_b32_ms']:.2f} ms bytes {row['onnx_weight_bytes']:,}",
-            flush=True,
+        logger.info(
+            "%-45s acc %.4f fd %.2f b1 %.2f ms b32 %.2f ms bytes %s",
+            name,
+            row["accuracy"],
+            row["fd_real"],
+            row["latency_b1_ms"],
+            row["latency_b32_ms"],
+            f"{row['onnx_weight_bytes']:,}",
         )
     fp_row = rows[0]
     for row in rows:
@@ -237,8 +291,26 @@ def main() -> None:
         "accuracy": condition_accuracy(classifier, torch_fp[0], torch_fp[1]),
         "fd_real": frechet_distance(classifier, real, torch_fp[0]),
     }
+    shown = {"FP32", "ours W8A8", ORT_FORM, "ORT quantize_static MinMax, Conv/MatMul/Gemm"}
+    digits_ops = {name: fused_ops(path) for name, path, _ in entries if name in shown}
+    return {
+        "machine": machine(),
+        "onnxruntime": ort.__version__,
+        "samples": args.samples,
+        "steps": args.steps,
+        "runs": args.runs * args.rounds,
+        "warmup": args.warmup,
+        "load_average": load,
+        "rows": rows,
+        "torch_fp32": torch_fp_metrics,
+        "parity": parity,
+        "digits_ops": digits_ops,
+    }
 
-    # part 2: latency only, 32x32, >= 10M random parameters
+
+def part_latency(args: argparse.Namespace, tmp: Path) -> dict:
+    """Part 2: the 32x32 >= 10M-parameter U-Net, latency at batch 32 and the ops onnxruntime runs."""
+    load = os.getloadavg()[0]
     big = big_unet()
     params = sum(p.numel() for p in big.unet.parameters())
     g = torch.Generator().manual_seed(0)
@@ -246,77 +318,129 @@ def main() -> None:
     big_calib = Trajectories(
         torch.randn((n, 1, 32, 32), generator=g), torch.randint(0, 1000, (n,), generator=g), torch.arange(n) % 10
     )
-    big_spec = load_spec(overrides=["quantize.weight.bits=8", "quantize.activation.bits=8"])
-    big_plan = plan_from_spec(big, big_spec.quantize)
-    big_q = quantize_model(big, big_plan, big_calib, big_spec.calibration)
+    w8a8 = ["quantize.weight.bits=8", "quantize.activation.bits=8"]
     big_fp = export_onnx(big, None, tmp / "big_fp32.onnx").path
-    big_ours = export_onnx(big_q, big_plan, tmp / "big_w8a8.onnx").path
+    big_ours, _, _ = ours(big, big_calib, tmp / "big_w8a8.onnx", w8a8, parity=False)
+    big_ort_form, _, parity = ours(big, big_calib, tmp / "big_w8a8_ort.onnx", w8a8, target="onnxruntime")
     big_peer_fp = export_onnx(big, None, tmp / "big_fp32_opset20.onnx", opset=20).path
     big_ort = ort_quantize(big_peer_fp, tmp / "big_ort.onnx", big_calib, "MinMax", CONV_MATMUL)
-    big_rows = []
-    for name, path in (
+    models = [
         ("FP32", big_fp),
         ("ours W8A8", big_ours),
+        (ORT_FORM, big_ort_form),
         ("ORT quantize_static MinMax, Conv/MatMul/Gemm", big_ort),
-    ):
-        ms = 1000 * latency(path, big_calib, 32, 1, args.big_runs)
+    ]
+    times = latencies(dict(models), big_calib, 32, 1, args.big_runs, args.big_rounds)
+    big_rows = []
+    for name, path in models:
         big_rows.append(
-            {"name": name, "latency_b32_ms": ms, "onnx_weight_bytes": onnx_weight_bytes(path), "ops": fused_ops(path)}
+            {
+                "name": name,
+                "latency_b32_ms": statistics.median(times[name]),
+                "times_ms": times[name],
+                "onnx_weight_bytes": onnx_weight_bytes(path),
+                "ops": fused_ops(path),
+            }
         )
-        print(f"32x32 {name}: {ms:.1f} ms", flush=True)
+        logger.info("32x32 %s: median %.1f ms of %d", name, big_rows[-1]["latency_b32_ms"], len(times[name]))
     for row in big_rows:
         row["b32_x_fp32"] = row["latency_b32_ms"] / big_rows[0]["latency_b32_ms"]
-    digits_ops = {name: fused_ops(path) for name, path, _ in [*entries[:3], entries[-1]]}
-
-    (ROOT / "bench" / "results").mkdir(exist_ok=True)
-    result = {
+    return {
+        "parameters": params,
+        "rows": big_rows,
+        "runs": args.big_runs * args.big_rounds,
+        "load_average": load,
         "machine": machine(),
         "onnxruntime": ort.__version__,
-        "samples": args.samples,
-        "steps": args.steps,
-        "rows": rows,
-        "torch_fp32": torch_fp_metrics,
-        "parity": parity,
-        "digits_ops": digits_ops,
-        "big": {"parameters": params, "rows": big_rows},
+        "parity_ort_form": parity,
     }
-    (ROOT / "bench" / "results" / "export.json").write_text(json.dumps(result, indent=2))
 
-    lines = [
-        "## ONNX export on onnxruntime (CPU)",
-        "",
-        f"Command: `.venv/bin/python bench/onnx_runtime.py` ({args.samples} samples, DDIM {args.steps}, noise seed 0, "
-        f"sampled through onnxruntime {ort.__version__} CPU, {THREADS} threads; calibration: the default spec's 256 "
-        f"inputs for ours and for quantize_static). Machine: {machine()}.",
-        f"PyTorch FP32 at the same noise: accuracy {torch_fp_metrics['accuracy']:.4f}, FD to real "
-        f"{torch_fp_metrics['fd_real']:.2f}. Latency: one denoiser call, median of {args.runs} after {args.warmup} "
-        "warmup. Weight bytes: ONNX initializers (INT4 packed); plan bytes: the plan's packed count.",
-        "",
-        "| model | accuracy | FD to real | weight bytes | plan bytes | file bytes | b1 ms | b1 x FP32 | b32 ms | b32 x FP32 |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        plan_bytes = f"{r['plan_packed_bytes']:,}" if r["plan_packed_bytes"] else "-"
-        lines.append(
-            f"| {r['name']} | {r['accuracy']:.4f} | {r['fd_real']:.2f} | {r['onnx_weight_bytes']:,} | {plan_bytes} | "
-            f"{r['file_bytes']:,} | {r['latency_b1_ms']:.2f} | {r['b1_x_fp32']:.2f} | {r['latency_b32_ms']:.2f} | "
-            f"{r['b32_x_fp32']:.2f} |"
-        )
-    lines += [
-        "",
-        f"Latency only: UNet2DModel of the digits-unet design at 32x32, block_out_channels (128, 256, 256), "
-        f"{params / 1e6:.1f}M untrained parameters (seed 0), batch 32, median of {args.big_runs} runs; calibration: "
-        "64 random inputs. Ops: what onnxruntime's optimizer leaves in the graph.",
-        "",
-        "| model | b32 ms | x FP32 | ops after onnxruntime's optimizer |",
-        "|---|---|---|---|",
-    ]
-    for r in big_rows:
-        ops = ", ".join(f"{k} {v}" for k, v in r["ops"].items())
-        lines.append(f"| {r['name']} | {r['latency_b32_ms']:.1f} | {r['b32_x_fp32']:.2f} | {ops} |")
-    replace_section("export", "\n".join(lines))
-    print("\n".join(lines))
-    print(json.dumps({"parity": parity, "digits_ops": digits_ops}, indent=1))
+
+def render(result: dict) -> str:
+    """The BENCHMARKS.md ``export`` section from the results JSON (either part may be missing)."""
+    lines = ["## ONNX export on onnxruntime (CPU)", ""]
+    if result.get("rows"):
+        torch_fp = result["torch_fp32"]
+        runs, warmup = result.get("runs", 15), result.get("warmup", 3)
+        load = f" Load average at start: {result['load_average']:.1f}." if "load_average" in result else ""
+        lines += [
+            f"Command: `.venv/bin/python bench/onnx_runtime.py --part 1` ({result['samples']} samples, DDIM "
+            f"{result['steps']}, noise seed 0, sampled through onnxruntime {result['onnxruntime']} CPU, {THREADS} "
+            "threads; calibration: the default spec's 256 inputs for ours and for quantize_static). "
+            f"Machine: {result['machine']}.{load}",
+            f"PyTorch FP32 at the same noise: accuracy {torch_fp['accuracy']:.4f}, FD to real "
+            f"{torch_fp['fd_real']:.2f}. Latency: one denoiser call, median of {runs} (interleaved rounds over "
+            f"the models) after {warmup} warmup. Weight bytes: ONNX initializers (INT4 packed); plan bytes: the plan's packed count. "
+            f"{ORT_FORM}: `export.target: onnxruntime` (output Q/DQ on the quantized Conv2d layers, UINT8 "
+            "activations with zero point 128, INT32 biases); min-max observers like ours W8A8; the percentile row "
+            "calibrates activations with `calibration.observer=percentile` (99.99th).",
+            "",
+            "| model | accuracy | FD to real | weight bytes | plan bytes | file bytes | b1 ms | b1 x FP32 | b32 ms | "
+            "b32 x FP32 |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in result["rows"]:
+            plan_bytes = f"{r['plan_packed_bytes']:,}" if r["plan_packed_bytes"] else "-"
+            lines.append(
+                f"| {r['name']} | {r['accuracy']:.4f} | {r['fd_real']:.2f} | {r['onnx_weight_bytes']:,} | "
+                f"{plan_bytes} | {r['file_bytes']:,} | {r['latency_b1_ms']:.2f} | {r['b1_x_fp32']:.2f} | "
+                f"{r['latency_b32_ms']:.2f} | {r['b32_x_fp32']:.2f} |"
+            )
+        ops = result.get("digits_ops", {})
+        if ops:
+            lines += ["", "digits-unet ops after onnxruntime's optimizer:", ""]
+            for name, counts in ops.items():
+                lines.append(f"- {name}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    big = result.get("big")
+    if big:
+        runs = big.get("runs", 5)
+        load = f" Load average at start: {big['load_average']:.1f}." if "load_average" in big else ""
+        lines += [
+            "",
+            "Latency only (`--part 2`): UNet2DModel of the digits-unet design at 32x32, block_out_channels "
+            f"(128, 256, 256), {big['parameters'] / 1e6:.1f}M untrained parameters (seed 0), batch 32, median of "
+            f"{runs} runs (interleaved rounds over the models); calibration: 64 random inputs. Ops: what onnxruntime's optimizer leaves in the graph."
+            f"{load}",
+            "",
+            "| model | b32 ms | x FP32 | ops after onnxruntime's optimizer |",
+            "|---|---|---|---|",
+        ]
+        for r in big["rows"]:
+            ops_text = ", ".join(f"{k} {v}" for k, v in r["ops"].items())
+            lines.append(f"| {r['name']} | {r['latency_b32_ms']:.1f} | {r['b32_x_fp32']:.2f} | {ops_text} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--part", choices=("1", "2", "all"), default="all", help="1: digits-unet, 2: 32x32 latency")
+    parser.add_argument("--scratch", type=Path, default=None, help="folder for the ONNX files (default: temporary)")
+    parser.add_argument("--samples", type=int, default=1000)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=5, help="part 1: runs per model per round")
+    parser.add_argument("--rounds", type=int, default=3, help="part 1: interleaved rounds over the models")
+    parser.add_argument("--big-runs", type=int, default=5, help="part 2: runs per model per round")
+    parser.add_argument("--big-rounds", type=int, default=3, help="part 2: interleaved rounds over the models")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    torch.set_num_threads(THREADS)
+    tmp = args.scratch or Path(tempfile.mkdtemp(prefix="bench-export-"))
+    tmp.mkdir(parents=True, exist_ok=True)
+
+    result = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    if args.part in ("1", "all"):
+        big = result.get("big")
+        result = part_digits(args, tmp)
+        if big is not None:
+            result["big"] = big
+    if args.part in ("2", "all"):
+        result["big"] = part_latency(args, tmp)
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2))
+    text = render(result)
+    replace_section("export", text)
+    logger.info("wrote %s and BENCHMARKS.md\n%s", RESULTS, text)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,25 @@ compute node name and kind) so that :mod:`export.rules` can find each layer.
 
 Models whose initializers exceed ``external_data_threshold`` bytes are saved with their tensors in
 one external data file ``<name>.onnx.data`` beside the ``.onnx``.
+
+**The onnxruntime form** (``target="onnxruntime"``, ``export.target: onnxruntime``): onnxruntime's
+CPU optimizer fuses ``DQ -> Conv -> Q`` into an integer ``QLinearConv`` only when the Conv's
+output is quantized too and its bias comes from an INT32 ``DequantizeLinear``; otherwise every
+Conv stays a float Conv behind a weight ``DequantizeLinear`` that runs on every call (slower than
+FP32). In this form:
+
+- activation Q/DQ (inputs and outputs) use ``UINT8`` with zero point 128: the same grid as the
+  symmetric INT8 fake quant with zero point 0, shifted by 128 (``clamp(round(x/s), -128, 127) + 128``
+  equals ``saturate_u8(round(x/s) + 128)``), and what onnxruntime's x86 kernels run fastest
+  (u8 activations, s8 weights);
+- a Conv2d layer whose plan has an ``output`` quantizer gets ``<fqn>/output_quantizer/
+  {Clip,QuantizeLinear,DequantizeLinear}`` after its Conv, and its bias is stored as INT32
+  ``round(b / (s_in * s_w))`` (per output channel) behind ``<fqn>/bias_quantizer/DequantizeLinear``
+  with scale ``s_in * s_w``. The PyTorch model keeps a float bias; the rounding moves it by at
+  most half of ``s_in * s_w`` (about 1e-6 here), far below the parity tolerance;
+- weights are written as in the TensorRT form.
+
+The model's ``metadata_props`` hold ``diffquant.target`` (``tensorrt`` or ``onnxruntime``).
 """
 
 from __future__ import annotations
@@ -71,6 +90,13 @@ INPUT_NAMES = ("sample", "timestep")
 CONDITION_INPUTS = {"class": "class_labels", "text": "input_ids"}
 OUTPUT_NAME = "noise_pred"
 LAYERS_METADATA_KEY = "diffquant.layers"
+TARGET_METADATA_KEY = "diffquant.target"
+TARGETS = ("tensorrt", "onnxruntime")
+ORT_ACTIVATION_ZERO_POINT = 128
+ONNXRUNTIME_FORM_REASON = (
+    "the export is in the onnxruntime form (UINT8 activations, zero point 128), which TensorRT does not take; "
+    "use export.target: tensorrt for an engine"
+)
 DEFAULT_OPSET = 21
 MIN_OPSET = 13
 BLOCKED_OPSET = 21
@@ -123,11 +149,17 @@ def _mark(x: torch.Tensor, layer: str, role: str) -> torch.Tensor:
 
 
 class _ExportConv(nn.Module):
-    """A Conv2d whose input and weight carry export marks (numerically the float layer)."""
+    """A Conv2d whose input, weight (and, in the onnxruntime form, bias and output) carry export marks.
 
-    def __init__(self, layer: nn.Conv2d, name: str, mark_input: bool) -> None:
+    Numerically the float layer: marks are identities in PyTorch.
+    """
+
+    def __init__(
+        self, layer: nn.Conv2d, name: str, mark_input: bool, mark_output: bool = False, mark_bias: bool = False
+    ) -> None:
         super().__init__()
         self.name, self.mark_input = name, mark_input
+        self.mark_output, self.mark_bias = mark_output, mark_bias and layer.bias is not None
         self.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
         self.stride, self.padding, self.dilation, self.groups = (
@@ -143,10 +175,13 @@ class _ExportConv(nn.Module):
         if self.mark_input:
             x = _mark(x, self.name, "input")
         w = _mark(self.weight, self.name, "weight")
+        b = _mark(self.bias, self.name, "bias") if self.mark_bias else self.bias
         if self.padding_mode != "zeros":
             x = F.pad(x, self.pad, mode=self.padding_mode)
-            return F.conv2d(x, w, self.bias, self.stride, 0, self.dilation, self.groups)
-        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+            y = F.conv2d(x, w, b, self.stride, 0, self.dilation, self.groups)
+        else:
+            y = F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+        return _mark(y, self.name, "output") if self.mark_output else y
 
 
 class _ExportLinear(nn.Module):
@@ -205,10 +240,11 @@ def plan_from_model(unet: nn.Module) -> LayerPlan:
     plan = LayerPlan()
     for name, module in unet.named_modules():
         if isinstance(module, (QuantLinear, QuantConv2d)):
-            wq, aq = module.weight_quantizer, module.input_quantizer
+            wq, aq, oq = module.weight_quantizer, module.input_quantizer, module.output_quantizer
             plan[name] = LayerConfig(
                 _weight_config(wq) if wq is not None else None,
                 ActivationConfig(aq.bits, aq.observer_name) if aq is not None else None,
+                output=ActivationConfig(oq.bits, oq.observer_name) if oq is not None else None,
             )
         elif isinstance(module, QUANTIZABLE):
             plan[name] = LayerConfig(None, None)
@@ -228,10 +264,14 @@ def _check_matches(unet: nn.Module, plan: LayerPlan) -> None:
         w_plan = cfg.weight and (cfg.weight.bits, cfg.weight.granularity, cfg.weight.group_size)
         a_own = own.activation and own.activation.bits
         a_plan = cfg.activation and cfg.activation.bits
-        if w_own != w_plan or a_own != a_plan:
+        o_own = own.output and own.output.bits
+        o_plan = cfg.output and cfg.output.bits
+        if w_own != w_plan or a_own != a_plan or o_own != o_plan:
+            output = f", output {o_own}" if o_own or o_plan else ""
+            output_plan = f", output {o_plan}" if o_own or o_plan else ""
             raise ExportError(
-                f"layer {name!r}: the model has weight {w_own}, activation {a_own} but the plan says weight "
-                f"{w_plan}, activation {a_plan}; export the model quantized with this plan"
+                f"layer {name!r}: the model has weight {w_own}, activation {a_own}{output} but the plan says weight "
+                f"{w_plan}, activation {a_plan}{output_plan}; export the model quantized with this plan"
             )
     extra = [n for n, c in carried.items() if n not in plan and not c.is_full_precision]
     if extra:
@@ -322,7 +362,62 @@ def _float_scalar(name: str, value: float) -> TensorProto:
     return numpy_helper.from_array(np.array(value, dtype=np.float32), name)
 
 
-def _lower_marks(model: onnx.ModelProto, unet: nn.Module, plan: LayerPlan) -> dict[str, dict[str, str]]:
+def _activation_zero_point(name: str, target: str) -> TensorProto:
+    """The activation zero point: INT8 0 (TensorRT form) or UINT8 128 (onnxruntime form)."""
+    if target == "onnxruntime":
+        return numpy_helper.from_array(np.array(ORT_ACTIVATION_ZERO_POINT, dtype=np.uint8), name)
+    return numpy_helper.from_array(np.array(0, dtype=np.int8), name)
+
+
+def _activation_qdq(
+    index: _Graph, name: str, role: str, quantizer: FakeQuantizer, source: str, out: str, suffix: str, target: str
+) -> list[onnx.NodeProto]:
+    """``[Clip ->] QuantizeLinear -> DequantizeLinear`` for the ``role`` (input/output) quantizer of ``name``."""
+    _quantizer_ready(name, quantizer, role)
+    scale = float(quantizer.scale.reshape(-1)[0])
+    fmt = quantizer.fmt
+    prefix = f"{name}/{role}_quantizer"
+    s_name, z_name = f"{name}.{role}_scale", f"{name}.{role}_zero_point"
+    lo, hi = f"{name}.{role}_clip_min", f"{name}.{role}_clip_max"
+    if s_name not in index.inits:
+        index.add_init(_float_scalar(s_name, scale))
+        index.add_init(_activation_zero_point(z_name, target))
+        if fmt.bits < 8:
+            index.add_init(_float_scalar(lo, fmt.qmin * scale))
+            index.add_init(_float_scalar(hi, fmt.qmax * scale))
+    nodes = []
+    q_in = source
+    if fmt.bits < 8:
+        q_in = f"{prefix}/Clip{suffix}_output_0"
+        nodes.append(helper.make_node("Clip", [source, lo, hi], [q_in], name=f"{prefix}/Clip{suffix}"))
+    quantized = f"{prefix}/QuantizeLinear{suffix}_output_0"
+    nodes.append(
+        helper.make_node("QuantizeLinear", [q_in, s_name, z_name], [quantized], name=f"{prefix}/QuantizeLinear{suffix}")
+    )
+    nodes.append(
+        helper.make_node(
+            "DequantizeLinear", [quantized, s_name, z_name], [out], name=f"{prefix}/DequantizeLinear{suffix}"
+        )
+    )
+    return nodes
+
+
+def quantized_bias(layer: QuantConv2d) -> tuple[np.ndarray, np.ndarray]:
+    """``(int32 bias, float32 scale)`` of ``layer``'s bias for onnxruntime's integer convolution.
+
+    The scale is ``s_in * s_w`` (what ``QLinearConv`` accumulates in); the integers are the fake
+    quant's own ``round(b / scale)`` (:meth:`QuantConv2d.bias_integers`), so the dequantized bias
+    is PyTorch's bit for bit.
+    """
+    if not layer.integer_bias():
+        raise ExportError("an INT32 bias needs a Conv2d with bias and input, weight and output quantizers")
+    with torch.no_grad():
+        return layer.bias_integers().numpy().astype(np.int32), layer.bias_scale().numpy().astype(np.float32)
+
+
+def _lower_marks(
+    model: onnx.ModelProto, unet: nn.Module, plan: LayerPlan, target: str = "tensorrt"
+) -> dict[str, dict[str, str]]:
     """Replace every Mark node by its Q/DQ lowering (or by nothing); name the compute nodes.
 
     A layer called more than once (DiT's output layer reuses block 0's timestep embedder) gets
@@ -382,35 +477,33 @@ def _lower_marks(model: onnx.ModelProto, unet: nn.Module, plan: LayerPlan) -> di
                     **kwargs,
                 )
             )
-        else:
-            assert isinstance(module, (QuantLinear, QuantConv2d)) and module.input_quantizer is not None
-            quantizer = module.input_quantizer
-            _quantizer_ready(name, quantizer, "input")
-            scale = float(quantizer.scale.reshape(-1)[0])
-            fmt = quantizer.fmt
-            s_name, z_name = f"{name}.input_scale", f"{name}.input_zero_point"
-            lo, hi = f"{name}.input_clip_min", f"{name}.input_clip_max"
+        elif role == "bias":
+            assert isinstance(module, QuantConv2d)
+            for part in ("input", "weight"):
+                quantizer = getattr(module, f"{part}_quantizer")
+                assert quantizer is not None
+                _quantizer_ready(name, quantizer, part)
+            q_name, s_name = f"{name}.bias_quantized", f"{name}.bias_scale"
             if not call:
-                index.add_init(_float_scalar(s_name, scale))
-                index.add_init(numpy_helper.from_array(np.array(0, dtype=np.int8), z_name))
-                if fmt.bits < 8:
-                    index.add_init(_float_scalar(lo, fmt.qmin * scale))
-                    index.add_init(_float_scalar(hi, fmt.qmax * scale))
-            q_in = source
-            if fmt.bits < 8:
-                q_in = f"{prefix}/Clip{suffix}_output_0"
-                new_nodes.append(helper.make_node("Clip", [source, lo, hi], [q_in], name=f"{prefix}/Clip{suffix}"))
-            quantized = f"{prefix}/QuantizeLinear{suffix}_output_0"
+                q, scale = quantized_bias(module)
+                index.add_init(numpy_helper.from_array(q, q_name))
+                index.add_init(numpy_helper.from_array(scale, s_name))
+            index.drop_init_if_unused(source, node)
+            axis_kwargs = {"axis": 0} if module.weight_quantizer.axis is not None else {}
             new_nodes.append(
                 helper.make_node(
-                    "QuantizeLinear", [q_in, s_name, z_name], [quantized], name=f"{prefix}/QuantizeLinear{suffix}"
+                    "DequantizeLinear",
+                    [q_name, s_name],
+                    [out],
+                    name=f"{prefix}/DequantizeLinear{suffix}",
+                    **axis_kwargs,
                 )
             )
-            new_nodes.append(
-                helper.make_node(
-                    "DequantizeLinear", [quantized, s_name, z_name], [out], name=f"{prefix}/DequantizeLinear{suffix}"
-                )
-            )
+        else:
+            assert isinstance(module, (QuantLinear, QuantConv2d))
+            quantizer = module.input_quantizer if role == "input" else module.output_quantizer
+            assert quantizer is not None
+            new_nodes.extend(_activation_qdq(index, name, role, quantizer, source, out, suffix, target))
     del graph.node[:]
     graph.node.extend(new_nodes)
     for i, opset in enumerate(model.opset_import):
@@ -423,8 +516,12 @@ def _lower_marks(model: onnx.ModelProto, unet: nn.Module, plan: LayerPlan) -> di
     return layers
 
 
-def _wrap_layers(unet: nn.Module, plan: LayerPlan) -> nn.Module:
-    """Copy ``unet`` with every planned layer replaced by its marked export module."""
+def _wrap_layers(unet: nn.Module, plan: LayerPlan, target: str = "tensorrt") -> nn.Module:
+    """Copy ``unet`` with every planned layer replaced by its marked export module.
+
+    In the onnxruntime form, a Conv2d with an output quantizer also marks its output and (when
+    its input and weight are quantized) its bias, for the INT32 bias of ``QLinearConv``.
+    """
     from diffquant.quant.plan import set_module
 
     wrapped = _deepcopy_module(unet)
@@ -432,8 +529,12 @@ def _wrap_layers(unet: nn.Module, plan: LayerPlan) -> nn.Module:
         layer = wrapped.get_submodule(name)
         mark_input = cfg.activation is not None
         if isinstance(layer, nn.Conv2d):
-            set_module(wrapped, name, _ExportConv(layer, name, mark_input))
+            mark_output = cfg.output is not None
+            mark_bias = target == "onnxruntime" and isinstance(layer, QuantConv2d) and layer.integer_bias()
+            set_module(wrapped, name, _ExportConv(layer, name, mark_input, mark_output, mark_bias))
         elif isinstance(layer, nn.Linear):
+            if cfg.output is not None:
+                raise ExportError(f"layer {name!r}: output quantizers apply to Conv2d layers only")
             set_module(wrapped, name, _ExportLinear(layer, name, mark_input))
         else:
             raise ExportError(f"plan layer {name!r} is a {type(layer).__name__}, not Linear/Conv2d")
@@ -444,6 +545,40 @@ def _deepcopy_module(module: nn.Module) -> nn.Module:
     import copy
 
     return copy.deepcopy(module)
+
+
+def export_target(plan: LayerPlan, target: str | None = None) -> str:
+    """The export form for ``plan``: ``target``, or (None) ``onnxruntime`` when the plan has output quantizers.
+
+    Raises:
+        ExportError: If ``target`` is unknown, or ``tensorrt`` for a plan with output quantizers
+            (TensorRT's form has none; quantize with ``export.target: tensorrt``).
+    """
+    if target is None:
+        return "onnxruntime" if plan.has_outputs else "tensorrt"
+    if target not in TARGETS:
+        raise ExportError(f"unknown export target {target!r}; choose one of {', '.join(TARGETS)}")
+    if target == "tensorrt" and plan.has_outputs:
+        layer = next(name for name, cfg in plan.items() if cfg.output is not None)
+        raise ExportError(
+            f"layer {layer!r} has an output quantizer, which only the onnxruntime form holds; export with target "
+            "'onnxruntime' or quantize with export.target: tensorrt"
+        )
+    return target
+
+
+def onnx_target(path: str | Path) -> str:
+    """The Q/DQ form of the export at ``path`` (``diffquant.target`` metadata; ``tensorrt`` when absent).
+
+    Raises:
+        ExportError: If the file is not a readable ONNX model.
+    """
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as error:  # protobuf's DecodeError and OS errors alike
+        raise ExportError(f"{path} is not a readable ONNX model: {error}") from None
+    meta = {p.key: p.value for p in proto.metadata_props}
+    return meta.get(TARGET_METADATA_KEY, "tensorrt")
 
 
 def initializer_bytes(model: onnx.ModelProto) -> int:
@@ -505,6 +640,7 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     external_data_threshold: int = DEFAULT_EXTERNAL_DATA_THRESHOLD,
     example_batch: int = 2,
+    target: str | None = None,
 ) -> ExportInfo:
     """Export ``model``'s denoiser to ONNX, quantized layers as Q/DQ (see the module docstring).
 
@@ -517,13 +653,17 @@ def export_onnx(
         external_data_threshold: Save tensors to ``<path>.data`` when initializers exceed this
             many bytes.
         example_batch: Batch size of the tracing inputs (the exported batch axis is dynamic).
+        target: ``tensorrt`` (TensorRT's explicit-quantization form) or ``onnxruntime`` (UINT8
+            activations, output Q/DQ and INT32 biases that onnxruntime fuses into ``QLinearConv``);
+            None: ``onnxruntime`` when the plan has output quantizers, else ``tensorrt``.
 
     Returns:
         The written paths, opset, number of quantized layers and initializer bytes.
 
     Raises:
         ExportError: Plan and model disagree, a quantizer is uncalibrated, the opset is too old
-            for the plan, or the graph cannot be rewritten.
+            for the plan, the target is unknown or cannot hold the plan, or the graph cannot be
+            rewritten.
     """
     path = Path(path)
     unet = model.unet
@@ -531,12 +671,13 @@ def export_onnx(
         plan = plan_from_model(unet)
     else:
         _check_matches(unet, plan)
+    target = export_target(plan, target)
     needs_21 = [n for n, c in plan.items() if c.weight is not None and (c.weight.bits <= 4 or c.weight.group_size)]
     if opset < MIN_OPSET or (needs_21 and opset < BLOCKED_OPSET):
         raise ExportError(
             f"opset {opset} cannot hold this plan (layer {needs_21[0] if needs_21 else '-'!r}); use opset {BLOCKED_OPSET}"
         )
-    wrapped = _Denoiser(_wrap_layers(unet, plan), model.conditional).eval()
+    wrapped = _Denoiser(_wrap_layers(unet, plan, target), model.conditional).eval()
     c, h, w = model.sample_shape
     generator = torch.Generator().manual_seed(0)
     sample = torch.randn((example_batch, c, h, w), generator=generator)
@@ -569,8 +710,9 @@ def export_onnx(
     for entry in proto.opset_import:
         if entry.domain in ("", "ai.onnx"):
             entry.version = opset
-    layers = _lower_marks(proto, unet, plan)
+    layers = _lower_marks(proto, unet, plan, target)
     proto.metadata_props.append(onnx.StringStringEntryProto(key=LAYERS_METADATA_KEY, value=json.dumps(layers)))
+    proto.metadata_props.append(onnx.StringStringEntryProto(key=TARGET_METADATA_KEY, value=target))
     proto.producer_name = "diffquant"
     try:
         proto = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
@@ -584,5 +726,7 @@ def export_onnx(
     if external:
         onnx.checker.check_model(str(path), full_check=True)
     quantized = len(plan.quantized_layers())
-    logger.info("exported %s (%d quantized layers, %d initializer bytes)", path, quantized, weight_bytes)
+    logger.info(
+        "exported %s (%s form, %d quantized layers, %d initializer bytes)", path, target, quantized, weight_bytes
+    )
     return ExportInfo(path, data, opset, quantized, weight_bytes)

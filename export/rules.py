@@ -11,6 +11,15 @@ outside the planned layers.
 
 Layers are found through the ``diffquant.layers`` metadata of :func:`export.onnx.export_onnx`
 (falling back to nodes named ``<fqn>/Conv``, ``<fqn>/MatMul`` or ``<fqn>/Gemm``).
+
+**The onnxruntime form** (``diffquant.target`` metadata ``onnxruntime``, or a plan with output
+quantizers): activation Q/DQ must be ``UINT8`` with zero point 128 (symmetric INT8 shifted by
+128) instead of INT8 with 0; a layer whose plan has an ``output`` quantizer must have its Conv
+output feed only its ``[Clip ->] QuantizeLinear -> DequantizeLinear`` (so onnxruntime can fuse
+``DQ -> Conv -> Q`` into ``QLinearConv``), and its bias, if any, must come from a
+``DequantizeLinear`` of an INT32 initializer with scale ``s_in * s_w`` and zero point 0. A plan
+with output quantizers checked against a TensorRT-form graph is a violation, and so is a Q/DQ
+after a layer whose plan has no output quantizer.
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ from onnx import TensorProto, numpy_helper
 from diffquant.errors import RulesError
 from diffquant.quant.formats import IntFormat
 from diffquant.quant.plan import LayerConfig, LayerPlan
-from export.onnx import LAYERS_METADATA_KEY, storage_type
+from export.onnx import LAYERS_METADATA_KEY, ORT_ACTIVATION_ZERO_POINT, TARGET_METADATA_KEY, TARGETS, storage_type
 
 _INT_TYPES = {
     TensorProto.INT4: "INT4",
@@ -35,6 +44,7 @@ _INT_TYPES = {
     TensorProto.UINT4: "UINT4",
 }
 _CLIP_RTOL = 1e-6
+_BIAS_SCALE_RTOL = 1e-6
 _INT4_TYPES = (TensorProto.INT4, TensorProto.UINT4)
 
 
@@ -52,14 +62,27 @@ class Violation:
         return f"{self.node}: {self.message}"
 
 
-def rules_error(violations: list[Violation]) -> RulesError:
+def rules_error(violations: list[Violation], target: str = "tensorrt") -> RulesError:
     """A :class:`RulesError` naming the first violation's node (and how many there are)."""
     first = violations[0]
     more = f" (and {len(violations) - 1} more)" if len(violations) > 1 else ""
+    rules = "TensorRT explicit-quantization" if target == "tensorrt" else "onnxruntime Q/DQ-form"
     return RulesError(
-        f"the ONNX export breaks TensorRT explicit-quantization rules at node {first.node!r}: {first.message}{more}; "
+        f"the ONNX export breaks {rules} rules at node {first.node!r}: {first.message}{more}; "
         "re-export the model with its own plan"
     )
+
+
+def graph_target(model: onnx.ModelProto, plan: LayerPlan) -> str:
+    """The Q/DQ form an export claims (``diffquant.target`` metadata), else the plan's.
+
+    A plan with output quantizers implies the onnxruntime form; otherwise TensorRT's.
+    """
+    meta = {p.key: p.value for p in model.metadata_props}
+    claimed = meta.get(TARGET_METADATA_KEY)
+    if claimed in TARGETS:
+        return claimed
+    return "onnxruntime" if plan.has_outputs else "tensorrt"
 
 
 def _type_name(data_type: int) -> str:
@@ -67,8 +90,12 @@ def _type_name(data_type: int) -> str:
 
 
 class _Checker:
-    def __init__(self, model: onnx.ModelProto, plan: LayerPlan) -> None:
-        self.model, self.plan = model, plan
+    def __init__(self, model: onnx.ModelProto, plan: LayerPlan, target: str = "tensorrt") -> None:
+        self.model, self.plan, self.target = model, plan, target
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        for node in model.graph.node:
+            for name in node.input:
+                self.consumers.setdefault(name, []).append(node)
         graph = model.graph
         self.inits = {t.name: t for t in graph.initializer}
         self.producer = {o: n for n in graph.node for o in n.output}
@@ -79,6 +106,12 @@ class _Checker:
         self.layer_nodes: dict[str, str] = {
             k: v["node"] for k, v in json.loads(meta.get(LAYERS_METADATA_KEY, "{}")).items()
         }
+        self.float_outputs: list[tuple[str, onnx.NodeProto]] = []
+        self.output_computes: set[str] = set()
+        for layer, cfg in plan.items():
+            compute = self.compute_node(layer)
+            if cfg.output is not None and compute is not None:
+                self.output_computes |= {n.name for n in self.repeated_calls(compute)}
 
     def add(self, node: str, rule: str, message: str, layer: str | None = None) -> None:
         self.violations.append(Violation(node, rule, message, layer))
@@ -121,7 +154,9 @@ class _Checker:
             )
         return scale
 
-    def zero_point(self, node: onnx.NodeProto, layer: str, what: str, expected_type: int | None) -> None:
+    def zero_point(
+        self, node: onnx.NodeProto, layer: str, what: str, expected_type: int | None, expected_value: int = 0
+    ) -> None:
         if len(node.input) < 3 or not node.input[2]:
             if expected_type is not None and expected_type != TensorProto.UINT8:
                 self.add(
@@ -130,6 +165,8 @@ class _Checker:
                     f"{what} has no zero point, so its type is UINT8, not {_type_name(expected_type)}",
                     layer,
                 )
+            elif expected_value != 0:
+                self.add(node.name, "zero_point", f"{what} has no zero point (0), expected {expected_value}", layer)
             return
         name = node.input[2]
         if name not in self.inits:
@@ -143,10 +180,9 @@ class _Checker:
                 f"{what} zero point is {_type_name(tensor.data_type)}, expected {_type_name(expected_type)}",
                 layer,
             )
-        if np.any(numpy_helper.to_array(tensor).astype(np.int32) != 0):
-            self.add(
-                node.name, "zero_point", f"{what} zero point is not 0 (TensorRT needs symmetric quantization)", layer
-            )
+        if np.any(numpy_helper.to_array(tensor).astype(np.int32) != expected_value):
+            why = "TensorRT needs symmetric quantization" if expected_value == 0 else "symmetric INT8 shifted to UINT8"
+            self.add(node.name, "zero_point", f"{what} zero point is not {expected_value} ({why})", layer)
 
     def check_weight(self, layer: str, cfg: LayerConfig, compute: onnx.NodeProto) -> None:
         if len(compute.input) < 2:
@@ -249,7 +285,7 @@ class _Checker:
     def check_activation(self, layer: str, cfg: LayerConfig, compute: onnx.NodeProto) -> None:
         producer = self.producer.get(compute.input[0])
         if cfg.activation is None:
-            if producer is not None and producer.op_type == "DequantizeLinear":
+            if producer is not None and producer.op_type == "DequantizeLinear" and not self.is_output_dq(producer):
                 self.add(
                     producer.name,
                     "quantized_fp_layer",
@@ -278,15 +314,36 @@ class _Checker:
             )
             return
         self.claimed.add(q.name)
+        self.check_qdq_pair(layer, cfg.activation.bits, q, dq, "activation")
+
+    def is_output_dq(self, dq: onnx.NodeProto) -> bool:
+        """Whether ``dq`` dequantizes the planned output of another layer (onnxruntime form)."""
+        q = self.producer.get(dq.input[0])
+        if q is None or q.op_type != "QuantizeLinear":
+            return False
+        source = self.producer.get(q.input[0])
+        if source is not None and source.op_type == "Clip":
+            source = self.producer.get(source.input[0])
+        return source is not None and source.name in self.output_computes
+
+    def activation_type(self) -> tuple[int, int]:
+        """(zero-point type, zero-point value) of activation Q/DQ in this graph's form."""
+        if self.target == "onnxruntime":
+            return TensorProto.UINT8, ORT_ACTIVATION_ZERO_POINT
+        return TensorProto.INT8, 0
+
+    def check_qdq_pair(self, layer: str, bits: int, q: onnx.NodeProto, dq: onnx.NodeProto, what: str) -> None:
+        """Scales, zero points and the b-bit Clip of one activation ``QuantizeLinear -> DequantizeLinear``."""
+        expected_type, expected_zero = self.activation_type()
         scales = []
         for node in (q, dq):
-            scale = self.scale(node, layer, "activation")
-            self.zero_point(node, layer, "activation", TensorProto.INT8)
+            scale = self.scale(node, layer, what)
+            self.zero_point(node, layer, what, expected_type, expected_zero)
             if scale is not None and scale.size != 1:
                 self.add(
                     node.name,
                     "activation_per_tensor",
-                    f"activation scale has shape {list(scale.shape)}, not per-tensor",
+                    f"{what} scale has shape {list(scale.shape)}, not per-tensor",
                     layer,
                 )
             scales.append(scale)
@@ -294,7 +351,6 @@ class _Checker:
             scales[0].reshape(()), scales[1].reshape(())
         ):
             self.add(dq.name, "scale_mismatch", "QuantizeLinear and DequantizeLinear scales differ", layer)
-        bits = cfg.activation.bits
         if bits < 8 and scales[0] is not None and scales[0].size == 1:
             s = float(scales[0].reshape(()))
             fmt = IntFormat(bits)
@@ -309,10 +365,123 @@ class _Checker:
                 self.add(
                     q.name,
                     "activation_clamp",
-                    f"{bits}-bit activation needs Clip to [{fmt.qmin * s:g}, {fmt.qmax * s:g}] before its INT8 "
+                    f"{bits}-bit {what} needs Clip to [{fmt.qmin * s:g}, {fmt.qmax * s:g}] before its 8-bit "
                     f"QuantizeLinear (found {bounds})",
                     layer,
                 )
+
+    def output_qdq(self, compute: onnx.NodeProto) -> tuple[onnx.NodeProto | None, onnx.NodeProto | None]:
+        """The ``QuantizeLinear`` (through an optional Clip) and ``DequantizeLinear`` after ``compute``."""
+        users = self.consumers.get(compute.output[0], [])
+        if len(users) != 1:
+            return None, None
+        first = users[0]
+        if first.op_type == "Clip":
+            after = self.consumers.get(first.output[0], [])
+            first = after[0] if len(after) == 1 else first
+        if first.op_type != "QuantizeLinear":
+            return None, None
+        after = self.consumers.get(first.output[0], [])
+        dq = after[0] if len(after) == 1 and after[0].op_type == "DequantizeLinear" else None
+        return first, dq
+
+    def check_output(self, layer: str, cfg: LayerConfig, compute: onnx.NodeProto) -> None:
+        """Output Q/DQ: present exactly when planned, and the Conv's only consumer."""
+        users = self.consumers.get(compute.output[0], [])
+        if cfg.output is None:
+            self.float_outputs.append((layer, compute))
+            return
+        if self.target != "onnxruntime":
+            self.add(
+                compute.name,
+                "output_needs_onnxruntime",
+                f"the plan quantizes the output of {layer}, which only the onnxruntime form holds",
+                layer,
+            )
+        q, dq = self.output_qdq(compute)
+        if q is None:
+            found = ", ".join(f"{u.op_type} {u.name!r}" for u in users) or "nothing"
+            self.add(
+                compute.name,
+                "missing_output_qdq",
+                f"output of {layer} must feed only its QuantizeLinear (onnxruntime fuses DQ -> Conv -> Q); it feeds {found}",
+                layer,
+            )
+            return
+        self.claimed.add(q.name)
+        if dq is None:
+            self.add(
+                q.name,
+                "missing_output_qdq",
+                f"output QuantizeLinear of {layer} is not followed by one DequantizeLinear",
+                layer,
+            )
+            return
+        self.claimed.add(dq.name)
+        self.check_qdq_pair(layer, cfg.output.bits, q, dq, "output")
+
+    def check_float_outputs(self) -> None:
+        """A QuantizeLinear right after a layer the plan keeps with a float output, not another layer's input Q."""
+        for layer, compute in self.float_outputs:
+            for user in self.consumers.get(compute.output[0], []):
+                if user.op_type != "QuantizeLinear" or user.name in self.claimed:
+                    continue
+                self.add(
+                    user.name,
+                    "quantized_fp_output",
+                    f"quantizes the output of {layer}, which the plan keeps in float",
+                    layer,
+                )
+                self.claimed.add(user.name)
+                for after in self.consumers.get(user.output[0], []):
+                    if after.op_type == "DequantizeLinear":
+                        self.claimed.add(after.name)
+
+    def check_bias(self, layer: str, cfg: LayerConfig, compute: onnx.NodeProto) -> None:
+        """An output-quantized Conv's bias: INT32 DequantizeLinear with scale ``s_in * s_w`` and zero point 0."""
+        if cfg.output is None or self.target != "onnxruntime" or len(compute.input) < 3 or not compute.input[2]:
+            return
+        dq = self.producer.get(compute.input[2])
+        if dq is None or dq.op_type != "DequantizeLinear":
+            self.add(
+                compute.name,
+                "bias_int32",
+                f"bias of {layer} is not an INT32 DequantizeLinear (onnxruntime's QLinearConv fusion needs one)",
+                layer,
+            )
+            return
+        self.claimed.add(dq.name)
+        source = self.inits.get(dq.input[0])
+        if source is None or source.data_type != TensorProto.INT32:
+            kind = _type_name(source.data_type) if source is not None else "not an initializer"
+            self.add(dq.name, "bias_int32", f"bias of {layer} is {kind}, expected an INT32 initializer", layer)
+            return
+        scale = self.scale(dq, layer, "bias")
+        if len(dq.input) > 2 and dq.input[2]:
+            zero = self.inits.get(dq.input[2])
+            if zero is None or np.any(numpy_helper.to_array(zero) != 0):
+                self.add(dq.name, "zero_point", f"bias zero point of {layer} is not a constant 0", layer)
+        expected = self.expected_bias_scale(compute)
+        if scale is not None and expected is not None:
+            if scale.shape != expected.shape and scale.size != expected.size:
+                self.add(
+                    dq.name,
+                    "bias_scale",
+                    f"bias scale has shape {list(scale.shape)}, expected {list(expected.shape)}",
+                    layer,
+                )
+            elif not np.allclose(scale.reshape(-1), expected.reshape(-1), rtol=_BIAS_SCALE_RTOL, atol=0):
+                self.add(dq.name, "bias_scale", "bias scale is not input scale x weight scale", layer)
+
+    def expected_bias_scale(self, compute: onnx.NodeProto) -> np.ndarray | None:
+        """``s_in * s_w`` from the Conv's input and weight DequantizeLinear scales (None if absent)."""
+        scales = []
+        for index in (0, 1):
+            dq = self.producer.get(compute.input[index])
+            if dq is None or dq.op_type != "DequantizeLinear" or len(dq.input) < 2 or dq.input[1] not in self.inits:
+                return None
+            scales.append(numpy_helper.to_array(self.inits[dq.input[1]]).astype(np.float32))
+        return (scales[0].reshape(()) * scales[1]).astype(np.float32)
 
     def run(self) -> list[Violation]:
         for layer, cfg in self.plan.items():
@@ -329,6 +498,9 @@ class _Checker:
             for call in self.repeated_calls(compute):
                 self.check_weight(layer, cfg, call)
                 self.check_activation(layer, cfg, call)
+                self.check_output(layer, cfg, call)
+                self.check_bias(layer, cfg, call)
+        self.check_float_outputs()
         for node in self.model.graph.node:
             if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
                 continue
@@ -345,14 +517,16 @@ class _Checker:
 
 
 def check_rules(
-    model: onnx.ModelProto | str | Path, plan: LayerPlan, raise_on_violation: bool = False
+    model: onnx.ModelProto | str | Path, plan: LayerPlan, raise_on_violation: bool = False, target: str | None = None
 ) -> list[Violation]:
-    """Validate an export against TensorRT's explicit-quantization rules and ``plan``.
+    """Validate an export against TensorRT's explicit-quantization rules (or the onnxruntime form's) and ``plan``.
 
     Args:
         model: The exported model, or the path of its ``.onnx`` file (external data is loaded).
         plan: The plan it was exported with (FP layers included, so Q/DQ on them is caught).
         raise_on_violation: Raise instead of returning a non-empty list.
+        target: The form to check, ``tensorrt`` or ``onnxruntime``; None takes the graph's
+            ``diffquant.target`` metadata, else ``onnxruntime`` when the plan has output quantizers.
 
     Returns:
         Every violation, each naming the node at fault; empty when the export is valid.
@@ -361,7 +535,10 @@ def check_rules(
         RulesError: With ``raise_on_violation``, if any rule is broken (names the first node).
     """
     proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
-    violations = _Checker(proto, plan).run()
+    target = target or graph_target(proto, plan)
+    if target not in TARGETS:
+        raise ValueError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    violations = _Checker(proto, plan, target).run()
     if violations and raise_on_violation:
-        raise rules_error(violations)
+        raise rules_error(violations, target)
     return violations

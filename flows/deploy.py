@@ -29,6 +29,15 @@ def _engine_for(folder: Path, out: Path) -> tuple[Path | None, str]:
     onnx_files = sorted(folder.rglob("*.onnx"))
     if not onnx_files:
         return None, "the version has no ONNX export; the bundle ships the plan and scales"
+    from diffquant.errors import ExportError
+    from export.onnx import ONNXRUNTIME_FORM_REASON, onnx_target
+
+    try:
+        form = onnx_target(onnx_files[0])
+    except ExportError:
+        form = "tensorrt"  # unreadable here: TensorRT's parser says why, if it exists
+    if form == "onnxruntime":
+        return None, f"{ONNXRUNTIME_FORM_REASON}; the ONNX is shipped for onnxruntime"
     try:
         from export.tensorrt import build_engine, tensorrt_available
     except ImportError:

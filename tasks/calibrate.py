@@ -13,7 +13,7 @@ from diffquant.calibration import held_out_indices, pool_features, select, subse
 from diffquant.errors import SpecError
 from diffquant.outlier_tokens import apply_outlier_tokens, detect_outlier_tokens
 from diffquant.quant.plan import LayerPlan, packed_weight_bytes
-from diffquant.quantize import plan_from_spec, quantize_model, save_quantized
+from diffquant.quantize import for_target, plan_from_spec, quantize_model, save_quantized
 from diffquant.report import pca_projection, timestep_histogram
 from diffquant.selection import SelectionParams
 from diffquant.spec import spec_from_dict
@@ -76,13 +76,17 @@ def select_calibration_task(pool_path: str, spec: dict[str, Any], out_dir: str) 
 def quantize_task(
     spec: dict[str, Any], calibration_path: str, out_dir: str, plan_path: str | None = None
 ) -> dict[str, Any]:
-    """Quantize with the given plan (or the spec's uniform plan), calibrate, save plan + scales."""
+    """Quantize with the given plan (or the spec's uniform plan), calibrate, save plan + scales.
+
+    With ``export.target: onnxruntime`` the plan gains output quantizers on the Conv2d layers
+    that onnxruntime can run as integer convolutions (calibrated with the input quantizers).
+    """
     cfg = spec_from_dict(spec)
     model = model_from_source(cfg.model.model_dump())
     if plan_path is not None:
-        plan = LayerPlan.load(Path(plan_path))
+        plan = for_target(model, LayerPlan.load(Path(plan_path)), cfg.export.target)
     else:
-        plan = plan_from_spec(model, cfg.quantize, cfg.calibration.observer)
+        plan = plan_from_spec(model, cfg.quantize, cfg.calibration.observer, cfg.export.target)
     calib = load_trajectories(calibration_path)
     try:
         outliers = detect_outlier_tokens(model, calib.labels, cfg.quantize.outlier_tokens)

@@ -1,4 +1,8 @@
-"""Stage: export the quantized denoiser to ONNX, check TensorRT's rules and onnxruntime parity, build an engine."""
+"""Stage: export the quantized denoiser to ONNX, check its Q/DQ rules and onnxruntime parity, build an engine.
+
+With ``export.target: onnxruntime`` the export is onnxruntime's integer form and no TensorRT
+engine is built from it (TensorRT needs INT8 zero points of 0).
+"""
 
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from diffquant.quant.plan import LayerPlan
 from diffquant.quantize import load_quantized
 from diffquant.spec import spec_from_dict
 from diffquant.storage import write_json
-from export.onnx import export_onnx, onnx_weight_bytes
+from export.onnx import ONNXRUNTIME_FORM_REASON, export_onnx, onnx_weight_bytes
 from export.parity import check_parity
 from export.rules import check_rules
 from export.tensorrt import build_engine, tensorrt_available
@@ -31,7 +35,8 @@ def export_task(spec: dict[str, Any], quantized: dict[str, Any], calibration_pat
         sample metrics when the sampling check ran).
 
     Raises:
-        RulesError: The export breaks TensorRT's explicit-quantization rules or the plan.
+        RulesError: The export breaks TensorRT's explicit-quantization rules (or, with
+            ``export.target: onnxruntime``, the onnxruntime form's) or the plan.
         ParityError: onnxruntime and PyTorch disagree beyond the stated tolerance (``enforce_parity``).
         ExportError: ``export.tensorrt: on`` where no engine can be built.
     """
@@ -42,8 +47,8 @@ def export_task(spec: dict[str, Any], quantized: dict[str, Any], calibration_pat
         model, Path(quantized["plan_path"]), Path(quantized["scales_path"]), quantized.get("weights_path")
     )
     folder = Path(out_dir) / "onnx"
-    info = export_onnx(qmodel, plan, folder / "model.onnx", opset=cfg.export.opset)
-    check_rules(info.path, plan, raise_on_violation=True)
+    info = export_onnx(qmodel, plan, folder / "model.onnx", opset=cfg.export.opset, target=cfg.export.target)
+    check_rules(info.path, plan, raise_on_violation=True, target=cfg.export.target)
     classifier = load_classifier() if qmodel.digits_compatible else None
     report = check_parity(
         info.path,
@@ -59,7 +64,9 @@ def export_task(spec: dict[str, Any], quantized: dict[str, Any], calibration_pat
     parity = report.to_dict()
     parity_path = write_json(parity, folder / "parity.json")
     engine: dict[str, Any] = {"built": False, "skip_reason": "export.tensorrt is off"}
-    if cfg.export.tensorrt != "off":
+    if cfg.export.target == "onnxruntime":
+        engine = {"built": False, "skip_reason": ONNXRUNTIME_FORM_REASON}
+    elif cfg.export.tensorrt != "off":
         ok, reason = tensorrt_available()
         if ok:
             engine = build_engine(

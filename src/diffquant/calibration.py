@@ -15,7 +15,7 @@ from torch import nn
 
 from diffquant.errors import DataError
 from diffquant.models.loading import DiffusionModel
-from diffquant.quant.plan import input_quantizers
+from diffquant.quant.plan import activation_quantizers
 from diffquant.sampling import Trajectories, ddim_sample, denoiser_outputs, initial_noise
 from diffquant.selection import SelectionParams, select_indices
 
@@ -169,12 +169,15 @@ def held_out_indices(pool_size: int, selected: torch.Tensor, count: int, seed: i
 def calibrate_activations(
     unet: nn.Module, calib: Trajectories, conditional: bool, batch_size: int = 256, seed: int = 0
 ) -> int:
-    """Run the calibration set through ``unet`` and set every input quantizer's scale.
+    """Run the calibration set through ``unet`` and set every activation quantizer's scale.
+
+    Input and output quantizers observe the same forward passes; all of them observe before any
+    quantizes, so each range is that of the float model's activations.
 
     Returns:
         The number of activation quantizers calibrated.
     """
-    quantizers = input_quantizers(unet)
+    quantizers = activation_quantizers(unet)
     for quantizer in quantizers.values():
         quantizer.start_observing(seed)
     denoiser_outputs(unet, calib, conditional, batch_size, description="Calibrating activations")

@@ -23,6 +23,7 @@ from diffquant.quant.plan import (
     quantizable_layers,
     quantizer_state,
     resolve_globs,
+    with_output_quantizers,
 )
 from diffquant.sampling import Trajectories
 from diffquant.spec import CalibrationSpec, QuantizeSpec
@@ -31,11 +32,15 @@ from diffquant.storage import load_safetensors, save_safetensors
 logger = logging.getLogger(__name__)
 
 
-def plan_from_spec(model: DiffusionModel, quantize: QuantizeSpec, act_observer: str = "minmax") -> LayerPlan:
+def plan_from_spec(
+    model: DiffusionModel, quantize: QuantizeSpec, act_observer: str = "minmax", target: str = "tensorrt"
+) -> LayerPlan:
     """Resolve the spec's uniform plan, its overrides and full-precision globs against ``model``.
 
     With ``per_group`` weights, layers whose input channels the group size does not divide stay
-    per-channel at the same bits (the plan records which).
+    per-channel at the same bits (the plan records which). With ``target`` ``onnxruntime``
+    (``export.target``), the Conv2d layers that can become integer convolutions in onnxruntime
+    also get output quantizers (:func:`for_target`).
 
     Raises:
         SpecError: If a glob matches no layer.
@@ -73,7 +78,23 @@ def plan_from_spec(model: DiffusionModel, quantize: QuantizeSpec, act_observer: 
         plan[name] = LayerConfig(None, None)
     if fallback:
         logger.info("%d layers cannot take groups of %s and stay per-channel", len(set(fallback)), w.group_size)
-    return plan
+    return for_target(model, plan, target)
+
+
+def for_target(model: DiffusionModel, plan: LayerPlan, target: str) -> LayerPlan:
+    """The plan for an export target: unchanged for ``tensorrt``, with output quantizers for ``onnxruntime``.
+
+    Raises:
+        SpecError: If ``target`` is neither.
+    """
+    if target == "tensorrt":
+        return plan
+    if target != "onnxruntime":
+        raise SpecError(f"export.target must be 'tensorrt' or 'onnxruntime', got {target!r}")
+    planned = with_output_quantizers(model.unet, plan)
+    added = sum(1 for name, cfg in planned.items() if cfg.output is not None and plan[name].output is None)
+    logger.info("export.target onnxruntime: %d Conv2d layers get output quantizers", added)
+    return planned
 
 
 def family_defaults(model: DiffusionModel, names: Iterable[str]) -> set[str]:

@@ -14,7 +14,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from diffquant.errors import SpecError
 from diffquant.quant.formats import MAX_BITS, MIN_BITS
@@ -252,7 +261,14 @@ class FinetuneSpec(_Strict):
 
 
 class ExportSpec(_Strict):
-    """ONNX export (Q/DQ, TensorRT's explicit form), its rules check and parity, and the engine.
+    """ONNX export (Q/DQ), its rules check and parity, and the engine.
+
+    ``target`` picks the Q/DQ form: ``tensorrt`` (default) is TensorRT's explicit quantization
+    (INT8 symmetric activations on layer inputs, weight DequantizeLinear); ``onnxruntime`` adds
+    output quantizers to the Conv2d layers that can fuse and writes UINT8 activations (zero point
+    128), int32 biases and output Q/DQ so that onnxruntime's CPU optimizer turns them into
+    ``QLinearConv``. The field is left out of the serialized spec (so of the spec hash and the
+    MLflow params) at its default, so existing specs keep their hash.
 
     ``tensorrt: auto`` builds an engine where TensorRT and a GPU exist and otherwise records why
     not; ``on`` makes a missing TensorRT an error; ``off`` never builds. Parity compares
@@ -261,12 +277,28 @@ class ExportSpec(_Strict):
     """
 
     onnx: bool = True
+    target: Literal["tensorrt", "onnxruntime"] = "tensorrt"
     tensorrt: Literal["auto", "on", "off"] = "auto"
     opset: int = Field(21, ge=13, le=23)
     parity_samples: int = Field(500, ge=0, description="samples for the sampling parity check (0: outputs only)")
     enforce_parity: bool = True
     optimization_level: int = Field(3, ge=0, le=5, description="TensorRT builder optimization level")
     max_batch: int = Field(32, ge=1, description="largest batch of the TensorRT optimization profile")
+
+    @model_validator(mode="after")
+    def _engine_needs_tensorrt_form(self) -> ExportSpec:
+        if self.target == "onnxruntime" and self.tensorrt == "on":
+            raise ValueError(
+                "export.tensorrt 'on' needs export.target 'tensorrt' (TensorRT does not take the onnxruntime form)"
+            )
+        return self
+
+    @model_serializer(mode="wrap")
+    def _omit_default_target(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if self.target == "tensorrt":
+            data.pop("target", None)
+        return data
 
 
 class EvaluateSpec(_Strict):

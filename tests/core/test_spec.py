@@ -1,3 +1,4 @@
+import hashlib
 import json
 from pathlib import Path
 
@@ -169,3 +170,31 @@ def test_flat_params_keep_glob_keyed_mappings_as_one_param():
     assert json.loads(params["allocation.pinned"]) == {"time_embedding.*": "w8a8", "conv_out": "w8a8"}
     assert params["allocation.budget.avg_weight_bits"] == "4.0"
     assert not any("*" in key for key in params)
+
+
+def test_export_target_default_leaves_hash_and_params_unchanged(tmp_path):
+    default = CompressionSpec()
+    # at its default, export.target is not serialized: the hash and the MLflow params are what
+    # they were before the field existed
+    assert "target" not in default.to_dict()["export"]
+    assert "export.target" not in default.flat_params()
+    explicit = load_spec(overrides=["export.target=tensorrt"])
+    assert explicit == default and explicit.spec_hash() == default.spec_hash()
+    before = {k: v for k, v in default.to_dict().items() if k != "runtime"}
+    before["export"] = {k: v for k, v in before["export"].items() if k != "target"}
+    canonical = json.dumps(before, sort_keys=True, separators=(",", ":"))
+    assert default.spec_hash() == hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def test_export_target_onnxruntime_round_trips_and_changes_hash(tmp_path):
+    spec = load_spec(overrides=["export.target=onnxruntime"])
+    assert spec.export.target == "onnxruntime"
+    assert spec.flat_params()["export.target"] == "onnxruntime"
+    assert spec.spec_hash() != CompressionSpec().spec_hash()
+    path = tmp_path / "s.yaml"
+    path.write_text(spec.to_yaml())
+    assert load_spec(path) == spec
+    with pytest.raises(SpecError, match=r"export\.target"):
+        load_spec(overrides=["export.target=tflite"])
+    with pytest.raises(SpecError, match=r"tensorrt 'on' needs export\.target 'tensorrt'"):
+        load_spec(overrides=["export.target=onnxruntime", "export.tensorrt='on'"])

@@ -195,3 +195,21 @@ def test_finetune_stage_trains_evaluates_and_keeps_the_better_model(isolated_hom
     if ft["kept"] == "finetuned":
         files = {a.path for a in client.list_artifacts(summary["run_id"], "model")}
         assert "model/finetuned_denoiser.safetensors" in files
+
+
+def test_compress_for_onnxruntime_exports_the_integer_form(isolated_home, tmp_path):
+    from diffquant.quant.plan import LayerPlan
+    from export.onnx import onnx_target
+
+    summary = run_flow(tmp_path / "out", ["export.target=onnxruntime"])
+    saved = json.loads(Path(summary["summary_path"]).read_text())
+    plan_path = Path(saved["plan"]["path"])
+    assert json.loads(plan_path.read_text())["version"] == 2
+    plan = LayerPlan.load(plan_path)
+    outputs = {name for name, cfg in plan.items() if cfg.output is not None}
+    assert outputs and "conv_out" not in outputs and all("conv" in name for name in outputs)
+    export = saved["export"]
+    assert export["status"] == "exported" and export["parity"]["passed"] is True
+    assert onnx_target(export["onnx"]) == "onnxruntime"
+    assert "onnxruntime form" in export["engine"]["skip_reason"]
+    assert export["onnx_metrics"]["onnx.accuracy"] > 0.5

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
@@ -52,3 +53,28 @@ def test_engine_for_ships_onnx_without_tensorrt_and_uses_a_built_engine(tmp_path
     )
     engine, reason = _engine_for(tmp_path / "v", tmp_path)
     assert engine == built and "built" in reason
+
+
+def test_engine_for_skips_the_onnxruntime_form(tmp_path, monkeypatch):
+    import onnx
+    from onnx import TensorProto, helper
+
+    import export.tensorrt as trt
+    from export.onnx import TARGET_METADATA_KEY
+    from flows.deploy import _engine_for
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    model = helper.make_model(graph)
+    model.metadata_props.append(onnx.StringStringEntryProto(key=TARGET_METADATA_KEY, value="onnxruntime"))
+    (tmp_path / "v" / "onnx").mkdir(parents=True)
+    onnx.save(model, str(tmp_path / "v" / "onnx" / "model.onnx"))
+    # even where TensorRT exists, no engine is built from the onnxruntime form
+    monkeypatch.setattr(trt, "tensorrt_available", lambda: (True, ""))
+    monkeypatch.setattr(trt, "build_engine", lambda *a, **kw: pytest.fail("built an engine from the onnxruntime form"))
+    engine, reason = _engine_for(tmp_path / "v", tmp_path)
+    assert engine is None and "onnxruntime form" in reason

@@ -140,8 +140,10 @@ def prepare_student(student: nn.Module, layers: list[str], cfg: DistillConfig) -
             adapters += [layer.lora_A, layer.lora_B]
             if cfg.learn_weight_scales:
                 scales.append(layer.weight_quantizer.make_learnable())
-        if layer.input_quantizer is not None and cfg.learn_activation_scales:
-            scales.append(layer.input_quantizer.make_learnable())
+        if cfg.learn_activation_scales:
+            for quantizer in (layer.input_quantizer, layer.output_quantizer):
+                if quantizer is not None:
+                    scales.append(quantizer.make_learnable())
     groups = [{"params": adapters, "lr": cfg.lr, "base_lr": cfg.lr}]
     if scales:
         groups.append({"params": scales, "lr": cfg.scale_lr, "base_lr": cfg.scale_lr})
@@ -153,7 +155,7 @@ def finalize_student(student: nn.Module) -> None:
     for module in student.modules():
         if isinstance(module, (QuantLinear, QuantConv2d)):
             module.merge_adapter()
-            for quantizer in (module.weight_quantizer, module.input_quantizer):
+            for quantizer in (module.weight_quantizer, module.input_quantizer, module.output_quantizer):
                 if quantizer is not None:
                     quantizer.freeze()
     for param in student.parameters():

@@ -149,6 +149,7 @@ class _QuantMixin:
     weight: nn.Parameter
     weight_quantizer: FakeQuantizer | None
     input_quantizer: FakeQuantizer | None
+    output_quantizer: FakeQuantizer | None
 
     def _setup_quantizers(
         self,
@@ -168,6 +169,7 @@ class _QuantMixin:
             else None
         )
         self.input_quantizer = FakeQuantizer(act_bits, None, act_observer) if act_bits is not None else None
+        self.output_quantizer = None
         if self.weight_quantizer is not None:
             self.weight_quantizer.calibrate_from(self.weight.detach())
 
@@ -290,7 +292,12 @@ class QuantLinear(_QuantMixin, nn.Linear):
 
 
 class QuantConv2d(_QuantMixin, nn.Conv2d):
-    """``nn.Conv2d`` with an optional weight quantizer and an optional input quantizer."""
+    """``nn.Conv2d`` with optional weight, input and output quantizers.
+
+    The output quantizer (per tensor, calibrated like the input quantizer) exists for the
+    onnxruntime export form: a quantized output lets onnxruntime fuse ``DQ -> Conv -> Q`` into
+    one integer ``QLinearConv`` (see :mod:`export.onnx`).
+    """
 
     @classmethod
     def from_float(
@@ -302,8 +309,22 @@ class QuantConv2d(_QuantMixin, nn.Conv2d):
         act_observer: str = "minmax",
         per_channel: bool = True,
         group_size: int | None = None,
+        out_bits: int | None = None,
+        out_observer: str = "minmax",
     ) -> QuantConv2d:
-        """Build from a float ``nn.Conv2d``, sharing its parameters (arguments as QuantLinear)."""
+        """Build from a float ``nn.Conv2d``, sharing its parameters.
+
+        Args:
+            layer: The layer to replace.
+            weight_bits: Weight bit-width, or None to keep the weight in float.
+            act_bits: Input activation bit-width, or None to keep inputs in float.
+            weight_observer: Observer for the weight scale.
+            act_observer: Observer for the input scale (set during calibration).
+            per_channel: Per-output-channel weight scales (else one per tensor).
+            group_size: Group-wise weight scales over this many input channels instead.
+            out_bits: Output activation bit-width, or None to keep the output in float.
+            out_observer: Observer for the output scale (set during calibration).
+        """
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         for attr in (
@@ -322,8 +343,54 @@ class QuantConv2d(_QuantMixin, nn.Conv2d):
         new._reversed_padding_repeated_twice = layer._reversed_padding_repeated_twice
         new.weight, new.bias = layer.weight, layer.bias
         new._setup_quantizers(weight_bits, weight_observer, per_channel, act_bits, act_observer, group_size)
+        new.output_quantizer = FakeQuantizer(out_bits, None, out_observer) if out_bits is not None else None
         return new
 
+    def integer_bias(self) -> bool:
+        """Whether the bias is on the INT32 grid ``s_in * s_w`` (layers with an output quantizer).
+
+        Such a layer becomes onnxruntime's integer ``QLinearConv``, which adds the bias as INT32 in
+        units of ``s_in * s_w``; the fake-quant model rounds its bias the same way, so both compute
+        the same thing.
+        """
+        return (
+            self.output_quantizer is not None
+            and self.bias is not None
+            and self.input_quantizer is not None
+            and self.weight_quantizer is not None
+            and self.weight_quantizer.group_size is None
+        )
+
+    def _bias_on_grid(self) -> bool:
+        # only once the input scale is calibrated (while observing, the float bias is used)
+        return self.integer_bias() and self.input_quantizer.mode is QuantizerMode.QUANTIZE
+
+    def bias_scale(self) -> torch.Tensor:
+        """The INT32 bias scale ``s_in * s_w`` (float32; per output channel or per tensor)."""
+        assert self.input_quantizer is not None and self.weight_quantizer is not None
+        return self.input_quantizer.scale.float().reshape(()) * self.weight_quantizer.scale.float()
+
+    def bias_integers(self) -> torch.Tensor:
+        """``round(b / (s_in * s_w))`` clamped to INT32, as float32 values (see :meth:`integer_bias`)."""
+        assert self.bias is not None
+        limit = torch.iinfo(torch.int32)
+        return torch.clamp(torch.round(self.bias.float() / self.bias_scale()), limit.min, limit.max)
+
+    def quantized_bias(self) -> torch.Tensor | None:
+        """The bias as the layer uses it: on the INT32 grid when :meth:`integer_bias`, else as is.
+
+        The grid needs the input scale, so during calibration (input quantizer not yet in quantize
+        mode) the float bias is used.
+
+        Under autograd the rounding passes gradients straight through to the float bias.
+        """
+        if not self._bias_on_grid():
+            return self.bias
+        assert self.bias is not None
+        rounded = (self.bias_integers() * self.bias_scale()).to(self.bias.dtype)
+        return self.bias + (rounded - self.bias).detach()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Convolution over the quantized input and weight."""
-        return self._conv_forward(self._quant_input(x), self.quantized_weight(), self.bias)
+        """Convolution over the quantized input, weight and bias; the output quantized when planned."""
+        y = self._conv_forward(self._quant_input(x), self.quantized_weight(), self.quantized_bias())
+        return y if self.output_quantizer is None else self.output_quantizer(y)

@@ -2,6 +2,9 @@
 
 A plan maps every quantizable layer's fully qualified name (FQN) to
 ``{"weight": {...} | None, "activation": {...} | None}``; ``None`` means full precision.
+Conv2d layers may also carry ``"output": {...}``: a per-tensor quantizer on the layer's output,
+used by the onnxruntime export form (:func:`with_output_quantizers`). Plans with output
+quantizers are saved as version 2; plans without are saved as version 1, as before.
 Full-precision globs are resolved once, when the plan is built, so the JSON artifact is the
 single source of truth for quantize, export and the report.
 """
@@ -12,7 +15,7 @@ import fnmatch
 import json
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,8 @@ from diffquant.quant.modules import FakeQuantizer, QuantConv2d, QuantLinear, gro
 
 QUANTIZABLE = (nn.Linear, nn.Conv2d)
 PLAN_VERSION = 1
+PLAN_VERSION_OUTPUTS = 2
+SUPPORTED_PLAN_VERSIONS = (PLAN_VERSION, PLAN_VERSION_OUTPUTS)
 
 
 GRANULARITIES = ("per_channel", "per_tensor", "per_group")
@@ -55,7 +60,7 @@ class WeightConfig:
 
 @dataclass(frozen=True)
 class ActivationConfig:
-    """Input-activation quantization of one layer (per tensor)."""
+    """Activation quantization of one layer's input or output (per tensor)."""
 
     bits: int
     observer: str = "minmax"
@@ -67,12 +72,14 @@ class LayerConfig:
 
     ``fp_tokens`` (Linear layers over text-encoder states only) is the number of leading token
     positions whose outputs are precomputed in full precision instead of quantized (MixDQ's
-    BOS-aware quantization; see :mod:`diffquant.outlier_tokens`).
+    BOS-aware quantization; see :mod:`diffquant.outlier_tokens`). ``output`` (Conv2d layers
+    only) quantizes the layer's output per tensor, for the onnxruntime export form.
     """
 
     weight: WeightConfig | None
     activation: ActivationConfig | None
     fp_tokens: int = 0
+    output: ActivationConfig | None = None
 
     @property
     def is_full_precision(self) -> bool:
@@ -98,15 +105,27 @@ class LayerPlan(dict[str, LayerConfig]):
             data: dict[str, Any] = {"weight": part(cfg.weight), "activation": part(cfg.activation)}
             if cfg.fp_tokens:
                 data["fp_tokens"] = cfg.fp_tokens
+            if cfg.output is not None:
+                data["output"] = part(cfg.output)
             return data
 
         return {name: layer(c) for name, c in self.items()}
 
+    @property
+    def has_outputs(self) -> bool:
+        """True when any layer quantizes its output (the onnxruntime export form)."""
+        return any(cfg.output is not None for cfg in self.values())
+
+    @property
+    def version(self) -> int:
+        """JSON format version: 2 when output quantizers are present, else 1."""
+        return PLAN_VERSION_OUTPUTS if self.has_outputs else PLAN_VERSION
+
     def save(self, path: Path) -> Path:
-        """Write the plan as JSON (atomically)."""
+        """Write the plan as JSON (atomically); version 2 only when it has output quantizers."""
         from diffquant.storage import write_json
 
-        return write_json({"version": PLAN_VERSION, "layers": self.to_json_dict()}, path, sort_keys=False)
+        return write_json({"version": self.version, "layers": self.to_json_dict()}, path, sort_keys=False)
 
     @classmethod
     def from_json_dict(cls, layers: dict[str, Any]) -> LayerPlan:
@@ -116,24 +135,29 @@ class LayerPlan(dict[str, LayerConfig]):
             try:
                 weight = WeightConfig(**cfg["weight"]) if cfg.get("weight") else None
                 act = ActivationConfig(**cfg["activation"]) if cfg.get("activation") else None
+                output = ActivationConfig(**cfg["output"]) if cfg.get("output") else None
             except (TypeError, ValueError) as error:
                 raise ValueError(f"layer {name!r}: {error}") from None
-            for part in (weight, act):
+            for part in (weight, act, output):
                 if part is not None and not MIN_BITS <= part.bits <= MAX_BITS:
                     raise ValueError(f"layer {name!r}: bits {part.bits} outside {MIN_BITS}-{MAX_BITS}")
             fp_tokens = int(cfg.get("fp_tokens", 0))
             if fp_tokens < 0:
                 raise ValueError(f"layer {name!r}: fp_tokens must be >= 0, got {fp_tokens}")
-            plan[name] = LayerConfig(weight, act, fp_tokens)
+            plan[name] = LayerConfig(weight, act, fp_tokens, output)
         return plan
 
     @classmethod
     def load(cls, path: Path) -> LayerPlan:
-        """Read a plan written by :meth:`save`."""
+        """Read a plan written by :meth:`save` (version 1, or 2 with output quantizers)."""
         data = json.loads(Path(path).read_text())
-        if data.get("version") != PLAN_VERSION:
-            raise ValueError(f"{path}: unsupported plan version {data.get('version')!r}")
-        return cls.from_json_dict(data["layers"])
+        version = data.get("version")
+        if version not in SUPPORTED_PLAN_VERSIONS:
+            raise ValueError(f"{path}: unsupported plan version {version!r}")
+        plan = cls.from_json_dict(data["layers"])
+        if version == PLAN_VERSION and plan.has_outputs:
+            raise ValueError(f"{path}: a version 1 plan cannot hold output quantizers; save it as version 2")
+        return plan
 
     def quantized_layers(self) -> list[str]:
         """Names of layers with any quantized part."""
@@ -183,6 +207,45 @@ def uniform_plan(
     return plan
 
 
+def output_quantizer_allowed(name: str, layer: nn.Module, cfg: LayerConfig) -> bool:
+    """Whether the onnxruntime form gives layer ``name`` an output quantizer.
+
+    Only a Conv2d whose input is quantized and whose weight is quantized at 5-8 bits per channel
+    or per tensor can become an integer ``QLinearConv`` in onnxruntime (INT8 weights; block-wise
+    and INT4 weights do not fuse), and the network's output convolution (``conv_out``) is left
+    alone: quantizing the noise prediction itself only costs accuracy.
+    """
+    if not isinstance(layer, nn.Conv2d) or name.rsplit(".", 1)[-1] == "conv_out":
+        return False
+    weight = cfg.weight
+    return (
+        cfg.activation is not None
+        and weight is not None
+        and weight.bits > 4
+        and weight.granularity in ("per_channel", "per_tensor")
+    )
+
+
+def with_output_quantizers(model: nn.Module, plan: LayerPlan) -> LayerPlan:
+    """A copy of ``plan`` with output quantizers on the Conv2d layers that can fuse in onnxruntime.
+
+    Each output quantizer takes the bits and observer of the layer's input quantizer (see
+    :func:`output_quantizer_allowed` for which layers qualify).
+
+    Args:
+        model: The float denoiser the plan is for.
+        plan: The plan (weights and inputs already decided).
+    """
+    out = LayerPlan()
+    for name, cfg in plan.items():
+        layer = model.get_submodule(name)
+        if cfg.output is None and output_quantizer_allowed(name, layer, cfg):
+            assert cfg.activation is not None
+            cfg = replace(cfg, output=ActivationConfig(cfg.activation.bits, cfg.activation.observer))
+        out[name] = cfg
+    return out
+
+
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     """Replace the submodule at FQN ``name`` with ``module``."""
     parent_name, _, child = name.rpartition(".")
@@ -212,6 +275,8 @@ def apply_plan(model: nn.Module, plan: LayerPlan) -> nn.Module:
         cls = QuantLinear if isinstance(layer, nn.Linear) else QuantConv2d
         if cfg.fp_tokens and cls is not QuantLinear:
             raise ValueError(f"layer {name!r}: fp_tokens applies to Linear layers over token sequences only")
+        if cfg.output is not None and cls is not QuantConv2d:
+            raise ValueError(f"layer {name!r}: output quantizers apply to Conv2d layers only")
         w = cfg.weight
         if w is not None and w.group_size is not None and not groups_allowed(layer, w.group_size):
             raise ValueError(f"layer {name!r} cannot take weight groups of {w.group_size} input channels")
@@ -223,6 +288,7 @@ def apply_plan(model: nn.Module, plan: LayerPlan) -> nn.Module:
             act_observer=cfg.activation.observer if cfg.activation else "minmax",
             per_channel=(w.granularity != "per_tensor") if w else True,
             group_size=w.group_size if w else None,
+            **({"out_bits": cfg.output.bits, "out_observer": cfg.output.observer} if cfg.output is not None else {}),
         )
         if cfg.fp_tokens:
             new.keep_tokens_in_float(cfg.fp_tokens)
@@ -239,13 +305,26 @@ def input_quantizers(model: nn.Module) -> dict[str, FakeQuantizer]:
     }
 
 
+def activation_quantizers(model: nn.Module) -> dict[str, FakeQuantizer]:
+    """Every activation quantizer: ``{"<fqn>.input": ..., "<fqn>.output": ...}`` (input and output)."""
+    found: dict[str, FakeQuantizer] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, (QuantLinear, QuantConv2d)):
+            continue
+        if module.input_quantizer is not None:
+            found[f"{name}.input"] = module.input_quantizer
+        if module.output_quantizer is not None:
+            found[f"{name}.output"] = module.output_quantizer
+    return found
+
+
 QUANTIZER_STATE_SUFFIXES = ("_quantizer.scale", ".fp_token_outputs")
 
 
 def quantizer_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Quantizer scales and precomputed full-precision token outputs of ``model``.
 
-    Keys are ``<layer>.<weight|input>_quantizer.scale`` and ``<layer>.fp_token_outputs``.
+    Keys are ``<layer>.<weight|input|output>_quantizer.scale`` and ``<layer>.fp_token_outputs``.
     """
     return {k: v for k, v in model.state_dict().items() if k.endswith(QUANTIZER_STATE_SUFFIXES)}
 
