@@ -17,7 +17,7 @@ import time
 import numpy as np
 from common import ROOT, machine, replace_section
 
-from diffquant.allocation import AllocationProblem, solve_allocation
+from diffquant.mixed_precision.solver import AllocationProblem, solve_allocation
 
 
 def make_problem(layers: int, options: int, seed: int, tied: int) -> AllocationProblem:

@@ -19,13 +19,13 @@ import time
 
 from common import ROOT, machine, replace_section
 
-from diffquant.calibration import collect_pool, pool_features, select, subset
+from diffquant.calibration.pool import collect_pool, subset
+from diffquant.calibration.selection import STRATEGIES, SelectionParams, pool_features, select
 from diffquant.data import load_digits_split
 from diffquant.evaluation import evaluate_model
 from diffquant.models.loading import load_model
 from diffquant.models.reference import load_classifier
 from diffquant.quantize import plan_from_spec, quantize_model
-from diffquant.selection import STRATEGIES, SelectionParams
 from diffquant.spec import load_spec
 
 PROTECT_8BIT = "quantize.overrides=[{layers: [conv_in, conv_out, 'time_embedding.*'], weight_bits: 8}]"

@@ -18,7 +18,7 @@ def temporary_home(prefix: str) -> Path:
 
     home = Path(tempfile.mkdtemp(prefix=prefix))
     os.environ["DIFFQUANT_HOME"] = str(home)
-    from registry.home import configure_environment
+    from diffquant.registry.home import configure_environment
 
     configure_environment(home)
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")

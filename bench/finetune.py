@@ -45,8 +45,9 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=2000)
     args = parser.parse_args()
     home = str(temporary_home("diffquant-finetune-"))
+    from diffquant.flows.compress import compress_flow
+
     from diffquant.spec import load_spec
-    from flows.compress import compress_flow
 
     results = []
     for label, config, overrides in rows(args.steps, args.w4a4_steps):

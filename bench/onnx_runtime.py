@@ -40,8 +40,12 @@ import onnx
 import onnxruntime as ort
 import torch
 from common import ROOT, machine, replace_section
+from diffquant.export.onnx import export_onnx, onnx_weight_bytes
+from diffquant.export.parity import OrtDenoiser, check_parity
+from diffquant.export.rules import check_rules
 
-from diffquant.calibration import collect_pool, pool_features, select, subset
+from diffquant.calibration.pool import collect_pool, subset
+from diffquant.calibration.selection import pool_features, select
 from diffquant.data import load_digits_split
 from diffquant.evaluation import generate
 from diffquant.metrics import condition_accuracy, frechet_distance
@@ -51,9 +55,6 @@ from diffquant.quant.plan import packed_weight_bytes
 from diffquant.quantize import plan_from_spec, quantize_model
 from diffquant.sampling import Trajectories
 from diffquant.spec import load_spec
-from export.onnx import export_onnx, onnx_weight_bytes
-from export.parity import OrtDenoiser, check_parity
-from export.rules import check_rules
 
 THREADS = 2
 CONV_MATMUL = ["Conv", "MatMul", "Gemm"]

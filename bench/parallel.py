@@ -26,15 +26,17 @@ def main() -> None:
     parser.add_argument("--variants", default="default:1,dask:1,dask:2")
     args = parser.parse_args()
     home = temporary_home("diffquant-parallel-")
+    from diffquant.flows.sensitivity import sensitivity_flow, task_runner_for
+    from diffquant.tasks.common import save_trajectories
+
     import diffquant
-    from diffquant.calibration import collect_pool, select, subset
+    from diffquant.calibration.pool import collect_pool, subset
+    from diffquant.calibration.selection import select
+    from diffquant.mixed_precision.sensitivity import SENSITIVITY_CODE_VERSION, SensitivityTable
     from diffquant.models.loading import load_model
     from diffquant.quant.plan import quantizable_layers
-    from diffquant.sensitivity import SENSITIVITY_CODE_VERSION, SensitivityTable
     from diffquant.spec import RuntimeSpec, load_spec
     from diffquant.storage import sha256_file
-    from flows.sensitivity import sensitivity_flow, task_runner_for
-    from tasks.common import save_trajectories
 
     spec = load_spec(ROOT / "configs" / "digits-unet-mixed-w4a8.yaml")
     model = load_model("digits-unet")

@@ -16,7 +16,8 @@ from functools import partial
 
 from common import ROOT, cell, machine, replace_section
 
-from diffquant.calibration import collect_pool, held_out_indices, pool_features, select, subset
+from diffquant.calibration.pool import collect_pool, held_out_indices, subset
+from diffquant.calibration.selection import pool_features, select
 from diffquant.data import load_digits_split
 from diffquant.evaluation import evaluate_model
 from diffquant.models.loading import load_model

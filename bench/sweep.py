@@ -27,8 +27,9 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=2000)
     args = parser.parse_args()
     home = str(temporary_home("diffquant-sweep-"))
+    from diffquant.flows.sweep import sweep_flow
+
     from diffquant.spec import load_spec
-    from flows.sweep import sweep_flow
 
     spec = load_spec(ROOT / "configs" / "digits-unet-mixed-w4a8.yaml", [f"evaluate.samples={args.samples}"])
     start = time.perf_counter()

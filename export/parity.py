@@ -38,6 +38,7 @@ from torch import nn
 from diffquant.errors import ParityError
 from diffquant.evaluation import generate
 from diffquant.metrics import condition_accuracy, frechet_distance, psnr
+from diffquant.models.denoisers import DenoiserOutput
 from diffquant.models.loading import DiffusionModel
 from diffquant.sampling import Trajectories, denoiser_outputs
 
@@ -49,13 +50,6 @@ DEFAULT_MAX_MEAN_ABS = 5e-3
 DEFAULT_ACCURACY_EPSILON = 0.01
 DEFAULT_FD_RELATIVE_EPSILON = 0.05
 DEFAULT_FD_ABSOLUTE_EPSILON = 0.5
-
-
-@dataclass
-class DenoiserOutput:
-    """What a diffusers UNet returns, reduced to the field sampling reads."""
-
-    sample: torch.Tensor
 
 
 def ort_session(path: str | Path, threads: int | None = None, optimize: bool = True, exact_matmul: bool = True) -> Any:
@@ -310,23 +304,43 @@ class ParityReport:
         return data
 
 
+@dataclass(frozen=True)
+class ParityConfig:
+    """How :func:`check_parity` compares an export with its PyTorch model.
+
+    Attributes:
+        tolerance: Per-element absolute tolerance of the output check.
+        max_fraction_over: Share of output elements allowed over ``tolerance``.
+        samples: Samples for the sampling check; 0 skips it.
+        steps: DDIM steps of the sampling check.
+        seed: Noise seed of the sampling check.
+        accuracy_epsilon: See :func:`sampling_parity`.
+        fd_relative_epsilon: See :func:`sampling_parity`.
+        fd_absolute_epsilon: See :func:`sampling_parity`.
+        enforce: Raise :class:`ParityError` when a check fails.
+        threads: onnxruntime intra-op threads (None: onnxruntime's default).
+    """
+
+    tolerance: float = DEFAULT_TOLERANCE
+    max_fraction_over: float = DEFAULT_MAX_FRACTION_OVER
+    samples: int = 0
+    steps: int = 50
+    seed: int = 0
+    accuracy_epsilon: float = DEFAULT_ACCURACY_EPSILON
+    fd_relative_epsilon: float = DEFAULT_FD_RELATIVE_EPSILON
+    fd_absolute_epsilon: float = DEFAULT_FD_ABSOLUTE_EPSILON
+    enforce: bool = False
+    threads: int | None = None
+
+
 def check_parity(
     onnx_path: str | Path,
     model: DiffusionModel,
     inputs: Trajectories,
+    config: ParityConfig = ParityConfig(),
     *,
-    tolerance: float = DEFAULT_TOLERANCE,
-    max_fraction_over: float = DEFAULT_MAX_FRACTION_OVER,
-    samples: int = 0,
-    steps: int = 50,
-    seed: int = 0,
     classifier: nn.Module | None = None,
     real_images: torch.Tensor | None = None,
-    accuracy_epsilon: float = DEFAULT_ACCURACY_EPSILON,
-    fd_relative_epsilon: float = DEFAULT_FD_RELATIVE_EPSILON,
-    fd_absolute_epsilon: float = DEFAULT_FD_ABSOLUTE_EPSILON,
-    enforce: bool = False,
-    threads: int | None = None,
 ) -> ParityReport:
     """Check an export against the PyTorch model it came from.
 
@@ -334,38 +348,34 @@ def check_parity(
         onnx_path: The exported ``.onnx`` file.
         model: The PyTorch (fake-quantized) model that was exported.
         inputs: Denoiser inputs for the output check (the calibration set).
-        tolerance: Per-element absolute tolerance of the output check.
-        max_fraction_over: Share of output elements allowed over ``tolerance``.
-        samples: Samples for the sampling check; 0 skips it.
-        steps: DDIM steps of the sampling check.
-        seed: Noise seed of the sampling check.
-        classifier: Digits classifier for accuracy / FD.
+        config: Tolerances, the sampling check's size and whether a failure raises.
+        classifier: Digits classifier for accuracy / FD of the sampling check.
         real_images: Real images for FD.
-        accuracy_epsilon: See :func:`sampling_parity`.
-        fd_relative_epsilon: See :func:`sampling_parity`.
-        fd_absolute_epsilon: See :func:`sampling_parity`.
-        enforce: Raise :class:`ParityError` when a check fails.
-        threads: onnxruntime intra-op threads.
+
+    Example:
+        >>> report = check_parity("model.onnx", quantized, calibration_set, ParityConfig(samples=100))
+        >>> report.passed
+        True
 
     Raises:
         ParityError: With ``enforce``, if parity breaks.
     """
     start = time.perf_counter()
-    session = ort_session(onnx_path, threads)
-    outputs = denoiser_parity(session, model, inputs, tolerance, max_fraction_over)
+    session = ort_session(onnx_path, config.threads)
+    outputs = denoiser_parity(session, model, inputs, config.tolerance, config.max_fraction_over)
     sampling = None
-    if samples > 0:
+    if config.samples > 0:
         sampling = sampling_parity(
             session,
             model,
-            samples,
-            steps,
-            seed,
+            config.samples,
+            config.steps,
+            config.seed,
             classifier,
             real_images,
-            accuracy_epsilon=accuracy_epsilon,
-            fd_relative_epsilon=fd_relative_epsilon,
-            fd_absolute_epsilon=fd_absolute_epsilon,
+            accuracy_epsilon=config.accuracy_epsilon,
+            fd_relative_epsilon=config.fd_relative_epsilon,
+            fd_absolute_epsilon=config.fd_absolute_epsilon,
         )
     report = ParityReport(str(onnx_path), outputs, sampling, time.perf_counter() - start)
     logger.info(
@@ -374,9 +384,9 @@ def check_parity(
         outputs.max_abs,
         outputs.p999_abs,
         outputs.fraction_over,
-        tolerance,
+        config.tolerance,
     )
-    if enforce and not report.passed:
+    if config.enforce and not report.passed:
         raise ParityError(
             f"the ONNX export {onnx_path} does not match the PyTorch model: {report.failures()[0]}; "
             "re-export, or check the plan and scales"

@@ -30,12 +30,18 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from diffquant.export.onnx import (
+    LAYERS_METADATA_KEY,
+    ORT_ACTIVATION_ZERO_POINT,
+    TARGET_METADATA_KEY,
+    TARGETS,
+    storage_type,
+)
 from onnx import TensorProto, numpy_helper
 
 from diffquant.errors import RulesError
 from diffquant.quant.formats import IntFormat
 from diffquant.quant.plan import LayerConfig, LayerPlan
-from export.onnx import LAYERS_METADATA_KEY, ORT_ACTIVATION_ZERO_POINT, TARGET_METADATA_KEY, TARGETS, storage_type
 
 _INT_TYPES = {
     TensorProto.INT4: "INT4",

@@ -63,8 +63,9 @@ class RichReporter:
 
 
 def _setup(verbose: bool) -> Path:
+    from diffquant.registry.home import configure_environment, diffquant_home, ensure_writable
+
     from diffquant.errors import DiffquantError
-    from registry.home import configure_environment, diffquant_home, ensure_writable
 
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
@@ -128,9 +129,8 @@ def _progress() -> Progress:
 
 def _preflight(uri: str, spec: Any) -> None:
     """Registry name (when the spec registers), MLflow server and Prefect API checks, before any model is loaded."""
+    from diffquant.registry.preflight import preflight
     from prefect.settings import PREFECT_API_URL
-
-    from registry.preflight import preflight
 
     preflight(uri, PREFECT_API_URL.value(), spec.registered_model_name() if spec.promote.register_model else None)
 
@@ -177,11 +177,12 @@ def compress(
 ) -> None:
     """Calibrate, quantize and evaluate a model; log everything to MLflow and write summary.json."""
     home = _setup(verbose)
-    from diffquant.calibration import read_labels_file
+    from diffquant.registry.home import ensure_writable, tracking_uri
+
+    from diffquant.calibration.labels import read_labels_file
     from diffquant.errors import DiffquantError
     from diffquant.models.loading import load_model
     from diffquant.spec import load_spec
-    from registry.home import ensure_writable, tracking_uri
 
     try:
         spec = load_spec(config, [*(set_ or []), *_runtime_overrides(runner, workers)])
@@ -194,7 +195,7 @@ def compress(
             read_labels_file(Path(spec.calibration.labels_file), model.num_classes, model.condition)
     except DiffquantError as error:
         _fail(error)
-    from flows.compress import compress_flow
+    from diffquant.flows.compress import compress_flow
 
     start = time.perf_counter()
     summary = _run_flow(verbose, compress_flow, spec=spec.to_dict(), out_dir=str(out) if out else None)
@@ -224,10 +225,11 @@ def sweep(
 ) -> None:
     """Allocate, quantize and evaluate at several budgets; write sweep.json and a Pareto plot."""
     home = _setup(verbose)
+    from diffquant.registry.home import tracking_uri
+
     from diffquant.errors import DiffquantError, SpecError
     from diffquant.models.loading import load_model
     from diffquant.spec import load_spec
-    from registry.home import tracking_uri
 
     try:
         spec = load_spec(config, [*(set_ or []), *_runtime_overrides(runner, workers)])
@@ -241,7 +243,7 @@ def sweep(
         _fail(ValueError("--budgets takes numbers like 3,3.5,4 and --baselines integers like 8,4"))
     except DiffquantError as error:
         _fail(error)
-    from flows.sweep import sweep_flow
+    from diffquant.flows.sweep import sweep_flow
 
     result = _run_flow(
         verbose,
@@ -288,7 +290,7 @@ def train_reference(
 ) -> None:
     """Retrain the bundled reference models (digits-unet with its classifier, digits-dit, digits-t2i) from a seed."""
     _setup(verbose)
-    from flows.train_reference import train_reference_flow
+    from diffquant.flows.train_reference import train_reference_flow
 
     result = _run_flow(
         verbose,
@@ -318,7 +320,7 @@ def deploy(
 ) -> None:
     """Fetch a registered version, verify every artifact's sha256, build for this GPU, write a bundle."""
     home = _setup(verbose)
-    from flows.deploy import deploy_flow
+    from diffquant.flows.deploy import deploy_flow
 
     _registry_client(home)
     result = _run_flow(
@@ -335,7 +337,7 @@ def promote(
 ) -> None:
     """Make VERSION the champion of MODEL by hand (gates are not checked; the action is recorded)."""
     home = _setup(verbose)
-    from registry.promotion import promote as promote_version
+    from diffquant.registry.promotion import promote as promote_version
 
     client = _registry_client(home)
     _registry_action(lambda: promote_version(client, model, version))
@@ -349,7 +351,7 @@ def rollback(
 ) -> None:
     """Demote MODEL's champion and restore the best earlier version that passed its gates."""
     home = _setup(verbose)
-    from registry.promotion import rollback as rollback_model
+    from diffquant.registry.promotion import rollback as rollback_model
 
     client = _registry_client(home)
     restored = _registry_action(lambda: rollback_model(client, model))
@@ -357,10 +359,11 @@ def rollback(
 
 
 def _registry_client(home: Path) -> Any:
+    from diffquant.registry.home import tracking_uri
+    from diffquant.registry.models import registry_client
+    from diffquant.registry.preflight import check_tracking_server
+
     from diffquant.errors import DiffquantError
-    from registry.home import tracking_uri
-    from registry.models import registry_client
-    from registry.preflight import check_tracking_server
 
     uri = tracking_uri(home)
     try:

@@ -12,26 +12,27 @@ import time
 from pathlib import Path
 from typing import Any
 
+from diffquant.flows.sensitivity import sensitivity_flow, task_runner_for
+from diffquant.registry.home import diffquant_home, ensure_writable, tracking_uri
+from diffquant.registry.models import add_onnx_flavor
+from diffquant.registry.tracking import RunTracker, git_sha, tracked_run
+from diffquant.tasks.calibrate import quantize_task, select_calibration_task
+from diffquant.tasks.evaluate import evaluate_task
+from diffquant.tasks.finetune import finetune_task
+from diffquant.tasks.load import load_model_task
+from diffquant.tasks.onnx_export import export_task
+from diffquant.tasks.register import register_task
+from diffquant.tasks.sensitivity import allocate_task
+from diffquant.tasks.trajectories import collect_trajectories_task
 from prefect import flow
 
 import diffquant
-from diffquant.calibration import POOL_CODE_VERSION, read_labels_file
+from diffquant.calibration.labels import read_labels_file
+from diffquant.calibration.pool import POOL_CODE_VERSION
+from diffquant.mixed_precision.sensitivity import SENSITIVITY_CODE_VERSION
 from diffquant.report import quality_notes
-from diffquant.sensitivity import SENSITIVITY_CODE_VERSION
 from diffquant.spec import CompressionSpec, spec_from_dict
 from diffquant.storage import load_safetensors, sha256_file, write_json
-from flows.sensitivity import sensitivity_flow, task_runner_for
-from registry.home import diffquant_home, ensure_writable, tracking_uri
-from registry.models import add_onnx_flavor
-from registry.tracking import RunTracker, git_sha, tracked_run
-from tasks.calibrate import quantize_task, select_calibration_task
-from tasks.evaluate import evaluate_task
-from tasks.finetune import finetune_task
-from tasks.load import load_model_task
-from tasks.onnx_export import export_task
-from tasks.register import register_task
-from tasks.sensitivity import allocate_task
-from tasks.trajectories import collect_trajectories_task
 
 logger = logging.getLogger(__name__)
 

@@ -14,12 +14,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from diffquant.export.bundle import write_bundle
+from diffquant.registry.home import diffquant_home, tracking_uri
+from diffquant.registry.models import download_version, find_version, registry_client
 from prefect import flow
 
 from diffquant.manifest import verify_files
-from export.bundle import write_bundle
-from registry.home import diffquant_home, tracking_uri
-from registry.models import download_version, find_version, registry_client
 
 logger = logging.getLogger(__name__)
 
@@ -29,8 +29,9 @@ def _engine_for(folder: Path, out: Path) -> tuple[Path | None, str]:
     onnx_files = sorted(folder.rglob("*.onnx"))
     if not onnx_files:
         return None, "the version has no ONNX export; the bundle ships the plan and scales"
+    from diffquant.export.onnx import ONNXRUNTIME_FORM_REASON, onnx_target
+
     from diffquant.errors import ExportError
-    from export.onnx import ONNXRUNTIME_FORM_REASON, onnx_target
 
     try:
         form = onnx_target(onnx_files[0])
@@ -39,7 +40,7 @@ def _engine_for(folder: Path, out: Path) -> tuple[Path | None, str]:
     if form == "onnxruntime":
         return None, f"{ONNXRUNTIME_FORM_REASON}; the ONNX is shipped for onnxruntime"
     try:
-        from export.tensorrt import build_engine, tensorrt_available
+        from diffquant.export.tensorrt import build_engine, tensorrt_available
     except ImportError:
         return None, "this diffquant has no TensorRT support; the ONNX is shipped for an on-device build"
     ok, reason = tensorrt_available()

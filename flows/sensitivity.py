@@ -12,11 +12,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from diffquant.tasks.sensitivity import merge_sensitivity_task, sensitivity_layers_task, table_key
 from prefect import flow
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from diffquant.spec import RuntimeSpec
-from tasks.sensitivity import merge_sensitivity_task, sensitivity_layers_task, table_key
 
 logger = logging.getLogger(__name__)
 

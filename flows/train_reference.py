@@ -10,8 +10,8 @@ from prefect import flow
 
 from diffquant.errors import SpecError
 from diffquant.models.reference import DIGITS_DIT, DIGITS_T2I, DIGITS_UNET, REFERENCE_MODELS, weights_root
-from diffquant.training import ClassifierTrainConfig, UNetTrainConfig, write_reference_models
-from diffquant.zoo import DIT_TRAIN, T2I_TRAIN, write_digits_dit, write_digits_t2i
+from diffquant.training.reference import ClassifierTrainConfig, UNetTrainConfig, write_reference_models
+from diffquant.training.zoo import DIT_TRAIN, T2I_TRAIN, write_digits_dit, write_digits_t2i
 
 
 @flow(name="train-reference")

@@ -28,6 +28,7 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 
 from diffquant.errors import DiffquantError
+from diffquant.spec import GatesSpec
 
 logger = logging.getLogger(__name__)
 
@@ -45,15 +46,6 @@ _RECONCILE_ROUNDS = 10
 
 class PromotionError(DiffquantError):
     """A promotion or rollback request cannot be carried out (unknown model or version, nothing to roll back)."""
-
-
-@dataclass(frozen=True)
-class Gates:
-    """Promotion gates; None disables a gate."""
-
-    max_fd_ratio: float | None = 1.5
-    min_accuracy: float | None = None
-    max_size_ratio: float | None = None
 
 
 @dataclass(frozen=True)
@@ -94,7 +86,7 @@ class Decision:
         return asdict(self)
 
 
-def decide_promotion(candidate: Candidate, champion: Candidate | None, gates: Gates) -> Decision:
+def decide_promotion(candidate: Candidate, champion: Candidate | None, gates: GatesSpec) -> Decision:
     """Decide whether ``candidate`` may become champion (pure; every reason is listed).
 
     Args:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from diffquant.tasks.common import load_trajectories, model_from_source
 from prefect import task
 
 from diffquant.data import load_digits_split
@@ -15,7 +16,6 @@ from diffquant.quantize import load_quantized
 from diffquant.sampling import denoiser_outputs
 from diffquant.spec import spec_from_dict
 from diffquant.storage import load_safetensors, save_safetensors
-from tasks.common import load_trajectories, model_from_source
 
 
 @task(name="evaluate")

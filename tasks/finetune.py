@@ -7,29 +7,18 @@ import json
 from pathlib import Path
 from typing import Any
 
+from diffquant.registry.models import registry_client
+from diffquant.registry.tracking import RunTracker
+from diffquant.tasks.common import load_trajectories, model_from_source
 from prefect import task
 
-from diffquant.errors import SpecError
-from diffquant.finetune.distill import DistillConfig, distill, select_layers
+from diffquant.errors import spec_section
+from diffquant.finetune.policy import finetune
+from diffquant.mixed_precision.sensitivity import SensitivityTable
 from diffquant.quant.plan import LayerPlan
 from diffquant.quantize import load_quantized, save_quantized
-from diffquant.sensitivity import SensitivityTable
 from diffquant.spec import spec_from_dict
 from diffquant.storage import save_safetensors, write_json
-from registry.models import registry_client
-from registry.tracking import RunTracker
-from tasks.common import load_trajectories, model_from_source
-
-
-def _sensitivity_by_layer(csv_path: str | None) -> dict[str, float] | None:
-    """Worst weight noise per layer (for the ``top_k`` rule)."""
-    if csv_path is None:
-        return None
-    worst: dict[str, float] = {}
-    for row in SensitivityTable.load_csv(Path(csv_path)).rows:
-        if row["kind"] == "weight":
-            worst[str(row["layer"])] = max(worst.get(str(row["layer"]), 0.0), float(row["noise"]))
-    return worst
 
 
 @task(name="finetune")
@@ -58,16 +47,6 @@ def finetune_task(
     assert ft is not None
     model = model_from_source(cfg.model.model_dump())
     student = load_quantized(model, Path(quantized["plan_path"]), Path(quantized["scales_path"]))
-    try:
-        layers = select_layers(
-            student.unet,
-            ft.trainable.rule,
-            ft.trainable.layers,
-            _sensitivity_by_layer(sensitivity_csv),
-            ft.trainable.top_k,
-        )
-    except ValueError as error:
-        raise SpecError(f"finetune.trainable: {error} (only quantized layers can be fine-tuned)") from None
     key = hashlib.sha256(
         json.dumps(
             [
@@ -90,17 +69,18 @@ def finetune_task(
             tracker.log_series(pending)
             pending.clear()
 
-    config = DistillConfig(**ft.model_dump(exclude={"trainable", "timestep_groups"}), log_every=1)
-    result = distill(
-        student.unet,
-        model.unet,
-        load_trajectories(pool_path),
-        model.conditional,
-        layers,
-        config,
-        Path(checkpoint_root) / key,
-        on_log=log,
-    )
+    table = SensitivityTable.load_csv(Path(sensitivity_csv)) if sensitivity_csv else None
+    with spec_section("finetune"):
+        result = finetune(
+            student,
+            model,
+            ft,
+            load_trajectories(pool_path),
+            sensitivity=table,
+            checkpoint_dir=Path(checkpoint_root) / key,
+            on_log=log,
+            log_every=1,
+        )
     folder = Path(out_dir) / "finetune"
     plan_path, scales_path = save_quantized(student, LayerPlan.load(Path(quantized["plan_path"])), folder)
     weights_path = save_safetensors(dict(student.unet.state_dict()), folder / "finetuned_denoiser.safetensors")

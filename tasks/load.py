@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from diffquant.tasks.common import model_from_source
 from prefect import task
 
 from diffquant.storage import sha256_file
-from tasks.common import model_from_source
 
 
 @task(name="load-model")

@@ -9,6 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from diffquant.export.onnx import ONNXRUNTIME_FORM_REASON, export_onnx, onnx_weight_bytes
+from diffquant.export.parity import ParityConfig, check_parity
+from diffquant.export.rules import check_rules
+from diffquant.export.tensorrt import build_engine, tensorrt_available
+from diffquant.tasks.common import load_trajectories, model_from_source
 from prefect import task
 
 from diffquant.data import load_digits_split
@@ -18,11 +23,6 @@ from diffquant.quant.plan import LayerPlan
 from diffquant.quantize import load_quantized
 from diffquant.spec import spec_from_dict
 from diffquant.storage import write_json
-from export.onnx import ONNXRUNTIME_FORM_REASON, export_onnx, onnx_weight_bytes
-from export.parity import check_parity
-from export.rules import check_rules
-from export.tensorrt import build_engine, tensorrt_available
-from tasks.common import load_trajectories, model_from_source
 
 
 @task(name="export")
@@ -54,12 +54,14 @@ def export_task(spec: dict[str, Any], quantized: dict[str, Any], calibration_pat
         info.path,
         qmodel,
         load_trajectories(calibration_path),
-        samples=cfg.export.parity_samples,
-        steps=cfg.sampler.steps,
-        seed=cfg.evaluate.seed,
+        ParityConfig(
+            samples=cfg.export.parity_samples,
+            steps=cfg.sampler.steps,
+            seed=cfg.evaluate.seed,
+            enforce=cfg.export.enforce_parity,
+        ),
         classifier=classifier,
         real_images=load_digits_split().held_out_images if classifier is not None else None,
-        enforce=cfg.export.enforce_parity,
     )
     parity = report.to_dict()
     parity_path = write_json(parity, folder / "parity.json")

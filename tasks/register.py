@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from diffquant.registry.models import register_version, registry_client
+from diffquant.registry.promotion import Candidate, Gates, apply_decision, champion_candidate, decide_promotion
 from prefect import task
-
-from registry.models import register_version, registry_client
-from registry.promotion import Candidate, Gates, apply_decision, champion_candidate, decide_promotion
 
 
 @task(name="register")

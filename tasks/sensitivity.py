@@ -7,16 +7,18 @@ import json
 from pathlib import Path
 from typing import Any
 
+from diffquant.tasks.common import load_trajectories, model_from_source
 from prefect import task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
-from diffquant.mixed_precision import allocate, sensitivity_for_spec
+from diffquant.errors import spec_section
+from diffquant.mixed_precision.allocate import allocate_plan, measure_allocation_sensitivity
+from diffquant.mixed_precision.sensitivity import SensitivityTable
 from diffquant.models.reference import load_classifier
+from diffquant.quantize import weight_observer
 from diffquant.report import sensitivity_heatmap
-from diffquant.sensitivity import SensitivityTable
 from diffquant.spec import spec_from_dict
 from diffquant.storage import write_json
-from tasks.common import load_trajectories, model_from_source
 
 
 @task(
@@ -57,9 +59,20 @@ def sensitivity_layers_task(
     cfg = spec_from_dict(spec)
     model = model_from_source(cfg.model.model_dump())
     classifier = load_classifier() if model.digits_compatible else None
-    table = sensitivity_for_spec(
-        model, load_trajectories(calibration_path), cfg, classifier, layers, description=f"Sensitivity {layers[0]}"
-    )
+    assert cfg.allocation is not None
+    with spec_section("allocation"):
+        table = measure_allocation_sensitivity(
+            model,
+            load_trajectories(calibration_path),
+            cfg.allocation,
+            weight_observer=weight_observer(cfg.quantize),
+            activation_observer=cfg.calibration.observer,
+            steps=cfg.sampler.steps,
+            seed=cfg.evaluate.seed,
+            classifier=classifier,
+            layers=layers,
+            description=f"Sensitivity {layers[0]}",
+        )
     folder = Path(cache_dir) / table_key(spec_key, calibration_sha256, code_version)
     name = hashlib.sha256(json.dumps(layers).encode()).hexdigest()[:20]
     return {"csv_path": str(table.save_csv(folder / "layers" / f"{name}.csv"))}
@@ -86,7 +99,16 @@ def allocate_task(spec: dict[str, Any], calibration_path: str, csv_path: str, ou
     """Solve the allocation program; write the LayerPlan and the solver's answer."""
     cfg = spec_from_dict(spec)
     model = model_from_source(cfg.model.model_dump())
-    plan, result = allocate(model, load_trajectories(calibration_path), cfg, SensitivityTable.load_csv(Path(csv_path)))
+    assert cfg.allocation is not None
+    with spec_section("allocation"):
+        plan, result = allocate_plan(
+            model,
+            load_trajectories(calibration_path),
+            cfg.allocation,
+            SensitivityTable.load_csv(Path(csv_path)),
+            weight_observer=weight_observer(cfg.quantize),
+            activation_observer=cfg.calibration.observer,
+        )
     folder = Path(out_dir) / "plan"
     plan_path = plan.save(folder / "allocated_plan.json")
     answer = {

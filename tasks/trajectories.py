@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffquant.tasks.common import model_from_source, save_trajectories
 from prefect import task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
-from diffquant.calibration import collect_pool
-from tasks.common import model_from_source, save_trajectories
+from diffquant.calibration.pool import collect_pool
 
 
 def pool_key(weights_sha256: str, sampler: dict[str, Any], pool_spec: dict[str, Any], code_version: str) -> str:

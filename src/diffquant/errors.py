@@ -7,6 +7,9 @@ and exits with status 2.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 class DiffquantError(Exception):
     """Base class of every error a user can act on."""
@@ -42,3 +45,30 @@ class RulesError(ExportError):
 
 class ParityError(ExportError):
     """The exported model's outputs or samples differ from the PyTorch model's beyond the stated tolerance."""
+
+
+class ConfigError(SpecError):
+    """A config object passed to a core function has a value that function cannot use.
+
+    ``key`` names the field relative to the config the caller passed (``keep_full_precision``, not
+    ``quantize.keep_full_precision``), so a library user reads the name they wrote; the pipeline,
+    which reads whole specs, prefixes the section with :meth:`in_section`.
+    """
+
+    def __init__(self, key: str, message: str) -> None:
+        self.key = key
+        self.message = message
+        super().__init__(f"{key}: {message}")
+
+    def in_section(self, section: str) -> SpecError:
+        """The same error naming the spec key ``<section>.<key>``."""
+        return SpecError(f"{section}.{self.key}: {self.message}")
+
+
+@contextmanager
+def spec_section(section: str) -> Iterator[None]:
+    """Re-raise a :class:`ConfigError` from the enclosed core call as a :class:`SpecError` naming ``<section>.<key>``."""
+    try:
+        yield
+    except ConfigError as error:
+        raise error.in_section(section) from None

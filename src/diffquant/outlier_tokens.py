@@ -180,25 +180,36 @@ def apply_outlier_tokens(plan: LayerPlan, found: OutlierTokens) -> LayerPlan:
 
 
 @torch.no_grad()
-def precompute_fp_tokens(fp_model: DiffusionModel, quantized: nn.Module, condition: torch.Tensor) -> int:
-    """Fill ``fp_token_outputs`` of every layer of ``quantized`` that keeps tokens in float.
+def fp_token_outputs(fp_denoiser: nn.Module, plan: LayerPlan, condition: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The full-precision outputs of the leading tokens for every planned layer that keeps them in float.
 
-    The outputs are the FP model's: its text encoder's states for the leading tokens (the same
-    for every prompt) through each layer's float weight and bias.
+    Computed from the float denoiser *before* the plan is applied: its text encoder's states for
+    the leading tokens (the same for every prompt) through each layer's float weight and bias.
 
     Args:
-        fp_model: The full-precision model.
-        quantized: The quantized denoiser (same layer names).
+        fp_denoiser: The float (wrapped) denoiser, with an ``encode`` method.
+        plan: The plan, with ``fp_tokens`` set on the layers that keep tokens in float.
         condition: Token ids ``(N, L)`` of any prompt (row 0 is used).
+
+    Returns:
+        Layer name -> ``(fp_tokens, out_features)`` outputs; empty when no layer keeps tokens.
+    """
+    wanted = {name: cfg.fp_tokens for name, cfg in plan.items() if cfg.fp_tokens}
+    if not wanted:
+        return {}
+    hidden = fp_denoiser.encode(condition[:1])
+    return {name: fp_denoiser.get_submodule(name)(hidden[:, :count])[0] for name, count in wanted.items()}
+
+
+@torch.no_grad()
+def fill_fp_tokens(quantized: nn.Module, outputs: dict[str, torch.Tensor]) -> int:
+    """Copy :func:`fp_token_outputs` into the ``fp_token_outputs`` buffers of the quantized layers.
 
     Returns:
         The number of layers filled.
     """
-    targets = {n: m for n, m in quantized.named_modules() if isinstance(m, QuantLinear) and m.fp_tokens}
-    if not targets:
-        return 0
-    hidden = fp_model.unet.encode(condition[:1])
-    for name, layer in targets.items():
-        float_layer = fp_model.unet.get_submodule(name)
-        layer.fp_token_outputs.copy_(float_layer(hidden[:, : layer.fp_tokens])[0])
-    return len(targets)
+    for name, values in outputs.items():
+        layer = quantized.get_submodule(name)
+        assert isinstance(layer, QuantLinear) and layer.fp_tokens, name
+        layer.fp_token_outputs.copy_(values)
+    return len(outputs)

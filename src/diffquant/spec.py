@@ -26,6 +26,7 @@ from pydantic import (
 )
 
 from diffquant.errors import SpecError
+from diffquant.quant.config import WeightConfig
 from diffquant.quant.formats import MAX_BITS, MIN_BITS
 
 
@@ -91,25 +92,6 @@ class CalibrationSpec(_Strict):
     )
 
 
-class WeightQuantSpec(_Strict):
-    """Weight format of the uniform plan (None bits keeps weights in float).
-
-    ``per_group`` uses one scale per ``group_size`` input channels; layers whose input channels
-    the group size does not divide (e.g. a 1-channel ``conv_in``) fall back to per-channel.
-    """
-
-    bits: int | None = Field(8, ge=MIN_BITS, le=MAX_BITS)
-    granularity: Literal["per_channel", "per_tensor", "per_group"] = "per_channel"
-    observer: Literal["minmax", "percentile", "mse"] = "minmax"
-    group_size: int | None = Field(None, ge=2)
-
-    @model_validator(mode="after")
-    def _group(self) -> WeightQuantSpec:
-        if (self.granularity == "per_group") != (self.group_size is not None):
-            raise ValueError("group_size is required with granularity per_group and only with it")
-        return self
-
-
 class ActivationQuantSpec(_Strict):
     """Activation (layer input) format of the uniform plan; per-tensor, None keeps float."""
 
@@ -134,7 +116,7 @@ class QuantizeSpec(_Strict):
     :mod:`diffquant.models.families`); ``[]`` quantizes every layer.
     """
 
-    weight: WeightQuantSpec = WeightQuantSpec(bits=8)
+    weight: WeightConfig | None = WeightConfig(bits=8)
     activation: ActivationQuantSpec = ActivationQuantSpec(bits=8)
     overrides: list[LayerOverride] = Field(default_factory=list)
     keep_full_precision: list[str] | None = None
@@ -144,6 +126,14 @@ class QuantizeSpec(_Strict):
         "(MixDQ's BOS-aware quantization); auto detects them, off disables, N forces N; "
         "applies to allocated plans too",
     )
+
+    @field_validator("weight", mode="before")
+    @classmethod
+    def _float_weights(cls, value: Any) -> Any:
+        # ``weight: {bits: null}`` (the older form) keeps weights in float, like ``weight: null``
+        if isinstance(value, dict) and "bits" in value and value["bits"] is None:
+            return None
+        return value
 
     @field_validator("outlier_tokens", mode="before")
     @classmethod

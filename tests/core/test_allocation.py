@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from diffquant.allocation import AllocationInfeasibleError, AllocationProblem, solve_allocation
+from diffquant.mixed_precision.solver import AllocationInfeasibleError, AllocationProblem, solve_allocation
 
 
 def brute_force(problem: AllocationProblem):

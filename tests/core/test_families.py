@@ -235,11 +235,13 @@ def test_t5_feed_forward_replacement_keeps_names_and_outputs(feed_forward):
 
 
 def test_pixart_w8a8_exports_and_matches_onnxruntime(saved, tmp_path):
-    from diffquant.calibration import collect_pool, select, subset
+    from diffquant.export.onnx import export_onnx
+    from diffquant.export.parity import ParityConfig, check_parity
+    from diffquant.export.rules import check_rules
+
+    from diffquant.calibration.pool import collect_pool, subset
+    from diffquant.calibration.selection import select
     from diffquant.spec import CalibrationSpec
-    from export.onnx import export_onnx
-    from export.parity import check_parity
-    from export.rules import check_rules
 
     model = load_model(path=saved["pixart"], prompts=saved["prompts"])
     pool = collect_pool(model, trajectories=3, steps=4, seed=0)
@@ -251,7 +253,7 @@ def test_pixart_w8a8_exports_and_matches_onnxruntime(saved, tmp_path):
     info = export_onnx(quantized, plan, tmp_path / "pixart.onnx")
     assert info.quantized_layers == len(plan.quantized_layers()) > 30
     assert check_rules(info.path, plan) == []
-    report = check_parity(info.path, quantized, calib, samples=3, steps=4)
+    report = check_parity(info.path, quantized, calib, ParityConfig(samples=3, steps=4))
     assert report.passed, report.failures()
     assert report.outputs.mean_abs < 1e-4 and report.outputs.fraction_over == 0.0
 

@@ -9,10 +9,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from diffquant.finetune.distill import DistillConfig, distill, select_layers
+from diffquant.finetune.distill import distill, select_layers
 from diffquant.quant.formats import IntFormat, fake_quant
 from diffquant.quant.lsq import lsq_fake_quant
 from diffquant.quant.modules import QuantLinear
+from diffquant.spec import FinetuneSpec
 
 
 @settings(max_examples=25, deadline=None)
@@ -51,7 +52,8 @@ def test_adapter_merge_is_bit_identical():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from diffquant.calibration import collect_pool, select, subset
+    from diffquant.calibration.pool import collect_pool, subset
+    from diffquant.calibration.selection import select
     from diffquant.models.loading import load_local_model
     from diffquant.quant.plan import ActivationConfig, WeightConfig, uniform_plan
     from diffquant.quantize import quantize_model
@@ -87,7 +89,7 @@ def _params(unet):
 
 def test_distillation_lowers_loss_and_resume_matches_uninterrupted(tiny, tmp_path):
     model, quantized, pool = tiny
-    cfg = DistillConfig(steps=6, batch_size=8, lr=1e-2, rank=2, checkpoint_every=2, seed=3)
+    cfg = FinetuneSpec(steps=6, batch_size=8, lr=1e-2, rank=2, checkpoint_every=2, seed=3)
     layers = select_layers(quantized.unet)
 
     straight = copy.deepcopy(quantized.unet)
@@ -103,11 +105,10 @@ def test_distillation_lowers_loss_and_resume_matches_uninterrupted(tiny, tmp_pat
             raise KilledError
 
     interrupted = copy.deepcopy(quantized.unet)
-    cfg_log = DistillConfig(**{**cfg.__dict__, "log_every": 1})
     with pytest.raises(KilledError):
-        distill(interrupted, model.unet, pool, True, layers, cfg_log, tmp_path / "b", on_log=kill_after_three)
+        distill(interrupted, model.unet, pool, True, layers, cfg, tmp_path / "b", on_log=kill_after_three, log_every=1)
     resumed = copy.deepcopy(quantized.unet)
-    again = distill(resumed, model.unet, pool, True, layers, cfg_log, tmp_path / "b")
+    again = distill(resumed, model.unet, pool, True, layers, cfg, tmp_path / "b", log_every=1)
     assert again.resumed_from == 2
     final, expected = _params(resumed), _params(straight)
     assert final.keys() == expected.keys()
@@ -115,7 +116,7 @@ def test_distillation_lowers_loss_and_resume_matches_uninterrupted(tiny, tmp_pat
 
     longer = copy.deepcopy(quantized.unet)
     trained = distill(
-        longer, model.unet, pool, True, layers, DistillConfig(steps=24, batch_size=16, lr=3e-3, seed=1), tmp_path / "c"
+        longer, model.unet, pool, True, layers, FinetuneSpec(steps=24, batch_size=16, lr=3e-3, seed=1), tmp_path / "c"
     )
     first = sum(loss for _, loss in trained.losses[:5]) / 5
     last = sum(loss for _, loss in trained.losses[-5:]) / 5
@@ -125,7 +126,7 @@ def test_distillation_lowers_loss_and_resume_matches_uninterrupted(tiny, tmp_pat
 def test_learned_scales_stay_positive_under_a_huge_learning_rate(tiny, tmp_path):
     model, quantized, pool = tiny
     student = copy.deepcopy(quantized.unet)
-    cfg = DistillConfig(steps=4, batch_size=8, lr=1e-2, scale_lr=10.0, checkpoint_every=4)
+    cfg = FinetuneSpec(steps=4, batch_size=8, lr=1e-2, scale_lr=10.0, checkpoint_every=4)
     distill(student, model.unet, pool, True, select_layers(student), cfg, tmp_path)
     scales = [v for k, v in student.state_dict().items() if k.endswith("_quantizer.scale")]
     assert scales and all(bool((s > 0).all() and torch.isfinite(s).all()) for s in scales)

@@ -1,7 +1,9 @@
 import pytest
 import torch
 
-from diffquant.calibration import calibrate_activations, check_finite, collect_pool, held_out_indices, select, subset
+from diffquant.calibration.pool import check_finite, collect_pool, held_out_indices, subset
+from diffquant.calibration.ranges import calibrate_activations
+from diffquant.calibration.selection import select
 from diffquant.errors import DataError
 from diffquant.evaluation import evaluate_model
 from diffquant.models.loading import load_model

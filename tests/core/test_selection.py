@@ -5,14 +5,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from diffquant.errors import DataError
-from diffquant.selection import (
+from diffquant.calibration.selection import (
     STRATEGIES,
     SelectionParams,
     farthest_points,
     select_indices,
     timestep_weights,
 )
+from diffquant.errors import DataError
 
 STEPS = 20
 TRAJ = 16

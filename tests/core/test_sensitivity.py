@@ -4,14 +4,43 @@ import pytest
 import torch
 from torch import nn
 
-from diffquant.allocation import AllocationInfeasibleError, qkv_groups
-from diffquant.calibration import collect_pool, select, subset
-from diffquant.mixed_precision import allocate, sensitivity_for_spec
+from diffquant.calibration.pool import collect_pool, subset
+from diffquant.calibration.selection import select
+from diffquant.mixed_precision.allocate import allocate_plan, measure_allocation_sensitivity
+from diffquant.mixed_precision.costs import layer_macs, qkv_groups
+from diffquant.mixed_precision.sensitivity import SensitivityTable, measure_sensitivity, noise_power, quantize_only
+from diffquant.mixed_precision.solver import AllocationInfeasibleError
 from diffquant.models.loading import load_local_model
 from diffquant.quant.modules import QuantConv2d
 from diffquant.quant.plan import quantizable_layers
-from diffquant.sensitivity import SensitivityTable, layer_macs, measure_sensitivity, noise_power, quantize_only
+from diffquant.quantize import weight_observer
 from diffquant.spec import load_spec
+
+
+def _sens(model, calib, spec, classifier=None, layers=None):
+    """The sensitivity table the spec's allocation needs (as the pipeline measures it)."""
+    return measure_allocation_sensitivity(
+        model,
+        calib,
+        spec.allocation,
+        weight_observer=weight_observer(spec.quantize),
+        activation_observer=spec.calibration.observer,
+        steps=spec.sampler.steps,
+        seed=spec.evaluate.seed,
+        classifier=classifier,
+        layers=layers,
+    )
+
+
+def _alloc(model, calib, spec, table):
+    return allocate_plan(
+        model,
+        calib,
+        spec.allocation,
+        table,
+        weight_observer=weight_observer(spec.quantize),
+        activation_observer=spec.calibration.observer,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -96,8 +125,8 @@ def test_allocation_meets_budget_and_builds_plan(tiny):
             "allocation.pinned={conv_in: w8a8}",
         ]
     )
-    table = sensitivity_for_spec(model, calib, spec, None)
-    plan, result = allocate(model, calib, spec, table)
+    table = _sens(model, calib, spec, None)
+    plan, result = _alloc(model, calib, spec, table)
     assert result.usage["avg_weight_bits"] <= 4.0 + 1e-6
     assert plan["conv_in"].weight.bits == 8
     numel = {n: model.unet.get_submodule(n).weight.numel() for n in plan}
@@ -107,7 +136,7 @@ def test_allocation_meets_budget_and_builds_plan(tiny):
         assert len({plan[n].weight.bits for n in group}) == 1
     impossible = load_spec(overrides=["allocation={weight_bits: [4, 8], budget: {avg_weight_bits: 3.0}}"])
     with pytest.raises(AllocationInfeasibleError, match="smallest feasible value is 4"):
-        allocate(model, calib, impossible, sensitivity_for_spec(model, calib, impossible, None))
+        _alloc(model, calib, impossible, _sens(model, calib, impossible, None))
 
 
 def test_latency_budget_from_lookup_table(tiny, tmp_path):
@@ -124,7 +153,7 @@ def test_latency_budget_from_lookup_table(tiny, tmp_path):
             f"allocation={{weight_bits: [4, 8], budget: {{latency_ms: {len(names) * 1.0}}}, latency_table: '{path}'}}"
         ]
     )
-    plan, result = allocate(model, calib, spec, sensitivity_for_spec(model, calib, spec, None))
+    plan, result = _alloc(model, calib, spec, _sens(model, calib, spec, None))
     assert all(cfg.weight.bits == 8 for cfg in plan.values())
     assert result.usage["latency_ms"] == pytest.approx(len(names))
     with pytest.raises(Exception, match="latency_table"):
@@ -141,7 +170,7 @@ def test_group_options_measured_where_allowed_and_chosen_by_allocation(tiny):
             "allocation.objective={quality: 1.0, content: 0.0}",
         ]
     )
-    table = sensitivity_for_spec(model, calib, spec, None)
+    table = _sens(model, calib, spec, None)
     names = quantizable_layers(model.unet)
     allowed = [n for n in names if groups_allowed(model.unet.get_submodule(n), 8)]
     assert 0 < len(allowed) < len(names)
@@ -149,7 +178,7 @@ def test_group_options_measured_where_allowed_and_chosen_by_allocation(tiny):
     # finer scales: group-wise 4-bit beats per-channel 4-bit on average
     grouped = sum(table.noise(n, "weight", 4, 8) for n in allowed)
     assert grouped < sum(table.noise(n, "weight", 4) for n in allowed)
-    plan, result = allocate(model, calib, spec, table)
+    plan, result = _alloc(model, calib, spec, table)
     assert all(plan[n].weight.group_size in (None, 8) for n in names)
     assert all(plan[n].weight.group_size is None for n in names if n not in allowed)
     assert any(plan[n].weight.group_size == 8 for n in allowed)
@@ -171,7 +200,7 @@ def test_final_sample_psnr_metric(tiny):
         ]
     )
     layers = quantizable_layers(model.unet)[:2]
-    table = sensitivity_for_spec(model, calib, spec, None, layers=layers)
+    table = _sens(model, calib, spec, None, layers=layers)
     assert {r["layer"] for r in table.rows} == set(layers)
     for layer in layers:
         assert table.noise(layer, "weight", 2, None, "psnr") >= table.noise(layer, "weight", 8, None, "psnr")

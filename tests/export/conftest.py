@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from diffquant.calibration import collect_pool, select, subset
+from diffquant.calibration.pool import collect_pool, subset
+from diffquant.calibration.selection import select
 from diffquant.models.loading import load_local_model
 from diffquant.quant.modules import groups_allowed
 from diffquant.quant.plan import ActivationConfig, LayerConfig, LayerPlan, WeightConfig, quantizable_layers

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from diffquant.export.bundle import write_bundle
 
 from diffquant.errors import IntegrityError
 from diffquant.manifest import MANIFEST, verify_files, write_manifest
 from diffquant.storage import sha256_file
-from export.bundle import write_bundle
 
 
 def make_version(folder):
@@ -58,7 +58,7 @@ def test_bundle_replaces_target_atomically(tmp_path):
 
 
 def test_failed_bundle_leaves_old_target(tmp_path, monkeypatch):
-    import export.bundle as bundle
+    import diffquant.export.bundle as bundle
 
     make_version(tmp_path / "v")
     target = tmp_path / "bundle"

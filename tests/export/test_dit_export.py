@@ -7,6 +7,9 @@ from pathlib import Path
 import onnx
 import pytest
 import torch
+from diffquant.export.onnx import export_onnx, onnx_weight_bytes
+from diffquant.export.parity import check_parity
+from diffquant.export.rules import check_rules
 
 from diffquant.models.loading import DiffusionModel
 from diffquant.models.reference import SCHEDULER_CONFIG
@@ -15,9 +18,6 @@ from diffquant.quant.plan import ActivationConfig, LayerConfig, WeightConfig, un
 from diffquant.quantize import quantize_model
 from diffquant.sampling import Trajectories
 from diffquant.spec import CalibrationSpec
-from export.onnx import export_onnx, onnx_weight_bytes
-from export.parity import check_parity
-from export.rules import check_rules
 
 
 def tiny_dit() -> DiffusionModel:

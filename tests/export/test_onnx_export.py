@@ -9,14 +9,14 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from diffquant.export.onnx import LAYERS_METADATA_KEY, export_onnx, onnx_weight_bytes, plan_from_model
+from diffquant.export.parity import OrtDenoiser, ParityConfig, check_parity, ort_session
+from diffquant.export.rules import check_rules
 from onnx import TensorProto, numpy_helper
 
 from diffquant.errors import ExportError, ParityError
 from diffquant.quant.plan import ActivationConfig, LayerConfig, WeightConfig, packed_weight_bytes
 from diffquant.sampling import denoiser_outputs
-from export.onnx import LAYERS_METADATA_KEY, export_onnx, onnx_weight_bytes, plan_from_model
-from export.parity import OrtDenoiser, check_parity, ort_session
-from export.rules import check_rules
 from tests.export.conftest import build_plan, quantize
 
 W8 = WeightConfig(8)
@@ -173,7 +173,8 @@ def test_w4_weight_bytes_match_the_plan(digits, tmp_path):
 
 
 def test_digits_unet_w8a8_export(digits, tmp_path):
-    from diffquant.calibration import collect_pool, select, subset
+    from diffquant.calibration.pool import collect_pool, subset
+    from diffquant.calibration.selection import select
 
     pool = collect_pool(digits, trajectories=8, steps=10, seed=0)
     calib = subset(pool, select(pool, "random", 48, 0))
@@ -200,7 +201,7 @@ def test_parity_catches_a_wrong_scale_and_enforces(tiny, tmp_path):
     report = check_parity(tmp_path / "bad.onnx", qmodel, calib)
     assert not report.passed and report.to_dict()["failures"]
     with pytest.raises(ParityError, match="does not match the PyTorch model"):
-        check_parity(tmp_path / "bad.onnx", qmodel, calib, enforce=True)
+        check_parity(tmp_path / "bad.onnx", qmodel, calib, ParityConfig(enforce=True))
 
 
 def test_sampling_parity_through_onnxruntime(tiny, tmp_path):
@@ -211,7 +212,9 @@ def test_sampling_parity_through_onnxruntime(tiny, tmp_path):
     qmodel = quantize(model, calib, plan)
     info = export_onnx(qmodel, plan, tmp_path / "m.onnx")
     real = torch.rand(64, 1, 8, 8) * 2 - 1
-    report = check_parity(info.path, qmodel, calib, samples=40, steps=5, classifier=load_classifier(), real_images=real)
+    report = check_parity(
+        info.path, qmodel, calib, ParityConfig(samples=40, steps=5), classifier=load_classifier(), real_images=real
+    )
     sampling = report.to_dict()["sampling"]
     assert sampling["passed"] and set(sampling["onnx_metrics"]) == {"accuracy", "fd_real"}
     assert sampling["psnr_onnx_vs_torch"] > 30

@@ -7,13 +7,13 @@ import collections
 import numpy as np
 import onnx
 import pytest
+from diffquant.export.onnx import TARGET_METADATA_KEY, export_onnx, onnx_target, plan_from_model
+from diffquant.export.parity import check_parity, denoiser_parity, ort_session
+from diffquant.export.rules import check_rules
 from onnx import TensorProto, numpy_helper
 
 from diffquant.errors import ExportError, RulesError
 from diffquant.quant.plan import WeightConfig, with_output_quantizers
-from export.onnx import TARGET_METADATA_KEY, export_onnx, onnx_target, plan_from_model
-from export.parity import check_parity, denoiser_parity, ort_session
-from export.rules import check_rules
 from tests.export.conftest import build_plan, quantize
 
 CONV = "down_blocks.0.resnets.0.conv2"  # has an output quantizer and a bias
@@ -226,7 +226,8 @@ def test_ort_form_low_bit_activations_clip(tiny, tmp_path):
 
 
 def test_digits_unet_ort_form_parity_and_accuracy_path(tmp_path):
-    from diffquant.calibration import collect_pool, select, subset
+    from diffquant.calibration.pool import collect_pool, subset
+    from diffquant.calibration.selection import select
     from diffquant.models.loading import load_model
 
     digits = load_model("digits-unet")

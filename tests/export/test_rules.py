@@ -7,12 +7,12 @@ import copy
 import numpy as np
 import onnx
 import pytest
+from diffquant.export.onnx import export_onnx
+from diffquant.export.rules import check_rules
 from onnx import TensorProto, helper, numpy_helper
 
 from diffquant.errors import RulesError
 from diffquant.quant.plan import ActivationConfig, LayerConfig, WeightConfig
-from export.onnx import export_onnx
-from export.rules import check_rules
 from tests.export.conftest import build_plan, quantize
 
 CONV = "down_blocks.0.resnets.0.conv2"  # W4 per-channel, A8

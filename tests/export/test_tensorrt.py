@@ -6,11 +6,11 @@ import builtins
 import json
 
 import pytest
+from diffquant.export import tensorrt as trt_export
+from diffquant.export.onnx import export_onnx
 
 from diffquant.errors import ExportError
 from diffquant.quant.plan import WeightConfig
-from export import tensorrt as trt_export
-from export.onnx import export_onnx
 from tests.export.conftest import build_plan, quantize
 
 ORIN = trt_export.DeviceInfo("Orin (nvgpu)", (8, 7), "12.6", "10.3.0")

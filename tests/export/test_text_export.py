@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import onnx
 import pytest
+from diffquant.export.onnx import export_onnx
+from diffquant.export.parity import ParityConfig, check_parity
+from diffquant.export.rules import check_rules
 
 from diffquant.outlier_tokens import apply_outlier_tokens, detect_outlier_tokens
 from diffquant.quant.plan import ActivationConfig, LayerConfig, LayerPlan, WeightConfig, uniform_plan
 from diffquant.quantize import quantize_model
 from diffquant.spec import CalibrationSpec
-from export.onnx import export_onnx
-from export.parity import check_parity
-from export.rules import check_rules
 from tests.text_models import text_inputs, tiny_text_model
 
 
@@ -38,6 +38,6 @@ def test_text_model_export_matches_torch(tmp_path, bos_aware):
     ids = next(i for i in graph.input if i.name == "input_ids")
     assert len(ids.type.tensor_type.shape.dim) == 2
     assert check_rules(info.path, plan) == []
-    report = check_parity(info.path, quantized, inputs, samples=10, steps=4)
+    report = check_parity(info.path, quantized, inputs, ParityConfig(samples=10, steps=4))
     assert report.passed, report.failures()
     assert report.outputs.p999_abs < report.outputs.tolerance, report.to_dict()

@@ -6,9 +6,9 @@ import time
 from pathlib import Path
 
 import pytest
+from diffquant.flows.cli import app
 from typer.testing import CliRunner
 
-from flows.cli import app
 from tests.conftest import save_tiny_unet
 from tests.pipeline.conftest import SMALL, mlflow_runs
 
@@ -129,7 +129,7 @@ def test_unknown_runner(isolated_home):
 
 
 def test_runtime_flags_become_spec_overrides():
-    from flows.cli import _runtime_overrides
+    from diffquant.flows.cli import _runtime_overrides
 
     assert _runtime_overrides("dask", 2) == ["runtime.runner=dask", "runtime.workers=2"]
     assert _runtime_overrides(None, None) == []

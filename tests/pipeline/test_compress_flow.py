@@ -9,7 +9,7 @@ from tests.pipeline.conftest import SMALL, mlflow_runs
 
 
 def run_flow(out: Path, extra: list[str] | None = None) -> dict:
-    from flows.compress import compress_flow
+    from diffquant.flows.compress import compress_flow
 
     spec = load_spec(overrides=SMALL + (extra or []))
     return compress_flow(spec=spec.to_dict(), out_dir=str(out))
@@ -87,12 +87,12 @@ def test_compress_logs_everything(isolated_home, tmp_path):
 
 
 def test_failure_marks_run_failed_and_writes_no_summary(isolated_home, tmp_path, monkeypatch):
-    import tasks.calibrate
+    from diffquant.tasks import calibrate
 
     def broken(*args, **kwargs):
         raise DataError("injected: calibration inputs contain NaN")
 
-    monkeypatch.setattr(tasks.calibrate, "quantize_model", broken)
+    monkeypatch.setattr(calibrate, "quantize", broken)
     with pytest.raises(DataError, match="injected"):
         run_flow(tmp_path / "out")
     runs = mlflow_runs(isolated_home)
@@ -146,16 +146,26 @@ def test_mixed_precision_sensitivity_on_dask_then_cached_for_the_default_runner(
     assert second["allocation"]["sensitivity_cache_hit"] is True
     assert second["allocation"]["sensitivity_tasks"] == first["allocation"]["sensitivity_tasks"] > 1
     # the rows computed in Dask workers equal an in-process measurement of the same layers
-    from diffquant.mixed_precision import sensitivity_for_spec
+    from diffquant.tasks.common import load_trajectories
+
+    from diffquant.mixed_precision.allocate import measure_allocation_sensitivity
+    from diffquant.mixed_precision.sensitivity import SensitivityTable
     from diffquant.models.loading import load_model
-    from diffquant.sensitivity import SensitivityTable
-    from tasks.common import load_trajectories
 
     table = SensitivityTable.load_csv(Path(first["allocation"]["sensitivity_csv"]))
     spec = load_spec(overrides=SMALL + mixed)
     calib = load_trajectories(tmp_path / "a" / "calibration" / "calibration_set.safetensors")
     layers = ["conv_in", "mid_block.resnets.0.conv1"]
-    local = sensitivity_for_spec(load_model("digits-unet"), calib, spec, None, layers=layers)
+    local = measure_allocation_sensitivity(
+        load_model("digits-unet"),
+        calib,
+        spec.allocation,
+        weight_observer=spec.quantize.weight.observer,
+        activation_observer=spec.calibration.observer,
+        steps=spec.sampler.steps,
+        seed=spec.evaluate.seed,
+        layers=layers,
+    )
     for row in local.rows:
         key = (row["layer"], row["kind"], row["bits"], row["group_size"])
         assert table.noise(*key) == pytest.approx(row["noise"], rel=1e-3, abs=1e-9)
@@ -198,8 +208,9 @@ def test_finetune_stage_trains_evaluates_and_keeps_the_better_model(isolated_hom
 
 
 def test_compress_for_onnxruntime_exports_the_integer_form(isolated_home, tmp_path):
+    from diffquant.export.onnx import onnx_target
+
     from diffquant.quant.plan import LayerPlan
-    from export.onnx import onnx_target
 
     summary = run_flow(tmp_path / "out", ["export.target=onnxruntime"])
     saved = json.loads(Path(summary["summary_path"]).read_text())

@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from diffquant.flows.cli import app
 from typer.testing import CliRunner
-
-from flows.cli import app
 
 runner = CliRunner()
 
@@ -38,8 +37,8 @@ def test_deploy_by_alias_and_refuse_tampered(isolated_home, tmp_path):
 
 
 def test_engine_for_ships_onnx_without_tensorrt_and_uses_a_built_engine(tmp_path, monkeypatch):
-    import export.tensorrt as trt
-    from flows.deploy import _engine_for
+    import diffquant.export.tensorrt as trt
+    from diffquant.flows.deploy import _engine_for
 
     (tmp_path / "v" / "onnx").mkdir(parents=True)
     assert _engine_for(tmp_path / "v", tmp_path)[0] is None  # no ONNX at all
@@ -56,12 +55,11 @@ def test_engine_for_ships_onnx_without_tensorrt_and_uses_a_built_engine(tmp_path
 
 
 def test_engine_for_skips_the_onnxruntime_form(tmp_path, monkeypatch):
+    import diffquant.export.tensorrt as trt
     import onnx
+    from diffquant.export.onnx import TARGET_METADATA_KEY
+    from diffquant.flows.deploy import _engine_for
     from onnx import TensorProto, helper
-
-    import export.tensorrt as trt
-    from export.onnx import TARGET_METADATA_KEY
-    from flows.deploy import _engine_for
 
     graph = helper.make_graph(
         [helper.make_node("Identity", ["x"], ["y"])],

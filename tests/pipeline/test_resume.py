@@ -21,7 +21,7 @@ MIXED = [
 
 
 def compress(home: Path, out: Path) -> subprocess.Popen:
-    args = [sys.executable, "-m", "flows.cli", "compress", "--out", str(out)]
+    args = [sys.executable, "-m", "diffquant.flows.cli", "compress", "--out", str(out)]
     for item in MIXED:
         args += ["--set", item]
     env = {**os.environ, "DIFFQUANT_HOME": str(home)}

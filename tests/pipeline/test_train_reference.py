@@ -3,13 +3,13 @@
 import json
 
 import torch
+from diffquant.flows.cli import app
 from typer.testing import CliRunner
 
 from diffquant.data import load_digits_split
 from diffquant.models.loading import load_local_model
-from diffquant.training import UNetTrainConfig, train_digits_unet
-from diffquant.zoo import train_digits_dit, train_digits_t2i
-from flows.cli import app
+from diffquant.training.reference import UNetTrainConfig, train_digits_unet
+from diffquant.training.zoo import train_digits_dit, train_digits_t2i
 
 
 def test_train_reference_cli_writes_loadable_models_with_cards(isolated_home, tmp_path):

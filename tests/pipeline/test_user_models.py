@@ -25,7 +25,7 @@ TINY = [
 
 
 def run(out: Path, model: Path, prompts: Path, extra: list[str] | None = None) -> dict:
-    from flows.compress import compress_flow
+    from diffquant.flows.compress import compress_flow
 
     spec = load_spec(overrides=[f"model.path={model}", f"model.prompts={prompts}", *TINY, *(extra or [])])
     summary = compress_flow(spec=spec.to_dict(), out_dir=str(out))
@@ -82,7 +82,8 @@ def test_pixart_pipeline_compresses_and_exports(isolated_home, tmp_path, prompts
 
 def test_sdxl_mixed_precision_preset_runs_on_a_tiny_sdxl(isolated_home, tmp_path, prompts):
     """configs/sdxl-turbo-mixed-w4a8.yaml as shipped, pointed at a tiny SDXL and shrunk."""
-    from flows.compress import compress_flow
+    from diffquant.flows.compress import compress_flow
+
     from tests.tiny_pipelines import save_tiny_sdxl
 
     config = Path(__file__).resolve().parents[2] / "configs" / "sdxl-turbo-mixed-w4a8.yaml"

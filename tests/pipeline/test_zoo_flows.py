@@ -10,7 +10,7 @@ from tests.pipeline.conftest import SMALL
 
 
 def run(out: Path, config: str, extra: list[str] | None = None) -> dict:
-    from flows.compress import compress_flow
+    from diffquant.flows.compress import compress_flow
 
     root = Path(__file__).resolve().parents[2]
     spec = load_spec(root / "configs" / config, [*SMALL, "promote.register_model=false", *(extra or [])])

@@ -13,7 +13,7 @@ from tests.servers import mlflow_server
 SCRIPT = """
 import sys, time, json, pathlib
 from mlflow.tracking import MlflowClient
-from tasks.register import register_task
+from diffquant.tasks.register import register_task
 
 uri, fd, start_at, folder = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), pathlib.Path(sys.argv[4])
 client = MlflowClient(tracking_uri=uri)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from diffquant.registry.promotion import Candidate, decide_promotion
 
-from registry.promotion import Candidate, Gates, decide_promotion
+from diffquant.spec import GatesSpec
 
 
 def cand(fd=1.2, fp=1.0, acc=0.98, size=100, fp32=400, version=None):
@@ -13,26 +14,33 @@ def cand(fd=1.2, fp=1.0, acc=0.98, size=100, fp32=400, version=None):
 
 CASES = [
     # (name, candidate, champion, gates, passed, failing fragment)
-    ("first version within gates", cand(), None, Gates(), True, None),
-    ("FD ratio over the gate", cand(fd=1.6), None, Gates(max_fd_ratio=1.5), False, "FD to real is 1.600x"),
-    ("FD ratio exactly at the gate", cand(fd=1.5), None, Gates(max_fd_ratio=1.5), True, None),
-    ("gate disabled", cand(fd=9.0), None, Gates(max_fd_ratio=None), True, None),
-    ("accuracy under the gate", cand(acc=0.9), None, Gates(min_accuracy=0.95), False, "accuracy 0.9000"),
-    ("accuracy not measured", cand(acc=None), None, Gates(min_accuracy=0.5), False, "not measured"),
-    ("size over the gate", cand(size=300), None, Gates(max_size_ratio=0.5), False, "size is 0.750x"),
-    ("FD not measured", cand(fd=float("inf"), fp=float("inf")), None, Gates(), False, "FD to real was not measured"),
-    ("beats champion, same size", cand(fd=1.1), cand(fd=1.2, version="1"), Gates(), True, None),
-    ("beats champion, smaller", cand(fd=1.1, size=90), cand(fd=1.2, version="1"), Gates(), True, None),
+    ("first version within gates", cand(), None, GatesSpec(), True, None),
+    ("FD ratio over the gate", cand(fd=1.6), None, GatesSpec(max_fd_ratio=1.5), False, "FD to real is 1.600x"),
+    ("FD ratio exactly at the gate", cand(fd=1.5), None, GatesSpec(max_fd_ratio=1.5), True, None),
+    ("gate disabled", cand(fd=9.0), None, GatesSpec(max_fd_ratio=None), True, None),
+    ("accuracy under the gate", cand(acc=0.9), None, GatesSpec(min_accuracy=0.95), False, "accuracy 0.9000"),
+    ("accuracy not measured", cand(acc=None), None, GatesSpec(min_accuracy=0.5), False, "not measured"),
+    ("size over the gate", cand(size=300), None, GatesSpec(max_size_ratio=0.5), False, "size is 0.750x"),
+    (
+        "FD not measured",
+        cand(fd=float("inf"), fp=float("inf")),
+        None,
+        GatesSpec(),
+        False,
+        "FD to real was not measured",
+    ),
+    ("beats champion, same size", cand(fd=1.1), cand(fd=1.2, version="1"), GatesSpec(), True, None),
+    ("beats champion, smaller", cand(fd=1.1, size=90), cand(fd=1.2, version="1"), GatesSpec(), True, None),
     (
         "better but larger",
         cand(fd=1.1, size=120),
         cand(fd=1.2, version="1"),
-        Gates(),
+        GatesSpec(),
         False,
         "must be equal or smaller",
     ),
-    ("ties champion", cand(fd=1.2), cand(fd=1.2, version="1"), Gates(), False, "must be lower"),
-    ("worse than champion", cand(fd=1.3), cand(fd=1.2, version="1"), Gates(), False, "champion v1"),
+    ("ties champion", cand(fd=1.2), cand(fd=1.2, version="1"), GatesSpec(), False, "must be lower"),
+    ("worse than champion", cand(fd=1.3), cand(fd=1.2, version="1"), GatesSpec(), False, "champion v1"),
 ]
 
 
@@ -58,7 +66,7 @@ def client(tmp_path):
 
 def register(client, tmp_path, fd, size=100):
     """Register a version the way the compress flow does, with the given FD to real."""
-    from tasks.register import register_task
+    from diffquant.tasks.register import register_task
 
     experiment = client.get_experiment_by_name("t") or client.get_experiment(
         client.create_experiment("t", artifact_location=(tmp_path / "art").as_uri())
@@ -84,7 +92,7 @@ def aliases(client):
 
 
 def test_apply_decisions_promote_rollback(client, tmp_path):
-    from registry.promotion import PromotionError, apply_decision, decide_promotion, promote, rollback
+    from diffquant.registry.promotion import PromotionError, apply_decision, decide_promotion, promote, rollback
 
     first = register(client, tmp_path, 1.2)
     assert first["passed"] and first["champion"] == "1"
@@ -99,7 +107,7 @@ def test_apply_decisions_promote_rollback(client, tmp_path):
     assert tags["promotion.passed"] == "true" and tags["spec_hash"] == "x" and tags["metric.fd_real"] == "1.1"
     # idempotent: applying the same decision again changes nothing
     before = (aliases(client), client.get_model_version("digits-unet", "4").tags)
-    decision = decide_promotion(cand(fd=1.1), cand(fd=1.2, version="1"), Gates())
+    decision = decide_promotion(cand(fd=1.1), cand(fd=1.2, version="1"), GatesSpec())
     apply_decision(client, "digits-unet", "4", decision, 1.1, 100)
     assert (aliases(client), client.get_model_version("digits-unet", "4").tags) == before
     # rollback restores the best remaining version that passed; it cannot go below nothing

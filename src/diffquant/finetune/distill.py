@@ -30,29 +30,13 @@ from diffquant.quant.formats import SCALE_EPS
 from diffquant.quant.modules import QuantConv2d, QuantLinear
 from diffquant.quant.plan import resolve_globs
 from diffquant.sampling import Trajectories, denoiser_outputs
+from diffquant.spec import FinetuneSpec
 from diffquant.storage import load_safetensors, save_safetensors, write_json
 
 logger = logging.getLogger(__name__)
 
 LATEST = "latest.json"
 RULES = ("all", "time_embedding", "attention", "top_k")
-
-
-@dataclass(frozen=True)
-class DistillConfig:
-    """Hyper-parameters of one fine-tuning run."""
-
-    steps: int = 2000
-    batch_size: int = 64
-    lr: float = 1e-3
-    scale_lr: float = 1e-4
-    rank: int = 4
-    alpha: float | None = None
-    learn_weight_scales: bool = True
-    learn_activation_scales: bool = True
-    checkpoint_every: int = 200
-    seed: int = 0
-    log_every: int = 10
 
 
 @dataclass
@@ -124,7 +108,7 @@ def select_layers(
     return [n for n in quantized if n in chosen]
 
 
-def prepare_student(student: nn.Module, layers: list[str], cfg: DistillConfig) -> list[dict[str, Any]]:
+def prepare_student(student: nn.Module, layers: list[str], cfg: FinetuneSpec) -> list[dict[str, Any]]:
     """Attach adapters and make scales learnable on ``layers``; freeze everything else.
 
     Returns:
@@ -210,9 +194,10 @@ def distill(
     pool: Trajectories,
     conditional: bool,
     layers: list[str],
-    cfg: DistillConfig,
+    cfg: FinetuneSpec,
     checkpoint_dir: Path,
     on_log: Callable[[int, float, float], None] | None = None,
+    log_every: int = 10,
 ) -> DistillResult:
     """Fine-tune ``student`` against ``teacher`` on pool inputs; resumes from ``checkpoint_dir``.
 
@@ -222,10 +207,11 @@ def distill(
         pool: Teacher trajectories (inputs only; targets come from the teacher).
         conditional: Pass class labels.
         layers: Trainable layers (see :func:`select_layers`).
-        cfg: Hyper-parameters.
+        cfg: Hyper-parameters (the spec's ``finetune`` section; ``trainable`` is applied by the caller).
         checkpoint_dir: Checkpoints every ``cfg.checkpoint_every`` steps; a previous run's latest
             checkpoint there is resumed.
-        on_log: ``(step, loss, lr)`` every ``cfg.log_every`` steps (e.g. MLflow).
+        on_log: ``(step, loss, lr)`` every ``log_every`` steps and at the last (e.g. MLflow).
+        log_every: Steps between ``on_log`` calls.
 
     Raises:
         DataError: If the loss becomes non-finite.
@@ -266,7 +252,7 @@ def distill(
             result.first_loss = value if result.first_loss is None else result.first_loss
             result.last_loss = value
             result.losses.append((step, value))
-            if on_log is not None and (step % cfg.log_every == 0 or step == cfg.steps - 1):
+            if on_log is not None and (step % log_every == 0 or step == cfg.steps - 1):
                 on_log(step, value, optimizer.param_groups[0]["lr"])
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
                 save_checkpoint(checkpoint_dir, step + 1, student, optimizer)

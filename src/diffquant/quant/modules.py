@@ -270,7 +270,7 @@ class QuantLinear(_QuantMixin, nn.Linear):
 
         For inputs ``(N, L, in)`` whose leading tokens are the same for every input (a causal text
         encoder's BOS state): their rows come from the buffer ``fp_token_outputs`` (``(count, out)``,
-        filled by :func:`diffquant.outlier_tokens.precompute_fp_tokens`), and only tokens
+        filled by :func:`diffquant.outlier_tokens.fp_token_outputs`), and only tokens
         ``count..L-1`` pass the input quantizer, so the outliers never set its range.
         """
         if count < 1:

@@ -20,8 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from torch import nn
 
+from diffquant.quant.config import WeightConfig, one_line
 from diffquant.quant.formats import MAX_BITS, MIN_BITS
 from diffquant.quant.modules import FakeQuantizer, QuantConv2d, QuantLinear, groups_allowed
 
@@ -29,33 +31,6 @@ QUANTIZABLE = (nn.Linear, nn.Conv2d)
 PLAN_VERSION = 1
 PLAN_VERSION_OUTPUTS = 2
 SUPPORTED_PLAN_VERSIONS = (PLAN_VERSION, PLAN_VERSION_OUTPUTS)
-
-
-GRANULARITIES = ("per_channel", "per_tensor", "per_group")
-
-
-@dataclass(frozen=True)
-class WeightConfig:
-    """Weight quantization of one layer.
-
-    ``granularity`` is ``per_channel`` (one scale per output channel), ``per_tensor`` or
-    ``per_group`` (one scale per ``group_size`` input channels of each output channel and
-    kernel position: ONNX's block-wise layout).
-    """
-
-    bits: int
-    granularity: str = "per_channel"
-    observer: str = "minmax"
-    group_size: int | None = None
-
-    def __post_init__(self) -> None:
-        """Check that the granularity and group size agree."""
-        if self.granularity not in GRANULARITIES:
-            raise ValueError(f"unknown granularity {self.granularity!r}; choose one of {', '.join(GRANULARITIES)}")
-        if (self.granularity == "per_group") != (self.group_size is not None):
-            raise ValueError("group_size is required with per_group granularity and only with it")
-        if self.group_size is not None and self.group_size < 2:
-            raise ValueError(f"group_size must be at least 2, got {self.group_size}")
 
 
 @dataclass(frozen=True)
@@ -133,9 +108,15 @@ class LayerPlan(dict[str, LayerConfig]):
         plan = cls()
         for name, cfg in layers.items():
             try:
+                for part in ("weight", "activation", "output"):
+                    bits = (cfg.get(part) or {}).get("bits")
+                    if isinstance(bits, int) and not MIN_BITS <= bits <= MAX_BITS:
+                        raise ValueError(f"bits {bits} outside {MIN_BITS}-{MAX_BITS}")
                 weight = WeightConfig(**cfg["weight"]) if cfg.get("weight") else None
                 act = ActivationConfig(**cfg["activation"]) if cfg.get("activation") else None
                 output = ActivationConfig(**cfg["output"]) if cfg.get("output") else None
+            except ValidationError as error:
+                raise ValueError(f"layer {name!r}: {one_line(error)}") from None
             except (TypeError, ValueError) as error:
                 raise ValueError(f"layer {name!r}: {error}") from None
             for part in (weight, act, output):

@@ -19,12 +19,21 @@ its share, the excess goes to the timesteps nearest to it that still have room.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
+from diffquant.calibration.pool import held_out_indices, subset
 from diffquant.errors import DataError
+from diffquant.sampling import Trajectories, denoiser_outputs
+from diffquant.spec import CalibrationSpec
+
+if TYPE_CHECKING:
+    from diffquant.models.loading import DiffusionModel
 
 STRATEGIES = ("random", "uniform_timesteps", "normal_timesteps", "density_diversity")
 
@@ -211,3 +220,122 @@ def select_indices(
     if chosen.numel() != size or chosen.unique().numel() != size:
         raise AssertionError(f"{strategy} returned {chosen.numel()} indices for size {size}")
     return chosen
+
+
+def select(
+    pool: Trajectories,
+    strategy: str,
+    size: int,
+    seed: int,
+    features: torch.Tensor | None = None,
+    params: SelectionParams | None = None,
+) -> torch.Tensor:
+    """Choose ``size`` pool indices with ``strategy`` (see the strategies above).
+
+    Raises:
+        DataError: Unknown strategy or a size larger than the pool.
+    """
+    return select_indices(pool.t, features, strategy, size, seed, params)
+
+
+@torch.no_grad()
+def pool_features(
+    unet: nn.Module, pool: Trajectories, conditional: bool, module: str = "mid_block", batch_size: int = 512
+) -> torch.Tensor:
+    """Output of ``module`` (default: the mid block) for every pool entry, flattened per entry.
+
+    Raises:
+        DataError: If the model has no module of that name.
+    """
+    try:
+        target = unet.get_submodule(module)
+    except AttributeError:
+        raise DataError(f"calibration.feature_module {module!r} is not a module of the denoiser") from None
+    captured: list[torch.Tensor] = []
+
+    def hook(_module: nn.Module, _inputs: object, output: object) -> None:
+        tensor = output[0] if isinstance(output, tuple) else output
+        captured.append(tensor.detach().flatten(1).float())
+
+    handle = target.register_forward_hook(hook)
+    try:
+        denoiser_outputs(unet, pool, conditional, batch_size, description="Computing pool features")
+    finally:
+        handle.remove()
+    return torch.cat(captured)
+
+
+@dataclass
+class CalibrationSelection:
+    """A calibration set chosen from a pool, and the disjoint inputs held out for SQNR.
+
+    Attributes:
+        calibration: The selected denoiser inputs.
+        sqnr: Pool inputs not in the selection (unbiased SQNR of the denoiser output).
+        indices: Pool indices of ``calibration`` (sorted).
+        sqnr_indices: Pool indices of ``sqnr`` (sorted).
+        features: Per-input features of the whole pool (None when neither the strategy nor the
+            caller needed them).
+        params: The strategy's knobs as used.
+        seconds: Wall time of features plus selection.
+    """
+
+    calibration: Trajectories
+    sqnr: Trajectories
+    indices: torch.Tensor
+    sqnr_indices: torch.Tensor
+    features: torch.Tensor | None
+    params: SelectionParams
+    seconds: float
+
+
+def select_calibration(
+    pool: Trajectories,
+    model: DiffusionModel,
+    config: CalibrationSpec | None = None,
+    *,
+    sqnr_inputs: int = 256,
+    with_features: bool = False,
+) -> CalibrationSelection:
+    """Choose the calibration set from a pool with the config's strategy, and hold out SQNR inputs.
+
+    Args:
+        pool: The candidate pool (:func:`diffquant.collect_pool`).
+        model: The float model the pool came from (its features drive ``density_diversity``).
+        config: Strategy, size, seed and the strategies' knobs (default: density-diversity, 256).
+        sqnr_inputs: Pool inputs outside the selection kept for SQNR.
+        with_features: Compute the pool features even when the strategy does not need them.
+
+    Raises:
+        DataError: A size larger than the pool, or a feature module the model lacks.
+
+    Example:
+        >>> chosen = diffquant.select_calibration(pool, model, diffquant.CalibrationSpec(size=64))
+        >>> len(chosen.calibration)
+        64
+    """
+    cal = config or CalibrationSpec()
+    start = time.perf_counter()
+    features = None
+    if with_features or cal.strategy == "density_diversity":
+        module = cal.feature_module or model.family_info.feature_module
+        features = pool_features(model.unet, pool, model.conditional, module)
+    params = SelectionParams(
+        normal_mean=cal.normal_mean,
+        normal_std=cal.normal_std,
+        num_train_timesteps=int(model.scheduler_config.get("num_train_timesteps", 1000)),
+        radius=cal.radius,
+        diversity_weight=cal.diversity_weight,
+    )
+    chosen = select(pool, cal.strategy, cal.size, cal.seed, features, params)
+    seconds = time.perf_counter() - start
+    sqnr = held_out_indices(len(pool), chosen, sqnr_inputs, cal.seed)
+    return CalibrationSelection(
+        subset(pool, chosen),
+        subset(pool, sqnr),
+        chosen,
+        sqnr,
+        features,
+        params,
+        seconds,
+    )

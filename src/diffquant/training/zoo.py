@@ -40,7 +40,7 @@ from diffquant.models.reference import (
     build_digits_t2i,
     load_classifier,
 )
-from diffquant.training import UNetTrainConfig, train_denoiser
+from diffquant.training.reference import UNetTrainConfig, train_denoiser
 
 logger = logging.getLogger(__name__)
 

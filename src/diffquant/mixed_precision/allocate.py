@@ -8,17 +8,18 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from diffquant.allocation import (
-    Allocation,
+from diffquant.errors import ConfigError
+from diffquant.metrics import psnr
+from diffquant.mixed_precision.costs import (
     MixedPrecisionInputs,
     WeightChoice,
     build_problem,
+    layer_macs,
     option_name,
     qkv_groups,
-    solve_allocation,
 )
-from diffquant.errors import SpecError
-from diffquant.metrics import psnr
+from diffquant.mixed_precision.sensitivity import SensitivityTable, measure_sensitivity
+from diffquant.mixed_precision.solver import Allocation, solve_allocation
 from diffquant.models.loading import DiffusionModel
 from diffquant.quant.plan import (
     ActivationConfig,
@@ -29,8 +30,7 @@ from diffquant.quant.plan import (
     resolve_globs,
 )
 from diffquant.sampling import Trajectories, ddim_sample, initial_noise
-from diffquant.sensitivity import SensitivityTable, layer_macs, measure_sensitivity
-from diffquant.spec import CompressionSpec
+from diffquant.spec import AllocationSpec
 
 logger = logging.getLogger(__name__)
 
@@ -80,37 +80,44 @@ def final_sample_probe(
     return probe
 
 
-def sensitivity_for_spec(
+def measure_allocation_sensitivity(
     model: DiffusionModel,
     calib: Trajectories,
-    spec: CompressionSpec,
-    classifier: nn.Module | None,
+    config: AllocationSpec,
+    *,
+    weight_observer: str = "minmax",
+    activation_observer: str = "minmax",
+    steps: int = 50,
+    seed: int = 0,
+    classifier: nn.Module | None = None,
     layers: list[str] | None = None,
     description: str = "Measuring layer sensitivity",
 ) -> SensitivityTable:
-    """Measure the sensitivity table the spec's allocation needs.
+    """Measure the sensitivity table that the allocation ``config`` needs.
 
     Args:
         model: The FP model.
-        calib: Calibration set (subsampled evenly to ``allocation.sensitivity_inputs``).
-        spec: The spec; its ``allocation`` section sets the options and metrics.
+        calib: Calibration set (subsampled evenly to ``config.sensitivity_inputs``).
+        config: The allocation: its options and metrics.
+        weight_observer: Range observer of the weight candidates (``quantize.weight.observer``).
+        activation_observer: Range observer of the input candidates (``calibration.observer``).
+        steps: Sampler steps of the final-sample probes (content layers, PSNR).
+        seed: Evaluation seed; the probes draw their noise from ``seed + 1``.
         classifier: Evaluation classifier (needed for content layers).
         layers: Measure only these layers (default: all), e.g. one chunk of a parallel map.
         description: Progress-bar label.
 
     Raises:
-        SpecError: Without an allocation section, or content layers without a classifier.
+        ConfigError: Content layers that match nothing, or content layers without a classifier.
     """
-    alloc = spec.allocation
-    if alloc is None:
-        raise SpecError("sensitivity needs an 'allocation' section in the spec")
+    alloc = config
     names = quantizable_layers(model.unet)
     try:
         content_layers = set(resolve_globs(names, alloc.content_layers))
     except ValueError as error:
-        raise SpecError(f"allocation.content_layers: {error}") from None
+        raise ConfigError("content_layers", str(error)) from None
     if content_layers and (classifier is None or not model.digits_compatible):
-        raise SpecError("allocation.content_layers needs a model the evaluation classifier can judge")
+        raise ConfigError("content_layers", "needs a model the evaluation classifier can judge")
     wanted = names if layers is None else layers
     probe = None
     if alloc.quality_metric == "psnr" or content_layers & set(wanted):
@@ -118,8 +125,8 @@ def sensitivity_for_spec(
             model,
             classifier if content_layers else None,
             alloc.content_samples,
-            spec.sampler.steps,
-            spec.evaluate.seed + 1,
+            steps,
+            seed + 1,
             content_layers,
             alloc.quality_metric == "psnr",
         )
@@ -133,8 +140,8 @@ def sensitivity_for_spec(
         alloc.weight_bits,
         alloc.activation_bits,
         wanted,
-        spec.quantize.weight.observer,
-        spec.calibration.observer,
+        weight_observer,
+        activation_observer,
         [(b, g) for b in alloc.group_bits for g in alloc.group_sizes],
         probe,
         description,
@@ -145,7 +152,7 @@ def read_latency_table(path: str) -> dict[str, dict[str, float]]:
     """Read ``{layer: {option: ms}}`` measured on a target.
 
     Raises:
-        SpecError: If the file is missing, not JSON, or not of that shape.
+        ConfigError (``latency_table``): If the file is missing, not JSON, or not of that shape.
     """
     import json
     from pathlib import Path
@@ -153,11 +160,11 @@ def read_latency_table(path: str) -> dict[str, dict[str, float]]:
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError) as error:
-        raise SpecError(f"allocation.latency_table {path} cannot be read as JSON: {error}") from None
+        raise ConfigError("latency_table", f"{path} cannot be read as JSON: {error}") from None
     if not isinstance(data, dict) or not all(
         isinstance(v, dict) and all(isinstance(ms, (int, float)) for ms in v.values()) for v in data.values()
     ):
-        raise SpecError(f"allocation.latency_table {path} must map layer -> option -> milliseconds")
+        raise ConfigError("latency_table", f"{path} must map layer -> option -> milliseconds")
     return {layer: {opt: float(ms) for opt, ms in opts.items()} for layer, opts in data.items()}
 
 
@@ -167,18 +174,30 @@ def _group_channels(layer: nn.Module) -> int:
     return int(getattr(layer, "in_features", 0))
 
 
-def allocate(
-    model: DiffusionModel, calib: Trajectories, spec: CompressionSpec, table: SensitivityTable
+def allocate_plan(
+    model: DiffusionModel,
+    calib: Trajectories,
+    config: AllocationSpec,
+    table: SensitivityTable,
+    *,
+    weight_observer: str = "minmax",
+    activation_observer: str = "minmax",
 ) -> tuple[LayerPlan, Allocation]:
-    """Solve the spec's allocation program and turn the answer into a LayerPlan.
+    """Solve the allocation program and turn the answer into a LayerPlan.
+
+    Args:
+        model: The FP model.
+        calib: Calibration inputs (their shapes give each layer's MACs).
+        config: The allocation: candidates, budget, objective, ties and pins.
+        table: Its sensitivity table (:func:`measure_allocation_sensitivity`).
+        weight_observer: Range observer of the planned weights.
+        activation_observer: Range observer of the planned inputs.
 
     Raises:
-        SpecError: Bad pins (unknown glob or option).
-        diffquant.allocation.AllocationInfeasibleError: When the budget cannot be met.
+        ConfigError: Bad pins (unknown glob or option) or an unreadable latency table.
+        diffquant.mixed_precision.solver.AllocationInfeasibleError: When the budget cannot be met.
     """
-    alloc = spec.allocation
-    if alloc is None:
-        raise SpecError("allocation needs an 'allocation' section in the spec")
+    alloc = config
     unet = model.unet
     names = quantizable_layers(unet)
     modules = {name: unet.get_submodule(name) for name in names}
@@ -203,12 +222,12 @@ def allocate(
     pinned: dict[str, str] = {}
     for pattern, option in alloc.pinned.items():
         if option not in valid:
-            raise SpecError(f"allocation.pinned: option {option!r} is not a candidate ({', '.join(sorted(valid))})")
+            raise ConfigError("pinned", f"option {option!r} is not a candidate ({', '.join(sorted(valid))})")
         try:
             for name in resolve_globs(names, [pattern]):
                 pinned[name] = option
         except ValueError as error:
-            raise SpecError(f"allocation.pinned: {error}") from None
+            raise ConfigError("pinned", str(error)) from None
     metric = alloc.quality_metric
 
     def noise(layer: str, kind: str, bits: int | None, group: int | None) -> float:
@@ -227,14 +246,13 @@ def allocate(
         read_latency_table(alloc.latency_table) if alloc.latency_table else None,
     )
     result = solve_allocation(problem)
-    w_spec = spec.quantize.weight
     plan = LayerPlan()
     for name in names:
         w, g, a = choices[result.choice[name]]
         granularity = "per_group" if g is not None else "per_channel"
         plan[name] = LayerConfig(
-            WeightConfig(w, granularity, w_spec.observer, g) if w is not None else None,
-            ActivationConfig(a, spec.calibration.observer) if a is not None else None,
+            WeightConfig(w, granularity, weight_observer, g) if w is not None else None,
+            ActivationConfig(a, activation_observer) if a is not None else None,
         )
     logger.info("allocation: objective %.4g, usage %s", result.objective, result.usage)
     return plan, result

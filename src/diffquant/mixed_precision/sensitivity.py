@@ -33,7 +33,6 @@ from diffquant.quant.modules import QuantConv2d, QuantLinear, groups_allowed
 from diffquant.quant.plan import QUANTIZABLE, quantizable_layers, set_module
 from diffquant.sampling import Trajectories, denoiser_outputs
 
-FLOAT_BITS = 32
 SENSITIVITY_CODE_VERSION = "2"
 COLUMNS = ("layer", "kind", "bits", "group_size", "sqnr_db", "noise", "content", "psnr_db")
 
@@ -254,30 +253,3 @@ def measure_sensitivity(
             )
             bar.advance()
     return table
-
-
-@torch.no_grad()
-def layer_macs(unet: nn.Module, sample: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]) -> dict[str, int]:
-    """Multiply-accumulates of every Linear/Conv2d for one denoiser call on ``sample`` (batch 1)."""
-    macs: dict[str, int] = {}
-    handles = []
-    for name, module in unet.named_modules():
-        if not isinstance(module, QUANTIZABLE):
-            continue
-
-        def hook(mod: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor, name: str = name) -> None:
-            if isinstance(mod, nn.Conv2d):
-                per_output = mod.in_channels // mod.groups * mod.kernel_size[0] * mod.kernel_size[1]
-                macs[name] = macs.get(name, 0) + int(output.numel() // output.shape[0]) * per_output
-            else:
-                tokens = inputs[0].numel() // inputs[0].shape[0] // mod.in_features
-                macs[name] = macs.get(name, 0) + tokens * mod.in_features * mod.out_features
-
-        handles.append(module.register_forward_hook(hook))
-    try:
-        x, t, y = sample
-        unet(x[:1], t[:1], None if y is None else y[:1])
-    finally:
-        for handle in handles:
-            handle.remove()
-    return macs
