@@ -6,7 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from diffquant.registry.models import register_version, registry_client
-from diffquant.registry.promotion import Candidate, Gates, apply_decision, champion_candidate, decide_promotion
+from diffquant.registry.promotion import Candidate, apply_decision, champion_candidate, decide_promotion
+from diffquant.spec import GatesSpec
 from prefect import task
 
 
@@ -29,7 +30,7 @@ def register_task(
         model_dir: Files of the version.
         tags: Version tags (hashes, versions, FP baseline run).
         candidate: :class:`registry.promotion.Candidate` fields (without version).
-        gates: :class:`registry.promotion.Gates` fields.
+        gates: :class:`diffquant.spec.GatesSpec` fields.
 
     Returns:
         ``name``, ``version``, ``passed``, ``reasons``, ``champion`` (after reconciliation) and
@@ -46,7 +47,7 @@ def register_task(
     version = register_version(client, run_id, name, Path(model_dir), {**tags, **metric_tags})
     champion = champion_candidate(client, name)
     this = Candidate(**candidate, version=version)
-    decision = decide_promotion(this, champion, Gates(**gates))
+    decision = decide_promotion(this, champion, GatesSpec(**gates))
     after = apply_decision(client, name, version, decision, this.objective, this.size_bytes)
     return {
         "name": name,
