@@ -46,7 +46,6 @@ def main() -> None:
     args = parser.parse_args()
     home = str(temporary_home("diffquant-finetune-"))
     from diffquant.flows.compress import compress_flow
-
     from diffquant.spec import load_spec
 
     results = []

@@ -40,14 +40,14 @@ import onnx
 import onnxruntime as ort
 import torch
 from common import ROOT, machine, replace_section
-from diffquant.export.onnx import export_onnx, onnx_weight_bytes
-from diffquant.export.parity import OrtDenoiser, check_parity
-from diffquant.export.rules import check_rules
 
 from diffquant.calibration.pool import collect_pool, subset
 from diffquant.calibration.selection import pool_features, select
 from diffquant.data import load_digits_split
 from diffquant.evaluation import generate
+from diffquant.export.onnx import export_onnx, onnx_weight_bytes
+from diffquant.export.parity import OrtDenoiser, check_parity
+from diffquant.export.rules import check_rules
 from diffquant.metrics import condition_accuracy, frechet_distance
 from diffquant.models.loading import DiffusionModel, load_model
 from diffquant.models.reference import DIGITS_UNET_CONFIG, SCHEDULER_CONFIG, load_classifier

@@ -26,17 +26,15 @@ def main() -> None:
     parser.add_argument("--variants", default="default:1,dask:1,dask:2")
     args = parser.parse_args()
     home = temporary_home("diffquant-parallel-")
-    from diffquant.flows.sensitivity import sensitivity_flow, task_runner_for
-    from diffquant.tasks.common import save_trajectories
-
-    import diffquant
     from diffquant.calibration.pool import collect_pool, subset
     from diffquant.calibration.selection import select
-    from diffquant.mixed_precision.sensitivity import SENSITIVITY_CODE_VERSION, SensitivityTable
+    from diffquant.flows.sensitivity import sensitivity_flow, task_runner_for
+    from diffquant.mixed_precision.sensitivity import SensitivityTable
     from diffquant.models.loading import load_model
     from diffquant.quant.plan import quantizable_layers
     from diffquant.spec import RuntimeSpec, load_spec
-    from diffquant.storage import sha256_file
+    from diffquant.tasks.artifacts import CalibrationArtifact, FileRef, ModelInfo, SensitivityRequest
+    from diffquant.tasks.common import save_trajectories
 
     spec = load_spec(ROOT / "configs" / "digits-unet-mixed-w4a8.yaml")
     model = load_model("digits-unet")
@@ -50,21 +48,32 @@ def main() -> None:
         runtime = RuntimeSpec(runner=runner, workers=int(workers), layers_per_task=args.layers_per_task)
         cache = home / f"cache-{runner}-{workers}"
         start = time.perf_counter()
+        bench_spec = spec.model_copy(update={"runtime": runtime})
+        info = ModelInfo(
+            name="digits-unet",
+            family=model.family,
+            condition=model.condition,
+            weights_sha256=f"{model.weights_sha256}-{variant}",  # a fresh cache entry per variant
+            prompts_sha256=None,
+            sample_shape=list(model.sample_shape),
+            num_classes=model.num_classes,
+            latent=model.latent,
+            layer_names=layers,
+            source_dir=str(model.source_dir),
+        )
+        ref = FileRef.of(calib_path)
+        calibration = CalibrationArtifact(
+            calibration=ref, sqnr=ref, selection=ref, histogram_png="", pca_png="", size=len(calib), seconds=0.0
+        )
+        request = SensitivityRequest.from_spec(bench_spec, info, calibration)
         result = sensitivity_flow.with_options(task_runner=task_runner_for(runtime))(
-            {"bench": variant},
-            spec.to_dict(),
-            layers,
-            str(calib_path),
-            sha256_file(calib_path),
-            f"{diffquant.__version__}/{SENSITIVITY_CODE_VERSION}",
-            str(cache),
-            args.layers_per_task,
+            request, bench_spec, layers, calibration, str(cache)
         )
         seconds = time.perf_counter() - start
-        assert result["tasks_cached"] == 0
-        tables[variant] = SensitivityTable.load_csv(Path(result["csv_path"]))
-        runs.append({"runner": runner, "workers": int(workers), "seconds": seconds, "tasks": result["tasks"]})
-        print(f"{variant}: {seconds:.1f} s for {result['tasks']} tasks ({len(layers)} layers)", flush=True)
+        assert result.tasks_cached == 0
+        tables[variant] = SensitivityTable.load_csv(Path(result.csv.path))
+        runs.append({"runner": runner, "workers": int(workers), "seconds": seconds, "tasks": result.tasks})
+        print(f"{variant}: {seconds:.1f} s for {result.tasks} tasks ({len(layers)} layers)", flush=True)
     first = next(iter(tables.values()))
     max_db = max(
         abs(a["sqnr_db"] - b["sqnr_db"])

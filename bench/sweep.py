@@ -28,7 +28,6 @@ def main() -> None:
     args = parser.parse_args()
     home = str(temporary_home("diffquant-sweep-"))
     from diffquant.flows.sweep import sweep_flow
-
     from diffquant.spec import load_spec
 
     spec = load_spec(ROOT / "configs" / "digits-unet-mixed-w4a8.yaml", [f"evaluate.samples={args.samples}"])

@@ -415,6 +415,75 @@ def quantized_bias(layer: QuantConv2d) -> tuple[np.ndarray, np.ndarray]:
         return layer.bias_integers().numpy().astype(np.int32), layer.bias_scale().numpy().astype(np.float32)
 
 
+def _lower_weight(
+    index: _Graph,
+    node: onnx.NodeProto,
+    module: nn.Module,
+    cfg: LayerConfig,
+    name: str,
+    suffix: str,
+    call: int,
+    layers: dict[str, dict[str, str]],
+) -> list[onnx.NodeProto]:
+    """Lower a weight Mark: name the compute node, then a DequantizeLinear of the stored integers (or nothing)."""
+    source, out = node.input[0], node.output[0]
+    users = index.consumers.get(out, [])
+    if len(users) != 1 or users[0].op_type not in ("Conv", "MatMul"):
+        raise ExportError(f"layer {name!r}: its weight feeds {[u.op_type for u in users]}, not one Conv/MatMul")
+    compute = users[0]
+    compute.name = f"{name}/{compute.op_type}{suffix}"
+    layers.setdefault(name, {"node": compute.name, "kind": "conv" if compute.op_type == "Conv" else "linear"})
+    if cfg.weight is None:
+        compute.input[1] = source
+        return []
+    assert isinstance(module, (QuantLinear, QuantConv2d)) and module.weight_quantizer is not None
+    _quantizer_ready(name, module.weight_quantizer, "weight")
+    q, scale, axis, block = _quantized_weight(module)
+    data_type = storage_type(cfg.weight.bits)
+    q_name, s_name, z_name = f"{name}.weight_quantized", f"{name}.weight_scale", f"{name}.weight_zero_point"
+    if not call:
+        index.add_init(_int_tensor(q_name, q, data_type))
+        index.add_init(numpy_helper.from_array(scale.astype(np.float32), s_name))
+        index.add_init(_int_tensor(z_name, np.zeros(scale.shape, np.int8), data_type))
+    index.drop_init_if_unused(source, node)
+    kwargs: dict[str, int] = {}
+    if axis is not None:
+        kwargs["axis"] = axis
+    if block is not None:
+        kwargs["block_size"] = block
+    prefix = f"{name}/weight_quantizer"
+    return [
+        helper.make_node(
+            "DequantizeLinear", [q_name, s_name, z_name], [out], name=f"{prefix}/DequantizeLinear{suffix}", **kwargs
+        )
+    ]
+
+
+def _lower_bias(
+    index: _Graph, node: onnx.NodeProto, module: nn.Module, name: str, suffix: str, call: int
+) -> onnx.NodeProto:
+    """Lower a bias Mark (onnxruntime form): the INT32 bias on the grid ``s_in * s_w``, dequantized."""
+    assert isinstance(module, QuantConv2d)
+    for part in ("input", "weight"):
+        quantizer = getattr(module, f"{part}_quantizer")
+        assert quantizer is not None
+        _quantizer_ready(name, quantizer, part)
+    q_name, s_name = f"{name}.bias_quantized", f"{name}.bias_scale"
+    if not call:
+        q, scale = quantized_bias(module)
+        index.add_init(numpy_helper.from_array(q, q_name))
+        index.add_init(numpy_helper.from_array(scale, s_name))
+    index.drop_init_if_unused(node.input[0], node)
+    axis_kwargs = {"axis": 0} if module.weight_quantizer.axis is not None else {}
+    return helper.make_node(
+        "DequantizeLinear",
+        [q_name, s_name],
+        [node.output[0]],
+        name=f"{name}/bias_quantizer/DequantizeLinear{suffix}",
+        **axis_kwargs,
+    )
+
+
 def _lower_marks(
     model: onnx.ModelProto, unet: nn.Module, plan: LayerPlan, target: str = "tensorrt"
 ) -> dict[str, dict[str, str]]:
@@ -442,63 +511,10 @@ def _lower_marks(
         source, out = node.input[0], node.output[0]
         calls[(name, role)] = call = calls.get((name, role), -1) + 1
         suffix = f"_{call}" if call else ""
-        prefix = f"{name}/{role}_quantizer"
         if role == "weight":
-            users = index.consumers.get(out, [])
-            if len(users) != 1 or users[0].op_type not in ("Conv", "MatMul"):
-                raise ExportError(f"layer {name!r}: its weight feeds {[u.op_type for u in users]}, not one Conv/MatMul")
-            compute = users[0]
-            compute.name = f"{name}/{compute.op_type}{suffix}"
-            layers.setdefault(name, {"node": compute.name, "kind": "conv" if compute.op_type == "Conv" else "linear"})
-            if cfg.weight is None:
-                compute.input[1] = source
-                continue
-            assert isinstance(module, (QuantLinear, QuantConv2d)) and module.weight_quantizer is not None
-            _quantizer_ready(name, module.weight_quantizer, "weight")
-            q, scale, axis, block = _quantized_weight(module)
-            data_type = storage_type(cfg.weight.bits)
-            q_name, s_name, z_name = f"{name}.weight_quantized", f"{name}.weight_scale", f"{name}.weight_zero_point"
-            if not call:
-                index.add_init(_int_tensor(q_name, q, data_type))
-                index.add_init(numpy_helper.from_array(scale.astype(np.float32), s_name))
-                index.add_init(_int_tensor(z_name, np.zeros(scale.shape, np.int8), data_type))
-            index.drop_init_if_unused(source, node)
-            kwargs: dict[str, int] = {}
-            if axis is not None:
-                kwargs["axis"] = axis
-            if block is not None:
-                kwargs["block_size"] = block
-            new_nodes.append(
-                helper.make_node(
-                    "DequantizeLinear",
-                    [q_name, s_name, z_name],
-                    [out],
-                    name=f"{prefix}/DequantizeLinear{suffix}",
-                    **kwargs,
-                )
-            )
+            new_nodes.extend(_lower_weight(index, node, module, cfg, name, suffix, call, layers))
         elif role == "bias":
-            assert isinstance(module, QuantConv2d)
-            for part in ("input", "weight"):
-                quantizer = getattr(module, f"{part}_quantizer")
-                assert quantizer is not None
-                _quantizer_ready(name, quantizer, part)
-            q_name, s_name = f"{name}.bias_quantized", f"{name}.bias_scale"
-            if not call:
-                q, scale = quantized_bias(module)
-                index.add_init(numpy_helper.from_array(q, q_name))
-                index.add_init(numpy_helper.from_array(scale, s_name))
-            index.drop_init_if_unused(source, node)
-            axis_kwargs = {"axis": 0} if module.weight_quantizer.axis is not None else {}
-            new_nodes.append(
-                helper.make_node(
-                    "DequantizeLinear",
-                    [q_name, s_name],
-                    [out],
-                    name=f"{prefix}/DequantizeLinear{suffix}",
-                    **axis_kwargs,
-                )
-            )
+            new_nodes.append(_lower_bias(index, node, module, name, suffix, call))
         else:
             assert isinstance(module, (QuantLinear, QuantConv2d))
             quantizer = module.input_quantizer if role == "input" else module.output_quantizer
@@ -633,6 +649,61 @@ def _save(model: onnx.ModelProto, path: Path, external: bool) -> Path | None:
     return path.parent / data_name if external else None
 
 
+def _trace(model: DiffusionModel, wrapped: nn.Module, opset: int, example_batch: int) -> onnx.ModelProto:
+    """Trace the wrapped denoiser (Mark nodes at every quantizer) with the legacy exporter."""
+    c, h, w = model.sample_shape
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn((example_batch, c, h, w), generator=generator)
+    timestep = torch.arange(example_batch, dtype=torch.long) * 7 + 1
+    args: tuple[torch.Tensor, ...] = (sample, timestep)
+    names = list(INPUT_NAMES)
+    if model.condition is not None:
+        condition, _ = model.conditions(example_batch, "calibration")
+        assert condition is not None
+        args = (*args, condition)
+        names.append(CONDITION_INPUTS[model.condition])
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        raw = Path(tmp) / "traced.onnx"
+        with torch.no_grad():
+            torch.onnx.export(
+                wrapped,
+                args,
+                str(raw),
+                dynamo=False,
+                opset_version=min(opset, TRACE_MAX_OPSET),
+                input_names=names,
+                output_names=[OUTPUT_NAME],
+                dynamic_axes={n: {0: "batch"} for n in [*names, OUTPUT_NAME]},
+                custom_opsets={_MARK_DOMAIN: 1},
+                do_constant_folding=True,
+            )
+        return onnx.load(str(raw))
+
+
+def _check_and_save(
+    proto: onnx.ModelProto, path: Path, external_data_threshold: int
+) -> tuple[onnx.ModelProto, Path | None, int]:
+    """Infer shapes, check the graph and write it (external data past the threshold).
+
+    Returns:
+        The checked model, the external data file (or None) and the initializer bytes.
+    """
+    try:
+        proto = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
+        weight_bytes = initializer_bytes(proto)
+        external = weight_bytes > external_data_threshold
+        if not external:
+            onnx.checker.check_model(proto, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
+        raise ExportError(f"the exported graph is not valid ONNX: {str(error).splitlines()[0]}") from None
+    data = _save(proto, path, external)
+    if external:
+        onnx.checker.check_model(str(path), full_check=True)
+    return proto, data, weight_bytes
+
+
 def export_onnx(
     model: DiffusionModel,
     plan: LayerPlan | None,
@@ -677,36 +748,7 @@ def export_onnx(
         raise ExportError(
             f"opset {opset} cannot hold this plan (layer {needs_21[0] if needs_21 else '-'!r}); use opset {BLOCKED_OPSET}"
         )
-    wrapped = _Denoiser(_wrap_layers(unet, plan, target), model.conditional).eval()
-    c, h, w = model.sample_shape
-    generator = torch.Generator().manual_seed(0)
-    sample = torch.randn((example_batch, c, h, w), generator=generator)
-    timestep = torch.arange(example_batch, dtype=torch.long) * 7 + 1
-    args: tuple[torch.Tensor, ...] = (sample, timestep)
-    names = list(INPUT_NAMES)
-    if model.condition is not None:
-        condition, _ = model.conditions(example_batch, "calibration")
-        assert condition is not None
-        args = (*args, condition)
-        names.append(CONDITION_INPUTS[model.condition])
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        raw = Path(tmp) / "traced.onnx"
-        with torch.no_grad():
-            torch.onnx.export(
-                wrapped,
-                args,
-                str(raw),
-                dynamo=False,
-                opset_version=min(opset, TRACE_MAX_OPSET),
-                input_names=names,
-                output_names=[OUTPUT_NAME],
-                dynamic_axes={n: {0: "batch"} for n in [*names, OUTPUT_NAME]},
-                custom_opsets={_MARK_DOMAIN: 1},
-                do_constant_folding=True,
-            )
-        proto = onnx.load(str(raw))
+    proto = _trace(model, _Denoiser(_wrap_layers(unet, plan, target), model.conditional).eval(), opset, example_batch)
     for entry in proto.opset_import:
         if entry.domain in ("", "ai.onnx"):
             entry.version = opset
@@ -714,17 +756,7 @@ def export_onnx(
     proto.metadata_props.append(onnx.StringStringEntryProto(key=LAYERS_METADATA_KEY, value=json.dumps(layers)))
     proto.metadata_props.append(onnx.StringStringEntryProto(key=TARGET_METADATA_KEY, value=target))
     proto.producer_name = "diffquant"
-    try:
-        proto = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
-        weight_bytes = initializer_bytes(proto)
-        external = weight_bytes > external_data_threshold
-        if not external:
-            onnx.checker.check_model(proto, full_check=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
-        raise ExportError(f"the exported graph is not valid ONNX: {str(error).splitlines()[0]}") from None
-    data = _save(proto, path, external)
-    if external:
-        onnx.checker.check_model(str(path), full_check=True)
+    proto, data, weight_bytes = _check_and_save(proto, path, external_data_threshold)
     quantized = len(plan.quantized_layers())
     logger.info(
         "exported %s (%s form, %d quantized layers, %d initializer bytes)", path, target, quantized, weight_bytes

@@ -30,6 +30,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx import TensorProto, numpy_helper
+
+from diffquant.errors import RulesError
 from diffquant.export.onnx import (
     LAYERS_METADATA_KEY,
     ORT_ACTIVATION_ZERO_POINT,
@@ -37,11 +40,8 @@ from diffquant.export.onnx import (
     TARGETS,
     storage_type,
 )
-from onnx import TensorProto, numpy_helper
-
-from diffquant.errors import RulesError
 from diffquant.quant.formats import IntFormat
-from diffquant.quant.plan import LayerConfig, LayerPlan
+from diffquant.quant.plan import LayerConfig, LayerPlan, WeightConfig
 
 _INT_TYPES = {
     TensorProto.INT4: "INT4",
@@ -210,10 +210,15 @@ class _Checker:
                 compute.name, "missing_weight_dq", f"weight of {layer} is not produced by a DequantizeLinear", layer
             )
             return
-        dq = producer
-        self.claimed.add(dq.name)
-        what = "weight"
-        bits = cfg.weight.bits
+        self.claimed.add(producer.name)
+        q = self.weight_integers(producer, layer, cfg.weight.bits)
+        scale = self.scale(producer, layer, "weight")
+        self.zero_point(producer, layer, "weight", storage_type(cfg.weight.bits))
+        if q is not None and scale is not None:
+            self.weight_layout(producer, compute, layer, cfg.weight, q, scale)
+
+    def weight_integers(self, dq: onnx.NodeProto, layer: str, bits: int) -> np.ndarray | None:
+        """The stored integer weight of ``dq``, checked for its storage type and range (None: not stored)."""
         expected_type = storage_type(bits)
         source = dq.input[0]
         if source not in self.inits:
@@ -224,35 +229,41 @@ class _Checker:
             )
             if origin is not None and origin.op_type == "QuantizeLinear":
                 self.claimed.add(origin.name)
-            q = None
-        else:
-            tensor = self.inits[source]
-            if tensor.data_type != expected_type:
-                self.add(
-                    dq.name,
-                    "integer_type",
-                    f"{bits}-bit weight stored as {_type_name(tensor.data_type)}, expected {_type_name(expected_type)}",
-                    layer,
-                )
-            q = numpy_helper.to_array(tensor).astype(np.int32)
-            fmt = IntFormat(bits)
-            if q.dtype.kind in "iu" and q.size and (q.min() < fmt.qmin or q.max() > fmt.qmax):
-                self.add(
-                    dq.name,
-                    "weight_range",
-                    f"weight values span [{q.min()}, {q.max()}], outside the {bits}-bit range [{fmt.qmin}, {fmt.qmax}]",
-                    layer,
-                )
-        scale = self.scale(dq, layer, what)
-        self.zero_point(dq, layer, what, expected_type)
-        if q is None or scale is None:
-            return
+            return None
+        tensor = self.inits[source]
+        if tensor.data_type != expected_type:
+            self.add(
+                dq.name,
+                "integer_type",
+                f"{bits}-bit weight stored as {_type_name(tensor.data_type)}, expected {_type_name(expected_type)}",
+                layer,
+            )
+        q = numpy_helper.to_array(tensor).astype(np.int32)
+        fmt = IntFormat(bits)
+        if q.dtype.kind in "iu" and q.size and (q.min() < fmt.qmin or q.max() > fmt.qmax):
+            self.add(
+                dq.name,
+                "weight_range",
+                f"weight values span [{q.min()}, {q.max()}], outside the {bits}-bit range [{fmt.qmin}, {fmt.qmax}]",
+                layer,
+            )
+        return q
+
+    def weight_layout(
+        self,
+        dq: onnx.NodeProto,
+        compute: onnx.NodeProto,
+        layer: str,
+        w: WeightConfig,
+        q: np.ndarray,
+        scale: np.ndarray,
+    ) -> None:
+        """Check the weight scales' granularity, axis and block size against the plan."""
         out_axis, in_axis = self.weight_axes(compute, q.ndim)
         attrs = {a.name: a.i for a in dq.attribute}
         axis = attrs.get("axis", 1)
         axis = axis + q.ndim if axis < 0 else axis
         block = attrs.get("block_size", 0)
-        w = cfg.weight
         if w.granularity == "per_tensor":
             if scale.size != 1:
                 self.add(dq.name, "weight_granularity", f"per-tensor weight has {scale.size} scales", layer)

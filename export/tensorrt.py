@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from diffquant.errors import ExportError
+from diffquant.errors import ConfigError, ExportError
+from diffquant.spec import ExportSpec
 from diffquant.storage import atomic_path, sha256_file, write_json
 
 logger = logging.getLogger(__name__)
@@ -269,3 +270,40 @@ def build_engine(
 def read_manifest(path: str | Path) -> dict[str, Any]:
     """Load a manifest written by :func:`build_engine`."""
     return json.loads(Path(path).read_text())
+
+
+def engine_for_export(onnx_path: str | Path, export: ExportSpec, engine_dir: str | Path) -> dict[str, Any]:
+    """Apply the export config's engine rule to an exported model and return the engine result.
+
+    ``tensorrt: off`` never builds; ``auto`` builds where TensorRT and a GPU exist and otherwise
+    records why not; ``on`` makes a missing TensorRT an error. The onnxruntime form
+    (``target: onnxruntime``) is never built (TensorRT needs INT8 zero points of 0).
+
+    Args:
+        onnx_path: The exported model.
+        export: The export config.
+        engine_dir: Folder of ``model.engine`` and its manifest.
+
+    Returns:
+        ``built`` and ``skip_reason`` (plus the engine and manifest paths when built).
+
+    Raises:
+        ConfigError: ``tensorrt: on`` where no engine can be built.
+    """
+    from diffquant.export.onnx import ONNXRUNTIME_FORM_REASON
+
+    if export.target == "onnxruntime":
+        return {"built": False, "skip_reason": ONNXRUNTIME_FORM_REASON}
+    if export.tensorrt == "off":
+        return {"built": False, "skip_reason": "export.tensorrt is off"}
+    ok, reason = tensorrt_available()
+    if not ok:
+        if export.tensorrt == "on":
+            raise ConfigError("tensorrt", f"'on' needs a TensorRT engine, which cannot be built here: {reason}")
+        return {"built": False, "skip_reason": reason}
+    return build_engine(
+        onnx_path,
+        Path(engine_dir) / "model.engine",
+        max_batch=export.max_batch,
+        optimization_level=export.optimization_level,
+    ).to_dict()

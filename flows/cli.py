@@ -63,9 +63,8 @@ class RichReporter:
 
 
 def _setup(verbose: bool) -> Path:
-    from diffquant.registry.home import configure_environment, diffquant_home, ensure_writable
-
     from diffquant.errors import DiffquantError
+    from diffquant.registry.home import configure_environment, diffquant_home, ensure_writable
 
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
@@ -129,8 +128,9 @@ def _progress() -> Progress:
 
 def _preflight(uri: str, spec: Any) -> None:
     """Registry name (when the spec registers), MLflow server and Prefect API checks, before any model is loaded."""
-    from diffquant.registry.preflight import preflight
     from prefect.settings import PREFECT_API_URL
+
+    from diffquant.registry.preflight import preflight
 
     preflight(uri, PREFECT_API_URL.value(), spec.registered_model_name() if spec.promote.register_model else None)
 
@@ -177,11 +177,10 @@ def compress(
 ) -> None:
     """Calibrate, quantize and evaluate a model; log everything to MLflow and write summary.json."""
     home = _setup(verbose)
-    from diffquant.registry.home import ensure_writable, tracking_uri
-
     from diffquant.calibration.labels import read_labels_file
     from diffquant.errors import DiffquantError
     from diffquant.models.loading import load_model
+    from diffquant.registry.home import ensure_writable, tracking_uri
     from diffquant.spec import load_spec
 
     try:
@@ -225,10 +224,9 @@ def sweep(
 ) -> None:
     """Allocate, quantize and evaluate at several budgets; write sweep.json and a Pareto plot."""
     home = _setup(verbose)
-    from diffquant.registry.home import tracking_uri
-
     from diffquant.errors import DiffquantError, SpecError
     from diffquant.models.loading import load_model
+    from diffquant.registry.home import tracking_uri
     from diffquant.spec import load_spec
 
     try:
@@ -359,11 +357,10 @@ def rollback(
 
 
 def _registry_client(home: Path) -> Any:
+    from diffquant.errors import DiffquantError
     from diffquant.registry.home import tracking_uri
     from diffquant.registry.models import registry_client
     from diffquant.registry.preflight import check_tracking_server
-
-    from diffquant.errors import DiffquantError
 
     uri = tracking_uri(home)
     try:

@@ -14,12 +14,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from diffquant.export.bundle import write_bundle
-from diffquant.registry.home import diffquant_home, tracking_uri
-from diffquant.registry.models import download_version, find_version, registry_client
 from prefect import flow
 
+from diffquant.export.bundle import write_bundle
 from diffquant.manifest import verify_files
+from diffquant.registry.home import diffquant_home, tracking_uri
+from diffquant.registry.models import download_version, find_version, registry_client
 
 logger = logging.getLogger(__name__)
 
@@ -29,9 +29,8 @@ def _engine_for(folder: Path, out: Path) -> tuple[Path | None, str]:
     onnx_files = sorted(folder.rglob("*.onnx"))
     if not onnx_files:
         return None, "the version has no ONNX export; the bundle ships the plan and scales"
-    from diffquant.export.onnx import ONNXRUNTIME_FORM_REASON, onnx_target
-
     from diffquant.errors import ExportError
+    from diffquant.export.onnx import ONNXRUNTIME_FORM_REASON, onnx_target
 
     try:
         form = onnx_target(onnx_files[0])

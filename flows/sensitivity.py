@@ -1,8 +1,8 @@
 """The ``sensitivity`` subflow: per-layer sensitivity mapped over layers as Prefect tasks.
 
-Layers are split into tasks of ``runtime.layers_per_task``; each task is cached on its inputs,
-so a second run (another budget, a resumed crash) recomputes nothing it already has. The tasks
-run on the task runner chosen by ``runtime``: Prefect's thread pool or prefect-dask's
+Layers are split into tasks of ``runtime.layers_per_task``; each task is cached on its request
+and layers, so a second run (another budget, a resumed crash) recomputes nothing it already has.
+The tasks run on the task runner chosen by ``runtime``: Prefect's thread pool or prefect-dask's
 DaskTaskRunner over a local cluster of worker processes.
 """
 
@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
-from diffquant.tasks.sensitivity import merge_sensitivity_task, sensitivity_layers_task, table_key
 from prefect import flow
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from diffquant.spec import RuntimeSpec
+from diffquant.spec import CompressionSpec, RuntimeSpec
+from diffquant.tasks.artifacts import CalibrationArtifact, FileRef, SensitivityArtifact, SensitivityRequest
+from diffquant.tasks.sensitivity import merge_sensitivity_task, sensitivity_layers_task
 
 logger = logging.getLogger(__name__)
 
@@ -49,47 +49,39 @@ def chunk(layers: list[str], size: int) -> list[list[str]]:
 
 @flow(name="sensitivity", log_prints=False)
 def sensitivity_flow(
-    spec_key: dict[str, Any],
-    spec: dict[str, Any],
+    request: SensitivityRequest,
+    spec: CompressionSpec,
     layers: list[str],
-    calibration_path: str,
-    calibration_sha256: str,
-    code_version: str,
+    calibration: CalibrationArtifact,
     cache_dir: str,
-    layers_per_task: int = 4,
-) -> dict[str, Any]:
+) -> SensitivityArtifact:
     """Measure every layer's sensitivity in parallel tasks and merge them into one table.
 
-    Args:
-        spec_key: The spec parts the table depends on (part of every task's cache key).
-        spec: The whole spec as data.
-        layers: The layers to measure, in model order.
-        calibration_path: The selected calibration set.
-        calibration_sha256: Its hash.
-        code_version: Version of the sensitivity code.
-        cache_dir: Folder for cached tables.
-        layers_per_task: Layers measured by one task.
+    A cached part whose file is gone or changed (sha256) is measured again.
 
-    Returns:
-        ``csv_path``, ``heatmap_path``, ``cache_hit`` (every task came from the cache),
-        ``tasks`` and ``tasks_cached``.
+    Args:
+        request: What the rows depend on (part of every task's cache key).
+        spec: The whole spec.
+        layers: The layers to measure, in model order.
+        calibration: The selected calibration set.
+        cache_dir: Folder for cached tables.
     """
-    args = (spec_key, spec, calibration_path, calibration_sha256, code_version)
-    chunks = chunk(layers, layers_per_task)
+    chunks = chunk(layers, spec.runtime.layers_per_task)
+    args = (request, spec, calibration)
     futures = [sensitivity_layers_task.submit(*args, part, cache_dir, len(part) - 1) for part in chunks]
-    paths, cached = [], 0
+    parts: list[FileRef] = []
+    cached = 0
     for part, future in zip(chunks, futures, strict=True):
         future.wait()
         state = future.state
-        result = dict(state.result())
-        if state.name == "Cached" and not Path(result["csv_path"]).is_file():
-            logger.warning("cached sensitivity of %s is gone; measuring again", part[0])
-            result = dict(
-                sensitivity_layers_task.with_options(refresh_cache=True)(*args, part, cache_dir, len(part) - 1)
-            )
+        result = state.result()
+        if state.name == "Cached" and not result.intact():
+            logger.warning("cached sensitivity of %s is gone or changed; measuring again", part[0])
+            result = sensitivity_layers_task.with_options(refresh_cache=True)(*args, part, cache_dir, len(part) - 1)
         else:
             cached += state.name == "Cached"
-        paths.append(result["csv_path"])
-    folder = Path(cache_dir) / table_key(spec_key, calibration_sha256, code_version)
-    merged = merge_sensitivity_task(paths, str(folder))
-    return {**merged, "cache_hit": cached == len(chunks), "tasks": len(chunks), "tasks_cached": cached}
+        parts.append(result)
+    csv, heatmap = merge_sensitivity_task(parts, str(Path(cache_dir) / request.key()))
+    return SensitivityArtifact(
+        csv=csv, heatmap_png=heatmap, cache_hit=cached == len(chunks), tasks=len(chunks), tasks_cached=cached
+    )

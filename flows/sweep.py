@@ -13,12 +13,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from diffquant.flows.compress import compress_flow
-from diffquant.registry.home import diffquant_home, ensure_writable, tracking_uri
-from diffquant.registry.tracking import tracked_run
 from prefect import flow
 
 from diffquant.errors import SpecError
+from diffquant.flows.compress import compress_flow
+from diffquant.registry.home import diffquant_home, ensure_writable, tracking_uri
+from diffquant.registry.tracking import tracked_run
 from diffquant.report import pareto_plot
 from diffquant.spec import spec_from_dict
 from diffquant.storage import write_json

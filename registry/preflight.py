@@ -9,9 +9,8 @@ from __future__ import annotations
 import urllib.error
 import urllib.request
 
-from diffquant.registry.models import check_registered_model_name
-
 from diffquant.errors import TrackingError
+from diffquant.registry.models import check_registered_model_name
 
 TIMEOUT_S = 5.0
 

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from diffquant.models.loading import DiffusionModel, load_model
 from diffquant.sampling import Trajectories
+from diffquant.spec import ModelSource
 from diffquant.storage import load_safetensors, save_safetensors
 
 
-def model_from_source(source: dict[str, Any]) -> DiffusionModel:
+def model_from_source(source: ModelSource) -> DiffusionModel:
     """Load the model described by a spec's ``model`` section."""
-    return load_model(name=source.get("name"), path=source.get("path"), prompts=source.get("prompts"))
+    return load_model(name=source.name, path=source.path, prompts=source.prompts)
 
 
 def save_trajectories(traj: Trajectories, path: Path) -> Path:

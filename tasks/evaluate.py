@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-from diffquant.tasks.common import load_trajectories, model_from_source
 from prefect import task
 
 from diffquant.data import load_digits_split
@@ -14,51 +12,47 @@ from diffquant.metrics import sqnr_db
 from diffquant.models.reference import load_classifier
 from diffquant.quantize import load_quantized
 from diffquant.sampling import denoiser_outputs
-from diffquant.spec import spec_from_dict
+from diffquant.spec import CompressionSpec
 from diffquant.storage import load_safetensors, save_safetensors
+from diffquant.tasks.artifacts import CalibrationArtifact, EvalArtifact, FileRef, QuantizeArtifact
+from diffquant.tasks.common import load_trajectories, model_from_source
 
 
 @task(name="evaluate")
 def evaluate_task(
-    spec: dict[str, Any],
+    spec: CompressionSpec,
     label: str,
     out_dir: str,
-    sqnr_path: str,
-    quantized: dict[str, Any] | None = None,
-    fp: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+    calibration: CalibrationArtifact,
+    quantized: QuantizeArtifact | None = None,
+    fp: EvalArtifact | None = None,
+) -> EvalArtifact:
     """Evaluate one model variant and store its samples and denoiser outputs.
 
     Args:
-        spec: The compression spec as data.
-        label: ``fp`` or ``quantized`` (names the files and the progress bar).
+        spec: The compression spec.
+        label: ``fp``, ``quantized`` or ``finetuned`` (names the files and the progress bar).
         out_dir: Run output folder.
-        sqnr_path: Denoiser inputs used for SQNR.
-        quantized: Output of the quantize task (None evaluates the FP model).
-        fp: Output of this task for the FP model (for paired metrics).
-
-    Returns:
-        ``metrics``, ``samples_path`` and ``outputs_path``.
+        calibration: The calibration stage (its SQNR inputs are used).
+        quantized: The quantized model (None evaluates the FP model).
+        fp: This task's result for the FP model (for paired metrics).
     """
-    cfg = spec_from_dict(spec)
-    model = model_from_source(cfg.model.model_dump())
+    model = model_from_source(spec.model)
     if quantized is not None:
-        model = load_quantized(
-            model, Path(quantized["plan_path"]), Path(quantized["scales_path"]), quantized.get("weights_path")
-        )
+        weights = Path(quantized.weights.path) if quantized.weights else None
+        model = load_quantized(model, Path(quantized.plan.path), Path(quantized.scales.path), weights)
     classifier = load_classifier() if model.digits_compatible else None
     real = load_digits_split().held_out_images if classifier is not None else None
-    sqnr_inputs = load_trajectories(sqnr_path)
     fp_result = fp_outputs = None
     if fp is not None:
-        stored = load_safetensors(Path(fp["samples_path"]))
+        stored = load_safetensors(Path(fp.samples.path))
         fp_result = EvalResult(stored["samples"], stored.get("labels"))
-        fp_outputs = load_safetensors(Path(fp["outputs_path"]))["outputs"]
-    ev = cfg.evaluate
+        fp_outputs = load_safetensors(Path(fp.outputs.path))["outputs"]
+    ev = spec.evaluate
     result = evaluate_model(
         model,
         ev.samples,
-        cfg.sampler.steps,
+        spec.sampler.steps,
         ev.seed,
         ev.batch_size,
         classifier,
@@ -66,7 +60,7 @@ def evaluate_task(
         fp=fp_result,
         description=f"Sampling ({label})",
     )
-    outputs = denoiser_outputs(model.unet, sqnr_inputs, model.conditional)
+    outputs = denoiser_outputs(model.unet, load_trajectories(calibration.sqnr.path), model.conditional)
     if fp_outputs is not None:
         result.metrics["sqnr_db"] = sqnr_db(fp_outputs, outputs)
     folder = Path(out_dir) / "samples"
@@ -75,4 +69,4 @@ def evaluate_task(
         tensors["labels"] = result.labels
     samples_path = save_safetensors(tensors, folder / f"{label}.safetensors")
     outputs_path = save_safetensors({"outputs": outputs}, folder / f"{label}_denoiser_outputs.safetensors")
-    return {"metrics": result.metrics, "samples_path": str(samples_path), "outputs_path": str(outputs_path)}
+    return EvalArtifact(metrics=result.metrics, samples=FileRef.of(samples_path), outputs=FileRef.of(outputs_path))

@@ -235,12 +235,11 @@ def test_t5_feed_forward_replacement_keeps_names_and_outputs(feed_forward):
 
 
 def test_pixart_w8a8_exports_and_matches_onnxruntime(saved, tmp_path):
+    from diffquant.calibration.pool import collect_pool, subset
+    from diffquant.calibration.selection import select
     from diffquant.export.onnx import export_onnx
     from diffquant.export.parity import ParityConfig, check_parity
     from diffquant.export.rules import check_rules
-
-    from diffquant.calibration.pool import collect_pool, subset
-    from diffquant.calibration.selection import select
     from diffquant.spec import CalibrationSpec
 
     model = load_model(path=saved["pixart"], prompts=saved["prompts"])

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from diffquant.export.bundle import write_bundle
 
 from diffquant.errors import IntegrityError
+from diffquant.export.bundle import write_bundle
 from diffquant.manifest import MANIFEST, verify_files, write_manifest
 from diffquant.storage import sha256_file
 

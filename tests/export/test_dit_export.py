@@ -7,10 +7,10 @@ from pathlib import Path
 import onnx
 import pytest
 import torch
+
 from diffquant.export.onnx import export_onnx, onnx_weight_bytes
 from diffquant.export.parity import check_parity
 from diffquant.export.rules import check_rules
-
 from diffquant.models.loading import DiffusionModel
 from diffquant.models.reference import SCHEDULER_CONFIG
 from diffquant.quant.modules import groups_allowed

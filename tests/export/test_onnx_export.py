@@ -9,12 +9,12 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from diffquant.export.onnx import LAYERS_METADATA_KEY, export_onnx, onnx_weight_bytes, plan_from_model
-from diffquant.export.parity import OrtDenoiser, ParityConfig, check_parity, ort_session
-from diffquant.export.rules import check_rules
 from onnx import TensorProto, numpy_helper
 
 from diffquant.errors import ExportError, ParityError
+from diffquant.export.onnx import LAYERS_METADATA_KEY, export_onnx, onnx_weight_bytes, plan_from_model
+from diffquant.export.parity import OrtDenoiser, ParityConfig, check_parity, ort_session
+from diffquant.export.rules import check_rules
 from diffquant.quant.plan import ActivationConfig, LayerConfig, WeightConfig, packed_weight_bytes
 from diffquant.sampling import denoiser_outputs
 from tests.export.conftest import build_plan, quantize

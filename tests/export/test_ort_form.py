@@ -7,12 +7,12 @@ import collections
 import numpy as np
 import onnx
 import pytest
-from diffquant.export.onnx import TARGET_METADATA_KEY, export_onnx, onnx_target, plan_from_model
-from diffquant.export.parity import check_parity, denoiser_parity, ort_session
-from diffquant.export.rules import check_rules
 from onnx import TensorProto, numpy_helper
 
 from diffquant.errors import ExportError, RulesError
+from diffquant.export.onnx import TARGET_METADATA_KEY, export_onnx, onnx_target, plan_from_model
+from diffquant.export.parity import check_parity, denoiser_parity, ort_session
+from diffquant.export.rules import check_rules
 from diffquant.quant.plan import WeightConfig, with_output_quantizers
 from tests.export.conftest import build_plan, quantize
 

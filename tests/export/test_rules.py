@@ -7,11 +7,11 @@ import copy
 import numpy as np
 import onnx
 import pytest
-from diffquant.export.onnx import export_onnx
-from diffquant.export.rules import check_rules
 from onnx import TensorProto, helper, numpy_helper
 
 from diffquant.errors import RulesError
+from diffquant.export.onnx import export_onnx
+from diffquant.export.rules import check_rules
 from diffquant.quant.plan import ActivationConfig, LayerConfig, WeightConfig
 from tests.export.conftest import build_plan, quantize
 

@@ -6,10 +6,10 @@ import builtins
 import json
 
 import pytest
-from diffquant.export import tensorrt as trt_export
-from diffquant.export.onnx import export_onnx
 
 from diffquant.errors import ExportError
+from diffquant.export import tensorrt as trt_export
+from diffquant.export.onnx import export_onnx
 from diffquant.quant.plan import WeightConfig
 from tests.export.conftest import build_plan, quantize
 

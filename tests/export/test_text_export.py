@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import onnx
 import pytest
+
 from diffquant.export.onnx import export_onnx
 from diffquant.export.parity import ParityConfig, check_parity
 from diffquant.export.rules import check_rules
-
 from diffquant.outlier_tokens import apply_outlier_tokens, detect_outlier_tokens
 from diffquant.quant.plan import ActivationConfig, LayerConfig, LayerPlan, WeightConfig, uniform_plan
 from diffquant.quantize import quantize_model

@@ -6,9 +6,9 @@ import time
 from pathlib import Path
 
 import pytest
-from diffquant.flows.cli import app
 from typer.testing import CliRunner
 
+from diffquant.flows.cli import app
 from tests.conftest import save_tiny_unet
 from tests.pipeline.conftest import SMALL, mlflow_runs
 

@@ -146,11 +146,10 @@ def test_mixed_precision_sensitivity_on_dask_then_cached_for_the_default_runner(
     assert second["allocation"]["sensitivity_cache_hit"] is True
     assert second["allocation"]["sensitivity_tasks"] == first["allocation"]["sensitivity_tasks"] > 1
     # the rows computed in Dask workers equal an in-process measurement of the same layers
-    from diffquant.tasks.common import load_trajectories
-
     from diffquant.mixed_precision.allocate import measure_allocation_sensitivity
     from diffquant.mixed_precision.sensitivity import SensitivityTable
     from diffquant.models.loading import load_model
+    from diffquant.tasks.common import load_trajectories
 
     table = SensitivityTable.load_csv(Path(first["allocation"]["sensitivity_csv"]))
     spec = load_spec(overrides=SMALL + mixed)
@@ -209,7 +208,6 @@ def test_finetune_stage_trains_evaluates_and_keeps_the_better_model(isolated_hom
 
 def test_compress_for_onnxruntime_exports_the_integer_form(isolated_home, tmp_path):
     from diffquant.export.onnx import onnx_target
-
     from diffquant.quant.plan import LayerPlan
 
     summary = run_flow(tmp_path / "out", ["export.target=onnxruntime"])

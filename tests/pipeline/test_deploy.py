@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from diffquant.flows.cli import app
 from typer.testing import CliRunner
+
+from diffquant.flows.cli import app
 
 runner = CliRunner()
 
@@ -55,11 +56,12 @@ def test_engine_for_ships_onnx_without_tensorrt_and_uses_a_built_engine(tmp_path
 
 
 def test_engine_for_skips_the_onnxruntime_form(tmp_path, monkeypatch):
-    import diffquant.export.tensorrt as trt
     import onnx
+    from onnx import TensorProto, helper
+
+    import diffquant.export.tensorrt as trt
     from diffquant.export.onnx import TARGET_METADATA_KEY
     from diffquant.flows.deploy import _engine_for
-    from onnx import TensorProto, helper
 
     graph = helper.make_graph(
         [helper.make_node("Identity", ["x"], ["y"])],

@@ -3,9 +3,9 @@
 import json
 from pathlib import Path
 
-from diffquant.flows.cli import app
 from typer.testing import CliRunner
 
+from diffquant.flows.cli import app
 from tests.pipeline.conftest import SMALL, mlflow_runs
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -3,10 +3,10 @@
 import json
 
 import torch
-from diffquant.flows.cli import app
 from typer.testing import CliRunner
 
 from diffquant.data import load_digits_split
+from diffquant.flows.cli import app
 from diffquant.models.loading import load_local_model
 from diffquant.training.reference import UNetTrainConfig, train_digits_unet
 from diffquant.training.zoo import train_digits_dit, train_digits_t2i

@@ -83,7 +83,6 @@ def test_pixart_pipeline_compresses_and_exports(isolated_home, tmp_path, prompts
 def test_sdxl_mixed_precision_preset_runs_on_a_tiny_sdxl(isolated_home, tmp_path, prompts):
     """configs/sdxl-turbo-mixed-w4a8.yaml as shipped, pointed at a tiny SDXL and shrunk."""
     from diffquant.flows.compress import compress_flow
-
     from tests.tiny_pipelines import save_tiny_sdxl
 
     config = Path(__file__).resolve().parents[2] / "configs" / "sdxl-turbo-mixed-w4a8.yaml"

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from diffquant.registry.promotion import Candidate, decide_promotion
 
+from diffquant.registry.promotion import Candidate, decide_promotion
 from diffquant.spec import GatesSpec
 
 

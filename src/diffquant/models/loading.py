@@ -349,15 +349,35 @@ def _assemble(
 
 
 def load_model(
-    name: str | None = None, path: str | Path | None = None, prompts: str | Path | None = None
+    path_or_name: str | Path | None = None,
+    prompts: str | Path | None = None,
+    *,
+    name: str | None = None,
+    path: str | Path | None = None,
 ) -> DiffusionModel:
-    """Load a bundled reference model by ``name`` or a local diffusers model from ``path``.
+    """Load a bundled reference model by name or a local diffusers model or pipeline directory.
 
     Args:
-        name: A bundled reference model (``digits-unet`` if neither is given).
-        path: A local diffusers model or pipeline directory.
+        path_or_name: A bundled reference model's name (``digits-unet``, ``digits-dit``,
+            ``digits-t2i``) or a local directory; ``digits-unet`` when nothing is given.
         prompts: A prompts file for text-conditioned models (one prompt per line).
+        name: The same as a name in ``path_or_name`` (the spec's ``model.name``).
+        path: The same as a directory in ``path_or_name`` (the spec's ``model.path``).
+
+    Raises:
+        ModelLoadError: The source does not exist, is not a supported diffusers model, or has
+            unsafe or malformed files.
+
+    Example:
+        >>> model = diffquant.load_model("digits-unet")
+        >>> model.family, model.sample_shape
+        ('unet2d', (1, 8, 8))
     """
+    if path_or_name is not None:
+        if name is not None or path is not None:
+            raise ModelLoadError("give the model either positionally or as name=/path=, not both")
+        looks_like_path = isinstance(path_or_name, Path) or "/" in str(path_or_name) or Path(path_or_name).is_dir()
+        path, name = (path_or_name, None) if looks_like_path else (None, str(path_or_name))
     prompts_file = Path(prompts) if prompts is not None else None
     if path is not None:
         return load_local_model(Path(path), prompts_file=prompts_file)

@@ -1,0 +1,146 @@
+"""diffquant: compression of diffusion models for edge GPUs.
+
+The library API works on in-memory models and typed configs (the same types a spec is made of),
+with neither Prefect nor MLflow imported; ``diffquant compress`` calls exactly these functions, so
+both give byte-identical plans and scales::
+
+    import diffquant
+
+    model = diffquant.load_model("digits-unet")
+    pool = diffquant.collect_pool(model, trajectories=16)
+    data = diffquant.select_calibration(pool, model, diffquant.CalibrationSpec(size=128)).calibration
+    result = diffquant.quantize(model, diffquant.QuantizeSpec(), data)
+    info = diffquant.export_onnx(model, result.plan, "model.onnx")
+    report = diffquant.check_parity(info.path, model, data)
+
+Names are imported on first use, so ``import diffquant`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_EXPORTS: dict[str, str] = {
+    # models
+    "load_model": "diffquant.models.loading",
+    "DiffusionModel": "diffquant.models.loading",
+    # calibration data
+    "collect_pool": "diffquant.calibration.pool",
+    "select_calibration": "diffquant.calibration.selection",
+    "CalibrationSelection": "diffquant.calibration.selection",
+    "Trajectories": "diffquant.sampling",
+    # quantization
+    "quantize": "diffquant.quantize",
+    "auto_quantize": "diffquant.quantize",
+    "QuantizeResult": "diffquant.quantize",
+    "AutoQuantizeResult": "diffquant.quantize",
+    "save_quantized": "diffquant.quantize",
+    "load_quantized": "diffquant.quantize",
+    "LayerPlan": "diffquant.quant.plan",
+    "WeightConfig": "diffquant.quant.config",
+    # fine-tuning
+    "finetune": "diffquant.finetune.policy",
+    "keep_finetuned": "diffquant.finetune.policy",
+    # export (diffquant.export: ONNX, rules, parity; TensorRT imported lazily inside)
+    "export_onnx": "diffquant.export.onnx",
+    "check_rules": "diffquant.export.rules",
+    "check_parity": "diffquant.export.parity",
+    "ParityConfig": "diffquant.export.parity",
+    # configs: the spec's sections
+    "CompressionSpec": "diffquant.spec",
+    "QuantizeSpec": "diffquant.spec",
+    "CalibrationSpec": "diffquant.spec",
+    "AllocationSpec": "diffquant.spec",
+    "BudgetSpec": "diffquant.spec",
+    "FinetuneSpec": "diffquant.spec",
+    "ExportSpec": "diffquant.spec",
+    "load_spec": "diffquant.spec",
+    # errors
+    "DiffquantError": "diffquant.errors",
+    "ConfigError": "diffquant.errors",
+    "SpecError": "diffquant.errors",
+}
+
+__all__ = [
+    "AllocationSpec",
+    "AutoQuantizeResult",
+    "BudgetSpec",
+    "CalibrationSelection",
+    "CalibrationSpec",
+    "CompressionSpec",
+    "ConfigError",
+    "DiffquantError",
+    "DiffusionModel",
+    "ExportSpec",
+    "FinetuneSpec",
+    "LayerPlan",
+    "ParityConfig",
+    "QuantizeResult",
+    "QuantizeSpec",
+    "SpecError",
+    "Trajectories",
+    "WeightConfig",
+    "__version__",
+    "auto_quantize",
+    "check_parity",
+    "check_rules",
+    "collect_pool",
+    "export_onnx",
+    "finetune",
+    "keep_finetuned",
+    "load_model",
+    "load_quantized",
+    "load_spec",
+    "quantize",
+    "save_quantized",
+    "select_calibration",
+]
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name on first use (PEP 562)."""
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'diffquant' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+if TYPE_CHECKING:
+    from diffquant.calibration.pool import collect_pool
+    from diffquant.calibration.selection import CalibrationSelection, select_calibration
+    from diffquant.errors import ConfigError, DiffquantError, SpecError
+    from diffquant.export.onnx import export_onnx
+    from diffquant.export.parity import ParityConfig, check_parity
+    from diffquant.export.rules import check_rules
+    from diffquant.finetune.policy import finetune, keep_finetuned
+    from diffquant.models.loading import DiffusionModel, load_model
+    from diffquant.quant.config import WeightConfig
+    from diffquant.quant.plan import LayerPlan
+    from diffquant.quantize import (
+        AutoQuantizeResult,
+        QuantizeResult,
+        auto_quantize,
+        load_quantized,
+        quantize,
+        save_quantized,
+    )
+    from diffquant.sampling import Trajectories
+    from diffquant.spec import (
+        AllocationSpec,
+        BudgetSpec,
+        CalibrationSpec,
+        CompressionSpec,
+        ExportSpec,
+        FinetuneSpec,
+        QuantizeSpec,
+        load_spec,
+    )

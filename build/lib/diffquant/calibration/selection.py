@@ -1,0 +1,341 @@
+"""Calibration-set selection strategies: pure functions of (pool, features, size, seed).
+
+- ``random``: uniform over the pool (the baseline).
+- ``uniform_timesteps``: the same number of samples at every timestep; when ``size`` is smaller
+  than the number of timesteps, ``size`` timesteps evenly spaced over the trajectory (Q-Diffusion).
+- ``normal_timesteps``: timesteps drawn from a normal over [0, T] (mean and std as fractions of
+  T, default 0.4 and 0.4), truncated to the range, each draw snapped to the nearest sampler
+  timestep (PTQ4DM's NDTC).
+- ``density_diversity``: per-timestep weights ``D_t + lambda * V_t`` from mid-network features
+  (EDA-DM's TDAC): density = number of other timesteps whose mean feature lies within ``radius``
+  (mean squared distance), diversity = summed cosine distance to the other timesteps, both
+  min-max normalised; each timestep gets ``round(w_t / sum(w) * size)`` samples, and inside a
+  timestep samples are picked by farthest-point (k-center) selection for coverage.
+
+Every strategy returns sorted, unique pool indices. Where a timestep has fewer candidates than
+its share, the excess goes to the timesteps nearest to it that still have room.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from diffquant.calibration.pool import held_out_indices, subset
+from diffquant.errors import DataError
+from diffquant.sampling import Trajectories, denoiser_outputs
+from diffquant.spec import CalibrationSpec
+
+if TYPE_CHECKING:
+    from diffquant.models.loading import DiffusionModel
+
+STRATEGIES = ("random", "uniform_timesteps", "normal_timesteps", "density_diversity")
+
+
+@dataclass(frozen=True)
+class SelectionParams:
+    """Knobs of the timestep-aware strategies (ignored by the others)."""
+
+    normal_mean: float = 0.4
+    normal_std: float = 0.4
+    num_train_timesteps: int = 1000
+    radius: float | None = None
+    diversity_weight: float = 1.2
+
+
+def _timestep_groups(t: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Unique timesteps (ascending) and the pool indices at each."""
+    values = torch.unique(t)
+    return values, [torch.nonzero(t == v).squeeze(1) for v in values]
+
+
+def _fit_counts(counts: torch.Tensor, capacity: torch.Tensor, size: int) -> torch.Tensor:
+    """Cap ``counts`` (summing to ``size``) at capacity; move each excess to the nearest timesteps with room."""
+    if int(capacity.sum()) < size:
+        raise DataError(f"calibration size {size} exceeds the pool size {int(capacity.sum())}")
+    fitted = torch.minimum(counts, capacity)
+    positions = torch.arange(counts.numel())
+    for i in torch.nonzero(counts > capacity).squeeze(1).tolist():
+        for _ in range(int(counts[i] - capacity[i])):
+            distance = (positions - i).abs().float()
+            distance[fitted >= capacity] = math.inf
+            fitted[int(torch.argmin(distance))] += 1
+    return fitted
+
+
+def _largest_remainder(weights: torch.Tensor, size: int) -> torch.Tensor:
+    """Integer counts proportional to ``weights`` that sum to ``size``."""
+    share = weights.double() / weights.double().sum() * size
+    counts = share.floor().long()
+    remainder = size - int(counts.sum())
+    order = torch.argsort(share - counts.double(), descending=True, stable=True)
+    counts[order[:remainder]] += 1
+    return counts
+
+
+def _random_within(groups: list[torch.Tensor], counts: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    chosen = []
+    for idx, k in zip(groups, counts.tolist(), strict=True):
+        if k:
+            chosen.append(idx[torch.randperm(idx.numel(), generator=generator)[:k]])
+    return torch.cat(chosen).sort().values
+
+
+def select_random(
+    t: torch.Tensor, features: torch.Tensor | None, size: int, seed: int, params: SelectionParams
+) -> torch.Tensor:
+    """Uniformly random pool indices."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(t.numel(), generator=generator)[:size].sort().values
+
+
+def select_uniform_timesteps(
+    t: torch.Tensor, features: torch.Tensor | None, size: int, seed: int, params: SelectionParams
+) -> torch.Tensor:
+    """Equal counts per timestep (evenly spaced timesteps when ``size`` < timesteps)."""
+    _, groups = _timestep_groups(t)
+    n = len(groups)
+    capacity = torch.tensor([g.numel() for g in groups])
+    if size >= n:
+        counts = torch.full((n,), size // n)
+        counts[torch.linspace(0, n - 1, size % n).round().long()] += 1
+    else:
+        counts = torch.zeros(n, dtype=torch.long)
+        counts[torch.linspace(0, n - 1, size).round().long()] = 1
+    counts = _fit_counts(counts, capacity, size)
+    return _random_within(groups, counts, torch.Generator().manual_seed(seed))
+
+
+def select_normal_timesteps(
+    t: torch.Tensor, features: torch.Tensor | None, size: int, seed: int, params: SelectionParams
+) -> torch.Tensor:
+    """Timesteps drawn from a truncated normal over [0, T], snapped to the sampler's timesteps."""
+    values, groups = _timestep_groups(t)
+    generator = torch.Generator().manual_seed(seed)
+    total = params.num_train_timesteps
+    draws: list[float] = []
+    while len(draws) < size:
+        batch = torch.randn(4 * size + 16, generator=generator, dtype=torch.float64)
+        batch = (params.normal_mean + params.normal_std * batch) * total
+        draws.extend(batch[(batch >= 0) & (batch <= total)].tolist())
+    drawn = torch.tensor(draws[:size], dtype=torch.float64)
+    nearest = torch.argmin((drawn[:, None] - values.double()[None, :]).abs(), dim=1)
+    counts = torch.bincount(nearest, minlength=values.numel())
+    counts = _fit_counts(counts, torch.tensor([g.numel() for g in groups]), size)
+    return _random_within(groups, counts, generator)
+
+
+def timestep_weights(t: torch.Tensor, features: torch.Tensor, params: SelectionParams) -> torch.Tensor:
+    """EDA-DM's per-timestep weights ``norm(D) + lambda * norm(V)`` (ascending timestep order)."""
+    _, groups = _timestep_groups(t)
+    flat = features.reshape(features.shape[0], -1).double()
+    means = torch.stack([flat[g].mean(0) for g in groups])
+    sq = torch.cdist(means, means).pow(2) / means.shape[1]
+    off = ~torch.eye(len(groups), dtype=torch.bool)
+    radius = params.radius if params.radius is not None else float(sq[off].median()) if off.any() else 0.0
+    density = ((sq <= radius) & off).sum(1).double()
+    unit = torch.nn.functional.normalize(means, dim=1)
+    diversity = ((1 - unit @ unit.T) * off).sum(1)
+
+    def minmax(v: torch.Tensor) -> torch.Tensor:
+        span = v.max() - v.min()
+        return (v - v.min()) / span if span > 0 else torch.ones_like(v)
+
+    return minmax(density) + params.diversity_weight * minmax(diversity)
+
+
+def farthest_points(points: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """Greedy k-center: start at a seeded random point, then repeatedly take the farthest point."""
+    n = points.shape[0]
+    if k >= n:
+        return torch.arange(n)
+    chosen = [int(torch.randint(n, (1,), generator=generator))]
+    distance = torch.cdist(points, points[chosen[-1]][None]).squeeze(1)
+    for _ in range(k - 1):
+        nxt = int(torch.argmax(distance))
+        chosen.append(nxt)
+        distance = torch.minimum(distance, torch.cdist(points, points[nxt][None]).squeeze(1))
+    return torch.tensor(chosen)
+
+
+def select_density_diversity(
+    t: torch.Tensor, features: torch.Tensor | None, size: int, seed: int, params: SelectionParams
+) -> torch.Tensor:
+    """EDA-DM allocation over timesteps, k-center selection within each timestep."""
+    if features is None:
+        raise DataError("density_diversity needs denoiser features for the pool")
+    _, groups = _timestep_groups(t)
+    weights = timestep_weights(t, features, params)
+    if float(weights.sum()) <= 0:
+        weights = torch.ones_like(weights)
+    counts = _fit_counts(_largest_remainder(weights, size), torch.tensor([g.numel() for g in groups]), size)
+    generator = torch.Generator().manual_seed(seed)
+    flat = features.reshape(features.shape[0], -1).float()
+    chosen = [
+        idx[farthest_points(flat[idx], k, generator)] for idx, k in zip(groups, counts.tolist(), strict=True) if k
+    ]
+    return torch.cat(chosen).sort().values
+
+
+SELECTORS: dict[str, Callable[..., torch.Tensor]] = {
+    "random": select_random,
+    "uniform_timesteps": select_uniform_timesteps,
+    "normal_timesteps": select_normal_timesteps,
+    "density_diversity": select_density_diversity,
+}
+
+
+def select_indices(
+    t: torch.Tensor,
+    features: torch.Tensor | None,
+    strategy: str,
+    size: int,
+    seed: int,
+    params: SelectionParams | None = None,
+) -> torch.Tensor:
+    """Choose ``size`` pool indices with ``strategy``.
+
+    Args:
+        t: Timestep of every pool entry.
+        features: Denoiser features of every pool entry (needed by ``density_diversity``).
+        strategy: One of :data:`STRATEGIES`.
+        size: Number of indices.
+        seed: Selection seed.
+        params: Strategy knobs.
+
+    Raises:
+        DataError: Unknown strategy or a size outside 1..pool size.
+    """
+    if strategy not in SELECTORS:
+        raise DataError(f"unknown calibration strategy {strategy!r}; available: {', '.join(STRATEGIES)}")
+    if not 0 < size <= t.numel():
+        raise DataError(f"calibration size {size} must be between 1 and the pool size {t.numel()}")
+    chosen = SELECTORS[strategy](t, features, size, seed, params or SelectionParams())
+    if chosen.numel() != size or chosen.unique().numel() != size:
+        raise AssertionError(f"{strategy} returned {chosen.numel()} indices for size {size}")
+    return chosen
+
+
+def select(
+    pool: Trajectories,
+    strategy: str,
+    size: int,
+    seed: int,
+    features: torch.Tensor | None = None,
+    params: SelectionParams | None = None,
+) -> torch.Tensor:
+    """Choose ``size`` pool indices with ``strategy`` (see the strategies above).
+
+    Raises:
+        DataError: Unknown strategy or a size larger than the pool.
+    """
+    return select_indices(pool.t, features, strategy, size, seed, params)
+
+
+@torch.no_grad()
+def pool_features(
+    unet: nn.Module, pool: Trajectories, conditional: bool, module: str = "mid_block", batch_size: int = 512
+) -> torch.Tensor:
+    """Output of ``module`` (default: the mid block) for every pool entry, flattened per entry.
+
+    Raises:
+        DataError: If the model has no module of that name.
+    """
+    try:
+        target = unet.get_submodule(module)
+    except AttributeError:
+        raise DataError(f"calibration.feature_module {module!r} is not a module of the denoiser") from None
+    captured: list[torch.Tensor] = []
+
+    def hook(_module: nn.Module, _inputs: object, output: object) -> None:
+        tensor = output[0] if isinstance(output, tuple) else output
+        captured.append(tensor.detach().flatten(1).float())
+
+    handle = target.register_forward_hook(hook)
+    try:
+        denoiser_outputs(unet, pool, conditional, batch_size, description="Computing pool features")
+    finally:
+        handle.remove()
+    return torch.cat(captured)
+
+
+@dataclass
+class CalibrationSelection:
+    """A calibration set chosen from a pool, and the disjoint inputs held out for SQNR.
+
+    Attributes:
+        calibration: The selected denoiser inputs.
+        sqnr: Pool inputs not in the selection (unbiased SQNR of the denoiser output).
+        indices: Pool indices of ``calibration`` (sorted).
+        sqnr_indices: Pool indices of ``sqnr`` (sorted).
+        features: Per-input features of the whole pool (None when neither the strategy nor the
+            caller needed them).
+        params: The strategy's knobs as used.
+        seconds: Wall time of features plus selection.
+    """
+
+    calibration: Trajectories
+    sqnr: Trajectories
+    indices: torch.Tensor
+    sqnr_indices: torch.Tensor
+    features: torch.Tensor | None
+    params: SelectionParams
+    seconds: float
+
+
+def select_calibration(
+    pool: Trajectories,
+    model: DiffusionModel,
+    config: CalibrationSpec | None = None,
+    *,
+    sqnr_inputs: int = 256,
+    with_features: bool = False,
+) -> CalibrationSelection:
+    """Choose the calibration set from a pool with the config's strategy, and hold out SQNR inputs.
+
+    Args:
+        pool: The candidate pool (:func:`diffquant.collect_pool`).
+        model: The float model the pool came from (its features drive ``density_diversity``).
+        config: Strategy, size, seed and the strategies' knobs (default: density-diversity, 256).
+        sqnr_inputs: Pool inputs outside the selection kept for SQNR.
+        with_features: Compute the pool features even when the strategy does not need them.
+
+    Raises:
+        DataError: A size larger than the pool, or a feature module the model lacks.
+
+    Example:
+        >>> chosen = diffquant.select_calibration(pool, model, diffquant.CalibrationSpec(size=64))
+        >>> len(chosen.calibration)
+        64
+    """
+    cal = config or CalibrationSpec()
+    start = time.perf_counter()
+    features = None
+    if with_features or cal.strategy == "density_diversity":
+        module = cal.feature_module or model.family_info.feature_module
+        features = pool_features(model.unet, pool, model.conditional, module)
+    params = SelectionParams(
+        normal_mean=cal.normal_mean,
+        normal_std=cal.normal_std,
+        num_train_timesteps=int(model.scheduler_config.get("num_train_timesteps", 1000)),
+        radius=cal.radius,
+        diversity_weight=cal.diversity_weight,
+    )
+    chosen = select(pool, cal.strategy, cal.size, cal.seed, features, params)
+    seconds = time.perf_counter() - start
+    sqnr = held_out_indices(len(pool), chosen, sqnr_inputs, cal.seed)
+    return CalibrationSelection(
+        subset(pool, chosen),
+        subset(pool, sqnr),
+        chosen,
+        sqnr,
+        features,
+        params,
+        seconds,
+    )

@@ -1,0 +1,764 @@
+"""ONNX export of a (fake-quantized) denoiser in TensorRT's explicit-quantization (Q/DQ) form.
+
+The exported graph takes ``sample`` (N, C, H, W float32), ``timestep`` (N, int64) and, for
+class-conditional models, ``class_labels`` (N, int64) or, for text-conditioned models, ``input_ids``
+(N, L, int64: the text encoder runs inside the graph), and returns ``noise_pred`` (N, C, H, W).
+The batch dimension is dynamic.
+
+How each planned layer (a Conv2d or Linear named in the :class:`LayerPlan`) is written:
+
+- **Weights** are stored as integer initializers followed by one ``DequantizeLinear``; no float
+  copy of a quantized weight is kept, so the file is really small. Zero points are 0, scales are
+  float32 initializers. Weights of 2-4 bits are stored as ``INT4``, weights of 5-8 bits as
+  ``INT8`` (the smallest ONNX integer type that holds them). The integers are the fake-quant
+  model's ``clamp(round(w / s), -2**(b-1), 2**(b-1) - 1)``, so a 3-bit weight stored in INT4 only
+  takes values in ``[-4, 3]`` and a 6-bit weight stored in INT8 only ``[-32, 31]``: the b-bit
+  clamp is preserved in the values, and the dequantized weight is bit-identical to PyTorch's.
+  Per-channel scales lie on the output-channel axis: axis 0 for Conv weights ``[O, I, kh, kw]``;
+  Linear layers are exported as ``MatMul(x, W^T) + bias`` with the weight stored transposed
+  ``[I, O]``, so their output axis is 1. Group-wise scales use ``DequantizeLinear``'s
+  ``block_size`` (opset 21): blocks along axis 1 (input channels) for Conv, axis 0 for the
+  transposed Linear weight.
+- **Input activations** get ``QuantizeLinear -> DequantizeLinear`` with a per-tensor float32
+  scale and an INT8 zero point of 0. ``QuantizeLinear`` saturates to the *type's* range, so an
+  activation at b < 8 bits gets a ``Clip(x, qmin*s, qmax*s)`` in front of the INT8 Q/DQ with the
+  same scale: the result equals the b-bit fake quant ``clamp(round(x/s), qmin, qmax) * s``.
+  (onnxruntime's CPU provider also runs INT4 activation Q/DQ, but TensorRT takes INT4 only as
+  weight-only ``DequantizeLinear``, so the Clip form is the portable one.)
+- Full-precision layers stay float (plain Conv / MatMul on float initializers).
+
+The graph is traced with the legacy (TorchScript) exporter, which TensorRT tooling uses, at opset
+``min(opset, 20)`` and then declared at ``opset``: opset 21 only widened types (INT4/UINT4) of
+the operators the tracer emits (Cast, Reshape, Transpose, Pad, ...), it changed no semantics.
+
+Every planned layer's compute node is named ``<fqn>/Conv`` or ``<fqn>/MatMul``; its quantizers
+are ``<fqn>/weight_quantizer/DequantizeLinear`` and ``<fqn>/input_quantizer/{Clip,QuantizeLinear,
+DequantizeLinear}``. The model's ``metadata_props`` hold ``diffquant.layers`` (JSON: layer FQN to
+compute node name and kind) so that :mod:`export.rules` can find each layer.
+
+Models whose initializers exceed ``external_data_threshold`` bytes are saved with their tensors in
+one external data file ``<name>.onnx.data`` beside the ``.onnx``.
+
+**The onnxruntime form** (``target="onnxruntime"``, ``export.target: onnxruntime``): onnxruntime's
+CPU optimizer fuses ``DQ -> Conv -> Q`` into an integer ``QLinearConv`` only when the Conv's
+output is quantized too and its bias comes from an INT32 ``DequantizeLinear``; otherwise every
+Conv stays a float Conv behind a weight ``DequantizeLinear`` that runs on every call (slower than
+FP32). In this form:
+
+- activation Q/DQ (inputs and outputs) use ``UINT8`` with zero point 128: the same grid as the
+  symmetric INT8 fake quant with zero point 0, shifted by 128 (``clamp(round(x/s), -128, 127) + 128``
+  equals ``saturate_u8(round(x/s) + 128)``), and what onnxruntime's x86 kernels run fastest
+  (u8 activations, s8 weights);
+- a Conv2d layer whose plan has an ``output`` quantizer gets ``<fqn>/output_quantizer/
+  {Clip,QuantizeLinear,DequantizeLinear}`` after its Conv, and its bias is stored as INT32
+  ``round(b / (s_in * s_w))`` (per output channel) behind ``<fqn>/bias_quantizer/DequantizeLinear``
+  with scale ``s_in * s_w``. The PyTorch model keeps a float bias; the rounding moves it by at
+  most half of ``s_in * s_w`` (about 1e-6 here), far below the parity tolerance;
+- weights are written as in the TensorRT form.
+
+The model's ``metadata_props`` hold ``diffquant.target`` (``tensorrt`` or ``onnxruntime``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F  # noqa: N812
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+from diffquant.errors import ExportError
+from diffquant.models.loading import DiffusionModel
+from diffquant.quant.formats import IntFormat, group_view
+from diffquant.quant.modules import FakeQuantizer, QuantConv2d, QuantizerMode, QuantLinear
+from diffquant.quant.plan import QUANTIZABLE, ActivationConfig, LayerConfig, LayerPlan, WeightConfig
+
+logger = logging.getLogger(__name__)
+
+INPUT_NAMES = ("sample", "timestep")
+CONDITION_INPUTS = {"class": "class_labels", "text": "input_ids"}
+OUTPUT_NAME = "noise_pred"
+LAYERS_METADATA_KEY = "diffquant.layers"
+TARGET_METADATA_KEY = "diffquant.target"
+TARGETS = ("tensorrt", "onnxruntime")
+ORT_ACTIVATION_ZERO_POINT = 128
+ONNXRUNTIME_FORM_REASON = (
+    "the export is in the onnxruntime form (UINT8 activations, zero point 128), which TensorRT does not take; "
+    "use export.target: tensorrt for an engine"
+)
+DEFAULT_OPSET = 21
+MIN_OPSET = 13
+BLOCKED_OPSET = 21
+TRACE_MAX_OPSET = 20  # the legacy exporter's symbolic functions stop at 20
+DEFAULT_EXTERNAL_DATA_THRESHOLD = 100 * 1024 * 1024
+_MARK_DOMAIN = "diffquant.export"
+
+
+def storage_type(bits: int) -> int:
+    """ONNX integer type that stores a ``bits``-bit weight: INT4 for 2-4 bits, INT8 for 5-8."""
+    IntFormat(bits)
+    return TensorProto.INT4 if bits <= 4 else TensorProto.INT8
+
+
+@dataclass(frozen=True)
+class ExportInfo:
+    """Where an export was written and what it holds."""
+
+    path: Path
+    external_data: Path | None
+    opset: int
+    quantized_layers: int
+    weight_bytes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (paths as strings)."""
+        return {
+            "path": str(self.path),
+            "external_data": str(self.external_data) if self.external_data else None,
+            "opset": self.opset,
+            "quantized_layers": self.quantized_layers,
+            "weight_bytes": self.weight_bytes,
+        }
+
+
+class _Mark(torch.autograd.Function):
+    """Identity in PyTorch; a ``diffquant.export::Mark`` node in the exported graph."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, layer: str, role: str) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def symbolic(g: Any, x: Any, layer: str, role: str) -> Any:
+        return g.op(f"{_MARK_DOMAIN}::Mark", x, layer_s=layer, role_s=role).setType(x.type())
+
+
+def _mark(x: torch.Tensor, layer: str, role: str) -> torch.Tensor:
+    return _Mark.apply(x, layer, role)
+
+
+class _ExportConv(nn.Module):
+    """A Conv2d whose input, weight (and, in the onnxruntime form, bias and output) carry export marks.
+
+    Numerically the float layer: marks are identities in PyTorch.
+    """
+
+    def __init__(
+        self, layer: nn.Conv2d, name: str, mark_input: bool, mark_output: bool = False, mark_bias: bool = False
+    ) -> None:
+        super().__init__()
+        self.name, self.mark_input = name, mark_input
+        self.mark_output, self.mark_bias = mark_output, mark_bias and layer.bias is not None
+        self.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+        self.stride, self.padding, self.dilation, self.groups = (
+            layer.stride,
+            layer.padding,
+            layer.dilation,
+            layer.groups,
+        )
+        self.padding_mode = layer.padding_mode
+        self.pad = layer._reversed_padding_repeated_twice
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mark_input:
+            x = _mark(x, self.name, "input")
+        w = _mark(self.weight, self.name, "weight")
+        b = _mark(self.bias, self.name, "bias") if self.mark_bias else self.bias
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self.pad, mode=self.padding_mode)
+            y = F.conv2d(x, w, b, self.stride, 0, self.dilation, self.groups)
+        else:
+            y = F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+        return _mark(y, self.name, "output") if self.mark_output else y
+
+
+class _ExportLinear(nn.Module):
+    """A Linear exported as ``MatMul(x, W^T) + b`` with the transposed weight as the initializer.
+
+    A layer that keeps leading tokens in float (``fp_tokens``) becomes
+    ``Concat(Expand(FP outputs), MatMul(Q/DQ(x[:, k:]), W^T) + b)`` along the token axis.
+    """
+
+    def __init__(self, layer: nn.Linear, name: str, mark_input: bool) -> None:
+        super().__init__()
+        self.name, self.mark_input = name, mark_input
+        self.weight_t = nn.Parameter(layer.weight.detach().t().contiguous(), requires_grad=False)
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+        self.fp_tokens = int(getattr(layer, "fp_tokens", 0))
+        if self.fp_tokens:
+            self.register_buffer("fp_token_outputs", layer.fp_token_outputs.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        head = None
+        if self.fp_tokens:
+            head = self.fp_token_outputs.unsqueeze(0).expand(x.shape[0], -1, -1)
+            x = x[:, self.fp_tokens :]
+        if self.mark_input:
+            x = _mark(x, self.name, "input")
+        y = torch.matmul(x, _mark(self.weight_t, self.name, "weight"))
+        y = y if self.bias is None else y + self.bias
+        return y if head is None else torch.cat([head, y], dim=1)
+
+
+class _Denoiser(nn.Module):
+    """``(sample, timestep[, condition]) -> noise prediction`` over a denoiser."""
+
+    def __init__(self, unet: nn.Module, conditional: bool) -> None:
+        super().__init__()
+        self.unet, self.conditional = unet, conditional
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, condition: torch.Tensor | None = None):
+        return self.unet(sample, timestep, condition if self.conditional else None).sample
+
+
+def _weight_config(quantizer: FakeQuantizer) -> WeightConfig:
+    if quantizer.group_size is not None:
+        return WeightConfig(quantizer.bits, "per_group", quantizer.observer_name, quantizer.group_size)
+    return WeightConfig(
+        quantizer.bits, "per_channel" if quantizer.axis is not None else "per_tensor", quantizer.observer_name
+    )
+
+
+def plan_from_model(unet: nn.Module) -> LayerPlan:
+    """The plan a (fake-quantized) denoiser carries: its quantizers, and every other layer in float.
+
+    Args:
+        unet: The denoiser, with ``QuantLinear`` / ``QuantConv2d`` layers where quantized.
+    """
+    plan = LayerPlan()
+    for name, module in unet.named_modules():
+        if isinstance(module, (QuantLinear, QuantConv2d)):
+            wq, aq, oq = module.weight_quantizer, module.input_quantizer, module.output_quantizer
+            plan[name] = LayerConfig(
+                _weight_config(wq) if wq is not None else None,
+                ActivationConfig(aq.bits, aq.observer_name) if aq is not None else None,
+                output=ActivationConfig(oq.bits, oq.observer_name) if oq is not None else None,
+            )
+        elif isinstance(module, QUANTIZABLE):
+            plan[name] = LayerConfig(None, None)
+    return plan
+
+
+def _check_matches(unet: nn.Module, plan: LayerPlan) -> None:
+    """Raise :class:`ExportError` unless the model's quantizers are exactly the plan's."""
+    carried = plan_from_model(unet)
+    for name, cfg in plan.items():
+        if name not in carried:
+            raise ExportError(
+                f"plan layer {name!r} is not a Linear/Conv2d of the model; export with the plan it was quantized with"
+            )
+        own = carried[name]
+        w_own = own.weight and (own.weight.bits, own.weight.granularity, own.weight.group_size)
+        w_plan = cfg.weight and (cfg.weight.bits, cfg.weight.granularity, cfg.weight.group_size)
+        a_own = own.activation and own.activation.bits
+        a_plan = cfg.activation and cfg.activation.bits
+        o_own = own.output and own.output.bits
+        o_plan = cfg.output and cfg.output.bits
+        if w_own != w_plan or a_own != a_plan or o_own != o_plan:
+            output = f", output {o_own}" if o_own or o_plan else ""
+            output_plan = f", output {o_plan}" if o_own or o_plan else ""
+            raise ExportError(
+                f"layer {name!r}: the model has weight {w_own}, activation {a_own}{output} but the plan says weight "
+                f"{w_plan}, activation {a_plan}{output_plan}; export the model quantized with this plan"
+            )
+    extra = [n for n, c in carried.items() if n not in plan and not c.is_full_precision]
+    if extra:
+        raise ExportError(
+            f"layer {extra[0]!r} is quantized in the model but not in the plan; pass the model's own plan"
+        )
+
+
+def _quantizer_ready(name: str, quantizer: FakeQuantizer, role: str) -> None:
+    if quantizer.mode is not QuantizerMode.QUANTIZE:
+        raise ExportError(
+            f"layer {name!r}: {role} quantizer is not calibrated (mode {quantizer.mode.value}); calibrate before export"
+        )
+    if not torch.isfinite(quantizer.scale).all() or (quantizer.scale <= 0).any():
+        raise ExportError(f"layer {name!r}: {role} scale is not positive and finite; recalibrate before export")
+
+
+def _pack_int4(values: np.ndarray) -> bytes:
+    """Pack signed 4-bit integers two per byte, the first element in the low nibble (ONNX layout)."""
+    flat = values.astype(np.int8).reshape(-1)
+    if flat.size % 2:
+        flat = np.concatenate([flat, np.zeros(1, np.int8)])
+    nibbles = flat.view(np.uint8) & 0x0F
+    return (nibbles[0::2] | (nibbles[1::2] << 4)).astype(np.uint8).tobytes()
+
+
+def _int_tensor(name: str, values: np.ndarray, data_type: int) -> TensorProto:
+    if data_type == TensorProto.INT4:
+        return helper.make_tensor(name, data_type, list(values.shape), _pack_int4(values), raw=True)
+    return numpy_helper.from_array(values.astype(np.int8), name)
+
+
+def _quantized_weight(layer: QuantLinear | QuantConv2d) -> tuple[np.ndarray, np.ndarray, int | None, int | None]:
+    """Integers, scales, axis and block size of ``layer``'s weight in the exported layout.
+
+    The integers are computed with the same operations as the fake quant (divide, round half to
+    even, clamp), so dequantizing them reproduces PyTorch's weight bit for bit.
+    """
+    quantizer = layer.weight_quantizer
+    assert quantizer is not None
+    w = layer.weight.detach().float()
+    scale = quantizer.scale.detach().float()
+    fmt = quantizer.fmt
+    linear = isinstance(layer, QuantLinear)
+    if quantizer.group_size is not None:
+        g = quantizer.group_size
+        q = torch.clamp(torch.round(group_view(w, g) / scale.unsqueeze(2)), fmt.qmin, fmt.qmax).reshape(w.shape)
+        if linear:
+            return q.t().numpy(), scale.t().contiguous().numpy(), 0, g
+        return q.numpy(), scale.numpy(), 1, g
+    if quantizer.axis is None:
+        q = torch.clamp(torch.round(w / scale.reshape(())), fmt.qmin, fmt.qmax)
+        return (q.t() if linear else q).numpy(), scale.reshape(()).numpy(), None, None
+    shape = [-1] + [1] * (w.dim() - 1)
+    q = torch.clamp(torch.round(w / scale.reshape(shape)), fmt.qmin, fmt.qmax)
+    if linear:
+        return q.t().numpy(), scale.numpy(), 1, None
+    return q.numpy(), scale.numpy(), 0, None
+
+
+class _Graph:
+    """Index of a graph's producers, consumers and initializers for rewriting."""
+
+    def __init__(self, graph: onnx.GraphProto) -> None:
+        self.graph = graph
+        self.inits = {t.name: t for t in graph.initializer}
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        self.removed: set[tuple[str, ...]] = set()
+        for node in graph.node:
+            for name in node.input:
+                self.consumers.setdefault(name, []).append(node)
+
+    def add_init(self, tensor: TensorProto) -> str:
+        if tensor.name in self.inits:
+            raise ExportError(f"initializer name {tensor.name!r} is taken; rename the layer before export")
+        self.graph.initializer.append(tensor)
+        self.inits[tensor.name] = tensor
+        return tensor.name
+
+    def drop_init_if_unused(self, name: str, removed: onnx.NodeProto) -> None:
+        self.removed.add(tuple(removed.output))
+        users = [n for n in self.consumers.get(name, []) if tuple(n.output) not in self.removed]
+        if name in self.inits and not users and name not in {o.name for o in self.graph.output}:
+            self.graph.initializer.remove(self.inits.pop(name))
+
+
+def _float_scalar(name: str, value: float) -> TensorProto:
+    return numpy_helper.from_array(np.array(value, dtype=np.float32), name)
+
+
+def _activation_zero_point(name: str, target: str) -> TensorProto:
+    """The activation zero point: INT8 0 (TensorRT form) or UINT8 128 (onnxruntime form)."""
+    if target == "onnxruntime":
+        return numpy_helper.from_array(np.array(ORT_ACTIVATION_ZERO_POINT, dtype=np.uint8), name)
+    return numpy_helper.from_array(np.array(0, dtype=np.int8), name)
+
+
+def _activation_qdq(
+    index: _Graph, name: str, role: str, quantizer: FakeQuantizer, source: str, out: str, suffix: str, target: str
+) -> list[onnx.NodeProto]:
+    """``[Clip ->] QuantizeLinear -> DequantizeLinear`` for the ``role`` (input/output) quantizer of ``name``."""
+    _quantizer_ready(name, quantizer, role)
+    scale = float(quantizer.scale.reshape(-1)[0])
+    fmt = quantizer.fmt
+    prefix = f"{name}/{role}_quantizer"
+    s_name, z_name = f"{name}.{role}_scale", f"{name}.{role}_zero_point"
+    lo, hi = f"{name}.{role}_clip_min", f"{name}.{role}_clip_max"
+    if s_name not in index.inits:
+        index.add_init(_float_scalar(s_name, scale))
+        index.add_init(_activation_zero_point(z_name, target))
+        if fmt.bits < 8:
+            index.add_init(_float_scalar(lo, fmt.qmin * scale))
+            index.add_init(_float_scalar(hi, fmt.qmax * scale))
+    nodes = []
+    q_in = source
+    if fmt.bits < 8:
+        q_in = f"{prefix}/Clip{suffix}_output_0"
+        nodes.append(helper.make_node("Clip", [source, lo, hi], [q_in], name=f"{prefix}/Clip{suffix}"))
+    quantized = f"{prefix}/QuantizeLinear{suffix}_output_0"
+    nodes.append(
+        helper.make_node("QuantizeLinear", [q_in, s_name, z_name], [quantized], name=f"{prefix}/QuantizeLinear{suffix}")
+    )
+    nodes.append(
+        helper.make_node(
+            "DequantizeLinear", [quantized, s_name, z_name], [out], name=f"{prefix}/DequantizeLinear{suffix}"
+        )
+    )
+    return nodes
+
+
+def quantized_bias(layer: QuantConv2d) -> tuple[np.ndarray, np.ndarray]:
+    """``(int32 bias, float32 scale)`` of ``layer``'s bias for onnxruntime's integer convolution.
+
+    The scale is ``s_in * s_w`` (what ``QLinearConv`` accumulates in); the integers are the fake
+    quant's own ``round(b / scale)`` (:meth:`QuantConv2d.bias_integers`), so the dequantized bias
+    is PyTorch's bit for bit.
+    """
+    if not layer.integer_bias():
+        raise ExportError("an INT32 bias needs a Conv2d with bias and input, weight and output quantizers")
+    with torch.no_grad():
+        return layer.bias_integers().numpy().astype(np.int32), layer.bias_scale().numpy().astype(np.float32)
+
+
+def _lower_weight(
+    index: _Graph,
+    node: onnx.NodeProto,
+    module: nn.Module,
+    cfg: LayerConfig,
+    name: str,
+    suffix: str,
+    call: int,
+    layers: dict[str, dict[str, str]],
+) -> list[onnx.NodeProto]:
+    """Lower a weight Mark: name the compute node, then a DequantizeLinear of the stored integers (or nothing)."""
+    source, out = node.input[0], node.output[0]
+    users = index.consumers.get(out, [])
+    if len(users) != 1 or users[0].op_type not in ("Conv", "MatMul"):
+        raise ExportError(f"layer {name!r}: its weight feeds {[u.op_type for u in users]}, not one Conv/MatMul")
+    compute = users[0]
+    compute.name = f"{name}/{compute.op_type}{suffix}"
+    layers.setdefault(name, {"node": compute.name, "kind": "conv" if compute.op_type == "Conv" else "linear"})
+    if cfg.weight is None:
+        compute.input[1] = source
+        return []
+    assert isinstance(module, (QuantLinear, QuantConv2d)) and module.weight_quantizer is not None
+    _quantizer_ready(name, module.weight_quantizer, "weight")
+    q, scale, axis, block = _quantized_weight(module)
+    data_type = storage_type(cfg.weight.bits)
+    q_name, s_name, z_name = f"{name}.weight_quantized", f"{name}.weight_scale", f"{name}.weight_zero_point"
+    if not call:
+        index.add_init(_int_tensor(q_name, q, data_type))
+        index.add_init(numpy_helper.from_array(scale.astype(np.float32), s_name))
+        index.add_init(_int_tensor(z_name, np.zeros(scale.shape, np.int8), data_type))
+    index.drop_init_if_unused(source, node)
+    kwargs: dict[str, int] = {}
+    if axis is not None:
+        kwargs["axis"] = axis
+    if block is not None:
+        kwargs["block_size"] = block
+    prefix = f"{name}/weight_quantizer"
+    return [
+        helper.make_node(
+            "DequantizeLinear", [q_name, s_name, z_name], [out], name=f"{prefix}/DequantizeLinear{suffix}", **kwargs
+        )
+    ]
+
+
+def _lower_bias(
+    index: _Graph, node: onnx.NodeProto, module: nn.Module, name: str, suffix: str, call: int
+) -> onnx.NodeProto:
+    """Lower a bias Mark (onnxruntime form): the INT32 bias on the grid ``s_in * s_w``, dequantized."""
+    assert isinstance(module, QuantConv2d)
+    for part in ("input", "weight"):
+        quantizer = getattr(module, f"{part}_quantizer")
+        assert quantizer is not None
+        _quantizer_ready(name, quantizer, part)
+    q_name, s_name = f"{name}.bias_quantized", f"{name}.bias_scale"
+    if not call:
+        q, scale = quantized_bias(module)
+        index.add_init(numpy_helper.from_array(q, q_name))
+        index.add_init(numpy_helper.from_array(scale, s_name))
+    index.drop_init_if_unused(node.input[0], node)
+    axis_kwargs = {"axis": 0} if module.weight_quantizer.axis is not None else {}
+    return helper.make_node(
+        "DequantizeLinear",
+        [q_name, s_name],
+        [node.output[0]],
+        name=f"{name}/bias_quantizer/DequantizeLinear{suffix}",
+        **axis_kwargs,
+    )
+
+
+def _lower_marks(
+    model: onnx.ModelProto, unet: nn.Module, plan: LayerPlan, target: str = "tensorrt"
+) -> dict[str, dict[str, str]]:
+    """Replace every Mark node by its Q/DQ lowering (or by nothing); name the compute nodes.
+
+    A layer called more than once (DiT's output layer reuses block 0's timestep embedder) gets
+    one set of initializers and numbered nodes (``<fqn>/MatMul``, ``<fqn>/MatMul_1``, ...).
+
+    Returns:
+        ``{layer_fqn: {"node": compute node name, "kind": "conv" | "linear"}}``.
+    """
+    graph = model.graph
+    index = _Graph(graph)
+    layers: dict[str, dict[str, str]] = {}
+    calls: dict[tuple[str, str], int] = {}
+    new_nodes: list[onnx.NodeProto] = []
+    for node in list(graph.node):
+        if node.domain != _MARK_DOMAIN:
+            new_nodes.append(node)
+            continue
+        attrs = {a.name: a.s.decode() for a in node.attribute}
+        name, role = attrs["layer"], attrs["role"]
+        module = unet.get_submodule(name)
+        cfg = plan[name]
+        source, out = node.input[0], node.output[0]
+        calls[(name, role)] = call = calls.get((name, role), -1) + 1
+        suffix = f"_{call}" if call else ""
+        if role == "weight":
+            new_nodes.extend(_lower_weight(index, node, module, cfg, name, suffix, call, layers))
+        elif role == "bias":
+            new_nodes.append(_lower_bias(index, node, module, name, suffix, call))
+        else:
+            assert isinstance(module, (QuantLinear, QuantConv2d))
+            quantizer = module.input_quantizer if role == "input" else module.output_quantizer
+            assert quantizer is not None
+            new_nodes.extend(_activation_qdq(index, name, role, quantizer, source, out, suffix, target))
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    for i, opset in enumerate(model.opset_import):
+        if opset.domain == _MARK_DOMAIN:
+            del model.opset_import[i]
+            break
+    missing = [n for n in plan if n not in layers]
+    if missing:
+        raise ExportError(f"layer {missing[0]!r} of the plan was not traced into the graph; is it used in forward?")
+    return layers
+
+
+def _wrap_layers(unet: nn.Module, plan: LayerPlan, target: str = "tensorrt") -> nn.Module:
+    """Copy ``unet`` with every planned layer replaced by its marked export module.
+
+    In the onnxruntime form, a Conv2d with an output quantizer also marks its output and (when
+    its input and weight are quantized) its bias, for the INT32 bias of ``QLinearConv``.
+    """
+    from diffquant.quant.plan import set_module
+
+    wrapped = _deepcopy_module(unet)
+    for name, cfg in plan.items():
+        layer = wrapped.get_submodule(name)
+        mark_input = cfg.activation is not None
+        if isinstance(layer, nn.Conv2d):
+            mark_output = cfg.output is not None
+            mark_bias = target == "onnxruntime" and isinstance(layer, QuantConv2d) and layer.integer_bias()
+            set_module(wrapped, name, _ExportConv(layer, name, mark_input, mark_output, mark_bias))
+        elif isinstance(layer, nn.Linear):
+            if cfg.output is not None:
+                raise ExportError(f"layer {name!r}: output quantizers apply to Conv2d layers only")
+            set_module(wrapped, name, _ExportLinear(layer, name, mark_input))
+        else:
+            raise ExportError(f"plan layer {name!r} is a {type(layer).__name__}, not Linear/Conv2d")
+    return wrapped
+
+
+def _deepcopy_module(module: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(module)
+
+
+def export_target(plan: LayerPlan, target: str | None = None) -> str:
+    """The export form for ``plan``: ``target``, or (None) ``onnxruntime`` when the plan has output quantizers.
+
+    Raises:
+        ExportError: If ``target`` is unknown, or ``tensorrt`` for a plan with output quantizers
+            (TensorRT's form has none; quantize with ``export.target: tensorrt``).
+    """
+    if target is None:
+        return "onnxruntime" if plan.has_outputs else "tensorrt"
+    if target not in TARGETS:
+        raise ExportError(f"unknown export target {target!r}; choose one of {', '.join(TARGETS)}")
+    if target == "tensorrt" and plan.has_outputs:
+        layer = next(name for name, cfg in plan.items() if cfg.output is not None)
+        raise ExportError(
+            f"layer {layer!r} has an output quantizer, which only the onnxruntime form holds; export with target "
+            "'onnxruntime' or quantize with export.target: tensorrt"
+        )
+    return target
+
+
+def onnx_target(path: str | Path) -> str:
+    """The Q/DQ form of the export at ``path`` (``diffquant.target`` metadata; ``tensorrt`` when absent).
+
+    Raises:
+        ExportError: If the file is not a readable ONNX model.
+    """
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as error:  # protobuf's DecodeError and OS errors alike
+        raise ExportError(f"{path} is not a readable ONNX model: {error}") from None
+    meta = {p.key: p.value for p in proto.metadata_props}
+    return meta.get(TARGET_METADATA_KEY, "tensorrt")
+
+
+def initializer_bytes(model: onnx.ModelProto) -> int:
+    """Bytes the initializers of ``model`` take when stored (INT4 counted packed, two per byte).
+
+    Works without loading external data: sizes come from element types and shapes.
+    """
+    total = 0
+    for tensor in model.graph.initializer:
+        numel = int(np.prod(tensor.dims, dtype=np.int64)) if tensor.dims else 1
+        if tensor.data_type in (TensorProto.INT4, TensorProto.UINT4):
+            total += (numel + 1) // 2
+        elif tensor.data_type == TensorProto.STRING:
+            total += sum(len(s) for s in tensor.string_data)
+        else:
+            total += numel * np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+    return total
+
+
+def onnx_weight_bytes(path: str | Path) -> int:
+    """Bytes of all initializers of the ONNX file at ``path`` (INT4 counted packed).
+
+    This is the exported counterpart of :func:`diffquant.quant.plan.packed_weight_bytes`: the
+    plan's ``packed`` count plus zero points and a few shape constants.
+    """
+    return initializer_bytes(onnx.load(str(path), load_external_data=False))
+
+
+def _save(model: onnx.ModelProto, path: Path, external: bool) -> Path | None:
+    """Save atomically: into a temporary folder beside ``path``, then rename (data file first)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    data_name = f"{path.name}.data"
+    try:
+        if external:
+            onnx.save_model(
+                model,
+                str(tmp / path.name),
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=data_name,
+                size_threshold=1024,
+            )
+            os.replace(tmp / data_name, path.parent / data_name)
+        else:
+            onnx.save_model(model, str(tmp / path.name))
+        os.replace(tmp / path.name, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if not external and (path.parent / data_name).exists():
+        (path.parent / data_name).unlink()
+    return path.parent / data_name if external else None
+
+
+def _trace(model: DiffusionModel, wrapped: nn.Module, opset: int, example_batch: int) -> onnx.ModelProto:
+    """Trace the wrapped denoiser (Mark nodes at every quantizer) with the legacy exporter."""
+    c, h, w = model.sample_shape
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn((example_batch, c, h, w), generator=generator)
+    timestep = torch.arange(example_batch, dtype=torch.long) * 7 + 1
+    args: tuple[torch.Tensor, ...] = (sample, timestep)
+    names = list(INPUT_NAMES)
+    if model.condition is not None:
+        condition, _ = model.conditions(example_batch, "calibration")
+        assert condition is not None
+        args = (*args, condition)
+        names.append(CONDITION_INPUTS[model.condition])
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        raw = Path(tmp) / "traced.onnx"
+        with torch.no_grad():
+            torch.onnx.export(
+                wrapped,
+                args,
+                str(raw),
+                dynamo=False,
+                opset_version=min(opset, TRACE_MAX_OPSET),
+                input_names=names,
+                output_names=[OUTPUT_NAME],
+                dynamic_axes={n: {0: "batch"} for n in [*names, OUTPUT_NAME]},
+                custom_opsets={_MARK_DOMAIN: 1},
+                do_constant_folding=True,
+            )
+        return onnx.load(str(raw))
+
+
+def _check_and_save(
+    proto: onnx.ModelProto, path: Path, external_data_threshold: int
+) -> tuple[onnx.ModelProto, Path | None, int]:
+    """Infer shapes, check the graph and write it (external data past the threshold).
+
+    Returns:
+        The checked model, the external data file (or None) and the initializer bytes.
+    """
+    try:
+        proto = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
+        weight_bytes = initializer_bytes(proto)
+        external = weight_bytes > external_data_threshold
+        if not external:
+            onnx.checker.check_model(proto, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
+        raise ExportError(f"the exported graph is not valid ONNX: {str(error).splitlines()[0]}") from None
+    data = _save(proto, path, external)
+    if external:
+        onnx.checker.check_model(str(path), full_check=True)
+    return proto, data, weight_bytes
+
+
+def export_onnx(
+    model: DiffusionModel,
+    plan: LayerPlan | None,
+    path: str | Path,
+    opset: int = DEFAULT_OPSET,
+    external_data_threshold: int = DEFAULT_EXTERNAL_DATA_THRESHOLD,
+    example_batch: int = 2,
+    target: str | None = None,
+) -> ExportInfo:
+    """Export ``model``'s denoiser to ONNX, quantized layers as Q/DQ (see the module docstring).
+
+    Args:
+        model: The FP model, or a fake-quantized one (``quantize_model`` / ``load_quantized``).
+        plan: The plan the model was quantized with; None takes the plan the model's quantizers
+            carry (all float for an FP model). The model's quantizers must match it exactly.
+        path: Target ``.onnx`` file (written atomically).
+        opset: ONNX opset; 21 or more when the plan has INT4 (2-4 bit) or group-wise weights.
+        external_data_threshold: Save tensors to ``<path>.data`` when initializers exceed this
+            many bytes.
+        example_batch: Batch size of the tracing inputs (the exported batch axis is dynamic).
+        target: ``tensorrt`` (TensorRT's explicit-quantization form) or ``onnxruntime`` (UINT8
+            activations, output Q/DQ and INT32 biases that onnxruntime fuses into ``QLinearConv``);
+            None: ``onnxruntime`` when the plan has output quantizers, else ``tensorrt``.
+
+    Returns:
+        The written paths, opset, number of quantized layers and initializer bytes.
+
+    Raises:
+        ExportError: Plan and model disagree, a quantizer is uncalibrated, the opset is too old
+            for the plan, the target is unknown or cannot hold the plan, or the graph cannot be
+            rewritten.
+    """
+    path = Path(path)
+    unet = model.unet
+    if plan is None:
+        plan = plan_from_model(unet)
+    else:
+        _check_matches(unet, plan)
+    target = export_target(plan, target)
+    needs_21 = [n for n, c in plan.items() if c.weight is not None and (c.weight.bits <= 4 or c.weight.group_size)]
+    if opset < MIN_OPSET or (needs_21 and opset < BLOCKED_OPSET):
+        raise ExportError(
+            f"opset {opset} cannot hold this plan (layer {needs_21[0] if needs_21 else '-'!r}); use opset {BLOCKED_OPSET}"
+        )
+    proto = _trace(model, _Denoiser(_wrap_layers(unet, plan, target), model.conditional).eval(), opset, example_batch)
+    for entry in proto.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            entry.version = opset
+    layers = _lower_marks(proto, unet, plan, target)
+    proto.metadata_props.append(onnx.StringStringEntryProto(key=LAYERS_METADATA_KEY, value=json.dumps(layers)))
+    proto.metadata_props.append(onnx.StringStringEntryProto(key=TARGET_METADATA_KEY, value=target))
+    proto.producer_name = "diffquant"
+    proto, data, weight_bytes = _check_and_save(proto, path, external_data_threshold)
+    quantized = len(plan.quantized_layers())
+    logger.info(
+        "exported %s (%s form, %d quantized layers, %d initializer bytes)", path, target, quantized, weight_bytes
+    )
+    return ExportInfo(path, data, opset, quantized, weight_bytes)

@@ -1,0 +1,1 @@
+"""Quantized fine-tuning: learned step sizes (LSQ), QALoRA adapters and data-free distillation."""

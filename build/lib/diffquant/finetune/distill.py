@@ -1,0 +1,263 @@
+"""Data-free distillation of a fake-quantized denoiser (EfficientDM-style QALoRA + LSQ).
+
+The FP denoiser is the teacher. Inputs are the teacher's own DDIM trajectories (the calibration
+pool: no training data); the trajectory always advances with the teacher. The loss is the MSE
+between the student's and the teacher's noise predictions at the same ``(x_t, t, label)``.
+
+Trainable: a QALoRA adapter on each selected quantized layer (merged into the weight at the
+end, so the result is a plain low-bit model) and, optionally, the LSQ step sizes of their weight
+and input quantizers. Batches are drawn with a generator seeded by ``(seed, step)`` and the
+learning rate is a pure function of the step, so a run resumed from a checkpoint ends exactly
+where an uninterrupted run ends.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from diffquant.errors import DataError
+from diffquant.quant.formats import SCALE_EPS
+from diffquant.quant.modules import QuantConv2d, QuantLinear
+from diffquant.quant.plan import resolve_globs
+from diffquant.sampling import Trajectories, denoiser_outputs
+from diffquant.spec import FinetuneSpec
+from diffquant.storage import load_safetensors, save_safetensors, write_json
+
+logger = logging.getLogger(__name__)
+
+LATEST = "latest.json"
+RULES = ("all", "time_embedding", "attention", "top_k")
+
+
+@dataclass
+class DistillResult:
+    """What a run did."""
+
+    steps: int
+    resumed_from: int
+    seconds: float
+    trainable_parameters: int
+    layers: list[str]
+    first_loss: float | None = None
+    last_loss: float | None = None
+    losses: list[tuple[int, float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (losses thinned to at most 200 points)."""
+        stride = max(1, len(self.losses) // 200)
+        return {
+            "steps": self.steps,
+            "resumed_from": self.resumed_from,
+            "seconds": self.seconds,
+            "trainable_parameters": self.trainable_parameters,
+            "layers": self.layers,
+            "first_loss": self.first_loss,
+            "last_loss": self.last_loss,
+            "losses": self.losses[::stride],
+        }
+
+
+def select_layers(
+    unet: nn.Module,
+    rule: str = "all",
+    globs: Iterable[str] = (),
+    sensitivity: dict[str, float] | None = None,
+    top_k: int = 8,
+) -> list[str]:
+    """Choose the quantized layers to train (QuEST's selective training).
+
+    Args:
+        unet: The fake-quantized denoiser.
+        rule: ``all`` quantized layers, ``time_embedding`` (layers under ``time_embedding`` or
+            named ``time_emb_proj``), ``attention`` (layers under an ``attentions`` block), or
+            ``top_k`` most sensitive layers by ``sensitivity`` (layer -> noise).
+        globs: Extra layer globs added to the rule's set.
+        sensitivity: Needed by ``top_k``.
+        top_k: How many layers ``top_k`` takes.
+
+    Raises:
+        ValueError: Unknown rule, ``top_k`` without sensitivities, a glob matching nothing, or an empty set.
+    """
+    quantized = [n for n, m in unet.named_modules() if isinstance(m, (QuantLinear, QuantConv2d))]
+    if rule not in RULES:
+        raise ValueError(f"unknown trainable rule {rule!r}; choose one of {', '.join(RULES)}")
+    if rule == "all":
+        chosen = set(quantized)
+    elif rule == "time_embedding":
+        chosen = {n for n in quantized if n.startswith("time_embedding") or n.endswith("time_emb_proj")}
+    elif rule == "attention":
+        chosen = {n for n in quantized if ".attentions." in f".{n}."}
+    else:
+        if not sensitivity:
+            raise ValueError("rule top_k needs a sensitivity table (an 'allocation' section in the spec)")
+        ranked = sorted((n for n in quantized if n in sensitivity), key=lambda n: -sensitivity[n])
+        chosen = set(ranked[:top_k])
+    chosen |= resolve_globs(quantized, globs)
+    if not chosen:
+        raise ValueError(f"trainable rule {rule!r} selects no quantized layer")
+    return [n for n in quantized if n in chosen]
+
+
+def prepare_student(student: nn.Module, layers: list[str], cfg: FinetuneSpec) -> list[dict[str, Any]]:
+    """Attach adapters and make scales learnable on ``layers``; freeze everything else.
+
+    Returns:
+        Optimizer parameter groups (adapters at ``lr``, scales at ``scale_lr``).
+    """
+    for param in student.parameters():
+        param.requires_grad_(False)
+    adapters, scales = [], []
+    for i, name in enumerate(layers):
+        layer = student.get_submodule(name)
+        if layer.weight_quantizer is not None:
+            layer.add_adapter(cfg.rank, cfg.alpha, seed=cfg.seed * 100_003 + i)
+            adapters += [layer.lora_A, layer.lora_B]
+            if cfg.learn_weight_scales:
+                scales.append(layer.weight_quantizer.make_learnable())
+        if cfg.learn_activation_scales:
+            for quantizer in (layer.input_quantizer, layer.output_quantizer):
+                if quantizer is not None:
+                    scales.append(quantizer.make_learnable())
+    groups = [{"params": adapters, "lr": cfg.lr, "base_lr": cfg.lr}]
+    if scales:
+        groups.append({"params": scales, "lr": cfg.scale_lr, "base_lr": cfg.scale_lr})
+    return groups
+
+
+def finalize_student(student: nn.Module) -> None:
+    """Merge every adapter into its weight and turn learned scales back into buffers."""
+    for module in student.modules():
+        if isinstance(module, (QuantLinear, QuantConv2d)):
+            module.merge_adapter()
+            for quantizer in (module.weight_quantizer, module.input_quantizer, module.output_quantizer):
+                if quantizer is not None:
+                    quantizer.freeze()
+    for param in student.parameters():
+        param.requires_grad_(False)
+
+
+def _named_trainable(student: nn.Module) -> dict[str, nn.Parameter]:
+    return {name: p for name, p in student.named_parameters() if p.requires_grad}
+
+
+def _lr_factor(step: int, steps: int) -> float:
+    """Cosine decay from 1 to 0.05 over the run (a pure function of the step)."""
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(step, steps) / max(steps, 1)))
+
+
+def save_checkpoint(folder: Path, step: int, student: nn.Module, optimizer: torch.optim.Optimizer) -> Path:
+    """Write trainable tensors and optimizer state at ``step`` as safetensors, then point ``latest.json`` at it."""
+    target = Path(folder) / f"step-{step:07d}"
+    tensors = {f"param/{k}": v.detach().clone() for k, v in _named_trainable(student).items()}
+    names = list(_named_trainable(student))
+    index = {id(p): names[i] for i, p in enumerate(_named_trainable(student).values())}
+    for param, state in optimizer.state.items():
+        for key, value in state.items():
+            tensors[f"optim/{index[id(param)]}/{key}"] = value.detach().clone().reshape(value.shape)
+    save_safetensors(tensors, target / "state.safetensors")
+    write_json({"step": step, "path": str(target / "state.safetensors")}, Path(folder) / LATEST)
+    return target
+
+
+def load_checkpoint(folder: Path, student: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Restore the latest checkpoint in ``folder``; returns its step (0 when there is none)."""
+    pointer = Path(folder) / LATEST
+    if not pointer.is_file():
+        return 0
+    info = json.loads(pointer.read_text())
+    tensors = load_safetensors(Path(info["path"]))
+    params = _named_trainable(student)
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(tensors[f"param/{name}"])
+    for name, param in params.items():
+        state = {k.rsplit("/", 1)[1]: v for k, v in tensors.items() if k.startswith(f"optim/{name}/")}
+        if state:
+            optimizer.state[param] = state
+    logger.info("resuming fine-tuning from step %d (%s)", info["step"], info["path"])
+    return int(info["step"])
+
+
+def distill(
+    student: nn.Module,
+    teacher: nn.Module,
+    pool: Trajectories,
+    conditional: bool,
+    layers: list[str],
+    cfg: FinetuneSpec,
+    checkpoint_dir: Path,
+    on_log: Callable[[int, float, float], None] | None = None,
+    log_every: int = 10,
+) -> DistillResult:
+    """Fine-tune ``student`` against ``teacher`` on pool inputs; resumes from ``checkpoint_dir``.
+
+    Args:
+        student: Fake-quantized denoiser (modified in place; adapters merged at the end).
+        teacher: FP denoiser.
+        pool: Teacher trajectories (inputs only; targets come from the teacher).
+        conditional: Pass class labels.
+        layers: Trainable layers (see :func:`select_layers`).
+        cfg: Hyper-parameters (the spec's ``finetune`` section; ``trainable`` is applied by the caller).
+        checkpoint_dir: Checkpoints every ``cfg.checkpoint_every`` steps; a previous run's latest
+            checkpoint there is resumed.
+        on_log: ``(step, loss, lr)`` every ``log_every`` steps and at the last (e.g. MLflow).
+        log_every: Steps between ``on_log`` calls.
+
+    Raises:
+        DataError: If the loss becomes non-finite.
+    """
+    from diffquant.progress import track
+
+    groups = prepare_student(student, layers, cfg)
+    scales = [p for g in groups[1:] for p in g["params"]]
+    optimizer = torch.optim.Adam(groups)
+    start = load_checkpoint(checkpoint_dir, student, optimizer)
+    result = DistillResult(cfg.steps, start, 0.0, sum(p.numel() for g in groups for p in g["params"]), layers)
+    teacher.eval()
+    # the teacher's predictions on the pool are fixed: compute them once (one batched no-grad pass)
+    targets = denoiser_outputs(teacher, pool, conditional)
+    student.train()
+    began = time.perf_counter()
+    with track("Fine-tuning", cfg.steps) as bar:
+        bar.advance(start)
+        for step in range(start, cfg.steps):
+            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+            idx = torch.randint(len(pool), (min(cfg.batch_size, len(pool)),), generator=generator)
+            x, t = pool.x[idx], pool.t[idx]
+            y = pool.labels[idx] if conditional else None
+            target = targets[idx]
+            factor = _lr_factor(step, cfg.steps)
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * factor
+            loss = torch.nn.functional.mse_loss(student(x, t, y).sample, target)
+            if not torch.isfinite(loss):
+                raise DataError(f"fine-tuning loss became {loss.item()} at step {step}; lower finetune.lr")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():  # a learned step size must stay a valid (positive) scale
+                for scale in scales:
+                    scale.clamp_(min=SCALE_EPS)
+            value = float(loss.detach())
+            result.first_loss = value if result.first_loss is None else result.first_loss
+            result.last_loss = value
+            result.losses.append((step, value))
+            if on_log is not None and (step % log_every == 0 or step == cfg.steps - 1):
+                on_log(step, value, optimizer.param_groups[0]["lr"])
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+                save_checkpoint(checkpoint_dir, step + 1, student, optimizer)
+            bar.advance()
+    student.eval()
+    finalize_student(student)
+    result.seconds = time.perf_counter() - began
+    return result

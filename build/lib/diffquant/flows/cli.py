@@ -1,0 +1,389 @@
+"""The ``diffquant`` command line (typer + rich).
+
+Exit status: 0 on success, 2 on any user error (one line on stderr, no traceback), 1 on a bug.
+Prefect's own console logs are silenced unless ``--verbose`` or ``PREFECT_LOGGING_LEVEL`` is set;
+every flow and task run is still recorded in Prefect's API (``<DIFFQUANT_HOME>/prefect``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="diffquant: compress diffusion models (calibrate, quantize, evaluate), tracked in MLflow.",
+)
+console = Console(stderr=True)
+
+RunnerOption = Annotated[
+    str | None, typer.Option(help="Task runner of the parallel stages: default or dask (runtime.runner).")
+]
+WorkersOption = Annotated[
+    int | None, typer.Option(help="Threads (default runner) or Dask worker processes (runtime.workers).", min=1)
+]
+
+
+class _RichHandle:
+    def __init__(self, progress: Progress, task: TaskID) -> None:
+        self.progress, self.task = progress, task
+
+    def advance(self, amount: int = 1) -> None:
+        self.progress.advance(self.task, amount)
+
+
+class RichReporter:
+    """Progress reporter that draws rich bars (installed into diffquant.progress)."""
+
+    def __init__(self, progress: Progress) -> None:
+        """Use ``progress`` (already started) for all bars."""
+        self.progress = progress
+
+    def start(self, description: str, total: int) -> _RichHandle:
+        """Add a bar."""
+        return _RichHandle(self.progress, self.progress.add_task(description, total=total))
+
+    def stop(self, handle: _RichHandle) -> None:
+        """Complete a bar (it stays visible)."""
+        task = self.progress.tasks[[t.id for t in self.progress.tasks].index(handle.task)]
+        self.progress.update(handle.task, completed=task.total)
+
+
+def _setup(verbose: bool) -> Path:
+    from diffquant.errors import DiffquantError
+    from diffquant.registry.home import configure_environment, diffquant_home, ensure_writable
+
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False)],
+        force=True,
+    )
+    if not verbose:
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "CRITICAL")
+    try:
+        home = ensure_writable(diffquant_home(), "diffquant home (MLflow and Prefect state)")
+    except DiffquantError as error:
+        _fail(error)
+    configure_environment(home)
+    return home
+
+
+def _quiet_prefect(verbose: bool) -> None:
+    """Silence Prefect's and MLflow's console loggers (also when imported before the CLI ran)."""
+    if verbose:
+        return
+    for name in list(logging.root.manager.loggerDict):
+        if name == "prefect" or name.startswith("prefect."):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def _fail(error: BaseException) -> None:
+    console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def _run_flow(verbose: bool, flow_fn: Any, **kwargs: Any) -> Any:
+    """Run a flow under rich progress bars; a user error prints one line and exits 2."""
+    from diffquant import progress as progress_mod
+    from diffquant.errors import DiffquantError
+
+    _quiet_prefect(verbose)
+    with _progress() as bars:
+        progress_mod.set_reporter(RichReporter(bars))
+        try:
+            return flow_fn(**kwargs)
+        except DiffquantError as error:
+            bars.stop()
+            _fail(error)
+        finally:
+            progress_mod.set_reporter(None)
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+def _preflight(uri: str, spec: Any) -> None:
+    """Registry name (when the spec registers), MLflow server and Prefect API checks, before any model is loaded."""
+    from prefect.settings import PREFECT_API_URL
+
+    from diffquant.registry.preflight import preflight
+
+    preflight(uri, PREFECT_API_URL.value(), spec.registered_model_name() if spec.promote.register_model else None)
+
+
+def _runtime_overrides(runner: str | None, workers: int | None) -> list[str]:
+    """``--runner``/``--workers`` as spec overrides (they win over ``--set``)."""
+    items = [f"runtime.runner={runner}"] if runner is not None else []
+    return items + ([f"runtime.workers={workers}"] if workers is not None else [])
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return "inf" if math.isinf(value) else f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def _summary_table(summary: dict[str, Any]) -> Table:
+    metrics = summary["metrics"]
+    table = Table(title=f"diffquant compress: {summary['model']['name']} ({summary['plan']['description']})")
+    table.add_column("metric")
+    for stage in metrics:
+        table.add_column(stage, justify="right")
+    for name in sorted({k for stage in metrics.values() for k in stage}):
+        table.add_row(name, *(_fmt(metrics[s].get(name)) for s in metrics))
+    sizes = summary["sizes"]
+    table.add_row("weight bytes", f"{sizes['fp32_bytes']:,}", f"{sizes['packed_bytes']:,}")
+    return table
+
+
+@app.command()
+def compress(
+    config: Annotated[
+        Path | None, typer.Argument(help="YAML spec (configs/*.yaml); default: W8A8 on digits-unet.")
+    ] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a spec key: section.key=value (repeatable).")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Output folder (default: <DIFFQUANT_HOME>/runs/<time>-<spec hash>).")
+    ] = None,
+    runner: RunnerOption = None,
+    workers: WorkersOption = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show diffquant and Prefect logs.")] = False,
+) -> None:
+    """Calibrate, quantize and evaluate a model; log everything to MLflow and write summary.json."""
+    home = _setup(verbose)
+    from diffquant.calibration.labels import read_labels_file
+    from diffquant.errors import DiffquantError
+    from diffquant.models.loading import load_model
+    from diffquant.registry.home import ensure_writable, tracking_uri
+    from diffquant.spec import load_spec
+
+    try:
+        spec = load_spec(config, [*(set_ or []), *_runtime_overrides(runner, workers)])
+        uri = tracking_uri(home)
+        if uri.startswith("sqlite:///"):
+            ensure_writable(Path(uri.removeprefix("sqlite:///")).parent, "MLflow home")
+        _preflight(uri, spec)
+        model = load_model(name=spec.model.name, path=spec.model.path, prompts=spec.model.prompts)
+        if spec.calibration.labels_file:
+            read_labels_file(Path(spec.calibration.labels_file), model.num_classes, model.condition)
+    except DiffquantError as error:
+        _fail(error)
+    from diffquant.flows.compress import compress_flow
+
+    start = time.perf_counter()
+    summary = _run_flow(verbose, compress_flow, spec=spec.to_dict(), out_dir=str(out) if out else None)
+    console.print(_summary_table(summary))
+    console.print(f"total wall time: {time.perf_counter() - start:.1f} s")
+    console.print(
+        f"MLflow run {summary['run_id']} (experiment {summary['experiment']}); "
+        f"UI: mlflow ui --backend-store-uri {summary['tracking_uri']}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    typer.echo(summary["summary_path"])
+
+
+@app.command()
+def sweep(
+    config: Annotated[Path, typer.Argument(help="YAML spec with an 'allocation' section.")],
+    budgets: Annotated[str, typer.Option(help="Average weight bits budgets, comma-separated.")] = "3,3.5,4,5,6,8",
+    baselines: Annotated[str, typer.Option(help="Uniform weight bits to compare, comma-separated.")] = "8,4,3",
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a spec key (repeatable).")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Output folder (default <DIFFQUANT_HOME>/sweeps/<time>).")
+    ] = None,
+    runner: RunnerOption = None,
+    workers: WorkersOption = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show diffquant and Prefect logs.")] = False,
+) -> None:
+    """Allocate, quantize and evaluate at several budgets; write sweep.json and a Pareto plot."""
+    home = _setup(verbose)
+    from diffquant.errors import DiffquantError, SpecError
+    from diffquant.models.loading import load_model
+    from diffquant.registry.home import tracking_uri
+    from diffquant.spec import load_spec
+
+    try:
+        spec = load_spec(config, [*(set_ or []), *_runtime_overrides(runner, workers)])
+        budget_list = [float(b) for b in budgets.split(",") if b.strip()]
+        baseline_list = [int(b) for b in baselines.split(",") if b.strip()]
+        if spec.allocation is None:
+            raise SpecError(f"{config} has no 'allocation' section; sweep varies the allocation budget")
+        _preflight(tracking_uri(home), spec)
+        load_model(name=spec.model.name, path=spec.model.path, prompts=spec.model.prompts)
+    except ValueError:
+        _fail(ValueError("--budgets takes numbers like 3,3.5,4 and --baselines integers like 8,4"))
+    except DiffquantError as error:
+        _fail(error)
+    from diffquant.flows.sweep import sweep_flow
+
+    result = _run_flow(
+        verbose,
+        sweep_flow,
+        spec=spec.to_dict(),
+        budgets=budget_list,
+        baselines=baseline_list,
+        out_dir=str(out) if out else None,
+    )
+    table = Table(title="diffquant sweep")
+    for column in ("point", "bytes", "avg bits", "accuracy", "FD to real", "FD to FP", "sensitivity cached"):
+        table.add_column(column)
+    for p in result["points"]:
+        table.add_row(
+            p["label"],
+            f"{p['packed_bytes']:,}",
+            _fmt(p["avg_weight_bits"]),
+            _fmt(p["accuracy"]),
+            _fmt(p["fd_real"]),
+            _fmt(p["fd_fp"]),
+            _fmt(p["sensitivity_cache_hit"]),
+        )
+    console.print(table)
+    typer.echo(result["sweep_path"])
+
+
+@app.command("train-reference")
+def train_reference(
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Destination (default: the package's bundled weights).")
+    ] = None,
+    steps: Annotated[
+        int | None, typer.Option(help="Training steps of each chosen model (default: its shipped run).", min=1)
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of every training.")] = 0,
+    model: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--model", help="digits-unet (with the classifier), digits-dit or digits-t2i; repeatable; default all."
+        ),
+    ] = None,
+    eval_samples: Annotated[int, typer.Option(help="Samples for the model-card metrics.", min=10)] = 2000,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show diffquant and Prefect logs.")] = False,
+) -> None:
+    """Retrain the bundled reference models (digits-unet with its classifier, digits-dit, digits-t2i) from a seed."""
+    _setup(verbose)
+    from diffquant.flows.train_reference import train_reference_flow
+
+    result = _run_flow(
+        verbose,
+        train_reference_flow,
+        out_dir=str(out) if out else None,
+        steps=steps,
+        seed=seed,
+        eval_samples=eval_samples,
+        models=model,
+    )
+    table = Table(title=f"reference models written to {result['out_dir']}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in result.items():
+        if key != "out_dir":
+            table.add_row(key, _fmt(value))
+    console.print(table)
+
+
+@app.command()
+def deploy(
+    model: Annotated[str, typer.Argument(help="Registered model name, e.g. digits-unet.")],
+    target: Annotated[Path, typer.Option("--target", help="Bundle folder to write (replaced atomically).")],
+    alias: Annotated[str, typer.Option(help="Alias of the version to deploy.")] = "champion",
+    run_id: Annotated[str | None, typer.Option("--run-id", help="Deploy the version of this run instead.")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show logs.")] = False,
+) -> None:
+    """Fetch a registered version, verify every artifact's sha256, build for this GPU, write a bundle."""
+    home = _setup(verbose)
+    from diffquant.flows.deploy import deploy_flow
+
+    _registry_client(home)
+    result = _run_flow(
+        verbose, deploy_flow, model=model, target=str(target), alias=None if run_id else alias, run_id=run_id
+    )
+    console.print(f"{model} v{result['version']} -> {result['bundle']} ({result['engine_reason']})")
+
+
+@app.command()
+def promote(
+    model: Annotated[str, typer.Argument(help="Registered model name, e.g. digits-unet.")],
+    version: Annotated[str, typer.Argument(help="Version to make champion.")],
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show logs.")] = False,
+) -> None:
+    """Make VERSION the champion of MODEL by hand (gates are not checked; the action is recorded)."""
+    home = _setup(verbose)
+    from diffquant.registry.promotion import promote as promote_version
+
+    client = _registry_client(home)
+    _registry_action(lambda: promote_version(client, model, version))
+    console.print(f"{model}: champion is now version {version}")
+
+
+@app.command()
+def rollback(
+    model: Annotated[str, typer.Argument(help="Registered model name, e.g. digits-unet.")],
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show logs.")] = False,
+) -> None:
+    """Demote MODEL's champion and restore the best earlier version that passed its gates."""
+    home = _setup(verbose)
+    from diffquant.registry.promotion import rollback as rollback_model
+
+    client = _registry_client(home)
+    restored = _registry_action(lambda: rollback_model(client, model))
+    console.print(f"{model}: champion rolled back to version {restored}")
+
+
+def _registry_client(home: Path) -> Any:
+    from diffquant.errors import DiffquantError
+    from diffquant.registry.home import tracking_uri
+    from diffquant.registry.models import registry_client
+    from diffquant.registry.preflight import check_tracking_server
+
+    uri = tracking_uri(home)
+    try:
+        check_tracking_server(uri)
+    except DiffquantError as error:
+        _fail(error)
+    return registry_client(uri)
+
+
+def _registry_action(action: Any) -> Any:
+    from diffquant.errors import DiffquantError
+
+    _quiet_prefect(False)
+    try:
+        return action()
+    except DiffquantError as error:
+        _fail(error)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app(prog_name="diffquant")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

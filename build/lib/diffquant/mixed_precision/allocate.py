@@ -1,0 +1,258 @@
+"""From sensitivities and costs to a mixed-precision LayerPlan (the core of ``allocation``)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from diffquant.errors import ConfigError
+from diffquant.metrics import psnr
+from diffquant.mixed_precision.costs import (
+    MixedPrecisionInputs,
+    WeightChoice,
+    build_problem,
+    layer_macs,
+    option_name,
+    qkv_groups,
+)
+from diffquant.mixed_precision.sensitivity import SensitivityTable, measure_sensitivity
+from diffquant.mixed_precision.solver import Allocation, solve_allocation
+from diffquant.models.loading import DiffusionModel
+from diffquant.quant.plan import (
+    ActivationConfig,
+    LayerConfig,
+    LayerPlan,
+    WeightConfig,
+    quantizable_layers,
+    resolve_globs,
+)
+from diffquant.sampling import Trajectories, ddim_sample, initial_noise
+from diffquant.spec import AllocationSpec
+
+logger = logging.getLogger(__name__)
+
+
+def final_sample_probe(
+    model: DiffusionModel,
+    classifier: nn.Module | None,
+    samples: int,
+    steps: int,
+    seed: int,
+    content_layers: set[str],
+    psnr_all: bool,
+) -> Callable[[nn.Module, str], dict[str, float]]:
+    """Return ``(unet, layer) -> final-sample metrics`` against FP samples from the same noise.
+
+    For layers in ``content_layers`` the result has ``content`` (mean KL of the classifier's
+    logits, FP || quantized); with ``psnr_all`` every layer also gets ``psnr_db`` of the final
+    samples. Layers needing neither are not sampled (an empty dict).
+    """
+    labels, _ = model.conditions(samples, "calibration")
+    noise = initial_noise(samples, model.sample_shape, seed)
+    clamp = not model.latent
+    fp_images, _ = ddim_sample(
+        model.unet, model.scheduler_config, noise, labels, steps, description="FP samples", clamp=clamp
+    )
+    fp_logp = None
+    if classifier is not None:
+        with torch.no_grad():
+            fp_logp = torch.log_softmax(classifier(fp_images), dim=1)
+
+    def probe(unet: nn.Module, layer: str) -> dict[str, float]:
+        want_content = layer in content_layers and fp_logp is not None
+        if not (want_content or psnr_all):
+            return {}
+        images, _ = ddim_sample(
+            unet, model.scheduler_config, noise, labels, steps, description="Final samples", clamp=clamp
+        )
+        out: dict[str, float] = {}
+        if want_content:
+            with torch.no_grad():
+                logp = torch.log_softmax(classifier(images), dim=1)
+            out["content"] = float((fp_logp.exp() * (fp_logp - logp)).sum(1).mean())
+        if psnr_all:
+            out["psnr_db"] = psnr(fp_images, images)
+        return out
+
+    return probe
+
+
+def measure_allocation_sensitivity(
+    model: DiffusionModel,
+    calib: Trajectories,
+    config: AllocationSpec,
+    *,
+    weight_observer: str = "minmax",
+    activation_observer: str = "minmax",
+    steps: int = 50,
+    seed: int = 0,
+    classifier: nn.Module | None = None,
+    layers: list[str] | None = None,
+    description: str = "Measuring layer sensitivity",
+) -> SensitivityTable:
+    """Measure the sensitivity table that the allocation ``config`` needs.
+
+    Args:
+        model: The FP model.
+        calib: Calibration set (subsampled evenly to ``config.sensitivity_inputs``).
+        config: The allocation: its options and metrics.
+        weight_observer: Range observer of the weight candidates (``quantize.weight.observer``).
+        activation_observer: Range observer of the input candidates (``calibration.observer``).
+        steps: Sampler steps of the final-sample probes (content layers, PSNR).
+        seed: Evaluation seed; the probes draw their noise from ``seed + 1``.
+        classifier: Evaluation classifier (needed for content layers).
+        layers: Measure only these layers (default: all), e.g. one chunk of a parallel map.
+        description: Progress-bar label.
+
+    Raises:
+        ConfigError: Content layers that match nothing, or content layers without a classifier.
+    """
+    alloc = config
+    names = quantizable_layers(model.unet)
+    try:
+        content_layers = set(resolve_globs(names, alloc.content_layers))
+    except ValueError as error:
+        raise ConfigError("content_layers", str(error)) from None
+    if content_layers and (classifier is None or not model.digits_compatible):
+        raise ConfigError("content_layers", "needs a model the evaluation classifier can judge")
+    wanted = names if layers is None else layers
+    probe = None
+    if alloc.quality_metric == "psnr" or content_layers & set(wanted):
+        probe = final_sample_probe(
+            model,
+            classifier if content_layers else None,
+            alloc.content_samples,
+            steps,
+            seed + 1,
+            content_layers,
+            alloc.quality_metric == "psnr",
+        )
+    if len(calib) > alloc.sensitivity_inputs:
+        pick = torch.linspace(0, len(calib) - 1, alloc.sensitivity_inputs).round().long().unique()
+        calib = Trajectories(calib.x[pick], calib.t[pick], calib.labels[pick])
+    return measure_sensitivity(
+        model.unet,
+        calib,
+        model.conditional,
+        alloc.weight_bits,
+        alloc.activation_bits,
+        wanted,
+        weight_observer,
+        activation_observer,
+        [(b, g) for b in alloc.group_bits for g in alloc.group_sizes],
+        probe,
+        description,
+    )
+
+
+def read_latency_table(path: str) -> dict[str, dict[str, float]]:
+    """Read ``{layer: {option: ms}}`` measured on a target.
+
+    Raises:
+        ConfigError (``latency_table``): If the file is missing, not JSON, or not of that shape.
+    """
+    import json
+    from pathlib import Path
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise ConfigError("latency_table", f"{path} cannot be read as JSON: {error}") from None
+    if not isinstance(data, dict) or not all(
+        isinstance(v, dict) and all(isinstance(ms, (int, float)) for ms in v.values()) for v in data.values()
+    ):
+        raise ConfigError("latency_table", f"{path} must map layer -> option -> milliseconds")
+    return {layer: {opt: float(ms) for opt, ms in opts.items()} for layer, opts in data.items()}
+
+
+def _group_channels(layer: nn.Module) -> int:
+    if isinstance(layer, nn.Conv2d):
+        return layer.in_channels if layer.groups == 1 else 0
+    return int(getattr(layer, "in_features", 0))
+
+
+def allocate_plan(
+    model: DiffusionModel,
+    calib: Trajectories,
+    config: AllocationSpec,
+    table: SensitivityTable,
+    *,
+    weight_observer: str = "minmax",
+    activation_observer: str = "minmax",
+) -> tuple[LayerPlan, Allocation]:
+    """Solve the allocation program and turn the answer into a LayerPlan.
+
+    Args:
+        model: The FP model.
+        calib: Calibration inputs (their shapes give each layer's MACs).
+        config: The allocation: candidates, budget, objective, ties and pins.
+        table: Its sensitivity table (:func:`measure_allocation_sensitivity`).
+        weight_observer: Range observer of the planned weights.
+        activation_observer: Range observer of the planned inputs.
+
+    Raises:
+        ConfigError: Bad pins (unknown glob or option) or an unreadable latency table.
+        diffquant.mixed_precision.solver.AllocationInfeasibleError: When the budget cannot be met.
+    """
+    alloc = config
+    unet = model.unet
+    names = quantizable_layers(unet)
+    modules = {name: unet.get_submodule(name) for name in names}
+    weight_numel = {name: int(m.weight.numel()) for name, m in modules.items()}
+    layer_params = sum(p.numel() for m in modules.values() for p in m.parameters())
+    other = sum(p.numel() for p in unet.parameters()) - layer_params
+    other += sum(int(m.bias.numel()) for m in modules.values() if m.bias is not None)
+    inputs = MixedPrecisionInputs(
+        layers=names,
+        weight_numel=weight_numel,
+        out_channels={name: int(m.weight.shape[0]) for name, m in modules.items()},
+        macs=layer_macs(unet, (calib.x, calib.t, calib.labels if model.conditional else None)),
+        other_params=int(other),
+        group_channels={name: _group_channels(m) for name, m in modules.items()},
+    )
+    w_opts: list[WeightChoice] = [(b, None) for b in alloc.weight_bits]
+    w_opts += [(b, g) for b in alloc.group_bits for g in alloc.group_sizes]
+    w_opts += [(None, None)] if alloc.allow_float_weights else []
+    a_bits: list[int | None] = [*alloc.activation_bits, *([None] if alloc.allow_float_activations else [])]
+    choices = {option_name(w, a, g): (w, g, a) for w, g in w_opts for a in a_bits}
+    valid = set(choices)
+    pinned: dict[str, str] = {}
+    for pattern, option in alloc.pinned.items():
+        if option not in valid:
+            raise ConfigError("pinned", f"option {option!r} is not a candidate ({', '.join(sorted(valid))})")
+        try:
+            for name in resolve_globs(names, [pattern]):
+                pinned[name] = option
+        except ValueError as error:
+            raise ConfigError("pinned", str(error)) from None
+    metric = alloc.quality_metric
+
+    def noise(layer: str, kind: str, bits: int | None, group: int | None) -> float:
+        return table.noise(layer, kind, bits, group, metric)
+
+    problem = build_problem(
+        inputs,
+        noise,
+        table.content,
+        w_opts,
+        a_bits,
+        alloc.budget.as_dict(),
+        alloc.objective,
+        qkv_groups(names) if alloc.tie_qkv else [],
+        pinned,
+        read_latency_table(alloc.latency_table) if alloc.latency_table else None,
+    )
+    result = solve_allocation(problem)
+    plan = LayerPlan()
+    for name in names:
+        w, g, a = choices[result.choice[name]]
+        granularity = "per_group" if g is not None else "per_channel"
+        plan[name] = LayerConfig(
+            WeightConfig(w, granularity, weight_observer, g) if w is not None else None,
+            ActivationConfig(a, activation_observer) if a is not None else None,
+        )
+    logger.info("allocation: objective %.4g, usage %s", result.objective, result.usage)
+    return plan, result

@@ -1,0 +1,146 @@
+"""The cost model of mixed precision: per-layer MACs, bytes, average bits and BitOps, and the program they build."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from diffquant.mixed_precision.solver import AllocationProblem
+from diffquant.quant.plan import QUANTIZABLE
+
+FLOAT_BITS = 32
+"""Bits charged for a weight or input kept in float32."""
+
+WeightChoice = tuple[int | None, int | None]
+"""A weight candidate: ``(bits, group_size)``; ``(None, None)`` keeps float."""
+
+
+@torch.no_grad()
+def layer_macs(unet: nn.Module, sample: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]) -> dict[str, int]:
+    """Multiply-accumulates of every Linear/Conv2d for one denoiser call on ``sample`` (batch 1)."""
+    macs: dict[str, int] = {}
+    handles = []
+    for name, module in unet.named_modules():
+        if not isinstance(module, QUANTIZABLE):
+            continue
+
+        def hook(mod: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor, name: str = name) -> None:
+            if isinstance(mod, nn.Conv2d):
+                per_output = mod.in_channels // mod.groups * mod.kernel_size[0] * mod.kernel_size[1]
+                macs[name] = macs.get(name, 0) + int(output.numel() // output.shape[0]) * per_output
+            else:
+                tokens = inputs[0].numel() // inputs[0].shape[0] // mod.in_features
+                macs[name] = macs.get(name, 0) + tokens * mod.in_features * mod.out_features
+
+        handles.append(module.register_forward_hook(hook))
+    try:
+        x, t, y = sample
+        unet(x[:1], t[:1], None if y is None else y[:1])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return macs
+
+
+def option_name(weight_bits: int | None, act_bits: int | None, group_size: int | None = None) -> str:
+    """Name of a (weight, activation) option, e.g. ``w4a8``, ``w4g32a8`` (group-wise) or ``wfpa8``."""
+    group = f"g{group_size}" if group_size else ""
+    return f"w{weight_bits or 'fp'}{group}a{act_bits or 'fp'}"
+
+
+def qkv_groups(layers: Sequence[str]) -> list[list[str]]:
+    """Tie ``to_q``/``to_k``/``to_v`` of each attention block (they read the same input)."""
+    by_parent: dict[str, list[str]] = {}
+    for name in layers:
+        parent, _, leaf = name.rpartition(".")
+        if leaf in {"to_q", "to_k", "to_v"}:
+            by_parent.setdefault(parent, []).append(name)
+    return [group for group in by_parent.values() if len(group) > 1]
+
+
+@dataclass
+class MixedPrecisionInputs:
+    """What :func:`build_problem` needs about the model."""
+
+    layers: list[str]
+    weight_numel: dict[str, int]
+    out_channels: dict[str, int]
+    macs: dict[str, int]
+    other_params: int
+    group_channels: dict[str, int] = field(default_factory=dict)
+    """Input channels that weight groups may split (0 or absent: the layer takes no groups)."""
+
+
+def build_problem(
+    inputs: MixedPrecisionInputs,
+    noise: Callable[[str, str, int | None, int | None], float],
+    content: Callable[[str, str, int | None, int | None], float],
+    weight_options: Sequence[WeightChoice],
+    act_bits: Sequence[int | None],
+    budgets: Mapping[str, float],
+    objective_weights: Mapping[str, float],
+    groups: Sequence[Sequence[str]] = (),
+    pinned: Mapping[str, str] | None = None,
+    latency: Mapping[str, Mapping[str, float]] | None = None,
+) -> AllocationProblem:
+    """Assemble the allocation program from sensitivities and costs.
+
+    Args:
+        inputs: Layers, weight sizes, MACs and the parameter count outside the layers.
+        noise: ``(layer, kind, bits, group_size) -> noise power`` (kind ``weight`` or ``activation``).
+        content: ``(layer, kind, bits, group_size) -> content metric``.
+        weight_options: Candidate ``(bits, group_size)`` weights (``(None, None)``: float). A
+            group-wise option costs ``bits + 32 / g`` average bits (its fp32 scales) and is
+            unavailable to layers whose ``group_channels`` it does not divide.
+        act_bits: Candidate input bits (None: float).
+        budgets: Any of ``avg_weight_bits``, ``bytes`` (all parameters), ``bitops``.
+        objective_weights: ``quality`` and ``content`` weights of the normalised metrics.
+        groups: Tied layer groups.
+        pinned: Layer -> option name.
+        latency: Optional lookup ``layer -> option name -> ms``; options missing from it cannot
+            be taken by that layer.
+    """
+    options = [(w, g, a) for w, g in weight_options for a in act_bits]
+    names = [option_name(w, a, g) for w, g, a in options]
+    n_l, n_o = len(inputs.layers), len(options)
+    quality = np.zeros((n_l, n_o))
+    semantic = np.zeros((n_l, n_o))
+    avg_bits = np.zeros((n_l, n_o))
+    size = np.zeros((n_l, n_o))
+    bitops = np.zeros((n_l, n_o))
+    total_weights = sum(inputs.weight_numel.values())
+    for i, layer in enumerate(inputs.layers):
+        n = inputs.weight_numel[layer]
+        channels = inputs.group_channels.get(layer, 0)
+        for j, (w, g, a) in enumerate(options):
+            if g is not None and (channels == 0 or channels % g):
+                quality[i, j] = semantic[i, j] = np.nan
+                continue
+            quality[i, j] = noise(layer, "weight", w, g) + noise(layer, "activation", a, None)
+            semantic[i, j] = content(layer, "weight", w, g) + content(layer, "activation", a, None)
+            bits = w or FLOAT_BITS
+            avg_bits[i, j] = (bits + (FLOAT_BITS / g if g else 0.0)) * n / total_weights
+            scales = n // g if g else inputs.out_channels[layer]
+            size[i, j] = n * 4 if w is None else -(-n * w // 8) + 4 * scales
+            bitops[i, j] = inputs.macs.get(layer, 0) * bits * (a or FLOAT_BITS)
+    size[0, :] += inputs.other_params * 4
+
+    def normalised(matrix: np.ndarray) -> np.ndarray:
+        top = float(np.nanmax(matrix)) if np.isfinite(matrix).any() else 0.0
+        return matrix / top if top > 0 else matrix
+
+    cost = objective_weights.get("quality", 1.0) * normalised(quality)
+    cost = cost + objective_weights.get("content", 1.0) * normalised(semantic)
+    resources = {"avg_weight_bits": avg_bits, "bytes": size, "bitops": bitops}
+    if latency is not None:
+        table = np.full((n_l, n_o), np.nan)
+        for i, layer in enumerate(inputs.layers):
+            for j, name in enumerate(names):
+                table[i, j] = latency.get(layer, {}).get(name, np.nan)
+        cost = np.where(np.isfinite(table), cost, np.nan)
+        resources["latency_ms"] = np.nan_to_num(table, nan=0.0)
+    return AllocationProblem(inputs.layers, names, cost, resources, dict(budgets), groups, dict(pinned or {}))

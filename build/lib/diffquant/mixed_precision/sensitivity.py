@@ -1,0 +1,255 @@
+"""Per-layer sensitivity and costs for mixed-precision allocation.
+
+Sensitivity is measured one layer at a time (MixDQ): only that layer's weight (or only its input)
+is quantized, inside :func:`quantize_only`, which always restores the layer. Weight and
+activation effects are measured separately and added, so a (weight bits, activation bits)
+option costs ``noise_w + noise_a`` where ``noise = 10 ** (-SQNR / 10)`` is the denoiser-output
+noise power relative to the signal on the calibration set (additive to first order).
+
+An optional content metric (KL divergence of the evaluation classifier's logits between FP and
+quantized final samples from the same noise) is measured for layers matching the content globs
+(the layers that carry the condition); both metrics are kept in the table.
+
+Costs per (layer, option): packed weight bytes (``ceil(n * bits / 8)`` plus fp32 scales, 4 bytes
+per weight in float), BitOps (MACs at the sampler's resolution x weight bits x activation bits,
+32 for float) and the average-weight-bits contribution ``bits * n / N``.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from diffquant.metrics import sqnr_db
+from diffquant.progress import track
+from diffquant.quant.modules import QuantConv2d, QuantLinear, groups_allowed
+from diffquant.quant.plan import QUANTIZABLE, quantizable_layers, set_module
+from diffquant.sampling import Trajectories, denoiser_outputs
+
+SENSITIVITY_CODE_VERSION = "2"
+COLUMNS = ("layer", "kind", "bits", "group_size", "sqnr_db", "noise", "content", "psnr_db")
+
+
+@contextmanager
+def quantize_only(
+    model: nn.Module,
+    name: str,
+    weight_bits: int | None,
+    act_bits: int | None,
+    calib: Trajectories | None = None,
+    conditional: bool = True,
+    weight_observer: str = "minmax",
+    act_observer: str = "minmax",
+    group_size: int | None = None,
+) -> Iterator[nn.Module]:
+    """Temporarily replace layer ``name`` by a fake-quantized copy; always restores the original.
+
+    Args:
+        model: The denoiser (modified in place while the context is open).
+        name: Layer FQN.
+        weight_bits: Weight bits (None: float weight).
+        act_bits: Input bits (None: float input); calibrated on ``calib``.
+        calib: Calibration inputs (needed when ``act_bits`` is set).
+        conditional: Pass class labels from ``calib``.
+        weight_observer: Weight observer.
+        act_observer: Activation observer.
+        group_size: Group-wise weight scales over this many input channels (None: per channel).
+    """
+    original = model.get_submodule(name)
+    if not isinstance(original, QUANTIZABLE) or isinstance(original, (QuantLinear, QuantConv2d)):
+        raise ValueError(f"{name!r} is not a float Linear/Conv2d layer")
+    cls = QuantLinear if isinstance(original, nn.Linear) else QuantConv2d
+    replacement = cls.from_float(
+        original, weight_bits, act_bits, weight_observer, act_observer, per_channel=True, group_size=group_size
+    )
+    set_module(model, name, replacement)
+    try:
+        if act_bits is not None:
+            if calib is None:
+                raise ValueError("activation sensitivity needs calibration inputs")
+            replacement.input_quantizer.start_observing()
+            denoiser_outputs(model, calib, conditional)
+            replacement.input_quantizer.finish_observing()
+        yield replacement
+    finally:
+        set_module(model, name, original)
+
+
+def noise_power(sqnr: float) -> float:
+    """Relative noise power ``10 ** (-SQNR / 10)`` (0 for a lossless layer)."""
+    return 0.0 if math.isinf(sqnr) else 10.0 ** (-sqnr / 10.0)
+
+
+Row = dict[str, float | int | str | None]
+
+
+@dataclass
+class SensitivityTable:
+    """Rows of (layer, kind, bits, group_size, sqnr_db, noise, content, psnr_db).
+
+    ``kind`` is ``weight`` or ``activation``; ``group_size`` is set for group-wise weight rows;
+    ``content`` and ``psnr_db`` are empty where they were not measured.
+    """
+
+    rows: list[Row] = field(default_factory=list)
+
+    def _row(self, layer: str, kind: str, bits: int, group_size: int | None) -> Row:
+        index = getattr(self, "_index", None)
+        if index is None or len(index) != len(self.rows):
+            index = {(r["layer"], r["kind"], r["bits"], r.get("group_size")): r for r in self.rows}
+            self._index = index
+        try:
+            return index[(layer, kind, bits, group_size)]
+        except KeyError:
+            group = f" in groups of {group_size}" if group_size else ""
+            raise KeyError(f"no sensitivity for {layer} {kind} {bits} bits{group}") from None
+
+    def has(self, layer: str, kind: str, bits: int, group_size: int | None = None) -> bool:
+        """Whether the table holds a row for this layer and option."""
+        try:
+            self._row(layer, kind, bits, group_size)
+        except KeyError:
+            return False
+        return True
+
+    def noise(
+        self, layer: str, kind: str, bits: int | None, group_size: int | None = None, metric: str = "sqnr"
+    ) -> float:
+        """Relative noise power of quantizing ``kind`` of ``layer`` at ``bits`` (0 for float).
+
+        Args:
+            layer: Layer FQN.
+            kind: ``weight`` or ``activation``.
+            bits: Bit-width, None for float.
+            group_size: Group size of a group-wise weight option.
+            metric: ``sqnr`` (denoiser output) or ``psnr`` (final samples, where measured).
+        """
+        if bits is None:
+            return 0.0
+        row = self._row(layer, kind, bits, group_size)
+        if metric == "psnr":
+            if row.get("psnr_db") in (None, ""):
+                raise KeyError(f"no final-sample PSNR for {layer} {kind} {bits} bits")
+            return noise_power(float(row["psnr_db"]))
+        return float(row["noise"])
+
+    def content(self, layer: str, kind: str, bits: int | None, group_size: int | None = None) -> float:
+        """Content-metric value (0 for float or where it was not measured)."""
+        if bits is None:
+            return 0.0
+        value = self._row(layer, kind, bits, group_size).get("content")
+        return 0.0 if value in (None, "") else float(value)
+
+    def save_csv(self, path: Path) -> Path:
+        """Write the table as CSV (atomically)."""
+        from diffquant.storage import atomic_path
+
+        with atomic_path(Path(path)) as tmp, tmp.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(COLUMNS))
+            writer.writeheader()
+            for row in self.rows:
+                writer.writerow({k: row.get(k) for k in COLUMNS})
+        return Path(path)
+
+    @classmethod
+    def load_csv(cls, path: Path) -> SensitivityTable:
+        """Read a table written by :meth:`save_csv`.
+
+        Raises:
+            ValueError: If the file lacks a column of :data:`COLUMNS`.
+        """
+
+        def optional(value: str | None, kind: type) -> float | int | None:
+            return kind(value) if value not in (None, "") else None
+
+        rows = []
+        with Path(path).open(newline="") as handle:
+            reader = csv.DictReader(handle)
+            missing = set(COLUMNS) - set(reader.fieldnames or ())
+            if missing:
+                raise ValueError(f"{path}: not a sensitivity table (missing {', '.join(sorted(missing))})")
+            for row in reader:
+                rows.append(
+                    {
+                        "layer": row["layer"],
+                        "kind": row["kind"],
+                        "bits": int(row["bits"]),
+                        "group_size": optional(row["group_size"], int),
+                        "sqnr_db": float(row["sqnr_db"]),
+                        "noise": float(row["noise"]),
+                        "content": optional(row["content"], float),
+                        "psnr_db": optional(row["psnr_db"], float),
+                    }
+                )
+        return cls(rows)
+
+
+def measure_sensitivity(
+    unet: nn.Module,
+    calib: Trajectories,
+    conditional: bool,
+    weight_bits: Sequence[int],
+    act_bits: Sequence[int],
+    layers: Sequence[str] | None = None,
+    weight_observer: str = "minmax",
+    act_observer: str = "minmax",
+    group_options: Sequence[tuple[int, int]] = (),
+    final_fn: Callable[[nn.Module, str], dict[str, float]] | None = None,
+    description: str = "Measuring layer sensitivity",
+) -> SensitivityTable:
+    """Measure every layer's weight and input sensitivity at each candidate option.
+
+    Args:
+        unet: The FP denoiser (restored after every measurement).
+        calib: Calibration inputs; SQNR is taken over all of them.
+        conditional: Pass class labels.
+        weight_bits: Candidate per-channel weight bit-widths.
+        act_bits: Candidate input bit-widths.
+        layers: Layers to measure (default: every Linear/Conv2d).
+        weight_observer: Weight observer.
+        act_observer: Activation observer.
+        group_options: ``(bits, group_size)`` group-wise weight candidates, measured on the
+            layers that allow them.
+        final_fn: ``(model, layer) -> {"content": ..., "psnr_db": ...}`` final-sample metrics
+            for this measurement (an empty dict where none are wanted for the layer).
+        description: Progress-bar label.
+
+    Returns:
+        The table, one row per (layer, kind, bits, group size).
+    """
+    layers = list(layers) if layers is not None else quantizable_layers(unet)
+    reference = denoiser_outputs(unet, calib, conditional)
+    jobs: list[tuple[str, str, int, int | None]] = []
+    for name in layers:
+        module = unet.get_submodule(name)
+        jobs += [(name, "weight", bits, None) for bits in weight_bits]
+        jobs += [(name, "weight", b, g) for b, g in group_options if groups_allowed(module, g)]
+        jobs += [(name, "activation", bits, None) for bits in act_bits]
+    table = SensitivityTable()
+    with torch.no_grad(), track(description, len(jobs)) as bar:
+        for name, kind, bits, group in jobs:
+            w, a = (bits, None) if kind == "weight" else (None, bits)
+            with quantize_only(unet, name, w, a, calib, conditional, weight_observer, act_observer, group):
+                sqnr = sqnr_db(reference, denoiser_outputs(unet, calib, conditional))
+                extra = final_fn(unet, name) if final_fn is not None else {}
+            table.rows.append(
+                {
+                    "layer": name,
+                    "kind": kind,
+                    "bits": bits,
+                    "group_size": group,
+                    "sqnr_db": sqnr,
+                    "noise": noise_power(sqnr),
+                    "content": extra.get("content"),
+                    "psnr_db": extra.get("psnr_db"),
+                }
+            )
+            bar.advance()
+    return table

@@ -1,0 +1,1 @@
+"""Model adapters: the bundled reference models, their classifier, and local diffusers loading."""

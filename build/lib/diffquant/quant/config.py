@@ -1,0 +1,66 @@
+"""Per-layer quantization formats: one typed object per concept, shared by the spec and the plan.
+
+:class:`WeightConfig` is both the spec's ``quantize.weight`` (the uniform plan) and a plan entry's
+weight format; pydantic validates it wherever it comes from (YAML, ``--set``, a plan file, code).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from diffquant.quant.formats import MAX_BITS, MIN_BITS
+
+Granularity = Literal["per_channel", "per_tensor", "per_group"]
+Observer = Literal["minmax", "percentile", "mse"]
+
+
+class WeightConfig(BaseModel):
+    """Weight quantization of a layer (signed integers, symmetric).
+
+    ``granularity`` is ``per_channel`` (one scale per output channel), ``per_tensor`` or
+    ``per_group`` (one scale per ``group_size`` input channels of each output channel and kernel
+    position: ONNX's block-wise layout). In the spec's uniform plan, layers whose input channels
+    the group size does not divide (e.g. a 1-channel ``conv_in``) fall back to per-channel.
+
+    Example:
+        >>> WeightConfig(4, "per_group", group_size=32)
+        WeightConfig(bits=4, granularity='per_group', observer='minmax', group_size=32)
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    bits: int = Field(ge=MIN_BITS, le=MAX_BITS)
+    granularity: Granularity = "per_channel"
+    observer: Observer = "minmax"
+    group_size: int | None = Field(None, ge=2)
+
+    def __init__(
+        self,
+        bits: int | None = None,
+        granularity: str = "per_channel",
+        observer: str = "minmax",
+        group_size: int | None = None,
+        **data: Any,
+    ) -> None:
+        """Positional or keyword construction: ``WeightConfig(4, "per_channel", "mse")``."""
+        if bits is not None:
+            data["bits"] = bits
+        super().__init__(granularity=granularity, observer=observer, group_size=group_size, **data)
+
+    @model_validator(mode="after")
+    def _group(self) -> WeightConfig:
+        if (self.granularity == "per_group") != (self.group_size is not None):
+            raise ValueError("group_size is required with granularity per_group and only with it")
+        return self
+
+
+def one_line(error: ValidationError) -> str:
+    """A pydantic validation error as one line: ``field: message`` for each problem."""
+    parts = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"])
+        message = item["msg"].removeprefix("Value error, ")
+        parts.append(f"{where}: {message}" if where else message)
+    return "; ".join(parts)

@@ -1,0 +1,362 @@
+"""LayerPlan: the per-layer precision decision, and its application to a model by layer name.
+
+A plan maps every quantizable layer's fully qualified name (FQN) to
+``{"weight": {...} | None, "activation": {...} | None}``; ``None`` means full precision.
+Conv2d layers may also carry ``"output": {...}``: a per-tensor quantizer on the layer's output,
+used by the onnxruntime export form (:func:`with_output_quantizers`). Plans with output
+quantizers are saved as version 2; plans without are saved as version 1, as before.
+Full-precision globs are resolved once, when the plan is built, so the JSON artifact is the
+single source of truth for quantize, export and the report.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+from torch import nn
+
+from diffquant.quant.config import WeightConfig, one_line
+from diffquant.quant.formats import MAX_BITS, MIN_BITS
+from diffquant.quant.modules import FakeQuantizer, QuantConv2d, QuantLinear, groups_allowed
+
+QUANTIZABLE = (nn.Linear, nn.Conv2d)
+PLAN_VERSION = 1
+PLAN_VERSION_OUTPUTS = 2
+SUPPORTED_PLAN_VERSIONS = (PLAN_VERSION, PLAN_VERSION_OUTPUTS)
+
+
+@dataclass(frozen=True)
+class ActivationConfig:
+    """Activation quantization of one layer's input or output (per tensor)."""
+
+    bits: int
+    observer: str = "minmax"
+
+
+@dataclass(frozen=True)
+class LayerConfig:
+    """Precision of one layer; None parts stay in float.
+
+    ``fp_tokens`` (Linear layers over text-encoder states only) is the number of leading token
+    positions whose outputs are precomputed in full precision instead of quantized (MixDQ's
+    BOS-aware quantization; see :mod:`diffquant.outlier_tokens`). ``output`` (Conv2d layers
+    only) quantizes the layer's output per tensor, for the onnxruntime export form.
+    """
+
+    weight: WeightConfig | None
+    activation: ActivationConfig | None
+    fp_tokens: int = 0
+    output: ActivationConfig | None = None
+
+    @property
+    def is_full_precision(self) -> bool:
+        """True when neither weight nor input is quantized."""
+        return self.weight is None and self.activation is None
+
+
+class LayerPlan(dict[str, LayerConfig]):
+    """Mapping of layer FQN to :class:`LayerConfig`, with JSON round-trip."""
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """Return ``{fqn: {"weight": ..., "activation": ...}}`` in layer order."""
+
+        def part(cfg: WeightConfig | ActivationConfig | None) -> dict[str, Any] | None:
+            if cfg is None:
+                return None
+            data = dict(cfg.__dict__)
+            if data.get("group_size", 0) is None:
+                del data["group_size"]
+            return data
+
+        def layer(cfg: LayerConfig) -> dict[str, Any]:
+            data: dict[str, Any] = {"weight": part(cfg.weight), "activation": part(cfg.activation)}
+            if cfg.fp_tokens:
+                data["fp_tokens"] = cfg.fp_tokens
+            if cfg.output is not None:
+                data["output"] = part(cfg.output)
+            return data
+
+        return {name: layer(c) for name, c in self.items()}
+
+    @property
+    def has_outputs(self) -> bool:
+        """True when any layer quantizes its output (the onnxruntime export form)."""
+        return any(cfg.output is not None for cfg in self.values())
+
+    @property
+    def version(self) -> int:
+        """JSON format version: 2 when output quantizers are present, else 1."""
+        return PLAN_VERSION_OUTPUTS if self.has_outputs else PLAN_VERSION
+
+    def save(self, path: Path) -> Path:
+        """Write the plan as JSON (atomically); version 2 only when it has output quantizers."""
+        from diffquant.storage import write_json
+
+        return write_json({"version": self.version, "layers": self.to_json_dict()}, path, sort_keys=False)
+
+    @classmethod
+    def from_json_dict(cls, layers: dict[str, Any]) -> LayerPlan:
+        """Parse the ``layers`` mapping of a saved plan, validating bit-widths."""
+        plan = cls()
+        for name, cfg in layers.items():
+            try:
+                for part in ("weight", "activation", "output"):
+                    bits = (cfg.get(part) or {}).get("bits")
+                    if isinstance(bits, int) and not MIN_BITS <= bits <= MAX_BITS:
+                        raise ValueError(f"bits {bits} outside {MIN_BITS}-{MAX_BITS}")
+                weight = WeightConfig(**cfg["weight"]) if cfg.get("weight") else None
+                act = ActivationConfig(**cfg["activation"]) if cfg.get("activation") else None
+                output = ActivationConfig(**cfg["output"]) if cfg.get("output") else None
+            except ValidationError as error:
+                raise ValueError(f"layer {name!r}: {one_line(error)}") from None
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"layer {name!r}: {error}") from None
+            for part in (weight, act, output):
+                if part is not None and not MIN_BITS <= part.bits <= MAX_BITS:
+                    raise ValueError(f"layer {name!r}: bits {part.bits} outside {MIN_BITS}-{MAX_BITS}")
+            fp_tokens = int(cfg.get("fp_tokens", 0))
+            if fp_tokens < 0:
+                raise ValueError(f"layer {name!r}: fp_tokens must be >= 0, got {fp_tokens}")
+            plan[name] = LayerConfig(weight, act, fp_tokens, output)
+        return plan
+
+    @classmethod
+    def load(cls, path: Path) -> LayerPlan:
+        """Read a plan written by :meth:`save` (version 1, or 2 with output quantizers)."""
+        data = json.loads(Path(path).read_text())
+        version = data.get("version")
+        if version not in SUPPORTED_PLAN_VERSIONS:
+            raise ValueError(f"{path}: unsupported plan version {version!r}")
+        plan = cls.from_json_dict(data["layers"])
+        if version == PLAN_VERSION and plan.has_outputs:
+            raise ValueError(f"{path}: a version 1 plan cannot hold output quantizers; save it as version 2")
+        return plan
+
+    def quantized_layers(self) -> list[str]:
+        """Names of layers with any quantized part."""
+        return [name for name, cfg in self.items() if not cfg.is_full_precision]
+
+
+def quantizable_layers(model: nn.Module) -> list[str]:
+    """FQNs of the Linear / Conv2d layers of ``model``, in module order."""
+    return [name for name, module in model.named_modules() if isinstance(module, QUANTIZABLE)]
+
+
+def resolve_globs(names: Iterable[str], patterns: Iterable[str]) -> set[str]:
+    """Return the names matched by any glob in ``patterns``.
+
+    Raises:
+        ValueError: If a pattern matches no name (almost always a typo).
+    """
+    names = list(names)
+    matched: set[str] = set()
+    for pattern in patterns:
+        hits = {n for n in names if fnmatch.fnmatchcase(n, pattern)}
+        if not hits:
+            raise ValueError(f"pattern {pattern!r} matches no quantizable layer")
+        matched |= hits
+    return matched
+
+
+def uniform_plan(
+    model: nn.Module,
+    weight: WeightConfig | None,
+    activation: ActivationConfig | None,
+    keep_full_precision: Iterable[str] = (),
+) -> LayerPlan:
+    """Build a plan giving every quantizable layer the same format, except the FP globs.
+
+    Args:
+        model: The model whose layers are planned.
+        weight: Weight format for quantized layers (None: float weights).
+        activation: Input format for quantized layers (None: float inputs).
+        keep_full_precision: Globs over layer FQNs kept fully in float.
+    """
+    names = quantizable_layers(model)
+    keep = resolve_globs(names, keep_full_precision)
+    plan = LayerPlan()
+    for name in names:
+        plan[name] = LayerConfig(None, None) if name in keep else LayerConfig(weight, activation)
+    return plan
+
+
+def output_quantizer_allowed(name: str, layer: nn.Module, cfg: LayerConfig) -> bool:
+    """Whether the onnxruntime form gives layer ``name`` an output quantizer.
+
+    Only a Conv2d whose input is quantized and whose weight is quantized at 5-8 bits per channel
+    or per tensor can become an integer ``QLinearConv`` in onnxruntime (INT8 weights; block-wise
+    and INT4 weights do not fuse), and the network's output convolution (``conv_out``) is left
+    alone: quantizing the noise prediction itself only costs accuracy.
+    """
+    if not isinstance(layer, nn.Conv2d) or name.rsplit(".", 1)[-1] == "conv_out":
+        return False
+    weight = cfg.weight
+    return (
+        cfg.activation is not None
+        and weight is not None
+        and weight.bits > 4
+        and weight.granularity in ("per_channel", "per_tensor")
+    )
+
+
+def with_output_quantizers(model: nn.Module, plan: LayerPlan) -> LayerPlan:
+    """A copy of ``plan`` with output quantizers on the Conv2d layers that can fuse in onnxruntime.
+
+    Each output quantizer takes the bits and observer of the layer's input quantizer (see
+    :func:`output_quantizer_allowed` for which layers qualify).
+
+    Args:
+        model: The float denoiser the plan is for.
+        plan: The plan (weights and inputs already decided).
+    """
+    out = LayerPlan()
+    for name, cfg in plan.items():
+        layer = model.get_submodule(name)
+        if cfg.output is None and output_quantizer_allowed(name, layer, cfg):
+            assert cfg.activation is not None
+            cfg = replace(cfg, output=ActivationConfig(cfg.activation.bits, cfg.activation.observer))
+        out[name] = cfg
+    return out
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule at FQN ``name`` with ``module``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def apply_plan(model: nn.Module, plan: LayerPlan) -> nn.Module:
+    """Replace the planned layers of ``model`` in place with fake-quantized versions.
+
+    Weight scales are computed immediately; input quantizers are left for calibration.
+
+    Raises:
+        ValueError: If the plan names a layer the model lacks or that is not Linear / Conv2d.
+    """
+    for name, cfg in plan.items():
+        if cfg.is_full_precision:
+            continue
+        try:
+            layer = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"plan names layer {name!r}, which the model does not have") from None
+        if isinstance(layer, (QuantLinear, QuantConv2d)):
+            raise ValueError(f"layer {name!r} is already quantized")
+        if not isinstance(layer, QUANTIZABLE):
+            raise ValueError(f"plan layer {name!r} is a {type(layer).__name__}, not Linear/Conv2d")
+        cls = QuantLinear if isinstance(layer, nn.Linear) else QuantConv2d
+        if cfg.fp_tokens and cls is not QuantLinear:
+            raise ValueError(f"layer {name!r}: fp_tokens applies to Linear layers over token sequences only")
+        if cfg.output is not None and cls is not QuantConv2d:
+            raise ValueError(f"layer {name!r}: output quantizers apply to Conv2d layers only")
+        w = cfg.weight
+        if w is not None and w.group_size is not None and not groups_allowed(layer, w.group_size):
+            raise ValueError(f"layer {name!r} cannot take weight groups of {w.group_size} input channels")
+        new = cls.from_float(
+            layer,
+            weight_bits=w.bits if w else None,
+            act_bits=cfg.activation.bits if cfg.activation else None,
+            weight_observer=w.observer if w else "minmax",
+            act_observer=cfg.activation.observer if cfg.activation else "minmax",
+            per_channel=(w.granularity != "per_tensor") if w else True,
+            group_size=w.group_size if w else None,
+            **({"out_bits": cfg.output.bits, "out_observer": cfg.output.observer} if cfg.output is not None else {}),
+        )
+        if cfg.fp_tokens:
+            new.keep_tokens_in_float(cfg.fp_tokens)
+        set_module(model, name, new)
+    return model
+
+
+def input_quantizers(model: nn.Module) -> dict[str, FakeQuantizer]:
+    """Return ``{layer_fqn: input quantizer}`` for every quantized layer that has one."""
+    return {
+        name: module.input_quantizer
+        for name, module in model.named_modules()
+        if isinstance(module, (QuantLinear, QuantConv2d)) and module.input_quantizer is not None
+    }
+
+
+def activation_quantizers(model: nn.Module) -> dict[str, FakeQuantizer]:
+    """Every activation quantizer: ``{"<fqn>.input": ..., "<fqn>.output": ...}`` (input and output)."""
+    found: dict[str, FakeQuantizer] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, (QuantLinear, QuantConv2d)):
+            continue
+        if module.input_quantizer is not None:
+            found[f"{name}.input"] = module.input_quantizer
+        if module.output_quantizer is not None:
+            found[f"{name}.output"] = module.output_quantizer
+    return found
+
+
+QUANTIZER_STATE_SUFFIXES = ("_quantizer.scale", ".fp_token_outputs")
+
+
+def quantizer_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Quantizer scales and precomputed full-precision token outputs of ``model``.
+
+    Keys are ``<layer>.<weight|input|output>_quantizer.scale`` and ``<layer>.fp_token_outputs``.
+    """
+    return {k: v for k, v in model.state_dict().items() if k.endswith(QUANTIZER_STATE_SUFFIXES)}
+
+
+def load_quantizer_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load scales saved by :func:`quantizer_state` and switch every quantizer to quantize mode.
+
+    Raises:
+        ValueError: If the saved scales and the model's quantizers do not match one to one.
+    """
+    from diffquant.quant.modules import QuantizerMode
+
+    own = quantizer_state(model)
+    if set(own) != set(state):
+        missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        raise ValueError(f"quantizer state mismatch: missing {missing[:3]}, unexpected {extra[:3]}")
+    for key, value in state.items():
+        owner, attribute = key.rsplit(".", 1)
+        module = model.get_submodule(owner)
+        getattr(module, attribute).copy_(value)
+        if isinstance(module, FakeQuantizer):
+            module.mode = QuantizerMode.QUANTIZE
+
+
+def weight_scale_count(shape: tuple[int, ...], weight: WeightConfig) -> int:
+    """Number of scales a weight of ``shape`` stores under ``weight``'s granularity."""
+    if weight.granularity == "per_channel":
+        return shape[0]
+    if weight.granularity == "per_group":
+        return math.prod(shape) // int(weight.group_size or 1)
+    return 1
+
+
+def packed_weight_bytes(model: nn.Module, plan: LayerPlan) -> dict[str, int]:
+    """Bytes of all parameters once quantized weights are bit-packed.
+
+    Quantized weights count ``ceil(numel * bits / 8)`` plus one fp32 scale per channel, per
+    tensor or per group; every other parameter (biases, norms, embeddings, FP layers) counts 4 bytes
+    each, and precomputed full-precision token outputs 4 bytes per value.
+
+    Returns:
+        ``{"fp32": ..., "packed": ...}`` in bytes.
+    """
+    fp32 = sum(p.numel() * 4 for p in model.parameters())
+    packed = fp32
+    for name, cfg in plan.items():
+        if cfg.fp_tokens:
+            packed += 4 * cfg.fp_tokens * model.get_submodule(name).weight.shape[0]
+        if cfg.weight is None:
+            continue
+        weight = model.get_submodule(name).weight
+        scales = weight_scale_count(tuple(weight.shape), cfg.weight)
+        packed += -(-weight.numel() * cfg.weight.bits // 8) + 4 * scales - weight.numel() * 4
+    return {"fp32": int(fp32), "packed": int(packed)}

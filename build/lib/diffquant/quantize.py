@@ -1,0 +1,422 @@
+"""Post-training quantization of a denoiser: the plan, its policy, calibration, save and restore.
+
+Every decision ``diffquant compress`` makes about a uniform or allocated plan lives here, so the
+library call :func:`quantize` and the pipeline give byte-identical plans and scales:
+
+- the uniform plan from ``quantize`` (overrides, then full-precision globs);
+- the model family's full-precision layers when ``keep_full_precision`` is left unset;
+- the group-size fallback: layers whose input channels the group size does not divide stay
+  per-channel at the same bits;
+- output quantizers for ``target="onnxruntime"`` (integer convolutions in onnxruntime);
+- outlier tokens (MixDQ's BOS-aware quantization) for text-conditioned models.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from diffquant.calibration.ranges import ForwardLoop, calibrate_activations
+from diffquant.errors import ConfigError
+from diffquant.mixed_precision.allocate import allocate_plan, measure_allocation_sensitivity
+from diffquant.mixed_precision.sensitivity import SensitivityTable
+from diffquant.mixed_precision.solver import Allocation
+from diffquant.models.families import FAMILIES, Family
+from diffquant.models.loading import DiffusionModel
+from diffquant.outlier_tokens import (
+    OutlierTokens,
+    apply_outlier_tokens,
+    detect_outlier_tokens,
+    fill_fp_tokens,
+    fp_token_outputs,
+)
+from diffquant.quant.modules import groups_allowed
+from diffquant.quant.plan import (
+    ActivationConfig,
+    LayerConfig,
+    LayerPlan,
+    WeightConfig,
+    apply_plan,
+    load_quantizer_state,
+    packed_weight_bytes,
+    quantizable_layers,
+    quantizer_state,
+    resolve_globs,
+    with_output_quantizers,
+)
+from diffquant.sampling import Trajectories
+from diffquant.spec import AllocationSpec, BudgetSpec, CalibrationSpec, QuantizeSpec
+from diffquant.storage import load_safetensors, save_safetensors
+
+logger = logging.getLogger(__name__)
+
+ExportTarget = Literal["tensorrt", "onnxruntime"]
+CalibrationData = Trajectories | ForwardLoop
+"""A calibration set (from :func:`diffquant.select_calibration`) or a callable ``forward_loop(module)``."""
+
+
+@dataclass
+class QuantizeResult:
+    """What :func:`quantize` did.
+
+    Attributes:
+        module: The quantized denoiser (the module passed in, changed in place).
+        plan: The plan that was applied (after family defaults, fallbacks, target and outlier tokens).
+        outlier_tokens: What outlier-token detection found (count 0 for non-text models).
+        fp32_bytes: Parameter bytes of the float module.
+        packed_bytes: Parameter bytes with quantized weights bit-packed (scales included).
+        calibrated: Number of activation quantizers calibrated.
+    """
+
+    module: nn.Module
+    plan: LayerPlan
+    outlier_tokens: OutlierTokens = field(default_factory=lambda: OutlierTokens(0, "off"))
+    fp32_bytes: int = 0
+    packed_bytes: int = 0
+    calibrated: int = 0
+
+
+def _denoiser(model: DiffusionModel | nn.Module, family: str | None) -> tuple[nn.Module, Family | None]:
+    """The module to quantize and its family (from the model, the ``family`` name or the class name)."""
+    if isinstance(model, DiffusionModel):
+        return model.unet, model.family_info
+    if family is not None:
+        if family not in FAMILIES:
+            raise ConfigError("family", f"unknown model family {family!r}; choose one of {', '.join(FAMILIES)}")
+        return model, FAMILIES[family]
+    name = type(model).__name__
+    found = next((f for f in FAMILIES.values() if name in f.classes), None)
+    if found is None:
+        logger.info("%s is not a known diffusers denoiser class: no family full-precision defaults", name)
+    return model, found
+
+
+def family_defaults(family: Family | None, names: Iterable[str]) -> set[str]:
+    """The layers among ``names`` that the model family keeps in float by default."""
+    names = list(names)
+    keep: set[str] = set()
+    for pattern in family.keep_full_precision if family is not None else ():
+        keep |= {name for name in names if fnmatch.fnmatchcase(name, pattern)}
+    return keep
+
+
+def plan_from_spec(
+    model: DiffusionModel | nn.Module,
+    quantize: QuantizeSpec,
+    act_observer: str = "minmax",
+    target: ExportTarget = "tensorrt",
+    family: str | None = None,
+) -> LayerPlan:
+    """Resolve the uniform plan, its overrides and full-precision globs against ``model``.
+
+    With ``per_group`` weights, layers whose input channels the group size does not divide stay
+    per-channel at the same bits. With ``target`` ``onnxruntime``, the Conv2d layers that can
+    become integer convolutions in onnxruntime also get output quantizers (:func:`for_target`).
+
+    Args:
+        model: A loaded model, or a bare denoiser module.
+        quantize: The uniform plan (``weight: None`` keeps weights in float).
+        act_observer: Range observer of the input quantizers.
+        target: Export form the plan is for.
+        family: Model family of a bare module (default: detected from its class).
+
+    Raises:
+        ConfigError: If a glob matches no layer (the key names the field of ``quantize``).
+    """
+    unet, family_info = _denoiser(model, family)
+    w = quantize.weight
+    fallback: list[str] = []
+
+    def formats(
+        name: str, w_bits: int | None, a_bits: int | None
+    ) -> tuple[WeightConfig | None, ActivationConfig | None]:
+        act = ActivationConfig(a_bits, act_observer) if a_bits is not None else None
+        if w_bits is None or w is None:
+            return None, act
+        if w.group_size is not None and not groups_allowed(unet.get_submodule(name), w.group_size):
+            fallback.append(name)
+            return WeightConfig(w_bits, "per_channel", w.observer), act
+        return WeightConfig(w_bits, w.granularity, w.observer, w.group_size), act
+
+    plan = LayerPlan()
+    for name in quantizable_layers(unet):
+        plan[name] = LayerConfig(*formats(name, w.bits if w else None, quantize.activation.bits))
+    for i, override in enumerate(quantize.overrides):
+        try:
+            names = resolve_globs(plan, override.layers)
+        except ValueError as error:
+            raise ConfigError(f"overrides.{i}.layers", str(error)) from None
+        for name in names:
+            plan[name] = LayerConfig(*formats(name, override.weight_bits, override.activation_bits))
+    keep = family_defaults(family_info, plan) if quantize.keep_full_precision is None else set()
+    try:
+        keep |= resolve_globs(plan, quantize.keep_full_precision or [])
+    except ValueError as error:
+        raise ConfigError("keep_full_precision", str(error)) from None
+    for name in keep:
+        plan[name] = LayerConfig(None, None)
+    if fallback:
+        logger.info("%d layers cannot take groups of %s and stay per-channel", len(set(fallback)), w and w.group_size)
+    return for_target(unet, plan, target)
+
+
+def for_target(unet: DiffusionModel | nn.Module, plan: LayerPlan, target: ExportTarget) -> LayerPlan:
+    """The plan for an export target: unchanged for ``tensorrt``, with output quantizers for ``onnxruntime``.
+
+    Raises:
+        ConfigError: If ``target`` is neither.
+    """
+    if isinstance(unet, DiffusionModel):
+        unet = unet.unet
+    if target == "tensorrt":
+        return plan
+    if target != "onnxruntime":
+        raise ConfigError("target", f"must be 'tensorrt' or 'onnxruntime', got {target!r}")
+    planned = with_output_quantizers(unet, plan)
+    added = sum(1 for name, cfg in planned.items() if cfg.output is not None and plan[name].output is None)
+    logger.info("export target onnxruntime: %d Conv2d layers get output quantizers", added)
+    return planned
+
+
+class _ConditionRecorder:
+    """Records the condition (third positional argument) of every call of the wrapped denoiser."""
+
+    def __init__(self) -> None:
+        self.conditions: list[torch.Tensor] = []
+
+    def __call__(self, _module: nn.Module, args: tuple[Any, ...]) -> None:
+        if len(args) > 2 and torch.is_tensor(args[2]):
+            self.conditions.append(args[2].detach())
+
+
+def _conditions(unet: nn.Module, data: CalibrationData) -> torch.Tensor | None:
+    """The conditions the calibration data feeds the denoiser (one FP pass for a forward loop)."""
+    if isinstance(data, Trajectories):
+        return data.labels
+    recorder = _ConditionRecorder()
+    handle = unet.register_forward_pre_hook(recorder)
+    try:
+        with torch.no_grad():
+            data(unet)
+    finally:
+        handle.remove()
+    return torch.cat(recorder.conditions) if recorder.conditions else None
+
+
+def _outlier_tokens(
+    model: DiffusionModel | nn.Module, mode: str | int, conditions: torch.Tensor | None
+) -> OutlierTokens:
+    if not isinstance(model, DiffusionModel) or model.condition != "text" or mode == "off" or conditions is None:
+        return OutlierTokens(0, str(mode))
+    try:
+        return detect_outlier_tokens(model, conditions, mode)
+    except ValueError as error:
+        raise ConfigError("outlier_tokens", str(error)) from None
+
+
+def apply_and_calibrate(
+    unet: nn.Module,
+    plan: LayerPlan,
+    data: CalibrationData,
+    conditional: bool = True,
+    calibration: CalibrationSpec | None = None,
+    conditions: torch.Tensor | None = None,
+) -> int:
+    """Apply ``plan`` to ``unet`` in place and calibrate its activation scales on ``data``.
+
+    Layers that keep leading tokens in float (``fp_tokens``) get their precomputed outputs from
+    the float ``unet`` before the plan replaces its layers.
+
+    Returns:
+        The number of activation quantizers calibrated.
+    """
+    calibration = calibration or CalibrationSpec()
+    if conditions is None and isinstance(data, Trajectories):
+        conditions = data.labels
+    fp_outputs = fp_token_outputs(unet, plan, conditions) if conditions is not None else {}
+    apply_plan(unet, plan)
+    fill_fp_tokens(unet, fp_outputs)
+    return calibrate_activations(unet, data, conditional, calibration.batch_size, calibration.seed)
+
+
+def quantize(
+    model: DiffusionModel | nn.Module,
+    config: QuantizeSpec | None = None,
+    forward_loop: CalibrationData | None = None,
+    *,
+    calibration: CalibrationSpec | None = None,
+    plan: LayerPlan | None = None,
+    target: ExportTarget = "tensorrt",
+    family: str | None = None,
+) -> QuantizeResult:
+    """Quantize a denoiser in place: fake-quant layers with calibrated scales, and its plan.
+
+    Args:
+        model: A loaded model (:func:`diffquant.load_model`) or a bare denoiser module such as
+            ``pipe.unet`` (family detected from its class, or given by ``family``).
+        config: The uniform plan and its options (default: W8A8 per-channel weights, min-max
+            ranges, the family's full-precision layers); its ``outlier_tokens`` applies to
+            ``plan`` too.
+        forward_loop: Calibration data: a calibration set (:func:`diffquant.select_calibration`)
+            or a callable that runs the module over the caller's data, as in ModelOpt.
+        calibration: Observer, batch size and seed of range calibration (``observer`` is the
+            input quantizers' range observer).
+        plan: An allocated plan (:func:`diffquant.auto_quantize`) to apply instead of the uniform one.
+        target: Export form: ``tensorrt`` (default) or ``onnxruntime`` (adds output quantizers).
+        family: Model family of a bare module (``unet2d``, ``dit``, ``text-unet``, ``sdxl``, ``pixart``).
+
+    Returns:
+        The quantized module, its plan, what outlier-token detection found and the sizes.
+
+    Raises:
+        ConfigError: A glob that matches nothing, an impossible forced outlier-token count, or
+            no calibration data.
+
+    Example:
+        >>> import diffquant
+        >>> model = diffquant.load_model("digits-unet")
+        >>> data = diffquant.select_calibration(diffquant.collect_pool(model, trajectories=8), model, size=64)
+        >>> result = diffquant.quantize(model, diffquant.QuantizeSpec(), data)
+        >>> len(result.plan.quantized_layers()) > 0
+        True
+    """
+    config = config or QuantizeSpec()
+    calibration = calibration or CalibrationSpec()
+    if forward_loop is None:
+        raise ConfigError("forward_loop", "calibration data is required (a calibration set or a callable)")
+    unet, _ = _denoiser(model, family)
+    conditional = model.conditional if isinstance(model, DiffusionModel) else True
+    if plan is None:
+        plan = plan_from_spec(model, config, calibration.observer, target, family)
+    else:
+        plan = for_target(unet, plan, target)
+    text = isinstance(model, DiffusionModel) and model.condition == "text"
+    conditions = _conditions(unet, forward_loop) if text and config.outlier_tokens != "off" else None
+    outliers = _outlier_tokens(model, config.outlier_tokens, conditions)
+    plan = apply_outlier_tokens(plan, outliers)
+    sizes = packed_weight_bytes(unet, plan)
+    calibrated = apply_and_calibrate(unet, plan, forward_loop, conditional, calibration, conditions)
+    return QuantizeResult(unet, plan, outliers, sizes["fp32"], sizes["packed"], calibrated)
+
+
+@dataclass
+class AutoQuantizeResult:
+    """What :func:`auto_quantize` did.
+
+    Attributes:
+        module: The quantized denoiser (changed in place).
+        plan: The allocated plan as applied.
+        allocation: The integer program's answer (choice per layer, objective, budget usage).
+        sensitivity: The per-layer x per-option sensitivity table it was solved on.
+        quantized: The quantization step's result (sizes, outlier tokens).
+    """
+
+    module: nn.Module
+    plan: LayerPlan
+    allocation: Allocation
+    sensitivity: SensitivityTable
+    quantized: QuantizeResult
+
+
+def weight_observer(config: QuantizeSpec) -> str:
+    """The weight range observer of a quantize config (min-max when weights stay float)."""
+    return config.weight.observer if config.weight is not None else "minmax"
+
+
+def auto_quantize(
+    model: DiffusionModel,
+    config: AllocationSpec,
+    forward_loop: Trajectories,
+    budget: BudgetSpec | None = None,
+    *,
+    quantize_config: QuantizeSpec | None = None,
+    calibration: CalibrationSpec | None = None,
+    steps: int = 50,
+    seed: int = 0,
+    classifier: nn.Module | None = None,
+    target: ExportTarget = "tensorrt",
+    sensitivity: SensitivityTable | None = None,
+) -> AutoQuantizeResult:
+    """Mixed precision: measure per-layer sensitivity, solve the integer program, quantize in place.
+
+    Args:
+        model: A loaded float model (:func:`diffquant.load_model`).
+        config: Candidates, objective, ties, pins (and the budget, unless ``budget`` is given).
+        forward_loop: The calibration set (sensitivity needs denoiser inputs, not a callable).
+        budget: Overrides ``config.budget``, e.g. ``BudgetSpec(avg_weight_bits=4.0)``.
+        quantize_config: Weight observer and outlier-token mode (default :class:`QuantizeSpec`).
+        calibration: Activation observer, batch size and seed of range calibration.
+        steps: Sampler steps of the final-sample probes.
+        seed: Evaluation seed; probes draw their noise from ``seed + 1``.
+        classifier: Evaluation classifier (content layers need it).
+        target: Export form the plan is for.
+        sensitivity: A table measured before for the same model, data and config (skips the measurement).
+
+    Raises:
+        ConfigError: Bad globs, pins or latency table.
+        diffquant.mixed_precision.solver.AllocationInfeasibleError: When the budget cannot be met.
+
+    Example:
+        >>> result = diffquant.auto_quantize(model, diffquant.AllocationSpec(), data,
+        ...                                  diffquant.BudgetSpec(avg_weight_bits=4.0))
+        >>> result.allocation.usage["avg_weight_bits"] <= 4.0
+        True
+    """
+    if budget is not None:
+        config = config.model_copy(update={"budget": budget})
+        config = AllocationSpec.model_validate(config.model_dump())
+    quantize_config = quantize_config or QuantizeSpec()
+    calibration = calibration or CalibrationSpec()
+    observers = {"weight_observer": weight_observer(quantize_config), "activation_observer": calibration.observer}
+    if sensitivity is None:
+        sensitivity = measure_allocation_sensitivity(
+            model, forward_loop, config, steps=steps, seed=seed, classifier=classifier, **observers
+        )
+    plan, allocation = allocate_plan(model, forward_loop, config, sensitivity, **observers)
+    result = quantize(model, quantize_config, forward_loop, calibration=calibration, plan=plan, target=target)
+    return AutoQuantizeResult(result.module, result.plan, allocation, sensitivity, result)
+
+
+def quantize_model(
+    model: DiffusionModel, plan: LayerPlan, calib: Trajectories, calibration: CalibrationSpec
+) -> DiffusionModel:
+    """Return a fake-quantized copy of ``model`` with ``plan`` applied and calibrated (``model`` is kept)."""
+    quantized = copy.deepcopy(model)
+    apply_and_calibrate(quantized.unet, plan, calib, model.conditional, calibration)
+    return quantized
+
+
+def save_quantized(model: DiffusionModel | nn.Module, plan: LayerPlan, out_dir: Path) -> tuple[Path, Path]:
+    """Write ``plan.json`` and ``quantizer_scales.safetensors`` to ``out_dir``."""
+    unet = model.unet if isinstance(model, DiffusionModel) else model
+    out_dir = Path(out_dir)
+    plan_path = plan.save(out_dir / "plan.json")
+    scales_path = save_safetensors(quantizer_state(unet), out_dir / "quantizer_scales.safetensors")
+    return plan_path, scales_path
+
+
+def load_quantized(
+    model: DiffusionModel, plan_path: Path, scales_path: Path, weights_path: Path | None = None
+) -> DiffusionModel:
+    """Rebuild the quantized model from the FP model, a saved plan and saved scales.
+
+    Args:
+        model: The FP model.
+        plan_path: The LayerPlan.
+        scales_path: Quantizer scales (:func:`save_quantized`).
+        weights_path: Fine-tuned denoiser weights (safetensors of the whole state dict), if any.
+    """
+    quantized = copy.deepcopy(model)
+    apply_plan(quantized.unet, LayerPlan.load(plan_path))
+    load_quantizer_state(quantized.unet, load_safetensors(scales_path))
+    if weights_path is not None:
+        quantized.unet.load_state_dict(load_safetensors(Path(weights_path)), strict=True)
+    return quantized

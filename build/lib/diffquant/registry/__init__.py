@@ -1,0 +1,1 @@
+"""MLflow integration: the only package that imports mlflow."""

@@ -1,0 +1,132 @@
+"""Model versions: log the compressed model's files to a run and register them.
+
+A version's source is the run's ``model/`` artifact folder: the ONNX export (as an ``mlflow.onnx``
+flavor folder when onnxruntime can load it) or, without an export, the plan, the quantizer scales
+and the spec, from which :func:`diffquant.quantize.load_quantized` rebuilds the model. Tags carry
+the spec hash, LayerPlan hash, git SHA, diffquant version, key metrics and the FP baseline run.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from diffquant.errors import TrackingError
+from diffquant.manifest import write_manifest
+from diffquant.spec import REGISTERED_MODEL_PATTERN
+from diffquant.storage import sha256_file
+
+logger = logging.getLogger(__name__)
+
+MODEL_ARTIFACT_PATH = "model"
+
+
+def check_registered_model_name(name: str) -> str:
+    """Return ``name`` if it is a valid registered-model name.
+
+    Raises:
+        TrackingError: Naming the rule it breaks.
+    """
+    if not re.match(REGISTERED_MODEL_PATTERN, name or ""):
+        raise TrackingError(
+            f"registered model name {name!r} is invalid: use 1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def ensure_registered_model(client: MlflowClient, name: str) -> None:
+    """Create the registered model unless it exists (safe when two runs race to create it)."""
+    try:
+        client.get_registered_model(name)
+        return
+    except MlflowException:
+        pass
+    try:
+        client.create_registered_model(name, description="diffquant-compressed versions of this model")
+    except MlflowException as error:
+        if "RESOURCE_ALREADY_EXISTS" not in str(error.error_code) and "already exists" not in str(error):
+            raise
+
+
+def register_version(client: MlflowClient, run_id: str, name: str, model_dir: Path, tags: dict[str, str]) -> str:
+    """Log ``model_dir`` as the run's ``model/`` artifacts and register it as a new version.
+
+    A ``manifest.json`` (sha256 of every file) is written into ``model_dir`` first; its own sha256
+    becomes the version tag ``manifest_sha256``, so a deployment can verify every artifact.
+
+    Args:
+        client: MLflow client.
+        run_id: The compress run.
+        name: Registered model name.
+        model_dir: Folder with the files of the version.
+        tags: Version tags (stringified).
+
+    Returns:
+        The new version number (as a string).
+    """
+    check_registered_model_name(name)
+    manifest = write_manifest(Path(model_dir))
+    tags = {**tags, "manifest_sha256": sha256_file(manifest)}
+    client.log_artifacts(run_id, str(model_dir), MODEL_ARTIFACT_PATH)
+    ensure_registered_model(client, name)
+    source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{MODEL_ARTIFACT_PATH}"
+    version = client.create_model_version(name, source, run_id=run_id, tags={k: str(v) for k, v in tags.items()})
+    logger.info("registered %s version %s from run %s", name, version.version, run_id)
+    return str(version.version)
+
+
+def add_onnx_flavor(onnx_path: Path, folder: Path) -> Path:
+    """Save ``onnx_path`` as an ``mlflow.onnx`` model under ``<folder>/onnx`` (loadable by pyfunc).
+
+    Args:
+        onnx_path: The exported model (with its external data beside it, if any).
+        folder: The version folder.
+
+    Returns:
+        The flavor folder.
+    """
+    import mlflow.onnx
+    import onnx
+
+    target = Path(folder) / "onnx"
+    mlflow.onnx.save_model(onnx.load(str(onnx_path)), str(target), pip_requirements=["onnxruntime"])
+    return target
+
+
+def registry_client(tracking_uri: str) -> MlflowClient:
+    """An MLflow client for ``tracking_uri`` (the one place outside tracking that builds clients)."""
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def find_version(client: MlflowClient, name: str, alias: str | None, run_id: str | None = None) -> Any:
+    """The version of ``name`` with ``alias``, or the one registered from ``run_id``.
+
+    Raises:
+        TrackingError: Unknown model, alias or run.
+    """
+    try:
+        if run_id is not None:
+            found = [v for v in client.search_model_versions(f"name='{name}'") if v.run_id == run_id]
+            if not found:
+                raise TrackingError(f"registered model {name!r} has no version from run {run_id}")
+            return found[0]
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException as error:
+        raise TrackingError(f"cannot find {name!r} @ {alias or run_id}: {str(error).splitlines()[0]}") from None
+
+
+def download_version(client: MlflowClient, version: Any, dst: Path) -> Path:
+    """Download a version's files (its ``model/`` folder) into ``dst``; returns the local folder."""
+    import mlflow.artifacts
+
+    return Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=version.source, dst_path=str(dst), tracking_uri=client.tracking_uri
+        )
+    )

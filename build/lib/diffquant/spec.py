@@ -1,0 +1,522 @@
+"""CompressionSpec: the typed, validated description of one compression run.
+
+Specs are read from YAML presets (``configs/``), overridden with ``section.key=value`` pairs,
+and round-trip to YAML/JSON. Unknown keys and impossible values are rejected with a
+:class:`~diffquant.errors.SpecError` whose message names the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
+
+from diffquant.errors import SpecError
+from diffquant.quant.config import WeightConfig
+from diffquant.quant.formats import MAX_BITS, MIN_BITS
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSource(_Strict):
+    """Where the model comes from: a bundled reference ``name`` or a local diffusers ``path``.
+
+    ``prompts`` is a text file with one prompt per line for text-conditioned models (used for
+    calibration trajectories and evaluation samples); bundled text models carry their own.
+    """
+
+    name: str | None = None
+    path: str | None = None
+    prompts: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSource:
+        if (self.name is None) == (self.path is None):
+            raise ValueError("give exactly one of model.name or model.path")
+        return self
+
+
+class SamplerSpec(_Strict):
+    """Sampler used for trajectories and evaluation (DDIM, eta 0)."""
+
+    name: Literal["ddim"] = "ddim"
+    steps: int = Field(50, ge=1, le=1000)
+    guidance: float = 1.0
+
+    @model_validator(mode="after")
+    def _plain_conditional(self) -> SamplerSpec:
+        if self.guidance != 1.0:
+            raise ValueError(
+                "guidance other than 1.0 is not supported: classifier-free guidance pushes the "
+                "reference model off its training distribution (accuracy 0.1-0.2 at 2-4)"
+            )
+        return self
+
+
+class CalibrationSpec(_Strict):
+    """Calibration pool, selection strategy and activation observer.
+
+    The pool is every denoiser input of ``trajectories`` FP sampling runs; ``labels_file`` (one
+    class label per line) sets their conditions for user models, else classes cycle.
+    """
+
+    strategy: Literal["random", "uniform_timesteps", "normal_timesteps", "density_diversity"] = "density_diversity"
+    size: int = Field(256, ge=1)
+    seed: int = 0
+    trajectories: int = Field(64, ge=1, description="FP sampling trajectories in the candidate pool")
+    observer: Literal["minmax", "percentile", "mse"] = "minmax"
+    batch_size: int = Field(256, ge=1)
+    labels_file: str | None = None
+    normal_mean: float = Field(0.4, ge=0.0, le=1.0, description="normal_timesteps: mean as a fraction of T")
+    normal_std: float = Field(0.4, gt=0.0, description="normal_timesteps: std as a fraction of T")
+    radius: float | None = Field(None, gt=0.0, description="density_diversity radius; None = median distance")
+    diversity_weight: float = Field(1.2, ge=0.0, description="density_diversity lambda")
+    feature_module: str | None = Field(
+        None, description="denoiser module whose output gives pool features; None: the model family's default"
+    )
+
+
+class ActivationQuantSpec(_Strict):
+    """Activation (layer input) format of the uniform plan; per-tensor, None keeps float."""
+
+    bits: int | None = Field(8, ge=MIN_BITS, le=MAX_BITS)
+
+
+class LayerOverride(_Strict):
+    """Give the layers matching ``layers`` (globs) these bit-widths (None keeps that part float)."""
+
+    layers: list[str] = Field(min_length=1)
+    weight_bits: int | None = Field(8, ge=MIN_BITS, le=MAX_BITS)
+    activation_bits: int | None = Field(8, ge=MIN_BITS, le=MAX_BITS)
+
+
+class QuantizeSpec(_Strict):
+    """The uniform plan used when allocation is off.
+
+    Every quantizable layer gets ``weight`` and ``activation``; then each entry of ``overrides``
+    (in order, later wins) sets the bits of the layers it matches; ``keep_full_precision`` is
+    applied last and keeps its layers entirely in float. Left unset (None), it is the model
+    family's default (first/last layers, time embedding, position/context embedders; see
+    :mod:`diffquant.models.families`); ``[]`` quantizes every layer.
+    """
+
+    weight: WeightConfig | None = WeightConfig(bits=8)
+    activation: ActivationQuantSpec = ActivationQuantSpec(bits=8)
+    overrides: list[LayerOverride] = Field(default_factory=list)
+    keep_full_precision: list[str] | None = None
+    outlier_tokens: Literal["auto", "off"] | int = Field(
+        "auto",
+        description="text models: leading tokens whose cross-attention keys/values stay in float "
+        "(MixDQ's BOS-aware quantization); auto detects them, off disables, N forces N; "
+        "applies to allocated plans too",
+    )
+
+    @field_validator("weight", mode="before")
+    @classmethod
+    def _float_weights(cls, value: Any) -> Any:
+        # ``weight: {bits: null}`` (the older form) keeps weights in float, like ``weight: null``
+        if isinstance(value, dict) and "bits" in value and value["bits"] is None:
+            return None
+        return value
+
+    @field_validator("outlier_tokens", mode="before")
+    @classmethod
+    def _yaml_booleans(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare ``off`` / ``on`` as a boolean
+        if isinstance(value, bool):
+            return "auto" if value else "off"
+        return value
+
+    @model_validator(mode="after")
+    def _outlier_tokens(self) -> QuantizeSpec:
+        if isinstance(self.outlier_tokens, int) and self.outlier_tokens < 0:
+            raise ValueError("outlier_tokens must be auto, off or a count >= 0")
+        return self
+
+
+class BudgetSpec(_Strict):
+    """Upper bounds for allocation; set at least one."""
+
+    avg_weight_bits: float | None = Field(None, gt=0)
+    bytes: float | None = Field(None, gt=0, description="all parameters, quantized weights bit-packed")
+    bitops: float | None = Field(None, gt=0, description="MACs x weight bits x activation bits, one call")
+    latency_ms: float | None = Field(None, gt=0, description="sum of allocation.latency_table entries")
+
+    def as_dict(self) -> dict[str, float]:
+        """The budgets that are set."""
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
+class AllocationSpec(_Strict):
+    """Mixed precision: per-layer options chosen by an integer program under a budget.
+
+    Weight candidates are ``weight_bits`` per output channel plus ``group_bits`` x ``group_sizes``
+    group-wise (option names like ``w4g32a8``; only for layers whose input channels the group size
+    divides). Options are every (weight candidate, activation bits) pair; the objective
+    is ``quality * noise + content * content_metric`` (each normalised to [0, 1]).
+    """
+
+    weight_bits: list[int] = Field(default_factory=lambda: [2, 3, 4, 6, 8], min_length=1)
+    group_bits: list[int] = Field(default_factory=lambda: [4], description="bits of the group-wise weight options")
+    group_sizes: list[int] = Field(
+        default_factory=lambda: [32, 64], description="group sizes of group-wise options (layers that allow them)"
+    )
+    activation_bits: list[int] = Field(default_factory=lambda: [8], min_length=1)
+    allow_float_weights: bool = False
+    allow_float_activations: bool = False
+    budget: BudgetSpec = BudgetSpec(avg_weight_bits=4.0)
+    objective: dict[Literal["quality", "content"], float] = Field(
+        default_factory=lambda: {"quality": 1.0, "content": 1.0}
+    )
+    quality_metric: Literal["sqnr", "psnr"] = Field(
+        "sqnr",
+        description="sqnr: denoiser output on calibration inputs (cheap); psnr: final samples vs FP "
+        "(content_samples DDIM runs per option and layer)",
+    )
+    content_layers: list[str] = Field(default_factory=list, description="globs scored by the content metric too")
+    content_samples: int = Field(100, ge=10)
+    sensitivity_inputs: int = Field(128, ge=1, description="calibration inputs (evenly spaced) used for SQNR")
+    tie_qkv: bool = True
+    latency_table: str | None = Field(
+        None, description="JSON {layer: {option: ms}} measured on the target; needed for budget.latency_ms"
+    )
+    pinned: dict[str, str] = Field(default_factory=dict, description="glob -> option name, e.g. conv_out: w8a8")
+
+    @model_validator(mode="after")
+    def _valid(self) -> AllocationSpec:
+        if any(size < 2 for size in self.group_sizes):
+            raise ValueError("group sizes must be at least 2")
+        for bits in [*self.weight_bits, *self.group_bits, *self.activation_bits]:
+            if not MIN_BITS <= bits <= MAX_BITS:
+                raise ValueError(f"candidate bits {bits} outside {MIN_BITS}-{MAX_BITS}")
+        if not self.budget.as_dict():
+            raise ValueError("allocation.budget needs at least one of avg_weight_bits, bytes, bitops, latency_ms")
+        if self.budget.latency_ms is not None and self.latency_table is None:
+            raise ValueError("budget.latency_ms needs allocation.latency_table (JSON: layer -> option -> ms)")
+        return self
+
+
+class TrainableSpec(_Strict):
+    """Which quantized layers fine-tuning trains (QuEST): a rule plus extra globs."""
+
+    rule: Literal["all", "time_embedding", "attention", "top_k"] = "all"
+    layers: list[str] = Field(default_factory=list, description="extra layer globs")
+    top_k: int = Field(8, ge=1, description="rule top_k: the most sensitive layers (needs allocation)")
+
+
+class FinetuneSpec(_Strict):
+    """Quantized fine-tuning: QALoRA adapters + LSQ step sizes, distilled from the FP teacher without data.
+
+    ``timestep_groups`` above 1 (one activation scale per group of timesteps) is refused: every
+    group would need its own engine (or a per-step scale input TensorRT cannot fuse) at deployment.
+    """
+
+    steps: int = Field(2000, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0, description="adapter learning rate (cosine decay to 5%)")
+    scale_lr: float = Field(1e-4, gt=0, description="LSQ step-size learning rate")
+    rank: int = Field(4, ge=1)
+    alpha: float | None = Field(None, gt=0, description="adapter scale alpha / rank (default alpha = rank)")
+    learn_weight_scales: bool = True
+    learn_activation_scales: bool = True
+    trainable: TrainableSpec = TrainableSpec()
+    timestep_groups: int = Field(1, ge=1)
+    checkpoint_every: int = Field(200, ge=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _deployable(self) -> FinetuneSpec:
+        if self.timestep_groups > 1:
+            raise ValueError(
+                "timestep_groups > 1 is not available: per-group activation scales would need one engine per "
+                "timestep group at deployment; use 1 (one learned scale per tensor)"
+            )
+        return self
+
+
+class ExportSpec(_Strict):
+    """ONNX export (Q/DQ), its rules check and parity, and the engine.
+
+    ``target`` picks the Q/DQ form: ``tensorrt`` (default) is TensorRT's explicit quantization
+    (INT8 symmetric activations on layer inputs, weight DequantizeLinear); ``onnxruntime`` adds
+    output quantizers to the Conv2d layers that can fuse and writes UINT8 activations (zero point
+    128), int32 biases and output Q/DQ so that onnxruntime's CPU optimizer turns them into
+    ``QLinearConv``. The field is left out of the serialized spec (so of the spec hash and the
+    MLflow params) at its default, so existing specs keep their hash.
+
+    ``tensorrt: auto`` builds an engine where TensorRT and a GPU exist and otherwise records why
+    not; ``on`` makes a missing TensorRT an error; ``off`` never builds. Parity compares
+    onnxruntime with the PyTorch model on the calibration inputs and, with ``parity_samples`` > 0,
+    on final samples from the same noise; a failed check fails the run when ``enforce_parity``.
+    """
+
+    onnx: bool = True
+    target: Literal["tensorrt", "onnxruntime"] = "tensorrt"
+    tensorrt: Literal["auto", "on", "off"] = "auto"
+    opset: int = Field(21, ge=13, le=23)
+    parity_samples: int = Field(500, ge=0, description="samples for the sampling parity check (0: outputs only)")
+    enforce_parity: bool = True
+    optimization_level: int = Field(3, ge=0, le=5, description="TensorRT builder optimization level")
+    max_batch: int = Field(32, ge=1, description="largest batch of the TensorRT optimization profile")
+
+    @model_validator(mode="after")
+    def _engine_needs_tensorrt_form(self) -> ExportSpec:
+        if self.target == "onnxruntime" and self.tensorrt == "on":
+            raise ValueError(
+                "export.tensorrt 'on' needs export.target 'tensorrt' (TensorRT does not take the onnxruntime form)"
+            )
+        return self
+
+    @model_serializer(mode="wrap")
+    def _omit_default_target(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if self.target == "tensorrt":
+            data.pop("target", None)
+        return data
+
+
+class EvaluateSpec(_Strict):
+    """Evaluation: number of samples (classes cycle 0-9) and the noise seed."""
+
+    samples: int = Field(2000, ge=10)
+    seed: int = 0
+    batch_size: int = Field(1000, ge=1)
+    sqnr_inputs: int = Field(256, ge=1, description="pool inputs (not in the calibration set) for SQNR")
+
+
+REGISTERED_MODEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
+
+class GatesSpec(_Strict):
+    """What a registered version must meet to become ``champion`` (None: no such gate)."""
+
+    max_fd_ratio: float | None = Field(1.5, gt=0, description="quantized FD to real / FP's FD to real")
+    min_accuracy: float | None = Field(None, ge=0, le=1, description="condition accuracy of quantized samples")
+    max_size_ratio: float | None = Field(None, gt=0, description="packed weight bytes / FP32 bytes")
+
+
+class PromoteSpec(_Strict):
+    """Registration in the MLflow model registry and gated promotion (the ``champion`` alias).
+
+    ``registered_model`` defaults to the source model's name (``digits-unet``); letters, digits,
+    ``.``, ``_`` and ``-`` only, so the name is also a valid path and URI segment.
+    """
+
+    register_model: bool = True
+    registered_model: str | None = Field(None, pattern=REGISTERED_MODEL_PATTERN)
+    gates: GatesSpec = GatesSpec()
+
+
+class RuntimeSpec(_Strict):
+    """Where the parallel stages run; does not change results (up to float summation order).
+
+    ``default`` runs mapped tasks on Prefect's thread pool (``workers`` threads); ``dask`` on
+    prefect-dask's DaskTaskRunner over a local cluster of ``workers`` processes, one thread each.
+    """
+
+    runner: Literal["default", "dask"] = "default"
+    workers: int = Field(1, ge=1, le=64)
+    layers_per_task: int = Field(4, ge=1, description="layers measured by one sensitivity task")
+
+
+class CompressionSpec(_Strict):
+    """Everything one ``diffquant compress`` run needs."""
+
+    model: ModelSource = ModelSource(name="digits-unet")
+    sampler: SamplerSpec = SamplerSpec()
+    calibration: CalibrationSpec = CalibrationSpec()
+    quantize: QuantizeSpec = QuantizeSpec()
+    allocation: AllocationSpec | None = None
+    finetune: FinetuneSpec | None = None
+    export: ExportSpec = ExportSpec()
+    evaluate: EvaluateSpec = EvaluateSpec()
+    promote: PromoteSpec = PromoteSpec()
+    runtime: RuntimeSpec = RuntimeSpec()
+
+    @model_validator(mode="after")
+    def _calibration_fits_pool(self) -> CompressionSpec:
+        pool = self.calibration.trajectories * self.sampler.steps
+        if self.calibration.size > pool:
+            raise ValueError(
+                f"calibration.size {self.calibration.size} exceeds the candidate pool of {pool} "
+                f"(calibration.trajectories {self.calibration.trajectories} x sampler.steps "
+                f"{self.sampler.steps}); lower the size or add trajectories"
+            )
+        return self
+
+    def registered_model_name(self) -> str:
+        """Registry name of the versions: ``promote.registered_model``, else ``model.name``, else the folder name of ``model.path``."""
+        return self.promote.registered_model or self.model.name or Path(str(self.model.path)).name
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the spec as plain JSON-compatible data."""
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        """Return the spec as YAML text that :func:`load_spec` reads back."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def spec_hash(self) -> str:
+        """Return a sha256 of the canonical JSON form (first 16 hex digits).
+
+        ``runtime`` is left out: where stages run does not change what they compute.
+        """
+        data = {k: v for k, v in self.to_dict().items() if k != "runtime"}
+        canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    def flat_params(self) -> dict[str, str]:
+        """Return ``section.key -> value`` strings (MLflow params)."""
+        return {
+            key: json.dumps(value) if not isinstance(value, str) else value
+            for key, value in flatten(self.to_dict()).items()
+        }
+
+
+_PARAM_KEY = re.compile(r"^[A-Za-z0-9_\-. /]+$")
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten nested dicts into dotted keys (lists and scalars are leaves).
+
+    A dict whose keys are not valid MLflow parameter names (globs such as ``allocation.pinned``'s
+    ``unet.time_embedding.*``) stays one leaf.
+    """
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value and all(_PARAM_KEY.match(str(k)) for k in value):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+_NOT_AVAILABLE: dict[str, str] = {}
+
+
+def _format_error(error: ValidationError) -> str:
+    first = error.errors()[0]
+    key = ".".join(str(part) for part in first["loc"]) or "<spec>"
+    top = str(first["loc"][0]) if first["loc"] else ""
+    if top in _NOT_AVAILABLE and first["type"] == "none_required":
+        return _NOT_AVAILABLE[top]
+    if first["type"] == "extra_forbidden":
+        return f"unknown spec key {key!r}"
+    message = first["msg"].removeprefix("Value error, ")
+    return f"invalid spec value at {key!r}: {message}"
+
+
+def spec_from_dict(data: dict[str, Any]) -> CompressionSpec:
+    """Validate plain data into a spec.
+
+    Raises:
+        SpecError: Naming the first offending key.
+    """
+    if not isinstance(data, dict):
+        raise SpecError("a spec must be a mapping of sections (model, sampler, quantize, ...)")
+    try:
+        return CompressionSpec.model_validate(data)
+    except ValidationError as error:
+        raise SpecError(_format_error(error)) from None
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Split ``section.key=value`` into the key path and a YAML-parsed value.
+
+    Raises:
+        SpecError: If the item has no ``=`` or an empty key.
+    """
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise SpecError(f"override {item!r} must look like section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``data`` with each ``section.key=value`` override applied."""
+    result = json.loads(json.dumps(data))
+    for item in overrides:
+        path, value = parse_override(item)
+        node = result
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise SpecError(f"override {item!r}: {part!r} is not a section")
+            node = child
+        node[path[-1]] = value
+    return result
+
+
+def load_spec(path: Path | None = None, overrides: list[str] | None = None) -> CompressionSpec:
+    """Read a spec from YAML (defaults when ``path`` is None) and apply overrides.
+
+    ``model`` is a one-of: overriding ``model.path`` drops the default or file's
+    ``model.name`` (and the reverse), unless both are overridden.
+
+    Args:
+        path: A YAML file; None means the built-in default (the W8A8 preset).
+        overrides: ``section.key=value`` strings, applied in order.
+
+    Raises:
+        SpecError: Missing or unreadable file, bad YAML, unknown keys or invalid values.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise SpecError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except (OSError, UnicodeDecodeError) as error:
+            raise SpecError(f"config file {path} cannot be read: {error}") from None
+        except yaml.YAMLError as error:
+            raise SpecError(f"config file {path} is not valid YAML: {str(error).splitlines()[0]}") from None
+        data = loaded or {}
+        if not isinstance(data, dict):
+            raise SpecError(f"config file {path} must hold a mapping of sections")
+    base = CompressionSpec().to_dict()
+    merged = _deep_merge(base, data) if isinstance(data, dict) else data
+    overrides = overrides or []
+    touched = {
+        parse_override(item)[0][1]
+        for item in overrides
+        if parse_override(item)[0][0] == "model" and len(parse_override(item)[0]) == 2
+    }
+    if touched & {"name", "path"} and isinstance(merged.get("model"), dict):
+        merged["model"] = {k: v for k, v in merged["model"].items() if k not in {"name", "path"} or k in touched}
+    return spec_from_dict(apply_overrides(merged, overrides))
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    if isinstance(update.get("model"), dict) and update["model"]:
+        out["model"] = dict(update["model"])
+    return out

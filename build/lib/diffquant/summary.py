@@ -1,0 +1,107 @@
+"""``summary.json``: the typed record of one compress run.
+
+Written from :class:`RunSummary` (``schema_version`` :data:`SCHEMA_VERSION`); summaries written
+before the schema was versioned load too (``schema_version`` 0). Sections allow extra keys, so a
+reader of an older or newer file keeps what it does not know.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = 1
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class ModelSection(_Section):
+    """The source model and what was registered from it."""
+
+    name: str
+    family: str | None = None
+    condition: str | None = None
+    sample_shape: list[int] = Field(default_factory=list)
+    latent: bool = False
+    weights_sha256: str | None = None
+    registered: str | None = None
+    registered_reason: str | None = None
+    alias: str | None = None
+
+
+class SizesSection(_Section):
+    """Weight bytes: float, packed (plan) and the ONNX initializers."""
+
+    fp32_bytes: int
+    packed_bytes: int
+    ratio: float
+    onnx_weight_bytes: int | None = None
+
+
+class PlanSection(_Section):
+    """The applied LayerPlan."""
+
+    path: str
+    scales_path: str
+    layers: int
+    quantized_layers: int
+    description: str
+    outlier_tokens: dict[str, Any] | None = None
+
+
+class CalibrationSection(_Section):
+    """The calibration set and its pool."""
+
+    strategy: str
+    size: int
+    pool_size: int
+    pool_path: str
+    pool_cache_hit: bool
+    selection_seconds: float
+    selection_path: str
+    histogram_png: str
+    pca_png: str
+
+
+class ExportSection(_Section):
+    """ONNX export, parity and the engine decision."""
+
+    status: str
+    reason: str
+    onnx: str | None = None
+    engine: dict[str, Any] | None = None
+
+
+class RunSummary(_Section):
+    """Everything one compress run decided and measured (``summary.json``)."""
+
+    schema_version: int = 0
+    run_id: str
+    experiment: str
+    tracking_uri: str
+    spec_hash: str
+    model: ModelSection
+    metrics: dict[str, dict[str, float]]
+    notes: list[str] = Field(default_factory=list)
+    finetune: dict[str, Any] | None = None
+    sizes: SizesSection
+    plan: PlanSection
+    calibration: CalibrationSection
+    samples: dict[str, str]
+    allocation: dict[str, Any] | None = None
+    export: ExportSection
+    timings: dict[str, float]
+    out_dir: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready data with today's keys."""
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def load(cls, path: Path) -> RunSummary:
+        """Read a ``summary.json`` (any schema version)."""
+        return cls.model_validate_json(Path(path).read_text())

@@ -1,0 +1,26 @@
+"""Helpers shared by the stage tasks: rebuilding inputs from paths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from diffquant.models.loading import DiffusionModel, load_model
+from diffquant.sampling import Trajectories
+from diffquant.spec import ModelSource
+from diffquant.storage import load_safetensors, save_safetensors
+
+
+def model_from_source(source: ModelSource) -> DiffusionModel:
+    """Load the model described by a spec's ``model`` section."""
+    return load_model(name=source.name, path=source.path, prompts=source.prompts)
+
+
+def save_trajectories(traj: Trajectories, path: Path) -> Path:
+    """Store trajectories as safetensors."""
+    return save_safetensors(traj.to_tensors(), path)
+
+
+def load_trajectories(path: str | Path) -> Trajectories:
+    """Read trajectories written by :func:`save_trajectories`."""
+    data = load_safetensors(Path(path))
+    return Trajectories(data["x"], data["t"], data["labels"])

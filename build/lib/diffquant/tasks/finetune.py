@@ -1,0 +1,81 @@
+"""Stage: quantized fine-tuning (QALoRA + LSQ, data-free distillation), checkpointed and resumable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+
+from diffquant.errors import spec_section
+from diffquant.finetune.policy import finetune
+from diffquant.mixed_precision.sensitivity import SensitivityTable
+from diffquant.quant.plan import LayerPlan
+from diffquant.quantize import load_quantized, save_quantized
+from diffquant.registry.models import registry_client
+from diffquant.registry.tracking import RunTracker
+from diffquant.spec import CompressionSpec
+from diffquant.storage import save_safetensors, write_json
+from diffquant.tasks.artifacts import (
+    FileRef,
+    FinetuneArtifact,
+    FinetuneRequest,
+    PoolArtifact,
+    QuantizeArtifact,
+    SensitivityArtifact,
+    TrackingRef,
+)
+from diffquant.tasks.common import load_trajectories, model_from_source
+
+LOG_BATCH = 50
+"""Fine-tuning steps whose loss and learning rate go to MLflow in one request."""
+
+
+@task(name="finetune")
+def finetune_task(
+    spec: CompressionSpec,
+    request: FinetuneRequest,
+    quantized: QuantizeArtifact,
+    pool: PoolArtifact,
+    out_dir: str,
+    checkpoint_root: str,
+    tracking: TrackingRef,
+    sensitivity: SensitivityArtifact | None = None,
+) -> FinetuneArtifact:
+    """Fine-tune the PTQ model; every step's loss and learning rate go to the tracker's MLflow run.
+
+    Checkpoints live in ``<checkpoint_root>/<request key>``: the request hashes the fine-tuning
+    config, the PTQ plan and scales, the pool and the model weights, so a killed run started
+    again with the same inputs resumes.
+    """
+    ft = spec.finetune
+    assert ft is not None
+    model = model_from_source(spec.model)
+    student = load_quantized(model, Path(quantized.plan.path), Path(quantized.scales.path))
+    client = RunTracker(registry_client(tracking.uri), tracking.run_id)
+    pending: list[tuple[int, dict[str, float]]] = []
+
+    def log(step: int, loss: float, lr: float) -> None:
+        pending.append((step, {"finetune.loss": loss, "finetune.lr": lr}))
+        if len(pending) >= LOG_BATCH or step == ft.steps - 1:
+            client.log_series(pending)
+            pending.clear()
+
+    with spec_section("finetune"):
+        result = finetune(
+            student,
+            model,
+            ft,
+            load_trajectories(pool.pool.path),
+            sensitivity=SensitivityTable.load_csv(Path(sensitivity.csv.path)) if sensitivity else None,
+            checkpoint_dir=Path(checkpoint_root) / request.key(),
+            on_log=log,
+            log_every=1,
+        )
+    folder = Path(out_dir) / "finetune"
+    plan_path, scales_path = save_quantized(student, LayerPlan.load(Path(quantized.plan.path)), folder)
+    weights_path = save_safetensors(dict(student.unet.state_dict()), folder / "finetuned_denoiser.safetensors")
+    write_json(result.to_dict(), folder / "finetune.json")
+    tuned = quantized.model_copy(
+        update={"plan": FileRef.of(plan_path), "scales": FileRef.of(scales_path), "weights": FileRef.of(weights_path)}
+    )
+    return FinetuneArtifact(quantized=tuned, result=result.to_dict())

@@ -1,0 +1,189 @@
+"""Cache keys come from the requests' fields: every result-affecting spec field changes the right key,
+``runtime`` changes none, and fields a stage does not read leave its key alone (so caches are reused)."""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Any
+
+import pytest
+
+from diffquant.spec import CompressionSpec, flatten, spec_from_dict
+from diffquant.tasks.artifacts import (
+    CalibrationArtifact,
+    FileRef,
+    FinetuneRequest,
+    ModelInfo,
+    PoolArtifact,
+    PoolRequest,
+    QuantizeArtifact,
+    SensitivityRequest,
+)
+
+# What each cached stage's result depends on, in spec keys (globs). Everything else must not move its key.
+DEPENDS = {
+    "pool": ["model.*", "sampler.*", "calibration.trajectories", "calibration.seed"],
+    "sensitivity": [
+        "sampler.*",
+        "allocation.weight_bits",
+        "allocation.activation_bits",
+        "allocation.group_bits",
+        "allocation.group_sizes",
+        "allocation.quality_metric",
+        "allocation.content_layers",
+        "allocation.content_samples",
+        "allocation.sensitivity_inputs",
+        "quantize.weight.observer",
+        "calibration.observer",
+        "evaluate.seed",
+    ],
+    "finetune": ["finetune.*"],
+}
+ALTERNATIVES: dict[str, list[Any]] = {
+    "model.name": ["digits-dit"],
+    "model.path": ["/some/model"],
+    "model.prompts": ["/some/prompts.txt"],
+    "sampler.name": [],  # ddim is the only sampler
+    "sampler.guidance": [],  # only 1.0 is accepted today
+    "finetune.timestep_groups": [],  # only 1 is accepted (one engine per group otherwise)
+    "quantize.weight.group_size": [],  # only together with granularity per_group (a two-field change)
+    "calibration.strategy": ["random"],
+    "calibration.observer": ["mse"],
+    "calibration.labels_file": [],  # enters the pool key as the labels read from it (test below)
+    "calibration.feature_module": ["down_blocks.1"],
+    "calibration.radius": [0.5],
+    "quantize.weight.granularity": ["per_tensor"],
+    "quantize.weight.observer": ["mse"],
+    "quantize.outlier_tokens": ["off"],
+    "quantize.keep_full_precision": [["conv_out"]],
+    "quantize.overrides": [[{"layers": ["conv_in"], "weight_bits": 4}]],
+    "allocation.quality_metric": ["psnr"],
+    "allocation.content_layers": [["*attn*"]],
+    "allocation.latency_table": [],  # needs a budget.latency_ms too; tested by the allocation tests
+    "allocation.pinned": [{"conv_in": "w8a8"}],
+    "allocation.objective": [{"quality": 1.0, "content": 0.5}],
+    "allocation.budget.bytes": [1e6],
+    "allocation.budget.bitops": [1e9],
+    "allocation.budget.latency_ms": [],
+    "finetune.trainable.rule": ["attention"],
+    "finetune.trainable.layers": [["conv_in"]],
+    "finetune.alpha": [2.0],
+    "export.target": ["onnxruntime"],
+    "export.tensorrt": ["off"],
+    "promote.registered_model": ["other-name"],
+    "promote.gates.min_accuracy": [0.5],
+    "promote.gates.max_size_ratio": [0.5],
+    "runtime.runner": ["dask"],
+}
+
+
+def _full_spec() -> CompressionSpec:
+    return spec_from_dict({"allocation": {}, "finetune": {}})
+
+
+def _candidates(key: str, value: Any) -> list[Any]:
+    if key in ALTERNATIVES:
+        return ALTERNATIVES[key]
+    if isinstance(value, bool):
+        return [not value]
+    if isinstance(value, int):
+        return [value + 1, value - 1, value * 2]
+    if isinstance(value, float):
+        return [value * 0.5, value * 1.5, value + 0.1]
+    if isinstance(value, list) and value and all(isinstance(v, int) for v in value):
+        return [value[:-1], [*value, 5]]
+    if isinstance(value, list):
+        return [[*value, 64], value[:-1]]
+    raise AssertionError(f"no alternative value for spec key {key} ({value!r}): add one to ALTERNATIVES")
+
+
+def _set(data: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
+    import copy
+
+    out = copy.deepcopy(data)
+    node = out
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node[part]
+    node[parts[-1]] = value
+    if parts[0] == "model" and parts[1] in ("name", "path"):
+        node.pop("path" if parts[1] == "name" else "name", None)
+    return out
+
+
+def _keys(spec: CompressionSpec, weights: str = "w" * 64) -> dict[str, str]:
+    info = ModelInfo(
+        name="m",
+        family="unet2d",
+        condition="class",
+        weights_sha256=weights,
+        prompts_sha256=None,
+        sample_shape=[1, 8, 8],
+        num_classes=10,
+        latent=False,
+        layer_names=["conv_in"],
+        source_dir="/m",
+    )
+    ref = FileRef(path="/x", sha256="c" * 64)
+    calib = CalibrationArtifact(
+        calibration=ref, sqnr=ref, selection=ref, histogram_png="h", pca_png="p", size=1, seconds=0.0
+    )
+    quant = QuantizeArtifact(plan=ref, scales=ref, layers=1, quantized_layers=1, fp32_bytes=4, packed_bytes=1)
+    pool = PoolArtifact(pool=ref, size=1)
+    return {
+        "pool": PoolRequest.from_spec(spec, info, None).key(),
+        "sensitivity": SensitivityRequest.from_spec(spec, info, calib).key(),
+        "finetune": FinetuneRequest.from_spec(spec, info, quant, pool).key(),
+    }
+
+
+def _leaves() -> list[tuple[str, Any]]:
+    return sorted(flatten(_full_spec().to_dict()).items())
+
+
+@pytest.mark.parametrize(("key", "value"), _leaves(), ids=[k for k, _ in _leaves()])
+def test_each_spec_field_moves_exactly_the_keys_that_depend_on_it(key, value):
+    base = _full_spec()
+    before = _keys(base)
+    tried = []
+    for candidate in _candidates(key, value):
+        try:
+            changed = spec_from_dict(_set(base.to_dict(), key, candidate))
+        except Exception as error:
+            tried.append(f"{candidate!r}: {error}")
+            continue
+        if flatten(changed.to_dict()).get(key) == value:
+            continue
+        after = _keys(changed)
+        for stage, patterns in DEPENDS.items():
+            expected = not key.startswith("runtime.") and any(fnmatch.fnmatchcase(key, p) for p in patterns)
+            assert (after[stage] != before[stage]) == expected, f"{key}={candidate!r} and the {stage} key"
+        return
+    if key in ALTERNATIVES and not ALTERNATIVES[key]:
+        pytest.skip(f"{key}: no other valid value here (see ALTERNATIVES)")
+    raise AssertionError(f"no valid alternative for {key}: {tried}")
+
+
+def test_runtime_changes_no_key_and_not_the_spec_hash():
+    base = _full_spec()
+    other = spec_from_dict(_set(base.to_dict(), "runtime.workers", 2))
+    assert _keys(other) == _keys(base) and other.spec_hash() == base.spec_hash()
+
+
+def test_weights_and_labels_move_the_keys_that_read_them():
+    spec = _full_spec()
+    keys, changed = _keys(spec), _keys(spec, weights="v" * 64)
+    assert all(keys[stage] != changed[stage] for stage in keys)
+    info = ModelInfo(
+        name="m",
+        family="unet2d",
+        condition="class",
+        weights_sha256="w" * 64,
+        prompts_sha256=None,
+        sample_shape=[1, 8, 8],
+        num_classes=10,
+        latent=False,
+        layer_names=[],
+        source_dir="/m",
+    )
+    assert PoolRequest.from_spec(spec, info, [1, 2]).key() != PoolRequest.from_spec(spec, info, None).key()
