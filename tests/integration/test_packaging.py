@@ -43,11 +43,11 @@ def test_wheel_has_one_top_level_package_and_no_bare_registry_or_export(tmp_path
     env = {**os.environ, "PYTHONPATH": str(target), "PYTHONNOUSERSITE": "1"}
     probe = (
         "import importlib.util, sys\n"
-        "sys.path = [p for p in sys.path if p not in ('', %r)]\n"
+        f"sys.path = [p for p in sys.path if p not in ('', {str(ROOT)!r})]\n"
         "import diffquant.registry.promotion, diffquant.export.onnx, diffquant.flows.compress\n"
-        "assert diffquant.__file__.startswith(%r), diffquant.__file__\n"
+        f"assert diffquant.__file__.startswith({str(target)!r}), diffquant.__file__\n"
         "print([importlib.util.find_spec(n) is None for n in ('registry', 'export', 'flows', 'tasks')])\n"
-    ) % (str(ROOT), str(target))
+    )
     result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[True, True, True, True]"
