@@ -13,7 +13,6 @@ import torch
 
 SPLIT_SEED = 0
 HELD_OUT_SIZE = 300
-NUM_CLASSES = 10
 
 
 @dataclass(frozen=True)

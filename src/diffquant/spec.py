@@ -408,15 +408,9 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-_NOT_AVAILABLE: dict[str, str] = {}
-
-
 def _format_error(error: ValidationError) -> str:
     first = error.errors()[0]
     key = ".".join(str(part) for part in first["loc"]) or "<spec>"
-    top = str(first["loc"][0]) if first["loc"] else ""
-    if top in _NOT_AVAILABLE and first["type"] == "none_required":
-        return _NOT_AVAILABLE[top]
     if first["type"] == "extra_forbidden":
         return f"unknown spec key {key!r}"
     message = first["msg"].removeprefix("Value error, ")

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from diffquant.calibration.pool import held_out_indices, subset
-from diffquant.errors import DataError
+from diffquant.errors import ConfigError, DataError
 from diffquant.sampling import Trajectories, denoiser_outputs
 from diffquant.spec import CalibrationSpec
 
@@ -245,12 +245,12 @@ def pool_features(
     """Output of ``module`` (default: the mid block) for every pool entry, flattened per entry.
 
     Raises:
-        DataError: If the model has no module of that name.
+        ConfigError: If the model has no module of that name (key ``feature_module``).
     """
     try:
         target = unet.get_submodule(module)
     except AttributeError:
-        raise DataError(f"calibration.feature_module {module!r} is not a module of the denoiser") from None
+        raise ConfigError("feature_module", f"{module!r} is not a module of the denoiser") from None
     captured: list[torch.Tensor] = []
 
     def hook(_module: nn.Module, _inputs: object, output: object) -> None:

@@ -241,7 +241,7 @@ def distill(
                 group["lr"] = group["base_lr"] * factor
             loss = torch.nn.functional.mse_loss(student(x, t, y).sample, target)
             if not torch.isfinite(loss):
-                raise DataError(f"fine-tuning loss became {loss.item()} at step {step}; lower finetune.lr")
+                raise DataError(f"fine-tuning loss became {loss.item()} at step {step}; lower the learning rate (lr)")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
