@@ -135,9 +135,16 @@ def _allocation(
     return sens, allocation
 
 
-def _finetune(
-    run: _Run, info: ModelInfo, pool: PoolArtifact, stages: dict[str, Any]
-) -> tuple[QuantizeArtifact, EvalArtifact, dict[str, Any]]:
+@dataclass(frozen=True)
+class _Kept:
+    """The model a run keeps after fine-tuning, its evaluation and the summary's ``finetune`` section."""
+
+    quantize: QuantizeArtifact
+    evaluation: EvalArtifact
+    section: dict[str, Any]
+
+
+def _finetune(run: _Run, info: ModelInfo, pool: PoolArtifact, stages: dict[str, Any]) -> _Kept:
     """Fine-tune the PTQ model, evaluate it, keep it only if it is no worse (:func:`keep_finetuned`)."""
     quant, q = stages["quantize"], stages["evaluate_quantized"]
     request = FinetuneRequest.from_spec(run.cfg, info, quant, pool)
@@ -168,7 +175,7 @@ def _finetune(
         "trainable_layers": len(result["layers"]),
         "weights_path": tuned.quantized.weights.path if tuned.quantized.weights else None,
     }
-    return (tuned.quantized, q_ft, section) if decision.kept == "finetuned" else (quant, q, section)
+    return _Kept(tuned.quantized, q_ft, section) if decision.kept == "finetuned" else _Kept(quant, q, section)
 
 
 def _export(run: _Run, quant: QuantizeArtifact, calib: CalibrationArtifact) -> ExportArtifact | None:
@@ -394,7 +401,8 @@ def compress_flow(spec: dict[str, Any], out_dir: str | None = None) -> dict[str,
             "evaluate_quantized", evaluate_task, cfg, "quantized", str(out), calib, s["quantize"], s["fp"]
         )
         if cfg.finetune is not None:
-            s["quantize"], s["q"], s["finetune"] = _finetune(run, info, s["pool"], s)
+            kept = _finetune(run, info, s["pool"], s)
+            s["quantize"], s["q"], s["finetune"] = kept.quantize, kept.evaluation, kept.section
         s["export"] = _export(run, s["quantize"], calib)
         s["registration"] = _register(run, s["quantize"], s["fp"], s["q"], s["export"])
         summary = _finish(run, info, s)

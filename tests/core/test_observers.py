@@ -88,3 +88,33 @@ def test_unknown_observer():
         assert "bogus" in str(error)
     else:
         raise AssertionError
+
+
+@pytest.mark.parametrize("observer", ["percentile"])
+def test_reservoir_is_uniform_over_batches_whatever_their_order(observer):
+    """48 batches of constant value i (i = 0..47, 4.8M values in all, past the reservoir's 1M): the kept
+    sample's median is the data's (23.5), in either order (the old reservoir decayed early batches: 40)."""
+    from diffquant.quant.observers import RESERVOIR_SIZE, ActivationObserver
+
+    batches = [torch.full((100_000,), float(i)) for i in range(48)]
+    medians, scales = [], []
+    for order in (batches, batches[::-1]):
+        obs = ActivationObserver(observer, seed=0)
+        for batch in order:
+            obs.update(batch)
+        assert obs._values.numel() == RESERVOIR_SIZE
+        medians.append(float(obs._values.median()))
+        scales.append(float(obs.scale(IntFormat(8))))
+    assert all(22.5 <= m <= 25.5 for m in medians), medians
+    assert abs(scales[0] - scales[1]) <= 0.02 * scales[0], scales
+
+
+def test_reservoir_memory_is_bounded_and_small_batches_are_kept_whole():
+    from diffquant.quant.observers import ActivationObserver
+
+    obs = ActivationObserver("percentile", reservoir=1000)
+    obs.update(torch.arange(600.0))
+    assert obs._values.numel() == 600 and set(obs._values.tolist()) == set(range(600))
+    obs.update(torch.arange(600.0, 10_600.0))
+    assert obs._values.numel() == 1000 and obs._keys.numel() == 1000
+    assert len(set(obs._values.tolist())) == 1000  # without replacement

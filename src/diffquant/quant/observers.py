@@ -21,7 +21,9 @@ ObserverName = Literal["minmax", "percentile", "mse"]
 OBSERVERS: tuple[str, ...] = ("minmax", "percentile", "mse")
 DEFAULT_PERCENTILE = 99.99
 MSE_GRID = torch.linspace(0.2, 1.0, 81)
-_SAMPLE_CAP = 1 << 20
+RESERVOIR_SIZE = 1 << 20
+"""Activation values an observer keeps (a uniform sample over every batch it saw)."""
+_CHUNK = 1 << 22
 
 
 def _check_name(name: str) -> None:
@@ -93,22 +95,36 @@ def weight_scale(
 
 
 class ActivationObserver:
-    """Accumulates per-tensor statistics of an activation over calibration batches."""
+    """Accumulates per-tensor statistics of an activation over calibration batches.
 
-    def __init__(self, observer: str = "minmax", percentile: float = DEFAULT_PERCENTILE, seed: int = 0) -> None:
+    The percentile and MSE observers keep a uniform random sample (without replacement) of every
+    value seen, over all batches alike: each value gets a random key and the ``reservoir`` values
+    with the smallest keys are kept (bottom-k sampling), so the sample does not depend on the
+    order of the batches, and memory stays bounded (keys are drawn in chunks of 4M values).
+    """
+
+    def __init__(
+        self,
+        observer: str = "minmax",
+        percentile: float = DEFAULT_PERCENTILE,
+        seed: int = 0,
+        reservoir: int = RESERVOIR_SIZE,
+    ) -> None:
         """Create an empty observer.
 
         Args:
             observer: ``minmax``, ``percentile`` or ``mse``.
             percentile: Quantile of ``|x|`` in percent for the percentile observer.
-            seed: Seed of the subsampling used by the percentile and MSE observers.
+            seed: Seed of the sampling used by the percentile and MSE observers.
+            reservoir: Values kept for the percentile and MSE observers.
         """
         _check_name(observer)
         self.observer = observer
         self.percentile = percentile
+        self.reservoir = reservoir
         self.absmax = torch.tensor(0.0)
-        self._samples: list[torch.Tensor] = []
-        self._count = 0
+        self._values = torch.empty(0)
+        self._keys = torch.empty(0)
         self._generator = torch.Generator().manual_seed(seed)
 
     def update(self, x: torch.Tensor) -> None:
@@ -119,20 +135,22 @@ class ActivationObserver:
         self.absmax = torch.maximum(self.absmax, x.abs().max())
         if self.observer == "minmax":
             return
-        keep = min(x.numel(), _SAMPLE_CAP // 16)
-        idx = torch.randperm(x.numel(), generator=self._generator)[:keep]
-        self._samples.append(x[idx])
-        self._count += keep
-        if self._count > _SAMPLE_CAP:
-            merged = torch.cat(self._samples)
-            idx = torch.randperm(merged.numel(), generator=self._generator)[: _SAMPLE_CAP // 2]
-            self._samples, self._count = [merged[idx]], _SAMPLE_CAP // 2
+        for chunk in x.split(_CHUNK):
+            keys = torch.rand(chunk.numel(), generator=self._generator)
+            if self._keys.numel() >= self.reservoir:  # only keys below the current k-th smallest can enter
+                below = keys < self._keys.max()
+                keys, chunk = keys[below], chunk[below]
+            keys, values = torch.cat([self._keys, keys]), torch.cat([self._values, chunk])
+            if keys.numel() > self.reservoir:
+                keys, order = torch.topk(keys, self.reservoir, largest=False, sorted=False)
+                values = values[order]
+            self._keys, self._values = keys, values
 
     def scale(self, fmt: IntFormat) -> torch.Tensor:
         """Return the per-tensor scale for ``fmt`` from what was observed."""
-        if self.observer == "minmax" or not self._samples:
+        if self.observer == "minmax" or not self._values.numel():
             return scale_from_absmax(self.absmax, fmt).reshape(())
-        values = torch.cat([*self._samples, self.absmax.reshape(1)])
+        values = torch.cat([self._values, self.absmax.reshape(1)])
         if self.observer == "percentile":
             return scale_from_absmax(torch.quantile(values.abs(), self.percentile / 100.0), fmt).reshape(())
         return mse_scale(values, fmt, axis=None)
