@@ -252,20 +252,20 @@ def read_meta(path: Path) -> ModelMeta:
 
 
 class SchedulerConfig(BaseModel):
-    """The fields of ``scheduler_config.json`` diffquant's DDIM sampler reads."""
+    """The fields of ``scheduler_config.json`` diffquant's DDIM sampler reads (defaults: DDIM's)."""
 
     model_config = ConfigDict(extra="allow", populate_by_name=True)
 
     class_name: StrictStr | None = Field(default=None, alias="_class_name")
-    num_train_timesteps: PositiveInt | None = None
-    beta_start: Annotated[Number, Field(gt=0)] | None = None
-    beta_end: Annotated[Number, Field(gt=0)] | None = None
-    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] | None = None
+    num_train_timesteps: PositiveInt = 1000
+    beta_start: Annotated[Number, Field(gt=0)] = 0.0001
+    beta_end: Annotated[Number, Field(gt=0)] = 0.02
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
     trained_betas: list[Number] | None = None
-    prediction_type: Literal["epsilon", "sample", "v_prediction"] | None = None
-    timestep_spacing: Literal["linspace", "leading", "trailing"] | None = None
-    clip_sample: StrictBool | None = None
-    steps_offset: Annotated[StrictInt, Field(ge=0)] | None = None
+    prediction_type: Literal["epsilon", "sample", "v_prediction"] = "epsilon"
+    timestep_spacing: Literal["linspace", "leading", "trailing"] = "leading"
+    clip_sample: StrictBool = True
+    steps_offset: Annotated[StrictInt, Field(ge=0)] = 0
 
 
 def read_scheduler_config(path: Path) -> dict[str, Any]:

@@ -203,6 +203,11 @@ def _checked_denoiser(folder: Path, components: tuple[str, ...], meta: ModelMeta
     if module is not None:
         _check_shapes(module, weights, config_path)
         full = dict(module.config)
+    for key in ("in_channels", "sample_size"):
+        if full.get(key) is None:
+            raise ModelLoadError(
+                f"{config_path}: field '{key}' is missing or null; diffquant needs it to know the input's shape"
+            )
     if family.condition == "class" and meta.num_classes is not None:
         _check_num_classes(meta.num_classes, family, full, config_path)
     return _Denoiser(folder, cls, family, weights, full)
