@@ -59,7 +59,7 @@ def no_weights_read(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("weights were loaded before the folder's files were validated")
 
     monkeypatch.setattr(loading, "_from_pretrained", refuse)
-    monkeypatch.setattr(loading, "_load_text_encoder", refuse)
+    monkeypatch.setattr(loading, "_load_text_encoder", refuse, raising=False)
 
 
 def write(path: Path, value: Any) -> None:
@@ -99,7 +99,7 @@ def test_config_json_without_class_name(unet, no_weights_read):
 
 def test_config_json_with_unknown_class(unet, no_weights_read):
     edit(unet / "config.json", lambda c: c.update(_class_name="MyOwnUNet"))
-    refused(unet, "MyOwnUNet model is not supported", "UNet2DModel")
+    refused(unet, f"{unet / 'config.json'}: _class_name MyOwnUNet model is not supported", "UNet2DModel")
 
 
 def test_config_json_class_name_not_a_string(unet, no_weights_read):
@@ -154,6 +154,16 @@ def test_model_index_component_without_its_folder(sd, no_weights_read, prompts):
     """Today: the denoiser is loaded, then 'text_encoder/config.json is not readable JSON: [Errno 2]'."""
     shutil.rmtree(sd / "text_encoder")
     refused(sd, "component 'text_encoder' (CLIPTextModel) has no folder", str(sd / "text_encoder"), prompts=prompts)
+
+
+def test_model_index_component_diffquant_never_reads_may_lack_its_folder(sd, prompts):
+    """A listed vae or safety checker without its folder is no reason to refuse the pipeline."""
+    shutil.rmtree(sd / "vae")
+    edit(
+        sd / "model_index.json", lambda i: i.update(safety_checker=["stable_diffusion", "StableDiffusionSafetyChecker"])
+    )
+    model = load_model(path=sd, prompts=prompts)
+    assert model.family == "text-unet" and model.latent
 
 
 def test_model_index_that_is_not_an_object(sd, no_weights_read, prompts):

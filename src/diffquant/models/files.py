@@ -151,6 +151,11 @@ KNOWN_COMPONENTS = frozenset(
 )
 """Component names of diffusers pipelines: their entries must be ``[library, class]``."""
 
+READ_COMPONENTS = frozenset(
+    {"unet", "transformer", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"}
+)
+"""Components diffquant reads: listed ones must have their folder (others, like a vae, may be left out)."""
+
 
 class ModelIndex(BaseModel):
     """A pipeline's ``model_index.json``: the components it lists (present ones only)."""
@@ -176,10 +181,12 @@ def _component(path: Path, key: str, value: Any) -> tuple[str, str] | None:
 
 
 def read_model_index(path: Path) -> ModelIndex:
-    """The validated ``model_index.json`` at ``path``; listed components must have their folder.
+    """The validated ``model_index.json`` at ``path``; listed components diffquant reads need their folder.
 
     A key is a component when diffusers treats it as one: its value is a list, or its name is a
     known component name (``unet``, ``text_encoder``, ...). Other keys are pipeline settings.
+    A listed ``vae``, ``safety_checker`` or ``feature_extractor`` may lack its folder: diffquant
+    never loads them.
 
     Raises:
         ModelLoadError: Naming the file and the component that is malformed or has no folder.
@@ -195,7 +202,7 @@ def read_model_index(path: Path) -> ModelIndex:
         entry = _component(path, key, value)
         if entry is None:
             continue
-        if not (path.parent / key).is_dir():
+        if key in READ_COMPONENTS and not (path.parent / key).is_dir():
             raise ModelLoadError(
                 f"{path}: component '{key}' ({entry[1]}) has no folder {path.parent / key}; "
                 "copy the whole pipeline or remove the entry"

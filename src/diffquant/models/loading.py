@@ -184,10 +184,15 @@ class _Denoiser:
     config: dict[str, Any]
 
 
-def _checked_denoiser(folder: Path, components: tuple[str, ...], meta: ModelMeta) -> _Denoiser:
+def _checked_denoiser(folder: Path, components: tuple[str, ...], meta: ModelMeta, meta_file: Path) -> _Denoiser:
     """Validate a denoiser folder without loading it: config, family, weights file and shapes, classes."""
     config_path = folder / "config.json"
     config, raw = read_denoiser_config(config_path)
+    supported = sorted({name for f in FAMILIES.values() for name in f.classes})
+    if config.class_name not in supported:
+        raise ModelLoadError(
+            f"{config_path}: _class_name {config.class_name} model is not supported; supported: {', '.join(supported)}"
+        )
     family = family_for(config.class_name, components=components, config=raw)
     if not components and family.condition == "text":
         raise ModelLoadError(
@@ -209,16 +214,15 @@ def _checked_denoiser(folder: Path, components: tuple[str, ...], meta: ModelMeta
                 f"{config_path}: field '{key}' is missing or null; diffquant needs it to know the input's shape"
             )
     if family.condition == "class" and meta.num_classes is not None:
-        _check_num_classes(meta.num_classes, family, full, config_path)
+        _check_num_classes(meta.num_classes, family, full, config_path, meta_file)
     return _Denoiser(folder, cls, family, weights, full)
 
 
-def _check_num_classes(num_classes: int, family: Family, config: dict[str, Any], config_path: Path) -> None:
+def _check_num_classes(
+    num_classes: int, family: Family, config: dict[str, Any], config_path: Path, meta_file: Path
+) -> None:
     """diffquant.json's num_classes must fit the denoiser's class embedding."""
     embeds = family.class_count(config)
-    meta_file = config_path.parent / META_NAME
-    if meta_file.parent.name in ("unet", "transformer"):
-        meta_file = meta_file.parent.parent / META_NAME
     if embeds is None:
         raise ModelLoadError(
             f"{meta_file}: num_classes is {num_classes}, but {config_path} has no class embedding "
@@ -405,7 +409,7 @@ def load_local_model(path: Path, name: str | None = None, prompts_file: Path | N
     if prompts_file is not None:
         raise ModelLoadError(f"model.prompts is set, but {path} is not a text-conditioned pipeline")
     scheduler = _scheduler(path, [path / "scheduler_config.json"])
-    denoiser = _checked_denoiser(path, (), meta)
+    denoiser = _checked_denoiser(path, (), meta, path / META_NAME)
     module, sha = _from_pretrained(denoiser.cls, path, denoiser.weights)
     return _assemble(path, name, meta, module, {"denoiser": sha}, scheduler, denoiser.family, None, latent=False)
 
@@ -421,7 +425,7 @@ def _load_pipeline(path: Path, meta: ModelMeta, name: str | None, prompts_file: 
         raise ModelLoadError(f"{path} lists a {denoiser_key} but has no {denoiser_key}/config.json")
     latent = "vae" in components
     scheduler = _latent_scheduler(_scheduler(path, [path / "scheduler" / "scheduler_config.json"]), latent)
-    checked = _checked_denoiser(folder, tuple(sorted(components)), meta)
+    checked = _checked_denoiser(folder, tuple(sorted(components)), meta, path / META_NAME)
     family = checked.family
     encoders: list[_TextEncoder] = []
     if family.condition == "text":
