@@ -99,7 +99,7 @@ def test_config_json_without_class_name(unet, no_weights_read):
 
 def test_config_json_with_unknown_class(unet, no_weights_read):
     edit(unet / "config.json", lambda c: c.update(_class_name="MyOwnUNet"))
-    refused(unet, f"{unet / 'config.json'}: _class_name MyOwnUNet model is not supported", "UNet2DModel")
+    refused(unet, f"{unet / 'config.json'}: _class_name MyOwnUNet is not a supported denoiser", "UNet2DModel")
 
 
 def test_config_json_class_name_not_a_string(unet, no_weights_read):

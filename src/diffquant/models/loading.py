@@ -191,7 +191,7 @@ def _checked_denoiser(folder: Path, components: tuple[str, ...], meta: ModelMeta
     supported = sorted({name for f in FAMILIES.values() for name in f.classes})
     if config.class_name not in supported:
         raise ModelLoadError(
-            f"{config_path}: _class_name {config.class_name} model is not supported; supported: {', '.join(supported)}"
+            f"{config_path}: _class_name {config.class_name} is not a supported denoiser; supported: {', '.join(supported)}"
         )
     family = family_for(config.class_name, components=components, config=raw)
     if not components and family.condition == "text":
