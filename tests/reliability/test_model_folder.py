@@ -218,7 +218,11 @@ def test_diffquant_json_that_is_not_an_object(unet, no_weights_read):
 def test_diffquant_json_with_unknown_field(unet, no_weights_read):
     """Today: a typo like num_class is ignored silently."""
     write(unet / "diffquant.json", {"num_class": 10})
-    refused(unet, f"{unet / 'diffquant.json'}: unknown field 'num_class'", "num_classes")
+    refused(
+        unet, f"{unet / 'diffquant.json'}: unknown field 'num_class'", "known fields: name, null_class, num_classes"
+    )
+    write(unet / "diffquant.json", {"prompts": {"calibration": [["a", 1]], "evaluation": [["b", 1]], "eval": []}})
+    refused(unet, "unknown field 'prompts.eval'; known fields: calibration, evaluation")
 
 
 def test_diffquant_json_name_not_a_string(unet, no_weights_read):
@@ -257,6 +261,12 @@ def test_scheduler_config_num_train_timesteps_not_a_count(unet, no_weights_read,
     """Today: loads, then DDIM fails when sampling starts."""
     edit(unet / "scheduler_config.json", lambda s: s.update(num_train_timesteps=value))
     refused(unet, f"{unet / 'scheduler_config.json'}: field 'num_train_timesteps'")
+
+
+def test_scheduler_config_beta_as_a_string(unet, no_weights_read):
+    """Today: loads, then DDIM fails building its betas when sampling starts."""
+    edit(unet / "scheduler_config.json", lambda s: s.update(beta_end="0.02"))
+    refused(unet, f"{unet / 'scheduler_config.json'}: field 'beta_end' must be a valid number, got \"0.02\"")
 
 
 def test_pipeline_scheduler_config_with_unknown_prediction_type(sd, no_weights_read, prompts):

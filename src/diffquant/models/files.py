@@ -16,7 +16,17 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    model_validator,
+)
 
 from diffquant.errors import ModelLoadError
 
@@ -24,7 +34,8 @@ TEXT_ENCODERS = ("CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel
 """transformers classes diffquant runs as text encoders."""
 
 PositiveInt = Annotated[StrictInt, Field(ge=1)]
-Number = Annotated[float, Field(strict=False)]
+Number = StrictFloat
+"""A JSON number (an integer is accepted; a numeric string or a boolean is not)."""
 
 
 def _shown(value: Any, limit: int = 60) -> str:
@@ -73,7 +84,8 @@ def _problem(path: Path, error: ValidationError) -> ModelLoadError:
     where = ".".join(str(part) for part in item["loc"])
     field = f"field '{where}'" if where else "it"
     if item["type"] == "extra_forbidden":
-        return ModelLoadError(f"{path}: unknown field '{where}'; known fields: {', '.join(_known(error))}")
+        known = BundledPrompts if item["loc"][0] == "prompts" else ModelMeta
+        return ModelLoadError(f"{path}: unknown field '{where}'; known fields: {', '.join(sorted(known.model_fields))}")
     if item["type"] == "missing":
         return ModelLoadError(f"{path}: {field} is missing")
     message = re.sub(r" or instance of \w+", "", item["msg"].removeprefix("Value error, ")).rstrip(".")
@@ -81,11 +93,6 @@ def _problem(path: Path, error: ValidationError) -> ModelLoadError:
         return ModelLoadError(f"{path}: {message}")
     message = message.replace("Input should be", "must be").replace("List should have", "must have")
     return ModelLoadError(f"{path}: {field} {message}, got {_shown(item['input'])}")
-
-
-def _known(error: ValidationError) -> list[str]:
-    model = {"ModelMeta": ModelMeta, "BundledPrompts": BundledPrompts}.get(error.title)
-    return sorted(model.model_fields) if model is not None else []
 
 
 def _validated(model: type[BaseModel], path: Path, data: dict[str, Any]) -> Any:
