@@ -23,6 +23,7 @@ from torch import nn
 from diffquant.errors import ModelLoadError
 from diffquant.models.families import FAMILIES, Family, family_for
 from diffquant.models.files import (
+    DenoiserConfig,
     ModelMeta,
     read_denoiser_config,
     read_meta,
@@ -184,8 +185,8 @@ class _Denoiser:
     config: dict[str, Any]
 
 
-def _checked_denoiser(folder: Path, components: tuple[str, ...], meta: ModelMeta, meta_file: Path) -> _Denoiser:
-    """Validate a denoiser folder without loading it: config, family, weights file and shapes, classes."""
+def _denoiser_family(folder: Path, components: tuple[str, ...]) -> tuple[DenoiserConfig, dict[str, Any], Family]:
+    """The validated denoiser ``config.json`` in ``folder`` (and its raw fields) and its family."""
     config_path = folder / "config.json"
     config, raw = read_denoiser_config(config_path)
     supported = sorted({name for f in FAMILIES.values() for name in f.classes})
@@ -199,11 +200,19 @@ def _checked_denoiser(folder: Path, components: tuple[str, ...], meta: ModelMeta
             f"{folder} is a bare {config.class_name}, which needs its text encoder; point model.path at the "
             "pipeline directory (with model_index.json, unet/, text_encoder/, tokenizer/)"
         )
+    return config, raw, family
+
+
+def _checked_denoiser(
+    folder: Path, class_name: str, raw: dict[str, Any], family: Family, meta: ModelMeta, meta_file: Path
+) -> _Denoiser:
+    """Check a denoiser's weights without reading them: safetensors header, shapes against the config, classes."""
+    config_path = folder / "config.json"
     weights = _checked_weights(folder, DIFFUSERS_WEIGHTS)
     import diffusers
 
-    cls = getattr(diffusers, config.class_name)
-    module = _meta_module(lambda: cls.from_config(raw), config_path, config.class_name)
+    cls = getattr(diffusers, class_name)
+    module = _meta_module(lambda: cls.from_config(raw), config_path, class_name)
     full = raw
     if module is not None:
         _check_shapes(module, weights, config_path)
@@ -246,20 +255,26 @@ class _TextEncoder:
     weights: Path
 
 
-def _checked_text_encoder(folder: Path, tokenizer: Path) -> _TextEncoder:
-    """Validate a text encoder folder and its tokenizer folder without loading the weights."""
-    import transformers
-    from transformers import AutoConfig
-
+def _text_encoder_class(folder: Path, tokenizer: Path) -> str:
+    """The text encoder class named by ``folder``'s validated config.json; both folders must exist."""
     if not folder.is_dir():
         raise ModelLoadError(f"{folder.parent} has no {folder.name}/ folder, which its model family needs")
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise ModelLoadError(f"{folder} has no config.json (the text encoder's transformers config)")
     architecture = read_text_encoder_config(config_path)
-    weights = _checked_weights(folder, TRANSFORMERS_WEIGHTS)
     if not tokenizer.is_dir():
         raise ModelLoadError(f"{tokenizer.parent} has a text encoder but no {tokenizer.name}/ folder")
+    return architecture
+
+
+def _checked_text_encoder(folder: Path, tokenizer: Path, architecture: str) -> _TextEncoder:
+    """Check a text encoder's transformers config and weights (header, shapes) without reading the weights."""
+    import transformers
+    from transformers import AutoConfig
+
+    config_path = folder / "config.json"
+    weights = _checked_weights(folder, TRANSFORMERS_WEIGHTS)
     try:
         config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:
@@ -408,8 +423,9 @@ def load_local_model(path: Path, name: str | None = None, prompts_file: Path | N
         raise ModelLoadError(f"{path} is not a diffusers model: no config.json or model_index.json in it")
     if prompts_file is not None:
         raise ModelLoadError(f"model.prompts is set, but {path} is not a text-conditioned pipeline")
+    config, raw, family = _denoiser_family(path, ())
     scheduler = _scheduler(path, [path / "scheduler_config.json"])
-    denoiser = _checked_denoiser(path, (), meta, path / META_NAME)
+    denoiser = _checked_denoiser(path, config.class_name, raw, family, meta, path / META_NAME)
     module, sha = _from_pretrained(denoiser.cls, path, denoiser.weights)
     return _assemble(path, name, meta, module, {"denoiser": sha}, scheduler, denoiser.family, None, latent=False)
 
@@ -423,16 +439,20 @@ def _load_pipeline(path: Path, meta: ModelMeta, name: str | None, prompts_file: 
     folder = path / denoiser_key
     if not (folder / "config.json").is_file():
         raise ModelLoadError(f"{path} lists a {denoiser_key} but has no {denoiser_key}/config.json")
+    config, raw, family = _denoiser_family(folder, tuple(sorted(components)))
     latent = "vae" in components
     scheduler = _latent_scheduler(_scheduler(path, [path / "scheduler" / "scheduler_config.json"]), latent)
-    checked = _checked_denoiser(folder, tuple(sorted(components)), meta, path / META_NAME)
-    family = checked.family
-    encoders: list[_TextEncoder] = []
+    architectures = [_text_encoder_class(path / enc, path / tok) for enc, tok in family.text_components]
     if family.condition == "text":
-        encoders = [_checked_text_encoder(path / enc, path / tok) for enc, tok in family.text_components]
         calibration, evaluation = _prompt_lists(meta, prompts_file, path)
     elif prompts_file is not None:
         raise ModelLoadError(f"model.prompts is set, but {path} is not text-conditioned")
+    # every JSON file is valid: check the weights files against the configs
+    checked = _checked_denoiser(folder, config.class_name, raw, family, meta, path / META_NAME)
+    encoders = [
+        _checked_text_encoder(path / enc, path / tok, architecture)
+        for (enc, tok), architecture in zip(family.text_components, architectures, strict=True)
+    ]
     # every file is checked: from here on weights are read
     denoiser, sha = _from_pretrained(checked.cls, folder, checked.weights)
     hashes = {denoiser_key: sha}
