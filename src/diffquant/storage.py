@@ -38,26 +38,88 @@ def sha256_tree(path: Path) -> str:
     return digest.hexdigest()
 
 
-def check_safetensors(path: Path) -> None:
-    """Verify that ``path`` is a safetensors file, refusing pickles and anything else.
+_DTYPE_BYTES = {
+    "F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
+    "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+}  # fmt: skip
+
+
+def _header_shapes(path: Path, header: Any, data_bytes: int) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes from a parsed safetensors header, checking it describes exactly the file's data."""
+    if not isinstance(header, dict):
+        raise ModelLoadError(f"{path} is not a safetensors file (its header is not a JSON object)")
+    shapes: dict[str, tuple[int, ...]] = {}
+    end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            start, stop = (int(x) for x in entry["data_offsets"])
+            shape = tuple(int(x) for x in entry["shape"])
+            width = _DTYPE_BYTES.get(str(entry["dtype"]))
+        except (TypeError, KeyError, ValueError):
+            raise ModelLoadError(f"{path} is damaged: its header entry for tensor {name!r} is malformed") from None
+        count = 1
+        for size in shape:
+            count *= size
+        if not 0 <= start <= stop or (width is not None and stop - start != count * width):
+            raise ModelLoadError(
+                f"{path} is damaged: tensor {name!r} of shape {list(shape)} does not fit its byte range {start}..{stop}"
+            )
+        shapes[name] = shape
+        end = max(end, stop)
+    if end > data_bytes:
+        raise ModelLoadError(
+            f"{path} is truncated: its header describes {end} bytes of tensors but the file holds {data_bytes}; "
+            "copy or save the weights again"
+        )
+    if end < data_bytes:
+        raise ModelLoadError(f"{path} is damaged: it has {data_bytes - end} bytes after its last tensor")
+    return shapes
+
+
+def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """The tensor shapes a safetensors file holds, read from its header after checking the file.
+
+    The header is parsed and must describe exactly the bytes that follow it, so a truncated copy
+    or random bytes are refused here, before any tensor is read.
 
     Raises:
-        ModelLoadError: If the file is missing, a pickle/zip checkpoint, or not safetensors.
+        ModelLoadError: If the file is missing, a pickle/zip checkpoint, not safetensors, truncated or damaged.
     """
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"weights file {path} does not exist")
+    size = path.stat().st_size
     with path.open("rb") as handle:
         head = handle.read(9)
-    # safetensors first: its 8-byte header length may itself begin with 0x80 (e.g. 0x3780 bytes)
-    if len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] <= path.stat().st_size:
-        return
+        # safetensors first: its 8-byte header length may itself begin with 0x80 (e.g. 0x3780 bytes)
+        if len(head) == 9 and head[8:9] == b"{" and 8 + struct.unpack("<Q", head[:8])[0] <= size:
+            length = struct.unpack("<Q", head[:8])[0]
+            handle.seek(8)
+            raw = handle.read(length)
+            try:
+                header = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                raise ModelLoadError(f"{path} is not a safetensors file (its header is not JSON)") from None
+            return _header_shapes(path, header, size - 8 - length)
+    if len(head) == 9 and head[8:9] == b"{":
+        raise ModelLoadError(f"{path} is truncated: it ends inside its safetensors header; copy or save it again")
     if any(head.startswith(magic) for magic in _PICKLE_MAGIC):
         raise ModelLoadError(
             f"{path} is a pickle checkpoint, which can run arbitrary code; "
             "convert it to safetensors (model.save_pretrained(..., safe_serialization=True))"
         )
     raise ModelLoadError(f"{path} is not a safetensors file")
+
+
+def check_safetensors(path: Path) -> None:
+    """Verify that ``path`` is a whole safetensors file, refusing pickles and anything else.
+
+    Raises:
+        ModelLoadError: If the file is missing, a pickle/zip checkpoint, not safetensors, truncated or damaged.
+    """
+    safetensors_shapes(path)
 
 
 def load_safetensors(path: Path) -> dict[str, torch.Tensor]:

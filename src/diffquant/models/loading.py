@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -21,9 +22,18 @@ from torch import nn
 
 from diffquant.errors import ModelLoadError
 from diffquant.models.families import FAMILIES, Family, family_for
+from diffquant.models.files import (
+    DenoiserConfig,
+    ModelMeta,
+    read_denoiser_config,
+    read_meta,
+    read_model_index,
+    read_scheduler_config,
+    read_text_encoder_config,
+)
 from diffquant.models.prompts import Prompt, PromptSet, Tokenize, hf_tokenize, read_prompts_file
 from diffquant.models.reference import DIGITS_UNET, reference_dir
-from diffquant.storage import check_safetensors, sha256_file
+from diffquant.storage import check_safetensors, safetensors_shapes, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -88,15 +98,14 @@ class DiffusionModel:
         return labels, labels
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise ModelLoadError(f"{path} is not readable JSON: {error}") from None
+def _one_line(error: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line (whitespace collapsed), cut to ``limit`` characters."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _checked_weights(folder: Path, name: str) -> Path:
-    """The safetensors weights in ``folder``, refusing pickle checkpoints."""
+    """The safetensors weights in ``folder``, refusing pickle checkpoints and damaged files."""
     weights = folder / name
     if not weights.is_file():
         pickles = sorted(p.name for p in folder.iterdir() if p.name in PICKLE_NAMES) if folder.is_dir() else []
@@ -110,43 +119,195 @@ def _checked_weights(folder: Path, name: str) -> Path:
     return weights
 
 
-def _from_pretrained(cls: type, folder: Path, weights_name: str) -> tuple[nn.Module, str]:
+def _meta_module(build: Callable[[], nn.Module], config_path: Path, class_name: str) -> nn.Module | None:
+    """``build()`` on the meta device (no memory, no initialisation): the module a config describes.
+
+    Returns None when the class cannot be built on the meta device (the real load then decides).
+
+    Raises:
+        ModelLoadError: If the config describes no buildable ``class_name``.
+    """
+    try:
+        with torch.device("meta"):
+            return build()
+    except Exception as error:  # diffusers and transformers raise anything on a bad config
+        if "meta" in str(error).lower():
+            logger.debug("cannot build %s on the meta device (%s); shapes checked at load", class_name, error)
+            return None
+        raise ModelLoadError(f"{config_path} does not describe a buildable {class_name}: {_one_line(error)}") from None
+
+
+def _check_shapes(module: nn.Module, weights: Path, config_path: Path) -> None:
+    """Refuse weights whose tensor shapes differ from those of the module ``config_path`` describes."""
+    stored = safetensors_shapes(weights)
+    expected = {key: tuple(value.shape) for key, value in module.state_dict().items()}
+    wrong = [key for key in expected if key in stored and stored[key] != expected[key]]
+    if wrong:
+        key = wrong[0]
+        more = f" ({len(wrong)} of {len(expected)} parameters differ)" if len(wrong) > 1 else ""
+        raise ModelLoadError(
+            f"{weights}: parameter {key} has shape {list(stored[key])}, but {config_path} makes it "
+            f"{list(expected[key])}{more}; the weights and the config belong to different models"
+        )
+
+
+def _refuse_missing(info: dict[str, Any], weights: Path, class_name: str) -> None:
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise ModelLoadError(
+            f"{weights} lacks parameter {missing[0]}{more} of the {class_name} that config.json describes "
+            "(it would be left random); the weights and the config belong to different models"
+        )
+
+
+def _from_pretrained(cls: type, folder: Path, weights: Path) -> tuple[nn.Module, str]:
     """Load ``cls`` from ``folder`` (safetensors only); return it in eval mode and its sha256."""
-    weights = _checked_weights(folder, weights_name)
     try:
         # low_cpu_mem_usage=False: the fast path needs `accelerate`, and diffusers warns without it
-        module = cls.from_pretrained(str(folder), use_safetensors=True, local_files_only=True, low_cpu_mem_usage=False)
+        module, info = cls.from_pretrained(
+            str(folder), use_safetensors=True, local_files_only=True, low_cpu_mem_usage=False, output_loading_info=True
+        )
     except (OSError, ValueError, RuntimeError, TypeError, KeyError) as error:
-        raise ModelLoadError(f"cannot load {folder}: {str(error).splitlines()[0]}") from None
+        raise ModelLoadError(f"cannot load {folder}: {_one_line(error)}") from None
+    _refuse_missing(info, weights, cls.__name__)
     return module.eval().requires_grad_(False), sha256_file(weights)
 
 
-def _text_encoder(folder: Path) -> tuple[nn.Module, str]:
+@dataclass
+class _Denoiser:
+    """A checked denoiser folder: its class, family, weights and full config (diffusers defaults filled)."""
+
+    folder: Path
+    cls: type
+    family: Family
+    weights: Path
+    config: dict[str, Any]
+
+
+def _denoiser_family(folder: Path, components: tuple[str, ...]) -> tuple[DenoiserConfig, dict[str, Any], Family]:
+    """The validated denoiser ``config.json`` in ``folder`` (and its raw fields) and its family."""
+    config_path = folder / "config.json"
+    config, raw = read_denoiser_config(config_path)
+    supported = sorted({name for f in FAMILIES.values() for name in f.classes})
+    if config.class_name not in supported:
+        raise ModelLoadError(
+            f"{config_path}: _class_name {config.class_name} is not a supported denoiser; supported: {', '.join(supported)}"
+        )
+    family = family_for(config.class_name, components=components, config=raw)
+    if not components and family.condition == "text":
+        raise ModelLoadError(
+            f"{folder} is a bare {config.class_name}, which needs its text encoder; point model.path at the "
+            "pipeline directory (with model_index.json, unet/, text_encoder/, tokenizer/)"
+        )
+    return config, raw, family
+
+
+def _checked_denoiser(
+    folder: Path, class_name: str, raw: dict[str, Any], family: Family, meta: ModelMeta, meta_file: Path
+) -> _Denoiser:
+    """Check a denoiser's weights without reading them: safetensors header, shapes against the config, classes."""
+    config_path = folder / "config.json"
+    weights = _checked_weights(folder, DIFFUSERS_WEIGHTS)
+    import diffusers
+
+    cls = getattr(diffusers, class_name)
+    module = _meta_module(lambda: cls.from_config(raw), config_path, class_name)
+    full = raw
+    if module is not None:
+        _check_shapes(module, weights, config_path)
+        full = dict(module.config)
+    for key in ("in_channels", "sample_size"):
+        if full.get(key) is None:
+            raise ModelLoadError(
+                f"{config_path}: field '{key}' is missing or null; diffquant needs it to know the input's shape"
+            )
+    if family.condition == "class" and meta.num_classes is not None:
+        _check_num_classes(meta.num_classes, family, full, config_path, meta_file)
+    return _Denoiser(folder, cls, family, weights, full)
+
+
+def _check_num_classes(
+    num_classes: int, family: Family, config: dict[str, Any], config_path: Path, meta_file: Path
+) -> None:
+    """diffquant.json's num_classes must fit the denoiser's class embedding."""
+    embeds = family.class_count(config)
+    if embeds is None:
+        raise ModelLoadError(
+            f"{meta_file}: num_classes is {num_classes}, but {config_path} has no class embedding "
+            f"({family.class_config_key} is null), so the model takes no class labels; remove num_classes"
+        )
+    if num_classes > int(embeds):
+        raise ModelLoadError(
+            f"{meta_file}: num_classes {num_classes} exceeds the {embeds} class embeddings of {config_path} "
+            f"({family.class_config_key}); set num_classes to at most {embeds}"
+        )
+
+
+@dataclass
+class _TextEncoder:
+    """A checked text encoder folder, its tokenizer folder and the transformers config."""
+
+    folder: Path
+    tokenizer: Path
+    cls: type
+    config: Any
+    weights: Path
+
+
+def _text_encoder_class(folder: Path, tokenizer: Path) -> str:
+    """The text encoder class named by ``folder``'s validated config.json; both folders must exist."""
+    if not folder.is_dir():
+        raise ModelLoadError(f"{folder.parent} has no {folder.name}/ folder, which its model family needs")
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise ModelLoadError(f"{folder} has no config.json (the text encoder's transformers config)")
+    architecture = read_text_encoder_config(config_path)
+    if not tokenizer.is_dir():
+        raise ModelLoadError(f"{tokenizer.parent} has a text encoder but no {tokenizer.name}/ folder")
+    return architecture
+
+
+def _checked_text_encoder(folder: Path, tokenizer: Path, architecture: str) -> _TextEncoder:
+    """Check a text encoder's transformers config and weights (header, shapes) without reading the weights."""
     import transformers
     from transformers import AutoConfig
 
-    config = _read_json(folder / "config.json")
-    architectures = config.get("architectures") or []
-    if not architectures or architectures[0] not in ("CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel"):
-        raise ModelLoadError(
-            f"{folder} holds a {architectures[0] if architectures else 'unknown'} text encoder; "
-            "supported: CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel"
-        )
+    config_path = folder / "config.json"
     weights = _checked_weights(folder, TRANSFORMERS_WEIGHTS)
-    cls = getattr(transformers, architectures[0])
+    try:
+        config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:
+        raise ModelLoadError(f"{config_path} is not a usable transformers config: {_one_line(error)}") from None
+    config._attn_implementation = "eager"
+    cls = getattr(transformers, architecture)
+    module = _meta_module(lambda: cls(config), config_path, architecture)
+    if module is not None:
+        _check_shapes(module, weights, config_path)
+    return _TextEncoder(folder, tokenizer, cls, config, weights)
+
+
+def _load_text_encoder(encoder: _TextEncoder) -> tuple[nn.Module, str]:
+    import transformers
+
     # transformers draws a tqdm bar per load on stderr, which breaks the CLI's rich progress display
     bars = transformers.utils.logging.is_progress_bar_enabled()
     transformers.utils.logging.disable_progress_bar()
     try:
-        cfg = AutoConfig.from_pretrained(str(folder), local_files_only=True)
-        cfg._attn_implementation = "eager"
-        module = cls.from_pretrained(str(folder), config=cfg, use_safetensors=True, local_files_only=True)
+        module, info = encoder.cls.from_pretrained(
+            str(encoder.folder),
+            config=encoder.config,
+            use_safetensors=True,
+            local_files_only=True,
+            output_loading_info=True,
+        )
     except (OSError, ValueError, RuntimeError, TypeError, KeyError) as error:
-        raise ModelLoadError(f"cannot load {folder}: {str(error).splitlines()[0]}") from None
+        raise ModelLoadError(f"cannot load {encoder.folder}: {_one_line(error)}") from None
     finally:
         if bars:
             transformers.utils.logging.enable_progress_bar()
-    return module.eval().requires_grad_(False), sha256_file(weights)
+    _refuse_missing(info, encoder.weights, encoder.cls.__name__)
+    return module.eval().requires_grad_(False), sha256_file(encoder.weights)
 
 
 def _tokenizer(folder: Path):
@@ -156,14 +317,14 @@ def _tokenizer(folder: Path):
         raise ModelLoadError(f"{folder.parent} has a text encoder but no {folder.name}/ folder")
     try:
         return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    except (OSError, ValueError, TypeError, KeyError) as error:
-        raise ModelLoadError(f"cannot load the tokenizer in {folder}: {str(error).splitlines()[0]}") from None
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:
+        raise ModelLoadError(f"cannot load the tokenizer in {folder}: {_one_line(error)}") from None
 
 
 def _scheduler(path: Path, candidates: list[Path]) -> dict[str, Any]:
     for candidate in candidates:
         if candidate.is_file():
-            return _read_json(candidate)
+            return read_scheduler_config(candidate)
     raise ModelLoadError(
         f"{path} has no scheduler config (scheduler_config.json beside config.json, "
         "or scheduler/scheduler_config.json in a pipeline); add the training scheduler's config"
@@ -203,40 +364,45 @@ def _family_tokenize(tokenizers: list[Any], family: Family) -> Tokenize:
     return tokenize
 
 
-def _prompt_set(meta: dict[str, Any], tokenize: Tokenize, prompts_file: Path | None, path: Path) -> PromptSet:
+def _prompt_lists(meta: ModelMeta, prompts_file: Path | None, path: Path) -> tuple[list[Prompt], list[Prompt]]:
+    """Calibration and evaluation prompts: the prompts file's, else the bundled ones."""
     if prompts_file is not None:
         prompts = read_prompts_file(prompts_file)
-        return PromptSet(prompts, prompts, tokenize)
-    bundled = meta.get("prompts")
-    if not bundled:
+        return prompts, prompts
+    if meta.prompts is None:
         raise ModelLoadError(
             f"{path} is text-conditioned and has no bundled prompts; set model.prompts to a text file "
             "with one prompt per line (used for calibration and evaluation)"
         )
 
-    def parse(rows: list[list[Any]]) -> list[Prompt]:
-        return [Prompt(str(text), None if label is None else int(label)) for text, label in rows]
+    def parse(rows: list[tuple[str, int | None]]) -> list[Prompt]:
+        return [Prompt(text, label) for text, label in rows]
 
-    return PromptSet(parse(bundled["calibration"]), parse(bundled["evaluation"]), tokenize)
+    return parse(meta.prompts.calibration), parse(meta.prompts.evaluation)
 
 
-def _load_bare(path: Path, meta: dict[str, Any]) -> tuple[nn.Module, str, str, Family]:
-    config = _read_json(path / "config.json")
-    class_name = config.get("_class_name")
-    family = family_for(class_name, components=(), config=config)
-    if family.condition == "text":
+def _checked_folder(path: Path) -> None:
+    if not path.exists():
+        raise ModelLoadError(f"model path {path} does not exist")
+    if not path.is_dir():
+        known = path.name in ("config.json", "model_index.json", DIFFUSERS_WEIGHTS)
+        holder = f" ({path.parent} here)" if known else ""
         raise ModelLoadError(
-            f"{path} is a bare {class_name}, which needs its text encoder; point model.path at the "
-            "pipeline directory (with model_index.json, unet/, text_encoder/, tokenizer/)"
+            f"model path {path} is a file, not a folder; point model.path at the folder that holds "
+            f"config.json or model_index.json{holder}"
         )
-    import diffusers
-
-    module, sha = _from_pretrained(getattr(diffusers, class_name), path, DIFFUSERS_WEIGHTS)
-    return module, sha, class_name, family
+    if not any(path.iterdir()):
+        raise ModelLoadError(
+            f"model path {path} is an empty folder; point model.path at a diffusers model folder "
+            "(config.json and diffusion_pytorch_model.safetensors) or pipeline folder (model_index.json)"
+        )
 
 
 def load_local_model(path: Path, name: str | None = None, prompts_file: Path | None = None) -> DiffusionModel:
     """Load a denoiser from a local diffusers directory (model or pipeline), safetensors only.
+
+    Every file of the folder is validated first (JSON files against :mod:`diffquant.models.files`,
+    weights headers and shapes against the configs); only then are weights read.
 
     Args:
         path: The directory (``save_pretrained`` output of a model, or a pipeline).
@@ -244,57 +410,61 @@ def load_local_model(path: Path, name: str | None = None, prompts_file: Path | N
         prompts_file: Prompts for a text-conditioned model (one per line); overrides bundled ones.
 
     Raises:
-        ModelLoadError: Missing directory, not a diffusers model, unsupported family, pickle
-            weights, no scheduler config, or a text model without prompts.
+        ModelLoadError: Missing or empty directory, not a diffusers model, a malformed JSON file
+            (naming the file and field), unsupported family, pickle or damaged weights, weights
+            that do not match their config, no scheduler config, or a text model without prompts.
     """
     path = Path(path)
-    if not path.exists():
-        raise ModelLoadError(f"model path {path} does not exist")
-    if not path.is_dir():
-        raise ModelLoadError(f"model path {path} is not a directory")
-    meta_file = path / META_NAME
-    meta = _read_json(meta_file) if meta_file.is_file() else {}
+    _checked_folder(path)
+    meta = read_meta(path / META_NAME)
     if (path / "model_index.json").is_file():
         return _load_pipeline(path, meta, name, prompts_file)
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{path} is not a diffusers model: no config.json or model_index.json in it")
     if prompts_file is not None:
         raise ModelLoadError(f"model.prompts is set, but {path} is not a text-conditioned pipeline")
+    config, raw, family = _denoiser_family(path, ())
     scheduler = _scheduler(path, [path / "scheduler_config.json"])
-    module, sha, _, family = _load_bare(path, meta)
-    return _assemble(path, name, meta, module, {"denoiser": sha}, scheduler, family, None, latent=False)
+    denoiser = _checked_denoiser(path, config.class_name, raw, family, meta, path / META_NAME)
+    module, sha = _from_pretrained(denoiser.cls, path, denoiser.weights)
+    return _assemble(path, name, meta, module, {"denoiser": sha}, scheduler, denoiser.family, None, latent=False)
 
 
-def _load_pipeline(path: Path, meta: dict[str, Any], name: str | None, prompts_file: Path | None) -> DiffusionModel:
-    index = _read_json(path / "model_index.json")
-    listed = {key for key, value in index.items() if isinstance(value, list) and value[0] is not None}
-    components = listed | {entry.name for entry in path.iterdir() if entry.is_dir()}
+def _load_pipeline(path: Path, meta: ModelMeta, name: str | None, prompts_file: Path | None) -> DiffusionModel:
+    index = read_model_index(path / "model_index.json")
+    components = set(index.components) | {entry.name for entry in path.iterdir() if entry.is_dir()}
     denoiser_key = "unet" if "unet" in components else "transformer" if "transformer" in components else None
     if denoiser_key is None:
         raise ModelLoadError(f"{path} is a diffusers pipeline without a unet/ or transformer/ component")
     folder = path / denoiser_key
     if not (folder / "config.json").is_file():
         raise ModelLoadError(f"{path} lists a {denoiser_key} but has no {denoiser_key}/config.json")
-    denoiser_config = _read_json(folder / "config.json")
-    class_name = denoiser_config.get("_class_name")
-    family = family_for(class_name, components=tuple(sorted(components)), config=denoiser_config)
+    config, raw, family = _denoiser_family(folder, tuple(sorted(components)))
     latent = "vae" in components
     scheduler = _latent_scheduler(_scheduler(path, [path / "scheduler" / "scheduler_config.json"]), latent)
-    import diffusers
-
-    denoiser, sha = _from_pretrained(getattr(diffusers, class_name), folder, DIFFUSERS_WEIGHTS)
-    hashes = {denoiser_key: sha}
-    prompts = None
+    architectures = [_text_encoder_class(path / enc, path / tok) for enc, tok in family.text_components]
     if family.condition == "text":
-        encoders, tokenizers = [], []
-        for encoder_key, tokenizer_key in family.text_components:
-            encoder, hashes[encoder_key] = _text_encoder(path / encoder_key)
-            encoders.append(encoder)
-            tokenizers.append(_tokenizer(path / tokenizer_key))
-        prompts = _prompt_set(meta, _family_tokenize(tokenizers, family), prompts_file, path)
-        denoiser = family.wrap(encoders, tokenizers, denoiser)
+        calibration, evaluation = _prompt_lists(meta, prompts_file, path)
     elif prompts_file is not None:
         raise ModelLoadError(f"model.prompts is set, but {path} is not text-conditioned")
+    # every JSON file is valid: check the weights files against the configs
+    checked = _checked_denoiser(folder, config.class_name, raw, family, meta, path / META_NAME)
+    encoders = [
+        _checked_text_encoder(path / enc, path / tok, architecture)
+        for (enc, tok), architecture in zip(family.text_components, architectures, strict=True)
+    ]
+    # every file is checked: from here on weights are read
+    denoiser, sha = _from_pretrained(checked.cls, folder, checked.weights)
+    hashes = {denoiser_key: sha}
+    prompts = None
+    if encoders:
+        modules, tokenizers = [], []
+        for encoder in encoders:
+            module, hashes[encoder.folder.name] = _load_text_encoder(encoder)
+            modules.append(module)
+            tokenizers.append(_tokenizer(encoder.tokenizer))
+        prompts = PromptSet(calibration, evaluation, _family_tokenize(tokenizers, family))
+        denoiser = family.wrap(modules, tokenizers, denoiser)
     return _assemble(path, name, meta, denoiser, hashes, scheduler, family, prompts, latent=latent)
 
 
@@ -314,7 +484,7 @@ def _latent_scheduler(config: dict[str, Any], latent: bool) -> dict[str, Any]:
 def _assemble(
     path: Path,
     name: str | None,
-    meta: dict[str, Any],
+    meta: ModelMeta,
     denoiser: nn.Module,
     hashes: dict[str, str],
     scheduler: dict[str, Any],
@@ -326,13 +496,13 @@ def _assemble(
     channels = int(config["in_channels"])
     size = _size(config["sample_size"])
     condition = family.condition
-    num_classes = meta.get("num_classes")
+    num_classes = meta.num_classes
     if condition == "class":
         num_classes = num_classes or family.class_count(config)
         if num_classes is None:
             condition = None
     model = DiffusionModel(
-        name=name or meta.get("name") or path.name,
+        name=name or meta.name or path.name,
         unet=denoiser,
         scheduler_config=scheduler,
         source_dir=path,
