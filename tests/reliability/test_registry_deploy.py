@@ -56,11 +56,24 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     }
 
 
+@pytest.fixture(scope="module")
+def empty_mlflow_db(tmp_path_factory) -> Path:
+    """An MLflow SQLite database with its tables created, once per module (creating them takes seconds)."""
+    from mlflow.tracking import MlflowClient
+
+    db = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()
+    return db
+
+
 @pytest.fixture
-def client(isolated_home):  # noqa: F811
+def client(isolated_home, empty_mlflow_db):  # noqa: F811
+    import shutil
+
     from mlflow.tracking import MlflowClient
 
     isolated_home.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(empty_mlflow_db, isolated_home / "mlflow.db")
     return MlflowClient(tracking_uri=f"sqlite:///{isolated_home / 'mlflow.db'}")
 
 
