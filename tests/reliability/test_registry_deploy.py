@@ -353,3 +353,27 @@ def test_deploy_with_a_prefect_api_that_does_not_answer(registered, isolated_hom
     with temporary_settings({PREFECT_API_URL: url}):
         refused(invoke("deploy", MODEL, "--target", str(tmp_path / "edge")), f"Prefect API {url} does not answer")
     assert not (tmp_path / "edge").exists()
+
+
+def test_write_bundle_refuses_what_it_did_not_write(tmp_path):
+    """The library call (not only the CLI) refuses a file or a foreign folder and leaves both as they were."""
+    from diffquant.export.bundle import write_bundle
+
+    from diffquant.errors import ExportError
+    from diffquant.manifest import write_manifest
+
+    version = tmp_path / "v"
+    version.mkdir()
+    (version / "plan.json").write_text("{}")
+    write_manifest(version)
+    file = tmp_path / "t" / "file.bin"
+    file.parent.mkdir()
+    file.write_bytes(b"\x00keep")
+    folder = tmp_path / "t" / "folder"
+    folder.mkdir()
+    (folder / "x").write_text("keep")
+    before = snapshot(tmp_path / "t")
+    for target, fragment in ((file, "is not a folder"), (folder, "not a diffquant bundle")):
+        with pytest.raises(ExportError, match=fragment):
+            write_bundle(version, target, {"version": "1"})
+    assert snapshot(tmp_path / "t") == before
