@@ -119,11 +119,15 @@ def registry_errors(tracking_uri: str) -> Iterator[None]:
 
     Errors diffquant raises itself (:class:`~diffquant.errors.DiffquantError`) pass unchanged.
     """
-    from sqlalchemy.exc import SQLAlchemyError
+    try:
+        from sqlalchemy.exc import SQLAlchemyError
 
+        failures: tuple[type[BaseException], ...] = (MlflowException, SQLAlchemyError)
+    except ImportError:  # an HTTP-only MLflow client has no SQLAlchemy
+        failures = (MlflowException,)
     try:
         yield
-    except (MlflowException, SQLAlchemyError) as error:
+    except failures as error:
         raise TrackingError(f"MLflow at {tracking_uri} cannot be used: {_first_line(error)}") from None
 
 

@@ -253,7 +253,9 @@ def _header_only(db: Path) -> None:
 
 @pytest.mark.parametrize("corrupt", [_random_bytes, _truncated, _header_only], ids=["random", "truncated", "header"])
 @pytest.mark.parametrize(
-    "args", [["promote", MODEL, "1"], ["rollback", MODEL], ["deploy", MODEL, "--target", "T"]], ids=lambda a: a[0]
+    "args",
+    [["promote", MODEL, "1"], ["rollback", MODEL], ["deploy", MODEL, "--target", "T"], ["compress"]],
+    ids=lambda a: a[0],
 )
 def test_corrupt_mlflow_db(registered, isolated_home, tmp_path, corrupt, args):  # noqa: F811
     db = isolated_home / "mlflow.db"
