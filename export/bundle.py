@@ -70,7 +70,11 @@ def check_bundle_target(target: str | Path) -> Path:
     target = Path(os.path.abspath(target))  # '.', '..' and 'a/../b' name the folder they mean
     if target == target.parent:
         raise ExportError(f"deploy target {target} is a file-system root; choose a folder to write the bundle to")
-    if target.is_symlink() or (target.exists() and not target.is_dir()):
+    if target.is_symlink():
+        raise ExportError(
+            f"deploy target {target} is a symbolic link; refusing to replace it, pass the folder itself or another --target"
+        )
+    if target.exists() and not target.is_dir():
         raise ExportError(
             f"deploy target {target} exists and is not a folder; refusing to replace it, choose another --target"
         )

@@ -137,6 +137,17 @@ def test_deploy_refuses_a_bundle_holding_a_file_it_does_not_list(registered, iso
     assert verify_files(target)["bundle"]["version"] == "1"
 
 
+def test_deploy_to_a_symbolic_link_keeps_it_and_what_it_points_to(registered, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "data.txt").write_text("keep")
+    link = tmp_path / "edge"
+    link.symlink_to(elsewhere)
+    before = snapshot(tmp_path)
+    refused(invoke("deploy", MODEL, "--target", str(link)), "is a symbolic link")
+    assert snapshot(tmp_path) == before and link.is_symlink()
+
+
 def test_deploy_with_an_empty_target(registered, isolated_home, tmp_path, monkeypatch):  # noqa: F811
     monkeypatch.chdir(tmp_path)
     before = snapshot(tmp_path)
