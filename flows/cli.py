@@ -311,18 +311,32 @@ def train_reference(
 @app.command()
 def deploy(
     model: Annotated[str, typer.Argument(help="Registered model name, e.g. digits-unet.")],
-    target: Annotated[Path, typer.Option("--target", help="Bundle folder to write (replaced atomically).")],
+    target: Annotated[
+        str,
+        typer.Option(
+            "--target", help="Bundle folder to write: new, empty, or an earlier bundle (replaced atomically)."
+        ),
+    ],
     alias: Annotated[str, typer.Option(help="Alias of the version to deploy.")] = "champion",
     run_id: Annotated[str | None, typer.Option("--run-id", help="Deploy the version of this run instead.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show logs.")] = False,
 ) -> None:
     """Fetch a registered version, verify every artifact's sha256, build for this GPU, write a bundle."""
     home = _setup(verbose)
+    from diffquant.errors import DiffquantError
+    from diffquant.export.bundle import check_bundle_target
+
+    try:
+        check_bundle_target(target)  # a target diffquant would refuse is refused before any download
+    except DiffquantError as error:
+        _fail(error)
+    _registry_client(home, prefect=True)
     from diffquant.flows.deploy import deploy_flow
 
-    _registry_client(home)
-    result = _run_flow(
-        verbose, deploy_flow, model=model, target=str(target), alias=None if run_id else alias, run_id=run_id
+    result = _registry_action(
+        home,
+        verbose,
+        lambda: deploy_flow(model=model, target=target, alias=None if run_id else alias, run_id=run_id),
     )
     console.print(f"{model} v{result['version']} -> {result['bundle']} ({result['engine_reason']})")
 
@@ -338,7 +352,7 @@ def promote(
     from diffquant.registry.promotion import promote as promote_version
 
     client = _registry_client(home)
-    _registry_action(lambda: promote_version(client, model, version))
+    _registry_action(home, verbose, lambda: promote_version(client, model, version))
     console.print(f"{model}: champion is now version {version}")
 
 
@@ -352,30 +366,41 @@ def rollback(
     from diffquant.registry.promotion import rollback as rollback_model
 
     client = _registry_client(home)
-    restored = _registry_action(lambda: rollback_model(client, model))
+    restored = _registry_action(home, verbose, lambda: rollback_model(client, model))
     console.print(f"{model}: champion rolled back to version {restored}")
 
 
-def _registry_client(home: Path) -> Any:
+def _registry_client(home: Path, prefect: bool = False) -> Any:
+    """Pre-flight for the registry commands (URI shape, database, server; Prefect API when ``prefect``), then a client."""
     from diffquant.errors import DiffquantError
     from diffquant.registry.home import tracking_uri
-    from diffquant.registry.models import registry_client
-    from diffquant.registry.preflight import check_tracking_server
+    from diffquant.registry.models import registry_client, registry_errors
+    from diffquant.registry.preflight import check_prefect_api, check_tracking_server, check_tracking_store
 
     uri = tracking_uri(home)
     try:
         check_tracking_server(uri)
+        check_tracking_store(uri)
+        if prefect:
+            from prefect.settings import PREFECT_API_URL
+
+            check_prefect_api(PREFECT_API_URL.value())
+        with registry_errors(uri):
+            return registry_client(uri)
     except DiffquantError as error:
         _fail(error)
-    return registry_client(uri)
 
 
-def _registry_action(action: Any) -> Any:
+def _registry_action(home: Path, verbose: bool, action: Any) -> Any:
+    """Run ``action``; a user error or an MLflow/database failure prints one line and exits 2."""
     from diffquant.errors import DiffquantError
+    from diffquant.registry.home import tracking_uri
+    from diffquant.registry.models import registry_errors
 
-    _quiet_prefect(False)
+    _quiet_prefect(verbose)
     try:
-        return action()
+        with registry_errors(tracking_uri(home)):
+            return action()
     except DiffquantError as error:
         _fail(error)
 

@@ -16,10 +16,10 @@ from typing import Any
 
 from prefect import flow
 
-from diffquant.export.bundle import write_bundle
+from diffquant.export.bundle import check_bundle_target, write_bundle
 from diffquant.manifest import verify_files
 from diffquant.registry.home import diffquant_home, tracking_uri
-from diffquant.registry.models import download_version, find_version, registry_client
+from diffquant.registry.models import download_version, find_version, registry_client, registry_errors
 
 logger = logging.getLogger(__name__)
 
@@ -59,11 +59,16 @@ def deploy_flow(model: str, target: str, alias: str | None = "champion", run_id:
         ``bundle`` (path), ``version``, ``engine`` (path or None) and ``engine_reason``.
 
     Raises:
-        TrackingError: Unknown model, alias or run.
+        ExportError: ``target`` exists and is not a diffquant bundle (or an empty folder), or cannot
+            be written; nothing at ``target`` is changed.
+        TrackingError: Unknown model, alias or run, or an unusable registry.
         IntegrityError: An artifact does not match its manifest.
     """
-    client = registry_client(tracking_uri(diffquant_home()))
-    version = find_version(client, model, alias, run_id)
+    check_bundle_target(target)  # before any download: refuse early what would be refused at the end
+    uri = tracking_uri(diffquant_home())
+    with registry_errors(uri):
+        client = registry_client(uri)
+        version = find_version(client, model, alias, run_id)
     with tempfile.TemporaryDirectory(prefix="diffquant-deploy-") as tmp:
         local = download_version(client, version, Path(tmp))
         verify_files(local, version.tags.get("manifest_sha256") or "missing")

@@ -9,7 +9,10 @@ the spec hash, LayerPlan hash, git SHA, diffquant version, key metrics and the F
 from __future__ import annotations
 
 import logging
+import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,7 @@ from diffquant.storage import sha256_file
 logger = logging.getLogger(__name__)
 
 MODEL_ARTIFACT_PATH = "model"
+_PROGRESS_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 
 
 def check_registered_model_name(name: str) -> str:
@@ -104,29 +108,81 @@ def registry_client(tracking_uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri=tracking_uri)
 
 
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+@contextmanager
+def registry_errors(tracking_uri: str) -> Iterator[None]:
+    """Turn an MLflow or database failure inside the block into a one-line :class:`TrackingError`.
+
+    Errors diffquant raises itself (:class:`~diffquant.errors.DiffquantError`) pass unchanged.
+    """
+    try:
+        from sqlalchemy.exc import SQLAlchemyError
+
+        failures: tuple[type[BaseException], ...] = (MlflowException, SQLAlchemyError)
+    except ImportError:  # an HTTP-only MLflow client has no SQLAlchemy
+        failures = (MlflowException,)
+    try:
+        yield
+    except failures as error:
+        raise TrackingError(f"MLflow at {tracking_uri} cannot be used: {_first_line(error)}") from None
+
+
+def _not_found(error: MlflowException) -> bool:
+    return str(error.error_code) in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+
+
 def find_version(client: MlflowClient, name: str, alias: str | None, run_id: str | None = None) -> Any:
     """The version of ``name`` with ``alias``, or the one registered from ``run_id``.
 
     Raises:
-        TrackingError: Unknown model, alias or run.
+        TrackingError: Invalid or unknown model name, unknown alias or run, or an unusable registry.
     """
-    try:
+    wanted = f"cannot find {name!r} @ {alias or run_id}"
+    check_registered_model_name(name)
+    with registry_errors(client.tracking_uri):
+        try:
+            registered = client.get_registered_model(name)
+        except MlflowException as error:
+            if not _not_found(error):
+                raise
+            raise TrackingError(f"{wanted}: registered model {name!r} does not exist") from None
         if run_id is not None:
             found = [v for v in client.search_model_versions(f"name='{name}'") if v.run_id == run_id]
             if not found:
                 raise TrackingError(f"registered model {name!r} has no version from run {run_id}")
             return found[0]
+        if alias not in registered.aliases:
+            known = ", ".join(sorted(registered.aliases)) or "none yet"
+            raise TrackingError(f"{wanted}: the model has no alias {alias!r} (its aliases: {known})")
         return client.get_model_version_by_alias(name, alias)
-    except MlflowException as error:
-        raise TrackingError(f"cannot find {name!r} @ {alias or run_id}: {str(error).splitlines()[0]}") from None
 
 
 def download_version(client: MlflowClient, version: Any, dst: Path) -> Path:
-    """Download a version's files (its ``model/`` folder) into ``dst``; returns the local folder."""
+    """Download a version's files (its ``model/`` folder) into ``dst``; returns the local folder.
+
+    MLflow's download progress bars are off unless ``MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR`` is set.
+
+    Raises:
+        TrackingError: If the version's artifacts cannot be fetched (missing from the artifact store).
+    """
     import mlflow.artifacts
 
-    return Path(
-        mlflow.artifacts.download_artifacts(
-            artifact_uri=version.source, dst_path=str(dst), tracking_uri=client.tracking_uri
+    saved = os.environ.get(_PROGRESS_BAR)
+    os.environ.setdefault(_PROGRESS_BAR, "false")
+    try:
+        return Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=version.source, dst_path=str(dst), tracking_uri=client.tracking_uri
+            )
         )
-    )
+    except (MlflowException, OSError) as error:
+        raise TrackingError(
+            f"cannot fetch version {version.version} of {version.name!r} from {version.source}: {_first_line(error)}"
+        ) from None
+    finally:
+        if saved is None:
+            os.environ.pop(_PROGRESS_BAR, None)

@@ -28,6 +28,7 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 
 from diffquant.errors import DiffquantError
+from diffquant.registry.models import check_registered_model_name, registry_errors
 from diffquant.spec import GatesSpec
 
 logger = logging.getLogger(__name__)
@@ -273,17 +274,28 @@ def rollback(client: MlflowClient, name: str) -> str:
 def _require_model(client: MlflowClient, name: str) -> None:
     from mlflow.exceptions import MlflowException
 
-    try:
-        client.get_registered_model(name)
-    except MlflowException:
-        raise PromotionError(f"registered model {name!r} does not exist") from None
+    check_registered_model_name(name)
+    with registry_errors(client.tracking_uri):
+        try:
+            client.get_registered_model(name)
+        except MlflowException as error:
+            if str(error.error_code) != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            raise PromotionError(f"registered model {name!r} does not exist") from None
 
 
 def _require_version(client: MlflowClient, name: str, version: str) -> None:
     from mlflow.exceptions import MlflowException
 
     _require_model(client, name)
-    try:
-        client.get_model_version(name, version)
-    except MlflowException:
-        raise PromotionError(f"registered model {name!r} has no version {version!r}") from None
+    if not str(version).isdigit() or int(version) < 1:
+        raise PromotionError(f"version {version!r} of {name!r} is not a version number; use e.g. 1, 2, 3")
+    with registry_errors(client.tracking_uri):
+        try:
+            client.get_model_version(name, version)
+        except MlflowException as error:
+            if str(error.error_code) not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                raise
+            known = [int(v.version) for v in client.search_model_versions(f"name='{name}'")]
+            newest = f"the newest is {max(known)}" if known else "it has none yet"
+            raise PromotionError(f"registered model {name!r} has no version {version!r} ({newest})") from None

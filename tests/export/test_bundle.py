@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from diffquant.errors import IntegrityError
+from diffquant.errors import ExportError, IntegrityError
 from diffquant.export.bundle import write_bundle
 from diffquant.manifest import MANIFEST, verify_files, write_manifest
 from diffquant.storage import sha256_file
@@ -43,9 +43,11 @@ def test_manifest_round_trip_and_tampering(tmp_path):
 
 def test_bundle_replaces_target_atomically(tmp_path):
     make_version(tmp_path / "v")
+    make_version(tmp_path / "old")
+    (tmp_path / "old" / "stale.txt").write_text("old")
     target = tmp_path / "edge" / "bundle"
-    target.mkdir(parents=True)
-    (target / "stale.txt").write_text("old")
+    write_bundle(tmp_path / "old", target, {"model": "m", "version": "2"})  # an earlier bundle is replaced
+    assert (target / "stale.txt").exists()
     engine = tmp_path / "model.engine"
     engine.write_bytes(b"engine")
     write_bundle(tmp_path / "v", target, {"model": "m", "version": "3"}, engine)
@@ -68,7 +70,7 @@ def test_failed_bundle_leaves_old_target(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(bundle, "write_manifest", broken)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(ExportError, match=f"cannot write the bundle to {target} .disk full"):
         write_bundle(tmp_path / "v", target, {"version": "2"})
     assert verify_files(target)["bundle"]["version"] == "1"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "v"]
