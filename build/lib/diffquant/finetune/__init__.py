@@ -1,1 +1,0 @@
-"""Quantized fine-tuning: learned step sizes (LSQ), QALoRA adapters and data-free distillation."""

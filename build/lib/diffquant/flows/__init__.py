@@ -1,1 +1,0 @@
-"""Prefect flows (composition only) and the ``diffquant`` CLI."""

@@ -1,1 +1,0 @@
-"""Model adapters: the bundled reference models, their classifier, and local diffusers loading."""

@@ -1,1 +1,0 @@
-"""MLflow integration: the only package that imports mlflow."""
