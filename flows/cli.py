@@ -149,6 +149,17 @@ def _check_out(out: Path | None) -> None:
             return
 
 
+def _check_latency_table(spec: Any) -> None:
+    """Read ``allocation.latency_table`` now, so a missing or malformed file fails before the calibration pool."""
+    if spec.allocation is None or spec.allocation.latency_table is None:
+        return
+    from diffquant.errors import spec_section
+    from diffquant.mixed_precision.allocate import read_latency_table
+
+    with spec_section("allocation"):
+        read_latency_table(spec.allocation.latency_table)
+
+
 def _runtime_overrides(runner: str | None, workers: int | None) -> list[str]:
     """``--runner``/``--workers`` as spec overrides (they win over ``--set``)."""
     items = [f"runtime.runner={runner}"] if runner is not None else []
@@ -207,6 +218,7 @@ def compress(
         _preflight(uri, spec)
         model = load_model(name=spec.model.name, path=spec.model.path, prompts=spec.model.prompts)
         check_memory(spec, model.sample_shape)
+        _check_latency_table(spec)
         if spec.calibration.labels_file:
             read_labels_file(Path(spec.calibration.labels_file), model.num_classes, model.condition)
     except DiffquantError as error:
@@ -258,6 +270,7 @@ def sweep(
         check_memory(
             spec, load_model(name=spec.model.name, path=spec.model.path, prompts=spec.model.prompts).sample_shape
         )
+        _check_latency_table(spec)
     except ValueError:
         _fail(ValueError("--budgets takes numbers like 3,3.5,4 and --baselines integers like 8,4"))
     except DiffquantError as error:

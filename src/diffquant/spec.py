@@ -23,6 +23,7 @@ from pydantic import (
     Field,
     SerializerFunctionWrapHandler,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_serializer,
     model_validator,
@@ -43,8 +44,20 @@ MAX_BATCH = 65_536
 MAX_TRAJECTORIES = 100_000
 
 
+_NUMBER_TYPES = (int, float, int | None, float | None)
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic's lax mode turns True/False into 1/0; YAML reads yes/no/on/off as booleans
+        field = cls.model_fields.get(info.field_name or "")
+        if isinstance(value, bool) and field is not None and field.annotation in _NUMBER_TYPES:
+            raise ValueError(f"takes a number, not the boolean {str(value).lower()} (YAML reads yes/no/on/off so)")
+        return value
 
 
 class ModelSource(_Strict):
@@ -626,7 +639,8 @@ def read_spec_file(path: Path) -> dict[str, Any]:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as error:
         raise SpecError(
-            f"config file {path} is not UTF-8 text (byte 0x{raw[error.start]:02x} at offset {error.start}); "
+            f"config file {path} is not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset "
+            f"{error.start + len(raw) - len(error.object)}); "
             "save it as UTF-8"
         ) from None
     try:
