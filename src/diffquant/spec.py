@@ -545,7 +545,7 @@ def _load_yaml(text: str) -> Any:
 
     Raises:
         yaml.YAMLError: Not valid YAML.
-        _RefusedError: Valid YAML this loader will not construct.
+        _RefusedError: Valid YAML this loader will not construct, or values JSON cannot hold.
     """
     loader = _SpecLoader(text)
     try:
@@ -553,11 +553,37 @@ def _load_yaml(text: str) -> Any:
         if node is None:
             return None
         _expanded_size(node, MAX_YAML_NODES)
-        return loader.construct_document(node)
+        data = loader.construct_document(node)
+        _check_plain(data)
+        return data
     except RecursionError:
         raise _RefusedError("it is nested too deeply; a spec has a few levels of sections") from None
     finally:
         loader.dispose()
+
+
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def _check_plain(value: Any, key: str = "") -> None:
+    """Refuse YAML values JSON cannot hold (dates, ``!!binary``, ``!!set``), naming their key."""
+    if isinstance(value, dict):
+        for child_key, child in value.items():
+            if not isinstance(child_key, _PLAIN):
+                where = repr(key) if key else "the top level"
+                raise _RefusedError(f"a key under {where} is a YAML {type(child_key).__name__}; write plain keys")
+            _check_plain(child, f"{key}.{child_key}" if key else str(child_key))
+    elif isinstance(value, list):
+        for child in value:
+            _check_plain(child, key)
+    elif not isinstance(value, _PLAIN):
+        shown = repr(value)
+        shown = shown if len(shown) <= 40 else f"{shown[:37]}..."
+        where = repr(key) if key else "the value"
+        raise _RefusedError(
+            f"{where} is a YAML {type(value).__name__} ({shown}), which a spec cannot hold; "
+            "write a plain number or string (quote it)"
+        )
 
 
 def _yaml_problem(error: yaml.YAMLError) -> str:

@@ -333,3 +333,37 @@ def test_missing_latency_table_fails_in_preflight(isolated_home, tmp_path):  # n
 def test_valid_presets_still_load():
     for config in sorted((ROOT / "configs").glob("*.yaml")):
         load_spec(config)
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("evaluate: {seed: 2024-01-01}\n", "'evaluate.seed' is a YAML date"),
+        ("model: {name: !!binary aGVsbG8=}\n", "'model.name' is a YAML bytes"),
+        (
+            "quantize: {keep_full_precision: !!set {conv_in, conv_out}}\n",
+            "'quantize.keep_full_precision' is a YAML set",
+        ),
+    ],
+)
+def test_yaml_values_json_cannot_hold(tmp_path, text, fragment):
+    config = tmp_path / "typed.yaml"
+    config.write_text(text)
+    message = fails(config)  # was a TypeError traceback from the override round trip
+    assert fragment in message and "which a spec cannot hold" in message
+
+
+def test_sweep_preflight_refuses_bad_input_too(isolated_home, tmp_path):  # noqa: F811
+    from diffquant.flows.cli import app
+    from typer.testing import CliRunner
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    config = ROOT / "configs" / "digits-unet-mixed-w4a8.yaml"
+    result = CliRunner().invoke(app, ["sweep", str(config), "--out", str(blocker)])
+    assert_clean_failure(result, f"--out {blocker} is not a folder", isolated_home)
+    duplicated = tmp_path / "dup.yaml"
+    duplicated.write_text(config.read_text() + "\nallocation: {budget: {avg_weight_bits: 3}}\n")
+    result = CliRunner().invoke(app, ["sweep", str(duplicated)])
+    assert_clean_failure(result, "key 'allocation' appears twice", isolated_home)
+    assert_nothing_written(isolated_home)
