@@ -264,6 +264,8 @@ def sweep(
         _check_out(out)
         budget_list = [float(b) for b in budgets.split(",") if b.strip()]
         baseline_list = [int(b) for b in baselines.split(",") if b.strip()]
+        if not all(math.isfinite(b) and b > 0 for b in budget_list):
+            raise ValueError("budgets must be positive finite numbers")
         if spec.allocation is None:
             raise SpecError(f"{config} has no 'allocation' section; sweep varies the allocation budget")
         _preflight(tracking_uri(home), spec)

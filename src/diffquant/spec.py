@@ -3,6 +3,12 @@
 Specs are read from YAML presets (``configs/``), overridden with ``section.key=value`` pairs,
 and round-trip to YAML/JSON. Unknown keys and impossible values are rejected with a
 :class:`~diffquant.errors.SpecError` whose message names the key.
+
+Input is bounded before it is expanded or used: a config file is a regular UTF-8 file of at most
+:data:`MAX_SPEC_BYTES`; a key given twice in one mapping, aliases expanding past
+:data:`MAX_YAML_NODES` values, alias cycles and values JSON cannot hold (dates, ``!!binary``) are
+refused; floats must be finite, booleans are not numbers, counts have maxima, and
+:func:`check_memory` compares the arrays the counts imply with the memory available.
 """
 
 from __future__ import annotations

@@ -367,3 +367,14 @@ def test_sweep_preflight_refuses_bad_input_too(isolated_home, tmp_path):  # noqa
     result = CliRunner().invoke(app, ["sweep", str(duplicated)])
     assert_clean_failure(result, "key 'allocation' appears twice", isolated_home)
     assert_nothing_written(isolated_home)
+
+
+@pytest.mark.parametrize("budgets", ["3,inf", "nan", "4,-1"])
+def test_sweep_budgets_must_be_finite(isolated_home, budgets):  # noqa: F811
+    from diffquant.flows.cli import app
+    from typer.testing import CliRunner
+
+    config = ROOT / "configs" / "digits-unet-mixed-w4a8.yaml"
+    result = CliRunner().invoke(app, ["sweep", str(config), "--budgets", budgets])
+    assert_clean_failure(result, "--budgets takes numbers like 3,3.5,4", isolated_home)
+    assert_nothing_written(isolated_home)
