@@ -135,6 +135,31 @@ def _preflight(uri: str, spec: Any) -> None:
     preflight(uri, PREFECT_API_URL.value(), spec.registered_model_name() if spec.promote.register_model else None)
 
 
+def _check_out(out: Path | None) -> None:
+    """Refuse an ``--out`` that is, or lies under, an existing file (before the run starts)."""
+    from diffquant.errors import SpecError
+
+    if out is None:
+        return
+    for folder in (out, *out.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                where = "" if folder == out else f" ({folder} is a file)"
+                raise SpecError(f"--out {out} is not a folder{where}; give a folder path (created if missing)")
+            return
+
+
+def _check_latency_table(spec: Any) -> None:
+    """Read ``allocation.latency_table`` now, so a missing or malformed file fails before the calibration pool."""
+    if spec.allocation is None or spec.allocation.latency_table is None:
+        return
+    from diffquant.errors import spec_section
+    from diffquant.mixed_precision.allocate import read_latency_table
+
+    with spec_section("allocation"):
+        read_latency_table(spec.allocation.latency_table)
+
+
 def _runtime_overrides(runner: str | None, workers: int | None) -> list[str]:
     """``--runner``/``--workers`` as spec overrides (they win over ``--set``)."""
     items = [f"runtime.runner={runner}"] if runner is not None else []
@@ -181,15 +206,18 @@ def compress(
     from diffquant.errors import DiffquantError
     from diffquant.models.loading import load_model
     from diffquant.registry.home import ensure_writable, tracking_uri
-    from diffquant.spec import load_spec
+    from diffquant.spec import check_memory, load_spec
 
     try:
         spec = load_spec(config, [*(set_ or []), *_runtime_overrides(runner, workers)])
+        _check_out(out)
         uri = tracking_uri(home)
         if uri.startswith("sqlite:///"):
             ensure_writable(Path(uri.removeprefix("sqlite:///")).parent, "MLflow home")
         _preflight(uri, spec)
         model = load_model(name=spec.model.name, path=spec.model.path, prompts=spec.model.prompts)
+        check_memory(spec, model.sample_shape)
+        _check_latency_table(spec)
         if spec.calibration.labels_file:
             read_labels_file(Path(spec.calibration.labels_file), model.num_classes, model.condition)
     except DiffquantError as error:
@@ -227,16 +255,22 @@ def sweep(
     from diffquant.errors import DiffquantError, SpecError
     from diffquant.models.loading import load_model
     from diffquant.registry.home import tracking_uri
-    from diffquant.spec import load_spec
+    from diffquant.spec import check_memory, load_spec
 
     try:
         spec = load_spec(config, [*(set_ or []), *_runtime_overrides(runner, workers)])
+        _check_out(out)
         budget_list = [float(b) for b in budgets.split(",") if b.strip()]
         baseline_list = [int(b) for b in baselines.split(",") if b.strip()]
+        if not all(math.isfinite(b) and b > 0 for b in budget_list):
+            raise ValueError("budgets must be positive finite numbers")
         if spec.allocation is None:
             raise SpecError(f"{config} has no 'allocation' section; sweep varies the allocation budget")
         _preflight(tracking_uri(home), spec)
-        load_model(name=spec.model.name, path=spec.model.path, prompts=spec.model.prompts)
+        check_memory(
+            spec, load_model(name=spec.model.name, path=spec.model.path, prompts=spec.model.prompts).sample_shape
+        )
+        _check_latency_table(spec)
     except ValueError:
         _fail(ValueError("--budgets takes numbers like 3,3.5,4 and --baselines integers like 8,4"))
     except DiffquantError as error:

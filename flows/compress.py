@@ -29,7 +29,7 @@ from diffquant.registry.models import add_onnx_flavor
 from diffquant.registry.promotion import Candidate
 from diffquant.registry.tracking import RunTracker, git_sha, tracked_run
 from diffquant.report import comparison_grid, quality_notes, render_report, write_report
-from diffquant.spec import CompressionSpec, spec_from_dict
+from diffquant.spec import CompressionSpec, check_memory, spec_from_dict
 from diffquant.storage import load_safetensors, write_json, write_text
 from diffquant.summary import SCHEMA_VERSION, RunSummary
 from diffquant.tasks.artifacts import (
@@ -382,6 +382,7 @@ def compress_flow(spec: dict[str, Any], out_dir: str | None = None) -> dict[str,
     home = ensure_writable(diffquant_home(), "diffquant home")
     out = ensure_writable(Path(out_dir) if out_dir else default_out_dir(cfg, home), "output folder")
     info = load_model_task(cfg.model)
+    check_memory(cfg, tuple(info.sample_shape))
     tags = {"spec_hash": cfg.spec_hash(), "model.weights_sha256": info.weights_sha256}
     run_name = f"compress-{cfg.spec_hash()[:8]}"
     with tracked_run(tracking_uri(home), info.name, run_name, home / "mlartifacts", tags=tags) as tracker:

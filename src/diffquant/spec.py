@@ -3,12 +3,21 @@
 Specs are read from YAML presets (``configs/``), overridden with ``section.key=value`` pairs,
 and round-trip to YAML/JSON. Unknown keys and impossible values are rejected with a
 :class:`~diffquant.errors.SpecError` whose message names the key.
+
+Input is bounded before it is expanded or used: a config file is a regular UTF-8 file of at most
+:data:`MAX_SPEC_BYTES`; a key given twice in one mapping, aliases expanding past
+:data:`MAX_YAML_NODES` values, alias cycles and values JSON cannot hold (dates, ``!!binary``) are
+refused; floats must be finite, booleans are not numbers, counts have maxima, and
+:func:`check_memory` compares the arrays the counts imply with the memory available.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import math
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -20,6 +29,7 @@ from pydantic import (
     Field,
     SerializerFunctionWrapHandler,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_serializer,
     model_validator,
@@ -29,9 +39,31 @@ from diffquant.errors import SpecError
 from diffquant.quant.config import WeightConfig
 from diffquant.quant.formats import MAX_BITS, MIN_BITS
 
+MAX_SPEC_BYTES = 1_000_000
+"""Largest config file read (a spec is a few KB of YAML)."""
+MAX_YAML_NODES = 100_000
+"""Most YAML nodes a config file or ``--set`` value may expand to, aliases included (billion laughs)."""
+MAX_SEED = 2**32 - 1
+MAX_COUNT = 1_000_000
+"""Upper bound of sample, input and step counts; memory is checked per model by :func:`check_memory`."""
+MAX_BATCH = 65_536
+MAX_TRAJECTORIES = 100_000
+
+
+_NUMBER_TYPES = (int, float, int | None, float | None)
+
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic's lax mode turns True/False into 1/0; YAML reads yes/no/on/off as booleans
+        field = cls.model_fields.get(info.field_name or "")
+        if isinstance(value, bool) and field is not None and field.annotation in _NUMBER_TYPES:
+            raise ValueError(f"takes a number, not the boolean {str(value).lower()} (YAML reads yes/no/on/off so)")
+        return value
 
 
 class ModelSource(_Strict):
@@ -77,11 +109,13 @@ class CalibrationSpec(_Strict):
     """
 
     strategy: Literal["random", "uniform_timesteps", "normal_timesteps", "density_diversity"] = "density_diversity"
-    size: int = Field(256, ge=1)
-    seed: int = 0
-    trajectories: int = Field(64, ge=1, description="FP sampling trajectories in the candidate pool")
+    size: int = Field(256, ge=1, le=MAX_COUNT)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
+    trajectories: int = Field(
+        64, ge=1, le=MAX_TRAJECTORIES, description="FP sampling trajectories in the candidate pool"
+    )
     observer: Literal["minmax", "percentile", "mse"] = "minmax"
-    batch_size: int = Field(256, ge=1)
+    batch_size: int = Field(256, ge=1, le=MAX_BATCH)
     labels_file: str | None = None
     normal_mean: float = Field(0.4, ge=0.0, le=1.0, description="normal_timesteps: mean as a fraction of T")
     normal_std: float = Field(0.4, gt=0.0, description="normal_timesteps: std as a fraction of T")
@@ -145,8 +179,8 @@ class QuantizeSpec(_Strict):
 
     @model_validator(mode="after")
     def _outlier_tokens(self) -> QuantizeSpec:
-        if isinstance(self.outlier_tokens, int) and self.outlier_tokens < 0:
-            raise ValueError("outlier_tokens must be auto, off or a count >= 0")
+        if isinstance(self.outlier_tokens, int) and not 0 <= self.outlier_tokens <= 4096:
+            raise ValueError("outlier_tokens must be auto, off or a count from 0 to 4096")
         return self
 
 
@@ -190,8 +224,10 @@ class AllocationSpec(_Strict):
         "(content_samples DDIM runs per option and layer)",
     )
     content_layers: list[str] = Field(default_factory=list, description="globs scored by the content metric too")
-    content_samples: int = Field(100, ge=10)
-    sensitivity_inputs: int = Field(128, ge=1, description="calibration inputs (evenly spaced) used for SQNR")
+    content_samples: int = Field(100, ge=10, le=MAX_COUNT)
+    sensitivity_inputs: int = Field(
+        128, ge=1, le=MAX_COUNT, description="calibration inputs (evenly spaced) used for SQNR"
+    )
     tie_qkv: bool = True
     latency_table: str | None = Field(
         None, description="JSON {layer: {option: ms}} measured on the target; needed for budget.latency_ms"
@@ -217,7 +253,7 @@ class TrainableSpec(_Strict):
 
     rule: Literal["all", "time_embedding", "attention", "top_k"] = "all"
     layers: list[str] = Field(default_factory=list, description="extra layer globs")
-    top_k: int = Field(8, ge=1, description="rule top_k: the most sensitive layers (needs allocation)")
+    top_k: int = Field(8, ge=1, le=MAX_COUNT, description="rule top_k: the most sensitive layers (needs allocation)")
 
 
 class FinetuneSpec(_Strict):
@@ -227,18 +263,18 @@ class FinetuneSpec(_Strict):
     group would need its own engine (or a per-step scale input TensorRT cannot fuse) at deployment.
     """
 
-    steps: int = Field(2000, ge=1)
-    batch_size: int = Field(64, ge=1)
+    steps: int = Field(2000, ge=1, le=MAX_COUNT)
+    batch_size: int = Field(64, ge=1, le=MAX_BATCH)
     lr: float = Field(1e-3, gt=0, description="adapter learning rate (cosine decay to 5%)")
     scale_lr: float = Field(1e-4, gt=0, description="LSQ step-size learning rate")
-    rank: int = Field(4, ge=1)
+    rank: int = Field(4, ge=1, le=4096)
     alpha: float | None = Field(None, gt=0, description="adapter scale alpha / rank (default alpha = rank)")
     learn_weight_scales: bool = True
     learn_activation_scales: bool = True
     trainable: TrainableSpec = TrainableSpec()
-    timestep_groups: int = Field(1, ge=1)
-    checkpoint_every: int = Field(200, ge=1)
-    seed: int = 0
+    timestep_groups: int = Field(1, ge=1, le=1000)
+    checkpoint_every: int = Field(200, ge=1, le=MAX_COUNT)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
 
     @model_validator(mode="after")
     def _deployable(self) -> FinetuneSpec:
@@ -270,10 +306,20 @@ class ExportSpec(_Strict):
     target: Literal["tensorrt", "onnxruntime"] = "tensorrt"
     tensorrt: Literal["auto", "on", "off"] = "auto"
     opset: int = Field(21, ge=13, le=23)
-    parity_samples: int = Field(500, ge=0, description="samples for the sampling parity check (0: outputs only)")
+    parity_samples: int = Field(
+        500, ge=0, le=MAX_COUNT, description="samples for the sampling parity check (0: outputs only)"
+    )
     enforce_parity: bool = True
     optimization_level: int = Field(3, ge=0, le=5, description="TensorRT builder optimization level")
-    max_batch: int = Field(32, ge=1, description="largest batch of the TensorRT optimization profile")
+    max_batch: int = Field(32, ge=1, le=MAX_BATCH, description="largest batch of the TensorRT optimization profile")
+
+    @field_validator("tensorrt", mode="before")
+    @classmethod
+    def _yaml_booleans(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare ``on`` / ``off`` (also yes/no) as a boolean
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        return value
 
     @model_validator(mode="after")
     def _engine_needs_tensorrt_form(self) -> ExportSpec:
@@ -294,10 +340,10 @@ class ExportSpec(_Strict):
 class EvaluateSpec(_Strict):
     """Evaluation: number of samples (classes cycle 0-9) and the noise seed."""
 
-    samples: int = Field(2000, ge=10)
-    seed: int = 0
-    batch_size: int = Field(1000, ge=1)
-    sqnr_inputs: int = Field(256, ge=1, description="pool inputs (not in the calibration set) for SQNR")
+    samples: int = Field(2000, ge=10, le=MAX_COUNT)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
+    batch_size: int = Field(1000, ge=1, le=MAX_BATCH)
+    sqnr_inputs: int = Field(256, ge=1, le=MAX_COUNT, description="pool inputs (not in the calibration set) for SQNR")
 
 
 REGISTERED_MODEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
@@ -332,7 +378,7 @@ class RuntimeSpec(_Strict):
 
     runner: Literal["default", "dask"] = "default"
     workers: int = Field(1, ge=1, le=64)
-    layers_per_task: int = Field(4, ge=1, description="layers measured by one sensitivity task")
+    layers_per_task: int = Field(4, ge=1, le=MAX_COUNT, description="layers measured by one sensitivity task")
 
 
 class CompressionSpec(_Strict):
@@ -413,6 +459,13 @@ def _format_error(error: ValidationError) -> str:
     key = ".".join(str(part) for part in first["loc"]) or "<spec>"
     if first["type"] == "extra_forbidden":
         return f"unknown spec key {key!r}"
+    if first["type"] in {"model_type", "model_attributes_type", "dict_type"}:
+        shown = repr(first.get("input"))
+        shown = shown if len(shown) <= 40 else f"{shown[:37]}..."
+        return (
+            f"invalid spec value at {key!r}: it is a section, so it takes a mapping of keys "
+            f"(e.g. --set {key}.<key>=value), not {shown}"
+        )
     message = first["msg"].removeprefix("Value error, ")
     return f"invalid spec value at {key!r}: {message}"
 
@@ -431,20 +484,141 @@ def spec_from_dict(data: dict[str, Any]) -> CompressionSpec:
         raise SpecError(_format_error(error)) from None
 
 
+class _RefusedError(Exception):
+    """YAML that parses but is refused (duplicate keys, alias expansion, nesting); the message is the reason."""
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:  # unhashable key: the base class raises its own error
+                continue
+            line = key_node.start_mark.line + 1
+            if first is not None:
+                raise _RefusedError(f"key {key!r} appears twice (lines {first} and {line}); keep one")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_size(root: yaml.Node, limit: int) -> int:
+    """Count the nodes of ``root`` with every alias expanded, stopping past ``limit`` (no recursion)."""
+    sizes: dict[int, int] = {}
+    entered: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            children = [part for pair in node.value for part in pair]
+        if done:
+            entered.discard(id(node))
+            sizes[id(node)] = total = 1 + sum(sizes[id(child)] for child in children)
+            if total > limit:
+                raise _RefusedError(
+                    f"it expands to more than {limit:,} values through aliases (*name); write the values out"
+                )
+            continue
+        if id(node) in sizes:
+            continue
+        entered.add(id(node))
+        stack.append((node, True))
+        for child in children:
+            if id(child) in entered:
+                raise _RefusedError("an alias (*name) refers to a mapping or list that contains it; remove the cycle")
+            if id(child) not in sizes:
+                stack.append((child, False))
+    return sizes[id(root)]
+
+
+def _load_yaml(text: str) -> Any:
+    """Parse one YAML document safely: duplicate keys, alias bombs and cycles are refused.
+
+    Raises:
+        yaml.YAMLError: Not valid YAML.
+        _RefusedError: Valid YAML this loader will not construct, or values JSON cannot hold.
+    """
+    loader = _SpecLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node, MAX_YAML_NODES)
+        data = loader.construct_document(node)
+        _check_plain(data)
+        return data
+    except RecursionError:
+        raise _RefusedError("it is nested too deeply; a spec has a few levels of sections") from None
+    finally:
+        loader.dispose()
+
+
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def _check_plain(value: Any, key: str = "") -> None:
+    """Refuse YAML values JSON cannot hold (dates, ``!!binary``, ``!!set``), naming their key."""
+    if isinstance(value, dict):
+        for child_key, child in value.items():
+            if not isinstance(child_key, _PLAIN):
+                where = repr(key) if key else "the top level"
+                raise _RefusedError(f"a key under {where} is a YAML {type(child_key).__name__}; write plain keys")
+            _check_plain(child, f"{key}.{child_key}" if key else str(child_key))
+    elif isinstance(value, list):
+        for child in value:
+            _check_plain(child, key)
+    elif not isinstance(value, _PLAIN):
+        shown = repr(value)
+        shown = shown if len(shown) <= 40 else f"{shown[:37]}..."
+        where = repr(key) if key else "the value"
+        raise _RefusedError(
+            f"{where} is a YAML {type(value).__name__} ({shown}), which a spec cannot hold; "
+            "write a plain number or string (quote it)"
+        )
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """One line for a YAML syntax error: where and what, with a hint for tab indentation."""
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    mark = getattr(error, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = " ".join(str(problem).split())
+    if "'\\t'" in problem:
+        problem = "a tab character cannot indent YAML; indent with spaces"
+    return f"{where}: {problem}"
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """Split ``section.key=value`` into the key path and a YAML-parsed value.
 
+    A value that is not valid YAML is kept as the raw string.
+
     Raises:
-        SpecError: If the item has no ``=`` or an empty key.
+        SpecError: If the item has no ``=``, an empty key or key part, or a refused YAML value
+            (duplicate keys, alias expansion).
     """
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
         raise SpecError(f"override {item!r} must look like section.key=value")
+    path = [part.strip() for part in key.strip().split(".")]
+    if not all(path):
+        raise SpecError(f"override {item!r} has an empty key part; write section.key=value")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
-    return key.strip().split("."), value
+    except _RefusedError as reason:
+        raise SpecError(f"override {item!r} is refused: {reason}") from None
+    return path, value
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -464,6 +638,54 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return result
 
 
+def read_spec_file(path: Path) -> dict[str, Any]:
+    """Read a spec YAML file into plain data, refusing anything that is not a small spec file.
+
+    Raises:
+        SpecError: Missing, a directory or special file, too large, not UTF-8, empty, invalid or
+            refused YAML (duplicate keys, alias bombs), or not a mapping.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise SpecError(f"config file {path} does not exist")
+    if path.is_dir():
+        raise SpecError(
+            f"config file {path} is a directory; give a YAML spec file such as configs/digits-unet-w8a8.yaml"
+        )
+    if not path.is_file():
+        raise SpecError(f"config file {path} is not a regular file; give a YAML spec file")
+    try:
+        with path.open("rb") as handle:
+            raw = handle.read(MAX_SPEC_BYTES + 1)
+    except OSError as error:
+        raise SpecError(f"config file {path} cannot be read ({error.strerror or error})") from None
+    if len(raw) > MAX_SPEC_BYTES:
+        raise SpecError(f"config file {path} is larger than {MAX_SPEC_BYTES:,} bytes; a spec is a small YAML file")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise SpecError(
+            f"config file {path} is not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset "
+            f"{error.start + len(raw) - len(error.object)}); "
+            "save it as UTF-8"
+        ) from None
+    try:
+        loaded = _load_yaml(text)
+    except yaml.YAMLError as error:
+        raise SpecError(f"config file {path} is not valid YAML{_yaml_problem(error)}") from None
+    except _RefusedError as reason:
+        raise SpecError(f"config file {path} is refused: {reason}") from None
+    if loaded is None:
+        raise SpecError(
+            f"config file {path} is empty; write a spec in it (see configs/) or leave CONFIG out for the defaults"
+        )
+    if not isinstance(loaded, dict):
+        raise SpecError(
+            f"config file {path} must hold a mapping of sections (model, sampler, ...), not a {type(loaded).__name__}"
+        )
+    return loaded
+
+
 def load_spec(path: Path | None = None, overrides: list[str] | None = None) -> CompressionSpec:
     """Read a spec from YAML (defaults when ``path`` is None) and apply overrides.
 
@@ -477,31 +699,80 @@ def load_spec(path: Path | None = None, overrides: list[str] | None = None) -> C
     Raises:
         SpecError: Missing or unreadable file, bad YAML, unknown keys or invalid values.
     """
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise SpecError(f"config file {path} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except (OSError, UnicodeDecodeError) as error:
-            raise SpecError(f"config file {path} cannot be read: {error}") from None
-        except yaml.YAMLError as error:
-            raise SpecError(f"config file {path} is not valid YAML: {str(error).splitlines()[0]}") from None
-        data = loaded or {}
-        if not isinstance(data, dict):
-            raise SpecError(f"config file {path} must hold a mapping of sections")
+    data: dict[str, Any] = read_spec_file(Path(path)) if path is not None else {}
     base = CompressionSpec().to_dict()
-    merged = _deep_merge(base, data) if isinstance(data, dict) else data
+    merged = _deep_merge(base, data)
     overrides = overrides or []
-    touched = {
-        parse_override(item)[0][1]
-        for item in overrides
-        if parse_override(item)[0][0] == "model" and len(parse_override(item)[0]) == 2
-    }
+    paths = [parse_override(item)[0] for item in overrides]
+    touched = {p[1] for p in paths if p[0] == "model" and len(p) == 2}
     if touched & {"name", "path"} and isinstance(merged.get("model"), dict):
         merged["model"] = {k: v for k, v in merged["model"].items() if k not in {"name", "path"} or k in touched}
     return spec_from_dict(apply_overrides(merged, overrides))
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this process can still take (None when unknown).
+
+    The smaller of the system's available memory and the headroom under a cgroup v2 limit.
+    """
+    candidates: list[int] = []
+    try:
+        import psutil
+
+        candidates.append(int(psutil.virtual_memory().available))
+    except ImportError:
+        with contextlib.suppress(ValueError, OSError, AttributeError):
+            candidates.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = Path("/sys/fs/cgroup/memory.current").read_text().strip()
+        if limit.isdigit() and used.isdigit():
+            candidates.append(max(int(limit) - int(used), 0))
+    except OSError:
+        pass
+    return min(candidates) if candidates else None
+
+
+def memory_needs(spec: CompressionSpec, sample_shape: tuple[int, ...]) -> dict[str, int]:
+    """Estimated bytes of the largest arrays each count key makes the run hold at once (float32).
+
+    The calibration pool holds every denoiser input of every trajectory (inputs and features);
+    evaluation, parity and content scoring hold noise, FP and quantized samples.
+    """
+    sample = 4 * math.prod(sample_shape)
+    needs = {
+        "calibration.trajectories": 2 * spec.calibration.trajectories * spec.sampler.steps * sample,
+        "evaluate.samples": 3 * spec.evaluate.samples * sample,
+        "export.parity_samples": 3 * spec.export.parity_samples * sample,
+    }
+    if spec.allocation is not None:
+        needs["allocation.content_samples"] = 3 * spec.allocation.content_samples * sample
+    return needs
+
+
+def check_memory(spec: CompressionSpec, sample_shape: tuple[int, ...], available: int | None = None) -> None:
+    """Refuse counts whose arrays cannot fit in memory, before any work starts.
+
+    Args:
+        spec: The validated spec.
+        sample_shape: ``(channels, height, width)`` of one model sample (or latent).
+        available: Bytes available; None measures them (:func:`available_memory`).
+
+    Raises:
+        SpecError: Naming the key, the estimate and the memory available.
+    """
+    available = available_memory() if available is None else available
+    if available is None:
+        return
+    shape = "x".join(str(d) for d in sample_shape)
+    for key, need in memory_needs(spec, sample_shape).items():
+        if need > available:
+            section, name = key.split(".")
+            value = getattr(getattr(spec, section), name)
+            raise SpecError(
+                f"{key} {value} needs about {need / 2**30:.1f} GiB for its {shape} float32 samples, more than "
+                f"the {available / 2**30:.1f} GiB of memory available; lower {key}"
+            )
 
 
 def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from diffquant.models.files import (
     read_text_encoder_config,
 )
 from diffquant.models.prompts import Prompt, PromptSet, Tokenize, hf_tokenize, read_prompts_file
-from diffquant.models.reference import DIGITS_UNET, reference_dir
+from diffquant.models.reference import DIGITS_UNET, REFERENCE_MODELS, reference_dir
 from diffquant.storage import check_safetensors, safetensors_shapes, sha256_file
 
 logger = logging.getLogger(__name__)
@@ -551,4 +551,10 @@ def load_model(
     prompts_file = Path(prompts) if prompts is not None else None
     if path is not None:
         return load_local_model(Path(path), prompts_file=prompts_file)
+    if name is not None and name not in REFERENCE_MODELS:
+        # reference_dir also knows the evaluation classifier, which is not a diffusion model
+        raise ModelLoadError(
+            f"unknown reference model {name!r}: it is not a bundled reference model (bundled: "
+            f"{', '.join(REFERENCE_MODELS)}); set model.path for a local diffusers model"
+        )
     return load_local_model(reference_dir(name or DIGITS_UNET), name=name or DIGITS_UNET, prompts_file=prompts_file)
