@@ -735,6 +735,12 @@ def export_onnx(
         ExportError: Plan and model disagree, a quantizer is uncalibrated, the opset is too old
             for the plan, the target is unknown or cannot hold the plan, or the graph cannot be
             rewritten.
+
+    Example:
+        >>> result = diffquant.quantize(model, diffquant.QuantizeSpec(), calibration)
+        >>> info = diffquant.export_onnx(model, result.plan, "model.onnx")
+        >>> info.quantized_layers == len(result.plan.quantized_layers())
+        True
     """
     path = Path(path)
     unet = model.unet

@@ -550,6 +550,10 @@ def check_rules(
 
     Raises:
         RulesError: With ``raise_on_violation``, if any rule is broken (names the first node).
+
+    Example:
+        >>> diffquant.check_rules("model.onnx", result.plan)  # [] when the graph is clean
+        []
     """
     proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
     target = target or graph_target(proto, plan)

@@ -395,7 +395,11 @@ def quantize_model(
 
 
 def save_quantized(model: DiffusionModel | nn.Module, plan: LayerPlan, out_dir: Path) -> tuple[Path, Path]:
-    """Write ``plan.json`` and ``quantizer_scales.safetensors`` to ``out_dir``."""
+    """Write ``plan.json`` and ``quantizer_scales.safetensors`` to ``out_dir``.
+
+    Example:
+        >>> plan_path, scales_path = diffquant.save_quantized(model, result.plan, Path("out"))
+    """
     unet = model.unet if isinstance(model, DiffusionModel) else model
     out_dir = Path(out_dir)
     plan_path = plan.save(out_dir / "plan.json")
@@ -413,6 +417,9 @@ def load_quantized(
         plan_path: The LayerPlan.
         scales_path: Quantizer scales (:func:`save_quantized`).
         weights_path: Fine-tuned denoiser weights (safetensors of the whole state dict), if any.
+
+    Example:
+        >>> quantized = diffquant.load_quantized(diffquant.load_model("digits-unet"), plan_path, scales_path)
     """
     quantized = copy.deepcopy(model)
     apply_plan(quantized.unet, LayerPlan.load(plan_path))

@@ -110,6 +110,10 @@ def keep_finetuned(before: Mapping[str, float], after: Mapping[str, float]) -> F
     Args:
         before: Metrics of the PTQ model (``fd_fp`` read; missing counts as infinite).
         after: Metrics of the fine-tuned model.
+
+    Example:
+        >>> diffquant.keep_finetuned({"fd_fp": 0.2}, {"fd_fp": 0.1}).kept
+        'finetuned'
     """
     old, new = float(before.get("fd_fp", math.inf)), float(after.get("fd_fp", math.inf))
     kept: Literal["finetuned", "ptq"] = "finetuned" if new <= old else "ptq"
