@@ -25,7 +25,7 @@ from diffquant.data import load_digits_split
 from diffquant.evaluation import evaluate_model
 from diffquant.models.loading import load_model
 from diffquant.models.reference import load_classifier
-from diffquant.quantize import plan_from_spec, quantize_model
+from diffquant.ptq import plan_from_spec, quantize_model
 from diffquant.spec import load_spec
 
 PROTECT_8BIT = "quantize.overrides=[{layers: [conv_in, conv_out, 'time_embedding.*'], weight_bits: 8}]"

@@ -51,8 +51,8 @@ from diffquant.export.rules import check_rules
 from diffquant.metrics import condition_accuracy, frechet_distance
 from diffquant.models.loading import DiffusionModel, load_model
 from diffquant.models.reference import DIGITS_UNET_CONFIG, SCHEDULER_CONFIG, load_classifier
+from diffquant.ptq import plan_from_spec, quantize_model
 from diffquant.quant.plan import packed_weight_bytes
-from diffquant.quantize import plan_from_spec, quantize_model
 from diffquant.sampling import Trajectories
 from diffquant.spec import load_spec
 

@@ -22,8 +22,8 @@ from diffquant.data import load_digits_split
 from diffquant.evaluation import evaluate_model
 from diffquant.models.loading import load_model
 from diffquant.models.reference import load_classifier
+from diffquant.ptq import plan_from_spec, quantize_model
 from diffquant.quant.plan import packed_weight_bytes
-from diffquant.quantize import plan_from_spec, quantize_model
 from diffquant.sampling import denoiser_outputs
 from diffquant.spec import load_spec
 

@@ -36,8 +36,8 @@ from diffquant.mixed_precision.allocate import allocate_plan, measure_allocation
 from diffquant.models.loading import DiffusionModel, load_model
 from diffquant.models.reference import load_classifier
 from diffquant.outlier_tokens import apply_outlier_tokens, detect_outlier_tokens
+from diffquant.ptq import plan_from_spec, quantize_model, weight_observer
 from diffquant.quant.plan import LayerPlan, packed_weight_bytes
-from diffquant.quantize import plan_from_spec, quantize_model, weight_observer
 from diffquant.sampling import Trajectories, denoiser_outputs
 from diffquant.spec import CompressionSpec, load_spec
 

@@ -1,7 +1,7 @@
 """The ``compress`` flow: load, calibrate, [allocate], quantize, evaluate, [fine-tune], export, register.
 
-The flow only composes stages: every decision is the core's (:mod:`diffquant.quantize`,
-:mod:`diffquant.finetune.policy`, :func:`diffquant.export.tensorrt.engine_for_export`). Each
+The flow only composes stages: every decision is the core's (:mod:`diffquant.ptq`,
+:mod:`diffquant.finetuning.policy`, :func:`diffquant.export.tensorrt.engine_for_export`). Each
 stage is a Prefect task that takes and returns typed artifacts (:mod:`diffquant.tasks.artifacts`)
 and runs inside a nested MLflow run. Every artifact is written under the run's output folder
 first (atomically), then logged; ``summary.json`` is written last. Any failure marks the MLflow
@@ -22,7 +22,7 @@ from prefect import flow
 
 import diffquant
 from diffquant.calibration.labels import read_labels_file
-from diffquant.finetune.policy import keep_finetuned
+from diffquant.finetuning.policy import keep_finetuned
 from diffquant.flows.sensitivity import sensitivity_flow, task_runner_for
 from diffquant.registry.home import diffquant_home, ensure_writable, tracking_uri
 from diffquant.registry.models import add_onnx_flavor

@@ -2,7 +2,7 @@
 
 A version's source is the run's ``model/`` artifact folder: the ONNX export (as an ``mlflow.onnx``
 flavor folder when onnxruntime can load it) or, without an export, the plan, the quantizer scales
-and the spec, from which :func:`diffquant.quantize.load_quantized` rebuilds the model. Tags carry
+and the spec, from which :func:`diffquant.ptq.load_quantized` rebuilds the model. Tags carry
 the spec hash, LayerPlan hash, git SHA, diffquant version, key metrics and the FP baseline run.
 """
 

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict
 import diffquant
 from diffquant.calibration.pool import POOL_CODE_VERSION
 from diffquant.mixed_precision.sensitivity import SENSITIVITY_CODE_VERSION
-from diffquant.quantize import weight_observer
+from diffquant.ptq import weight_observer
 from diffquant.spec import CompressionSpec, FinetuneSpec, ModelSource, SamplerSpec
 from diffquant.storage import sha256_file
 

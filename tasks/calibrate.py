@@ -9,8 +9,8 @@ from prefect import task
 
 from diffquant.calibration.selection import select_calibration
 from diffquant.errors import spec_section
+from diffquant.ptq import quantize, save_quantized
 from diffquant.quant.plan import LayerPlan
-from diffquant.quantize import quantize, save_quantized
 from diffquant.report import pca_projection, timestep_histogram
 from diffquant.spec import CompressionSpec
 from diffquant.storage import write_json
@@ -61,7 +61,7 @@ def quantize_task(
     """Quantize with the allocated plan (or the spec's uniform plan), calibrate, save plan + scales.
 
     The policy (family defaults, group fallback, outlier tokens, output quantizers for
-    ``export.target: onnxruntime``) is :func:`diffquant.quantize`'s.
+    ``export.target: onnxruntime``) is :func:`diffquant.ptq`'s.
     """
     model = model_from_source(spec.model)
     plan = LayerPlan.load(Path(allocation.plan.path)) if allocation is not None else None

@@ -10,7 +10,7 @@ from diffquant.data import load_digits_split
 from diffquant.evaluation import EvalResult, evaluate_model
 from diffquant.metrics import sqnr_db
 from diffquant.models.reference import load_classifier
-from diffquant.quantize import load_quantized
+from diffquant.ptq import load_quantized
 from diffquant.sampling import denoiser_outputs
 from diffquant.spec import CompressionSpec
 from diffquant.storage import load_safetensors, save_safetensors

@@ -7,10 +7,10 @@ from pathlib import Path
 from prefect import task
 
 from diffquant.errors import spec_section
-from diffquant.finetune.policy import finetune
+from diffquant.finetuning.policy import finetune
 from diffquant.mixed_precision.sensitivity import SensitivityTable
+from diffquant.ptq import load_quantized, save_quantized
 from diffquant.quant.plan import LayerPlan
-from diffquant.quantize import load_quantized, save_quantized
 from diffquant.registry.models import registry_client
 from diffquant.registry.tracking import RunTracker
 from diffquant.spec import CompressionSpec

@@ -18,8 +18,8 @@ from diffquant.export.parity import ParityConfig, check_parity
 from diffquant.export.rules import check_rules
 from diffquant.export.tensorrt import engine_for_export
 from diffquant.models.reference import load_classifier
+from diffquant.ptq import load_quantized
 from diffquant.quant.plan import LayerPlan
-from diffquant.quantize import load_quantized
 from diffquant.spec import CompressionSpec
 from diffquant.storage import write_json
 from diffquant.tasks.artifacts import CalibrationArtifact, ExportArtifact, FileRef, QuantizeArtifact

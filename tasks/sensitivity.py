@@ -12,7 +12,7 @@ from diffquant.errors import spec_section
 from diffquant.mixed_precision.allocate import allocate_plan, measure_allocation_sensitivity
 from diffquant.mixed_precision.sensitivity import SensitivityTable
 from diffquant.models.reference import load_classifier
-from diffquant.quantize import weight_observer
+from diffquant.ptq import weight_observer
 from diffquant.report import sensitivity_heatmap
 from diffquant.spec import CompressionSpec
 from diffquant.storage import write_json

@@ -33,17 +33,17 @@ _EXPORTS: dict[str, str] = {
     "CalibrationSelection": "diffquant.calibration.selection",
     "Trajectories": "diffquant.sampling",
     # quantization
-    "quantize": "diffquant.quantize",
-    "auto_quantize": "diffquant.quantize",
-    "QuantizeResult": "diffquant.quantize",
-    "AutoQuantizeResult": "diffquant.quantize",
-    "save_quantized": "diffquant.quantize",
-    "load_quantized": "diffquant.quantize",
+    "quantize": "diffquant.ptq",
+    "auto_quantize": "diffquant.ptq",
+    "QuantizeResult": "diffquant.ptq",
+    "AutoQuantizeResult": "diffquant.ptq",
+    "save_quantized": "diffquant.ptq",
+    "load_quantized": "diffquant.ptq",
     "LayerPlan": "diffquant.quant.plan",
     "WeightConfig": "diffquant.quant.config",
     # fine-tuning
-    "finetune": "diffquant.finetune.policy",
-    "keep_finetuned": "diffquant.finetune.policy",
+    "finetune": "diffquant.finetuning.policy",
+    "keep_finetuned": "diffquant.finetuning.policy",
     # export (diffquant.export: ONNX, rules, parity; TensorRT imported lazily inside)
     "export_onnx": "diffquant.export.onnx",
     "check_rules": "diffquant.export.rules",
@@ -121,11 +121,9 @@ if TYPE_CHECKING:
     from diffquant.export.onnx import export_onnx
     from diffquant.export.parity import ParityConfig, check_parity
     from diffquant.export.rules import check_rules
-    from diffquant.finetune.policy import finetune, keep_finetuned
+    from diffquant.finetuning.policy import finetune, keep_finetuned
     from diffquant.models.loading import DiffusionModel, load_model
-    from diffquant.quant.config import WeightConfig
-    from diffquant.quant.plan import LayerPlan
-    from diffquant.quantize import (
+    from diffquant.ptq import (
         AutoQuantizeResult,
         QuantizeResult,
         auto_quantize,
@@ -133,6 +131,8 @@ if TYPE_CHECKING:
         quantize,
         save_quantized,
     )
+    from diffquant.quant.config import WeightConfig
+    from diffquant.quant.plan import LayerPlan
     from diffquant.sampling import Trajectories
     from diffquant.spec import (
         AllocationSpec,

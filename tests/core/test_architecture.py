@@ -24,7 +24,7 @@ def test_core_imports_without_prefect_mlflow_tensorrt():
         "            raise ImportError('blocked ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"
         f"for m in {modules!r}: importlib.import_module(m)\n"
-        "import diffquant.models.loading, diffquant.quantize\n"
+        "import diffquant.models.loading, diffquant.ptq\n"
         "import diffquant\n"
         "api = [getattr(diffquant, n) for n in diffquant.__all__]\n"
         "print('ok')\n"
@@ -80,7 +80,16 @@ def test_no_flow_file_shadows_a_package():
 
 
 def test_public_api_lists_every_lazy_name():
+    """Every public name resolves, and no submodule shadows a function of the same name once imported."""
+    import importlib
+
     import diffquant
+
+    for path in (ROOT / "src" / "diffquant").rglob("*.py"):
+        parts = path.relative_to(ROOT / "src").with_suffix("").parts
+        importlib.import_module(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+    for name in ("quantize", "auto_quantize", "finetune", "export_onnx", "check_parity", "load_model"):
+        assert callable(getattr(diffquant, name)), name
 
     assert set(diffquant.__all__) - {"__version__"} == set(diffquant._EXPORTS)
     for name in diffquant.__all__:

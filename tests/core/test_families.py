@@ -12,8 +12,8 @@ import torch
 from diffquant.errors import ModelLoadError
 from diffquant.models.families import FAMILIES, family_for
 from diffquant.models.loading import load_model
+from diffquant.ptq import plan_from_spec
 from diffquant.quant.plan import quantizable_layers
-from diffquant.quantize import plan_from_spec
 from diffquant.spec import QuantizeSpec
 from tests.conftest import save_tiny_unet
 from tests.tiny_pipelines import (
@@ -246,7 +246,7 @@ def test_pixart_w8a8_exports_and_matches_onnxruntime(saved, tmp_path):
     pool = collect_pool(model, trajectories=3, steps=4, seed=0)
     calib = subset(pool, select(pool, "random", 12, 0))
     plan = plan_from_spec(model, QuantizeSpec())
-    from diffquant.quantize import quantize_model
+    from diffquant.ptq import quantize_model
 
     quantized = quantize_model(model, plan, calib, CalibrationSpec())
     info = export_onnx(quantized, plan, tmp_path / "pixart.onnx")

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from diffquant.finetune.distill import distill, select_layers
+from diffquant.finetuning.distill import distill, select_layers
 from diffquant.quant.formats import IntFormat, fake_quant
 from diffquant.quant.lsq import lsq_fake_quant
 from diffquant.quant.modules import QuantLinear
@@ -55,8 +55,8 @@ def tiny(tmp_path_factory):
     from diffquant.calibration.pool import collect_pool, subset
     from diffquant.calibration.selection import select
     from diffquant.models.loading import load_local_model
+    from diffquant.ptq import quantize_model
     from diffquant.quant.plan import ActivationConfig, WeightConfig, uniform_plan
-    from diffquant.quantize import quantize_model
     from diffquant.spec import CalibrationSpec
     from tests.conftest import save_tiny_unet
 

@@ -7,6 +7,7 @@ import torch
 
 from diffquant.metrics import sqnr_db
 from diffquant.outlier_tokens import apply_outlier_tokens, detect_outlier_tokens
+from diffquant.ptq import quantize_model
 from diffquant.quant.formats import IntFormat, fake_quant
 from diffquant.quant.modules import QuantLinear
 from diffquant.quant.plan import (
@@ -20,7 +21,6 @@ from diffquant.quant.plan import (
     quantizer_state,
     uniform_plan,
 )
-from diffquant.quantize import quantize_model
 from diffquant.sampling import denoiser_outputs
 from diffquant.spec import CalibrationSpec
 from tests.text_models import text_inputs, tiny_text_model

@@ -11,9 +11,9 @@ from diffquant.mixed_precision.costs import layer_macs, qkv_groups
 from diffquant.mixed_precision.sensitivity import SensitivityTable, measure_sensitivity, noise_power, quantize_only
 from diffquant.mixed_precision.solver import AllocationInfeasibleError
 from diffquant.models.loading import load_local_model
+from diffquant.ptq import weight_observer
 from diffquant.quant.modules import QuantConv2d
 from diffquant.quant.plan import quantizable_layers
-from diffquant.quantize import weight_observer
 from diffquant.spec import load_spec
 
 

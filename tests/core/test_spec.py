@@ -109,7 +109,7 @@ def test_model_path_override_replaces_name():
 
 def test_overrides_and_full_precision_resolve_into_the_plan():
     from diffquant.models.loading import load_model
-    from diffquant.quantize import plan_from_spec
+    from diffquant.ptq import plan_from_spec
 
     spec = load_spec(
         overrides=[
@@ -132,8 +132,8 @@ def test_overrides_and_full_precision_resolve_into_the_plan():
 
 def test_per_group_plan_falls_back_to_per_channel_where_groups_do_not_fit():
     from diffquant.models.loading import load_model
+    from diffquant.ptq import plan_from_spec
     from diffquant.quant.modules import groups_allowed
-    from diffquant.quantize import plan_from_spec
 
     model = load_model("digits-unet")
     spec = load_spec(

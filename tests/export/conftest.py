@@ -7,9 +7,9 @@ import pytest
 from diffquant.calibration.pool import collect_pool, subset
 from diffquant.calibration.selection import select
 from diffquant.models.loading import load_local_model
+from diffquant.ptq import quantize_model
 from diffquant.quant.modules import groups_allowed
 from diffquant.quant.plan import ActivationConfig, LayerConfig, LayerPlan, WeightConfig, quantizable_layers
-from diffquant.quantize import quantize_model
 from diffquant.spec import CalibrationSpec
 
 

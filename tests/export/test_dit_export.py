@@ -13,9 +13,9 @@ from diffquant.export.parity import check_parity
 from diffquant.export.rules import check_rules
 from diffquant.models.loading import DiffusionModel
 from diffquant.models.reference import SCHEDULER_CONFIG
+from diffquant.ptq import quantize_model
 from diffquant.quant.modules import groups_allowed
 from diffquant.quant.plan import ActivationConfig, LayerConfig, WeightConfig, uniform_plan
-from diffquant.quantize import quantize_model
 from diffquant.sampling import Trajectories
 from diffquant.spec import CalibrationSpec
 

@@ -9,8 +9,8 @@ from diffquant.export.onnx import export_onnx
 from diffquant.export.parity import ParityConfig, check_parity
 from diffquant.export.rules import check_rules
 from diffquant.outlier_tokens import apply_outlier_tokens, detect_outlier_tokens
+from diffquant.ptq import quantize_model
 from diffquant.quant.plan import ActivationConfig, LayerConfig, LayerPlan, WeightConfig, uniform_plan
-from diffquant.quantize import quantize_model
 from diffquant.spec import CalibrationSpec
 from tests.text_models import text_inputs, tiny_text_model
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from diffquant.errors import ConfigError
-from diffquant.finetune.distill import DistillResult, distill, select_layers
+from diffquant.finetuning.distill import DistillResult, distill, select_layers
 from diffquant.mixed_precision.sensitivity import SensitivityTable
 from diffquant.models.loading import DiffusionModel
 from diffquant.sampling import Trajectories
