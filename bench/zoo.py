@@ -32,41 +32,13 @@ from diffquant.calibration.pool import collect_pool, held_out_indices, subset
 from diffquant.calibration.selection import pool_features, select
 from diffquant.data import load_digits_split
 from diffquant.evaluation import EvalResult, evaluate_model
-from diffquant.mixed_precision.allocate import allocate_plan, measure_allocation_sensitivity
 from diffquant.models.loading import DiffusionModel, load_model
 from diffquant.models.reference import load_classifier
 from diffquant.outlier_tokens import apply_outlier_tokens, detect_outlier_tokens
-from diffquant.ptq import plan_from_spec, quantize_model, weight_observer
+from diffquant.ptq import auto_quantize, plan_from_spec, quantize_model
 from diffquant.quant.plan import LayerPlan, packed_weight_bytes
 from diffquant.sampling import Trajectories, denoiser_outputs
 from diffquant.spec import CompressionSpec, load_spec
-
-
-def _sens(model, calib, spec, classifier=None, layers=None):
-    """The sensitivity table the spec's allocation needs (as the pipeline measures it)."""
-    return measure_allocation_sensitivity(
-        model,
-        calib,
-        spec.allocation,
-        weight_observer=weight_observer(spec.quantize),
-        activation_observer=spec.calibration.observer,
-        steps=spec.sampler.steps,
-        seed=spec.evaluate.seed,
-        classifier=classifier,
-        layers=layers,
-    )
-
-
-def _alloc(model, calib, spec, table):
-    return allocate_plan(
-        model,
-        calib,
-        spec.allocation,
-        table,
-        weight_observer=weight_observer(spec.quantize),
-        activation_observer=spec.calibration.observer,
-    )
-
 
 UNIFORM = {
     "W8A8": ["quantize.weight.bits=8", "quantize.activation.bits=8"],
@@ -157,10 +129,19 @@ def uniform_and_mixed(bench: Bench, label: str) -> list[dict]:
         rows.append(bench.quantized_row(f"{label} {name} uniform (family FP defaults)", spec, plan, start))
     start = time.perf_counter()
     spec = load_spec(overrides=[f"model.name={bench.model.name}", f"sampler.steps={bench.args.steps}", *MIXED])
-    table = _sens(bench.model, bench.calib, spec, bench.classifier)
-    plan, allocation = _alloc(bench.model, bench.calib, spec, table)
-    row = bench.quantized_row(f"{label} mixed W4A8 (avg 4.0 weight bits)", spec, plan, start)
-    row["avg_weight_bits"] = allocation.usage.get("avg_weight_bits")
+    assert spec.allocation is not None
+    result = auto_quantize(
+        copy.deepcopy(bench.model),
+        spec.allocation,
+        bench.calib,
+        quantize_config=spec.quantize,
+        calibration=spec.calibration,
+        steps=spec.sampler.steps,
+        seed=spec.evaluate.seed,
+        classifier=bench.classifier,
+    )
+    row = bench.quantized_row(f"{label} mixed W4A8 (avg 4.0 weight bits)", spec, result.plan, start)
+    row["avg_weight_bits"] = result.allocation.usage.get("avg_weight_bits")
     rows.append(row)
     return rows
 
