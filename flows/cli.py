@@ -220,8 +220,9 @@ _EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
 @contextmanager
 def _interruptible() -> Iterator[None]:
     """Turn SIGINT and SIGTERM into :class:`~diffquant.registry.tracking.Interrupted` (main thread only)."""
-    from diffquant.registry.tracking import Interrupted
+    from diffquant.registry.tracking import Interrupted, clear_interrupted
 
+    clear_interrupted()
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -260,6 +261,7 @@ def _run_flow(verbose: bool, flow_fn: Any, **kwargs: Any) -> Any:
     """
     from diffquant import progress as progress_mod
     from diffquant.registry.home import diffquant_home
+    from diffquant.registry.tracking import interrupted_by
 
     from diffquant.errors import DiffquantError
 
@@ -278,16 +280,20 @@ def _run_flow(verbose: bool, flow_fn: Any, **kwargs: Any) -> Any:
             _interrupted(error)
         except Exception as error:
             full = _disk_full(error, home)
-            if full is None:
+            if full is None and interrupted_by() is None:
                 raise
             bars.stop()
+            if full is None:
+                _interrupted(error)
             _fail(full)
         finally:
             progress_mod.set_reporter(None)
 
 
-def _interrupted(error: KeyboardInterrupt) -> None:
-    name = getattr(error, "signal_name", "SIGINT")
+def _interrupted(error: BaseException) -> None:
+    from diffquant.registry.tracking import interrupted_by
+
+    name = getattr(error, "signal_name", None) or interrupted_by() or "SIGINT"
     console.print(
         f"[bold red]error:[/] interrupted by {name}; the MLflow run is marked KILLED, "
         "rerun the same command to start it again (finished stages are reused)",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -54,13 +55,70 @@ def git_sha() -> str:
     return out.stdout.strip() or "unknown"
 
 
+@contextmanager
+def _store_lock(tracking_uri: str) -> Iterator[None]:
+    """For a SQLite store, one process at a time creates (migrates) it and its experiments.
+
+    Two commands started together on a fresh home would otherwise both migrate the new database,
+    or both create the experiment, and one of them would fail.
+    """
+    if not tracking_uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    lock = Path(tracking_uri.removeprefix("sqlite:///")).parent / "locks" / "mlflow-db.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with lock.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _experiment_id(client: MlflowClient, experiment: str, artifact_root: Path | None) -> str:
+    """The id of ``experiment``, created when missing (another process may create it at the same time)."""
+    found = client.get_experiment_by_name(experiment)
+    if found is not None:
+        return found.experiment_id
+    location = (Path(artifact_root) / experiment).as_uri() if artifact_root else None
+    try:
+        return client.create_experiment(experiment, artifact_location=location)
+    except Exception:
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
 class Interrupted(KeyboardInterrupt):
-    """The process was asked to stop (SIGINT, SIGTERM): runs it holds end KILLED, not FAILED."""
+    """The process was asked to stop (SIGINT, SIGTERM): runs it holds end KILLED, not FAILED.
+
+    Creating one records the signal process-wide (:func:`interrupted_by`): libraries between the
+    signal handler and :func:`tracked_run` (Prefect's engines) may turn it into another exception.
+    """
 
     def __init__(self, signal_name: str = "SIGINT") -> None:
         """Remember which signal stopped the process."""
         super().__init__(signal_name)
         self.signal_name = signal_name
+        global _INTERRUPTED_BY
+        _INTERRUPTED_BY = signal_name
+
+
+_INTERRUPTED_BY: str | None = None
+
+
+def interrupted_by() -> str | None:
+    """The signal that interrupted this process (an :class:`Interrupted` was raised), or None."""
+    return _INTERRUPTED_BY
+
+
+def clear_interrupted() -> None:
+    """Forget an earlier interrupt (a new command starts in this process)."""
+    global _INTERRUPTED_BY
+    _INTERRUPTED_BY = None
 
 
 class RunTracker:
@@ -87,13 +145,9 @@ class RunTracker:
             TrackingError: If the tracking backend cannot be reached or written.
         """
         try:
-            client = MlflowClient(tracking_uri=tracking_uri)
-            found = client.get_experiment_by_name(experiment)
-            if found is None:
-                location = (Path(artifact_root) / experiment).as_uri() if artifact_root else None
-                experiment_id = client.create_experiment(experiment, artifact_location=location)
-            else:
-                experiment_id = found.experiment_id
+            with _store_lock(tracking_uri):
+                client = MlflowClient(tracking_uri=tracking_uri)
+                experiment_id = _experiment_id(client, experiment, artifact_root)
             all_tags = {"diffquant.version": diffquant.__version__, "git_sha": git_sha(), **(tags or {})}
             run = client.create_run(experiment_id, tags=all_tags, run_name=run_name)
         except Exception as error:
@@ -198,10 +252,25 @@ class RunTracker:
 
 def _end_status(error: BaseException) -> tuple[str, str | None]:
     """KILLED (with the reason) for an interrupt, FAILED for any other exception."""
+    name = _signal_name(error)
+    return ("KILLED", f"interrupted by {name}") if name else ("FAILED", None)
+
+
+def _signal_name(error: BaseException) -> str | None:
+    """The signal behind ``error``: an :class:`Interrupted`, a KeyboardInterrupt, Prefect's TerminationSignal."""
+    if isinstance(error, Interrupted):
+        return error.signal_name
+    if _INTERRUPTED_BY is not None:
+        return _INTERRUPTED_BY
     if isinstance(error, KeyboardInterrupt):
-        name = error.signal_name if isinstance(error, Interrupted) else "SIGINT"
-        return "KILLED", f"interrupted by {name}"
-    return "FAILED", None
+        return "SIGINT"
+    number = getattr(error, "signal", None)  # prefect.exceptions.TerminationSignal (registry/ never imports prefect)
+    if type(error).__name__ == "TerminationSignal" and isinstance(number, int):
+        try:
+            return signal.Signals(number).name
+        except ValueError:
+            return f"signal {number}"
+    return None
 
 
 def _link_restart(tracker: RunTracker, spec_hash: str | None) -> None:
