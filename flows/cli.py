@@ -128,14 +128,25 @@ def _die_with_parent() -> Callable[[], None] | None:
     return hook
 
 
-def _ephemeral_server_class() -> type:
-    """Prefect's ``SubprocessASGIServer`` whose uvicorn child dies with this process."""
+_SERVER_STARTS = 4
+"""Start attempts of the ephemeral Prefect server (each on a new port) before giving up."""
+
+
+def _ephemeral_server_class(log: Path) -> type:
+    """Prefect's ``SubprocessASGIServer`` whose uvicorn child dies with this process and logs to ``log``."""
     import prefect
     from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import get_current_settings
 
     class ChildASGIServer(SubprocessASGIServer):
+        starts = 0
+
         def _run_uvicorn_command(self) -> subprocess.Popen[Any]:
+            # Prefect restarts a server that exits with 3 (uvicorn's start-up failure, meant for a
+            # taken port) without counting the time: a locked database would loop for ever
+            self.starts += 1
+            if self.starts > _SERVER_STARTS:
+                raise RuntimeError(f"ephemeral Prefect API server failed to start {_SERVER_STARTS} times")
             # Prefect 3.x's command and environment, plus the parent-death signal
             args = [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent)]
             args += ["--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1"]
@@ -147,7 +158,11 @@ def _ephemeral_server_class() -> type:
                 "PREFECT__SERVER_FINAL": "1",
                 **get_current_settings().to_environment_variables(exclude_unset=True),
             }
-            return subprocess.Popen(args=args, env=env, preexec_fn=_die_with_parent())
+            log.parent.mkdir(parents=True, exist_ok=True)
+            with log.open("ab") as out:  # the server's tracebacks stay out of the one-line CLI output
+                return subprocess.Popen(
+                    args=args, env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent()
+                )
 
     return ChildASGIServer
 
@@ -177,7 +192,8 @@ def _start_prefect_api(home: Path) -> None:
     if current is not None and current.running:
         return
     SubprocessASGIServer._instances.pop(None, None)
-    server = _ephemeral_server_class()()
+    log = home / "prefect" / "ephemeral-server.log"
+    server = _ephemeral_server_class(log)()
     lock = locks_dir(home) / "prefect-api.lock"
     lock.parent.mkdir(parents=True, exist_ok=True)
     with lock.open("a") as handle:
@@ -191,10 +207,19 @@ def _start_prefect_api(home: Path) -> None:
         except RuntimeError as error:
             if "ephemeral Prefect API" not in str(error):
                 raise
+            process = server.server_process
+            if process is not None and process.poll() is not None:
+                raise TrackingError(
+                    f"Prefect's local API under {home / 'prefect'} stopped at start-up (exit code "
+                    f"{process.returncode}, see {log}); is its database locked by another process? "
+                    "Stop that process, or point PREFECT_API_URL at a running server"
+                ) from None
+            if process is not None:
+                process.kill()
             timeout = PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
             raise TrackingError(
-                f"Prefect's local API under {home / 'prefect'} did not start within {timeout} s; raise "
-                "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS or point PREFECT_API_URL at a running server"
+                f"Prefect's local API under {home / 'prefect'} did not start within {timeout} s (see {log}); "
+                "raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS or point PREFECT_API_URL at a running server"
             ) from None
 
 

@@ -24,7 +24,7 @@ from tests.pipeline.conftest import SMALL, isolated_home, mlflow_runs  # noqa: F
 from tests.pipeline.test_cli import assert_clean_failure
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = [*SMALL, "sampler.steps=4", "evaluate.samples=20", "export.parity_samples=0"]
+TINY = [*SMALL, "sampler.steps=4", "calibration.size=16", "evaluate.samples=20", "export.parity_samples=0"]
 
 
 def start_compress(home: Path, out: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen:
@@ -195,13 +195,25 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
+def fill(folder: Path, leave: int) -> Path:
+    """Write a ballast file into ``folder`` until only about ``leave`` bytes stay free."""
+    ballast = folder / "ballast"
+    free = os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize
+    with ballast.open("wb") as handle:
+        handle.write(b"\0" * max(free - leave, 0))
+    return ballast
+
+
 def test_full_disk_says_which_folder_and_leaves_no_partial_files(small_disk, tmp_path):
     home = small_disk / "home"
-    result = finished(start_compress(home, small_disk / "out"))
+    proc = start_compress(home, small_disk / "out")
+    wait_for_stage(proc, home, "evaluate_fp")
+    fill(small_disk, leave=256 * 1024)  # the disk fills up: the export's files no longer fit
+    result = finished(proc)
     assert_clean_failure(result, "no space left on the disk of", home)
     line = result.output.strip().splitlines()[-1]
     assert str(small_disk) in line and "Traceback" not in result.output
-    assert not [p for p in small_disk.rglob("*") if p.name.endswith(".tmp") or ".tmp" in p.suffixes]
+    assert not [p for p in small_disk.rglob("*") if ".tmp" in p.name or p.name.startswith(".model.onnx")]
     assert not (small_disk / "out" / "summary.json").exists()
     assert "RUNNING" not in {status for _, status, _, _ in db_runs(home)}
     assert not list((home / "locks" / "runs").glob("*.json"))
@@ -213,7 +225,10 @@ def test_interrupted_run_is_marked_killed_with_one_line(tmp_path, reaper, sig, c
     reaper.append(home)
     proc = start_compress(home, tmp_path / "out")
     run_id = wait_for_stage(proc, home, "collect_trajectories")
-    os.kill(proc.pid, sig)
+    if sig == signal.SIGINT:
+        os.killpg(proc.pid, sig)  # Ctrl-C: the whole foreground group, the Prefect server too
+    else:
+        os.kill(proc.pid, sig)  # a supervisor stopping the command
     result = finished(proc, timeout=120)
     lines = result.output.strip().splitlines()
     assert result.exit_code == code, result.output[-3000:]
@@ -240,7 +255,8 @@ def test_prefect_database_locked_by_another_process_fails_in_one_line(tmp_path, 
     finally:
         holder.rollback()
         holder.close()
-    assert_clean_failure(result, "did not start within 15 s", home)
+    assert_clean_failure(result, f"Prefect's local API under {home / 'prefect'}", home)
+    assert "database is locked" in (home / "prefect" / "ephemeral-server.log").read_text()
     time.sleep(1)
     assert not processes_of(home)
 
@@ -335,3 +351,15 @@ def test_atomic_writes_on_a_full_disk_leave_nothing(small_disk):
     with pytest.raises(DiskFullError, match="big.json"):
         write_json({"x": "y" * 30_000_000}, small_disk / "big.json")
     assert not list(small_disk.iterdir())
+
+
+def test_busy_machine_gets_a_long_prefect_startup_timeout(tmp_path, monkeypatch):
+    from diffquant.registry.home import configure_environment
+
+    monkeypatch.delenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", raising=False)
+    monkeypatch.delenv("PREFECT_HOME", raising=False)
+    configure_environment(tmp_path)
+    assert int(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]) >= 600  # Prefect's own: 20 s
+    monkeypatch.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "30")
+    configure_environment(tmp_path)
+    assert os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] == "30"  # the user's setting wins
