@@ -284,10 +284,10 @@ def _run_flow(verbose: bool, flow_fn: Any, **kwargs: Any) -> Any:
     A full disk anywhere below prints one line naming the folder (exit 2); SIGINT or SIGTERM
     marks the run KILLED and prints one line (exit 130 or 143).
     """
-    from diffquant import progress as progress_mod
     from diffquant.registry.home import diffquant_home
     from diffquant.registry.tracking import interrupted_by
 
+    from diffquant import progress as progress_mod
     from diffquant.errors import DiffquantError
 
     _quiet_prefect(verbose)

@@ -268,7 +268,9 @@ def reap_stale_runs(tracking_uri: str, home: Path, client: Any = None) -> list[R
                 if _kill_run(client, run_id, reason):
                     reaped.append(ReapedRun(run_id, client.get_run(run_id).info.experiment_id, reason))
     except Exception as error:  # the store is unreachable or locked: the command's own checks say so
-        logger.warning("could not mark stale MLflow runs KILLED: %s", str(error).splitlines()[0] if str(error) else error)
+        logger.warning(
+            "could not mark stale MLflow runs KILLED: %s", str(error).splitlines()[0] if str(error) else error
+        )
     for run in reaped:
         logger.warning("MLflow run %s marked KILLED: %s", run.run_id, run.reason)
     return reaped

@@ -18,10 +18,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric, Param, RunTag
-from mlflow.tracking import MlflowClient
-
-import diffquant
 from diffquant.registry.home import diffquant_home
 from diffquant.registry.liveness import (
     KILLED_REASON_TAG,
@@ -31,7 +27,10 @@ from diffquant.registry.liveness import (
     reap_stale_runs,
     restarted_from,
 )
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
 
+import diffquant
 from diffquant.errors import TrackingError
 
 logger = logging.getLogger(__name__)

@@ -6,6 +6,7 @@ The subprocess tests run the real ``diffquant compress`` (small overrides) again
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -62,17 +63,20 @@ def processes_of(home: Path) -> list[int]:
     return found
 
 
+def kill_all(folder: Path) -> None:
+    """SIGKILL every process that :func:`processes_of` finds for ``folder``."""
+    for pid in processes_of(folder):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
 @pytest.fixture
 def reaper(tmp_path: Path) -> Iterator[list[Path]]:
     """Homes registered here have every process left behind killed at teardown (the test failed)."""
     homes: list[Path] = []
     yield homes
     for home in homes:
-        for pid in processes_of(home):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_all(home)
 
 
 def db_runs(home: Path) -> list[tuple[str, str, str | None, str | None]]:
@@ -201,11 +205,7 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
     try:
         yield folder
     finally:
-        for pid in processes_of(folder):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_all(folder)
         subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
@@ -273,10 +273,9 @@ def test_prefect_database_locked_by_another_process_fails_in_one_line(tmp_path, 
     assert not processes_of(home)
 
 
-def test_read_only_home_fails_in_one_line(tmp_path, isolated_home):
-    from typer.testing import CliRunner
-
+def test_read_only_home_fails_in_one_line(tmp_path, isolated_home):  # noqa: F811
     from diffquant.flows.cli import app
+    from typer.testing import CliRunner
 
     folder = tmp_path / "ro"
     folder.mkdir()
@@ -294,18 +293,24 @@ def test_read_only_home_fails_in_one_line(tmp_path, isolated_home):
 def _heartbeat(home: Path, run_id: str, **fields) -> Path:
     path = home / "locks" / "runs" / f"{run_id}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    info = {"run_id": run_id, "tracking_uri": f"sqlite:///{home / 'mlflow.db'}", "pid": os.getpid(),
-            "pid_start": None, "host": socket.gethostname(), "heartbeat_at": time.time(), **fields}
+    info = {
+        "run_id": run_id,
+        "tracking_uri": f"sqlite:///{home / 'mlflow.db'}",
+        "pid": os.getpid(),
+        "pid_start": None,
+        "host": socket.gethostname(),
+        "heartbeat_at": time.time(),
+        **fields,
+    }
     path.write_text(json.dumps(info))
     return path
 
 
-def test_silent_heartbeat_on_another_host_is_reaped_by_promote(isolated_home, monkeypatch):
-    from mlflow.tracking import MlflowClient
-    from typer.testing import CliRunner
-
+def test_silent_heartbeat_on_another_host_is_reaped_by_promote(isolated_home, monkeypatch):  # noqa: F811
     from diffquant.flows.cli import app
     from diffquant.registry.tracking import RunTracker
+    from mlflow.tracking import MlflowClient
+    from typer.testing import CliRunner
 
     uri = f"sqlite:///{isolated_home / 'mlflow.db'}"
     isolated_home.mkdir(parents=True)
@@ -323,11 +328,10 @@ def test_silent_heartbeat_on_another_host_is_reaped_by_promote(isolated_home, mo
     assert client.get_run(live.run_id).info.status == "RUNNING"  # its heartbeat is recent enough
 
 
-def test_reused_pid_does_not_keep_a_dead_run_alive(isolated_home):
-    from mlflow.tracking import MlflowClient
-
+def test_reused_pid_does_not_keep_a_dead_run_alive(isolated_home):  # noqa: F811
     from diffquant.registry.liveness import reap_stale_runs
     from diffquant.registry.tracking import RunTracker
+    from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{isolated_home / 'mlflow.db'}"
     isolated_home.mkdir(parents=True)
@@ -340,10 +344,9 @@ def test_reused_pid_does_not_keep_a_dead_run_alive(isolated_home):
     assert not list((isolated_home / "locks" / "runs").iterdir())
 
 
-def test_bad_stale_minutes_setting_fails_in_one_line(isolated_home, monkeypatch):
-    from typer.testing import CliRunner
-
+def test_bad_stale_minutes_setting_fails_in_one_line(isolated_home, monkeypatch):  # noqa: F811
     from diffquant.flows.cli import app
+    from typer.testing import CliRunner
 
     isolated_home.mkdir(parents=True)
     (isolated_home / "mlflow.db").touch()
@@ -360,7 +363,7 @@ def test_atomic_writes_on_a_full_disk_leave_nothing(small_disk):
 
     with pytest.raises(DiskFullError, match=f"no space left on the disk of {small_disk}.*big.safetensors"):
         save_safetensors({"w": torch.zeros(8_000_000)}, small_disk / "big.safetensors")
-    with pytest.raises(DiskFullError, match="big.json"):
+    with pytest.raises(DiskFullError, match=r"big\.json"):
         write_json({"x": "y" * 30_000_000}, small_disk / "big.json")
     assert not list(small_disk.iterdir())
 
