@@ -255,25 +255,39 @@ def reap_stale_runs(tracking_uri: str, home: Path, client: Any = None) -> list[R
 
         client = MlflowClient(tracking_uri=tracking_uri)
     reaped: list[ReapedRun] = []
-    try:
-        for path, run_id, reason in stale:
-            claimed = _claim(path)
-            if claimed is None:
-                continue
-            if _kill_run(client, run_id, reason):
-                reaped.append(ReapedRun(run_id, client.get_run(run_id).info.experiment_id, reason))
-            claimed.unlink(missing_ok=True)
-        if local_store:
+    for path, run_id, reason in stale:
+        claimed = _claim(path)
+        if claimed is not None:
+            _reap_one(client, run_id, reason, claimed, path, reaped)
+    if local_store:
+        try:
             for run_id, reason in _orphans(client, home, minutes, live):
                 if _kill_run(client, run_id, reason):
                     reaped.append(ReapedRun(run_id, client.get_run(run_id).info.experiment_id, reason))
-    except Exception as error:  # the store is unreachable or locked: the command's own checks say so
-        logger.warning(
-            "could not mark stale MLflow runs KILLED: %s", str(error).splitlines()[0] if str(error) else error
-        )
+        except Exception as error:  # the store is locked or damaged: the command's own checks say so
+            logger.warning("could not look for MLflow runs left RUNNING: %s", _first_line(error))
     for run in reaped:
-        logger.warning("MLflow run %s marked KILLED: %s", run.run_id, run.reason)
+        logger.info("MLflow run %s marked KILLED: %s", run.run_id, run.reason)
     return reaped
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).splitlines() or [type(error).__name__])[0]
+
+
+def _reap_one(client: Any, run_id: str, reason: str, claimed: Path, path: Path, reaped: list[ReapedRun]) -> None:
+    """Kill one stale run; its heartbeat file goes unless the store failed (then it is put back for later)."""
+    try:
+        if _kill_run(client, run_id, reason):
+            reaped.append(ReapedRun(run_id, client.get_run(run_id).info.experiment_id, reason))
+    except Exception as error:
+        if "RESOURCE_DOES_NOT_EXIST" in str(getattr(error, "error_code", "")) or "not found" in str(error):
+            claimed.unlink(missing_ok=True)  # the run was deleted: nothing to mark
+            return
+        logger.warning("could not mark the stale MLflow run %s KILLED: %s", run_id, _first_line(error))
+        claimed.replace(path)
+        return
+    claimed.unlink(missing_ok=True)
 
 
 def restarted_from(client: Any, experiment_id: str, spec_hash: str, new_run_id: str) -> str | None:

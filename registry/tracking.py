@@ -312,7 +312,8 @@ def tracked_run(
         home: The diffquant home holding the heartbeat files (default ``DIFFQUANT_HOME``).
     """
     home = diffquant_home() if home is None else Path(home)
-    reap_stale_runs(tracking_uri, home)
+    for dead in reap_stale_runs(tracking_uri, home):
+        logger.warning("MLflow run %s marked KILLED: %s", dead.run_id, dead.reason)
     tracker = RunTracker.start(tracking_uri, experiment, run_name, artifact_root, tags)
     try:
         tracker.beat(home)
