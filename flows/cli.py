@@ -1,8 +1,14 @@
 """The ``diffquant`` command line (typer + rich).
 
-Exit status: 0 on success, 2 on any user error (one line on stderr, no traceback), 1 on a bug.
+Exit status: 0 on success, 2 on any user error (one line on stderr, no traceback), 1 on a bug,
+130/143 when interrupted by SIGINT/SIGTERM (the MLflow run is marked KILLED).
 Prefect's own console logs are silenced unless ``--verbose`` or ``PREFECT_LOGGING_LEVEL`` is set;
 every flow and task run is still recorded in Prefect's API (``<DIFFQUANT_HOME>/prefect``).
+
+Nothing a command starts outlives it: Prefect's ephemeral API server is started here, one process
+per home at a time (a file lock serializes its database migration), and is killed by the kernel
+when this process dies, even by SIGKILL. Every command first marks the MLflow runs of dead
+processes KILLED (:func:`diffquant.registry.liveness.reap_stale_runs`).
 """
 
 from __future__ import annotations
@@ -10,8 +16,13 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
+import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -79,7 +90,136 @@ def _setup(verbose: bool) -> Path:
     except DiffquantError as error:
         _fail(error)
     configure_environment(home)
+    _reap_stale_runs(home)
     return home
+
+
+def _reap_stale_runs(home: Path) -> None:
+    """Mark the runs of dead diffquant processes KILLED (one note line per run)."""
+    from diffquant.registry.home import tracking_uri
+    from diffquant.registry.liveness import reap_stale_runs
+
+    from diffquant.errors import DiffquantError
+
+    try:
+        reaped = reap_stale_runs(tracking_uri(home), home)
+    except DiffquantError as error:
+        _fail(error)
+    for run in reaped:
+        console.print(f"note: MLflow run {run.run_id} marked KILLED: {run.reason}", highlight=False, soft_wrap=True)
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` asking the kernel to SIGKILL the child when this thread's process dies (Linux)."""
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def hook() -> None:
+        prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before the call took effect
+            os._exit(1)
+
+    return hook
+
+
+_SERVER_STARTS = 4
+"""Start attempts of the ephemeral Prefect server (each on a new port) before giving up."""
+
+
+def _ephemeral_server_class(log: Path) -> type:
+    """Prefect's ``SubprocessASGIServer`` whose uvicorn child dies with this process and logs to ``log``."""
+    import prefect
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import get_current_settings
+
+    class ChildASGIServer(SubprocessASGIServer):
+        starts = 0
+
+        def _run_uvicorn_command(self) -> subprocess.Popen[Any]:
+            # Prefect restarts a server that exits with 3 (uvicorn's start-up failure, meant for a
+            # taken port) without counting the time: a locked database would loop for ever
+            self.starts += 1
+            if self.starts > _SERVER_STARTS:
+                raise RuntimeError(f"ephemeral Prefect API server failed to start {_SERVER_STARTS} times")
+            # Prefect 3.x's command and environment, plus the parent-death signal
+            args = [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent)]
+            args += ["--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1"]
+            args += ["--port", str(self.port), "--log-level", "error", "--lifespan", "on"]
+            env = {
+                **os.environ,
+                "PREFECT_UI_ENABLED": "0",
+                "PREFECT__SERVER_EPHEMERAL": "1",
+                "PREFECT__SERVER_FINAL": "1",
+                **get_current_settings().to_environment_variables(exclude_unset=True),
+            }
+            log.parent.mkdir(parents=True, exist_ok=True)
+            with log.open("ab") as out:  # the server's tracebacks stay out of the one-line CLI output
+                return subprocess.Popen(
+                    args=args, env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent()
+                )
+
+    return ChildASGIServer
+
+
+def _start_prefect_api(home: Path) -> None:
+    """Start Prefect's ephemeral API (when no ``PREFECT_API_URL`` is set) before the flow does.
+
+    Started from the main thread so that the parent-death signal fires only when the process
+    ends; one command per home starts its server at a time (a file lock), since two servers
+    migrating one SQLite database at once fail.
+    """
+    import fcntl
+
+    from diffquant.registry.home import locks_dir
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_SERVER_EPHEMERAL_ENABLED,
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+    )
+
+    from diffquant.errors import TrackingError
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        return
+    current = SubprocessASGIServer._instances.get(None)
+    if current is not None and current.running:
+        return
+    SubprocessASGIServer._instances.pop(None, None)
+    log = home / "prefect" / "ephemeral-server.log"
+    server = _ephemeral_server_class(log)()
+    lock = locks_dir(home) / "prefect-api.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with lock.open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            console.print(f"waiting for another diffquant command to start its Prefect API in {home} ...")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            server.start()
+        except RuntimeError as error:
+            if "ephemeral Prefect API" not in str(error):
+                raise
+            process = server.server_process
+            if process is not None and process.poll() is not None:
+                raise TrackingError(
+                    f"Prefect's local API under {home / 'prefect'} stopped at start-up (exit code "
+                    f"{process.returncode}, see {log}); is its database locked by another process? "
+                    "Stop that process, or point PREFECT_API_URL at a running server"
+                ) from None
+            if process is not None:
+                process.kill()
+            timeout = PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
+            raise TrackingError(
+                f"Prefect's local API under {home / 'prefect'} did not start within {timeout} s (see {log}); "
+                "raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS or point PREFECT_API_URL at a running server"
+            ) from None
 
 
 def _quiet_prefect(verbose: bool) -> None:
@@ -98,21 +238,93 @@ def _fail(error: BaseException) -> None:
     raise typer.Exit(2)
 
 
+_EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
+
+
+@contextmanager
+def _interruptible() -> Iterator[None]:
+    """Turn SIGINT and SIGTERM into :class:`~diffquant.registry.tracking.Interrupted` (main thread only)."""
+    from diffquant.registry.tracking import Interrupted, clear_interrupted
+
+    clear_interrupted()
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Interrupted(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _disk_full(error: BaseException, home: Path) -> Any:
+    """The one-line error for an out-of-space failure anywhere in ``error``'s chain, or None."""
+    from diffquant.storage import disk_full_error, is_disk_full
+
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if is_disk_full(cause):
+            name = getattr(cause, "filename", None)
+            return disk_full_error(Path(name).parent if name else home)
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
 def _run_flow(verbose: bool, flow_fn: Any, **kwargs: Any) -> Any:
-    """Run a flow under rich progress bars; a user error prints one line and exits 2."""
+    """Run a flow under rich progress bars; a user error prints one line and exits 2.
+
+    A full disk anywhere below prints one line naming the folder (exit 2); SIGINT or SIGTERM
+    marks the run KILLED and prints one line (exit 130 or 143).
+    """
+    from diffquant.registry.home import diffquant_home
+    from diffquant.registry.tracking import interrupted_by
+
     from diffquant import progress as progress_mod
     from diffquant.errors import DiffquantError
 
     _quiet_prefect(verbose)
-    with _progress() as bars:
+    home = diffquant_home()
+    with _progress() as bars, _interruptible():
         progress_mod.set_reporter(RichReporter(bars))
         try:
+            _start_prefect_api(home)
             return flow_fn(**kwargs)
         except DiffquantError as error:
             bars.stop()
             _fail(error)
+        except KeyboardInterrupt as error:
+            bars.stop()
+            _interrupted(error)
+        except Exception as error:
+            full = _disk_full(error, home)
+            if full is None and interrupted_by() is None:
+                raise
+            bars.stop()
+            if full is None:
+                _interrupted(error)
+            _fail(full)
         finally:
             progress_mod.set_reporter(None)
+
+
+def _interrupted(error: BaseException) -> None:
+    from diffquant.registry.tracking import interrupted_by
+
+    name = getattr(error, "signal_name", None) or interrupted_by() or "SIGINT"
+    console.print(
+        f"[bold red]error:[/] interrupted by {name}; the MLflow run is marked KILLED, "
+        "rerun the same command to start it again (finished stages are reused)",
+        highlight=False,
+        soft_wrap=True,
+    )
+    raise typer.Exit(_EXIT_CODES.get(name, 130))
 
 
 def _progress() -> Progress:

@@ -1,7 +1,8 @@
 """Where diffquant keeps its state: ``DIFFQUANT_HOME`` (default ``./.diffquant``).
 
 Under it: ``mlflow.db`` (MLflow's SQLite backend), ``mlartifacts/`` (run artifacts),
-``prefect/`` (Prefect's home for the ephemeral API) and ``runs/`` (run output folders).
+``prefect/`` (Prefect's home for the ephemeral API), ``runs/`` (run output folders) and
+``locks/`` (one heartbeat file per live MLflow run, the Prefect start-up lock).
 The usual ``MLFLOW_TRACKING_URI`` and ``PREFECT_*`` variables override the defaults.
 """
 
@@ -43,9 +44,44 @@ def tracking_uri(home: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(home) / 'mlflow.db'}"
 
 
+STALE_RUN_MINUTES = 10.0
+"""Default of ``DIFFQUANT_STALE_RUN_MINUTES``: a run whose heartbeat is older than this is stale."""
+
+EPHEMERAL_STARTUP_TIMEOUT_S = 900
+"""Default wait for Prefect's ephemeral API to start (Prefect's own 20 s fails on a busy machine)."""
+
+
+def locks_dir(home: Path) -> Path:
+    """``<home>/locks``: run heartbeats (``runs/<run id>.json``) and start-up locks (not created)."""
+    return Path(home) / "locks"
+
+
+def stale_run_minutes() -> float:
+    """Minutes without a heartbeat after which a run counts as dead (``DIFFQUANT_STALE_RUN_MINUTES``, default 10).
+
+    Raises:
+        TrackingError: If the variable is set to something that is not a positive number.
+    """
+    raw = os.environ.get("DIFFQUANT_STALE_RUN_MINUTES", "").strip()
+    if not raw:
+        return STALE_RUN_MINUTES
+    try:
+        minutes = float(raw)
+    except ValueError:
+        minutes = -1.0
+    if not minutes > 0:
+        raise TrackingError(f"DIFFQUANT_STALE_RUN_MINUTES={raw!r} is not a positive number of minutes; fix or unset it")
+    return minutes
+
+
 def configure_environment(home: Path) -> None:
-    """Set offline/telemetry variables and Prefect's home before prefect or mlflow is imported."""
+    """Set offline/telemetry variables and Prefect's home before prefect or mlflow is imported.
+
+    Prefect's ephemeral API gets a long start-up timeout: its default (20 s) is less than a
+    loaded 2-core machine needs to start it and migrate its database.
+    """
     os.environ.setdefault("PREFECT_HOME", str(Path(home) / "prefect"))
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(EPHEMERAL_STARTUP_TIMEOUT_S))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")

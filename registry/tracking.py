@@ -1,13 +1,16 @@
 """MLflow tracking with an explicit client and run id (thread-safe, unlike the fluent API).
 
 One experiment per source model; one parent run per flow run; one nested run per stage.
-Runs that end with an exception are marked FAILED, never left RUNNING.
+Runs that end with an exception are marked FAILED, runs interrupted (Ctrl-C, SIGTERM) KILLED, and
+runs whose process dies without a word (SIGKILL, out of memory, machine loss) are marked KILLED
+by the next diffquant command through their heartbeat file (:mod:`diffquant.registry.liveness`).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -15,6 +18,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from diffquant.registry.home import diffquant_home
+from diffquant.registry.liveness import (
+    KILLED_REASON_TAG,
+    RESTARTED_AS_TAG,
+    RESTARTED_FROM_TAG,
+    RunHeartbeat,
+    reap_stale_runs,
+    restarted_from,
+)
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
@@ -42,13 +54,80 @@ def git_sha() -> str:
     return out.stdout.strip() or "unknown"
 
 
+@contextmanager
+def _store_lock(tracking_uri: str) -> Iterator[None]:
+    """For a SQLite store, one process at a time creates (migrates) it and its experiments.
+
+    Two commands started together on a fresh home would otherwise both migrate the new database,
+    or both create the experiment, and one of them would fail.
+    """
+    if not tracking_uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    lock = Path(tracking_uri.removeprefix("sqlite:///")).parent / "locks" / "mlflow-db.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with lock.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _experiment_id(client: MlflowClient, experiment: str, artifact_root: Path | None) -> str:
+    """The id of ``experiment``, created when missing (another process may create it at the same time)."""
+    found = client.get_experiment_by_name(experiment)
+    if found is not None:
+        return found.experiment_id
+    location = (Path(artifact_root) / experiment).as_uri() if artifact_root else None
+    try:
+        return client.create_experiment(experiment, artifact_location=location)
+    except Exception:
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
+class Interrupted(KeyboardInterrupt):
+    """The process was asked to stop (SIGINT, SIGTERM): runs it holds end KILLED, not FAILED.
+
+    Creating one records the signal process-wide (:func:`interrupted_by`): libraries between the
+    signal handler and :func:`tracked_run` (Prefect's engines) may turn it into another exception.
+    """
+
+    def __init__(self, signal_name: str = "SIGINT") -> None:
+        """Remember which signal stopped the process."""
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+        global _INTERRUPTED_BY
+        _INTERRUPTED_BY = signal_name
+
+
+_INTERRUPTED_BY: str | None = None
+
+
+def interrupted_by() -> str | None:
+    """The signal that interrupted this process (an :class:`Interrupted` was raised), or None."""
+    return _INTERRUPTED_BY
+
+
+def clear_interrupted() -> None:
+    """Forget an earlier interrupt (a new command starts in this process)."""
+    global _INTERRUPTED_BY
+    _INTERRUPTED_BY = None
+
+
 class RunTracker:
     """Logs params, metrics and artifacts of one MLflow run by id."""
 
-    def __init__(self, client: MlflowClient, run_id: str) -> None:
-        """Wrap an existing run."""
+    def __init__(self, client: MlflowClient, run_id: str, heartbeat: RunHeartbeat | None = None) -> None:
+        """Wrap an existing run (``heartbeat``: its liveness file, removed when the run ends)."""
         self.client = client
         self.run_id = run_id
+        self.heartbeat = heartbeat
 
     @classmethod
     def start(
@@ -65,13 +144,9 @@ class RunTracker:
             TrackingError: If the tracking backend cannot be reached or written.
         """
         try:
-            client = MlflowClient(tracking_uri=tracking_uri)
-            found = client.get_experiment_by_name(experiment)
-            if found is None:
-                location = (Path(artifact_root) / experiment).as_uri() if artifact_root else None
-                experiment_id = client.create_experiment(experiment, artifact_location=location)
-            else:
-                experiment_id = found.experiment_id
+            with _store_lock(tracking_uri):
+                client = MlflowClient(tracking_uri=tracking_uri)
+                experiment_id = _experiment_id(client, experiment, artifact_root)
             all_tags = {"diffquant.version": diffquant.__version__, "git_sha": git_sha(), **(tags or {})}
             run = client.create_run(experiment_id, tags=all_tags, run_name=run_name)
         except Exception as error:
@@ -112,9 +187,42 @@ class RunTracker:
         else:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
-    def finish(self, status: str = "FINISHED") -> None:
-        """End the run with ``status`` (FINISHED, FAILED or KILLED)."""
-        self.client.set_terminated(self.run_id, status=status)
+    def finish(self, status: str = "FINISHED", reason: str | None = None) -> None:
+        """End the run with ``status`` (FINISHED, FAILED or KILLED), then remove its heartbeat file.
+
+        Args:
+            status: The MLflow run status.
+            reason: Why it was killed, stored as the ``diffquant.killed_reason`` tag (KILLED only).
+        """
+        if reason is not None:
+            try:
+                self.set_tags({KILLED_REASON_TAG: reason})
+            except Exception as error:  # the status matters more than the tag
+                logger.warning("could not tag MLflow run %s: %s", self.run_id, error)
+        beat, self.heartbeat = self.heartbeat, None
+        try:
+            self.client.set_terminated(self.run_id, status=status)
+        except BaseException:
+            if beat is not None:
+                beat.stop(remove=False)  # the file stays: the next command's reaper ends the run
+            raise
+        if beat is not None:
+            beat.stop()
+
+    def beat(self, home: Path) -> None:
+        """Start this run's heartbeat file under ``home`` (see :mod:`diffquant.registry.liveness`).
+
+        Raises:
+            TrackingError: If the lock folder cannot be written.
+        """
+        run = self.client.get_run(self.run_id)
+        try:
+            self.heartbeat = RunHeartbeat.start(home, self.run_id, run.info.experiment_id, self.client.tracking_uri)
+        except OSError as error:
+            raise TrackingError(
+                f"the run lock folder under {home} cannot be written ({error.strerror or error}); "
+                "free space or set DIFFQUANT_HOME to a writable folder"
+            ) from None
 
     @contextmanager
     def stage(self, name: str) -> Iterator[RunTracker]:
@@ -123,9 +231,13 @@ class RunTracker:
         start = time.perf_counter()
         try:
             yield child
-        except BaseException:
-            child.log_metrics({"seconds": time.perf_counter() - start})
-            child.finish("FAILED")
+        except BaseException as error:
+            status, reason = _end_status(error)
+            try:
+                child.log_metrics({"seconds": time.perf_counter() - start})
+                child.finish(status, reason)
+            except Exception:
+                logger.exception("could not mark MLflow stage run %s as %s", child.run_id, status)
             raise
         child.log_metrics({"seconds": time.perf_counter() - start})
         child.finish()
@@ -137,6 +249,44 @@ class RunTracker:
         return RunTracker(self.client, run.info.run_id)
 
 
+def _end_status(error: BaseException) -> tuple[str, str | None]:
+    """KILLED (with the reason) for an interrupt, FAILED for any other exception."""
+    name = _signal_name(error)
+    return ("KILLED", f"interrupted by {name}") if name else ("FAILED", None)
+
+
+def _signal_name(error: BaseException) -> str | None:
+    """The signal behind ``error``: an :class:`Interrupted`, a KeyboardInterrupt, Prefect's TerminationSignal."""
+    if isinstance(error, Interrupted):
+        return error.signal_name
+    if _INTERRUPTED_BY is not None:
+        return _INTERRUPTED_BY
+    if isinstance(error, KeyboardInterrupt):
+        return "SIGINT"
+    number = getattr(error, "signal", None)  # prefect.exceptions.TerminationSignal (registry/ never imports prefect)
+    if type(error).__name__ == "TerminationSignal" and isinstance(number, int):
+        try:
+            return signal.Signals(number).name
+        except ValueError:
+            return f"signal {number}"
+    return None
+
+
+def _link_restart(tracker: RunTracker, spec_hash: str | None) -> None:
+    """Tag ``tracker``'s run as the restart of the latest KILLED run of the same spec (if any)."""
+    if not spec_hash:
+        return
+    try:
+        run = tracker.client.get_run(tracker.run_id)
+        previous = restarted_from(tracker.client, run.info.experiment_id, spec_hash, tracker.run_id)
+        if previous is not None:
+            tracker.set_tags({RESTARTED_FROM_TAG: previous})
+            tracker.client.set_tag(previous, RESTARTED_AS_TAG, tracker.run_id)
+            logger.info("run %s restarts the killed run %s", tracker.run_id, previous)
+    except Exception as error:
+        logger.warning("could not link run %s to the killed run it restarts: %s", tracker.run_id, error)
+
+
 @contextmanager
 def tracked_run(
     tracking_uri: str,
@@ -144,15 +294,36 @@ def tracked_run(
     run_name: str,
     artifact_root: Path | None = None,
     tags: dict[str, str] | None = None,
+    home: Path | None = None,
 ) -> Iterator[RunTracker]:
-    """Start a run, yield its tracker, and end it FINISHED, or FAILED if the body raises."""
+    """Start a run, yield its tracker, and end it FINISHED, FAILED if the body raises, KILLED if interrupted.
+
+    First marks the store's stale runs KILLED (their processes died, see
+    :func:`~diffquant.registry.liveness.reap_stale_runs`); the new run carries a heartbeat file
+    under ``<home>/locks/runs`` while it is live, and ``diffquant.restarted_from=<run id>`` when it
+    runs the spec (``spec_hash`` tag) of a run that was killed.
+
+    Args:
+        tracking_uri: MLflow tracking URI.
+        experiment: Experiment name (created when missing).
+        run_name: Name of the new run.
+        artifact_root: Artifact root of a new experiment.
+        tags: Tags of the new run.
+        home: The diffquant home holding the heartbeat files (default ``DIFFQUANT_HOME``).
+    """
+    home = diffquant_home() if home is None else Path(home)
+    for dead in reap_stale_runs(tracking_uri, home):
+        logger.warning("MLflow run %s marked KILLED: %s", dead.run_id, dead.reason)
     tracker = RunTracker.start(tracking_uri, experiment, run_name, artifact_root, tags)
     try:
+        tracker.beat(home)
+        _link_restart(tracker, (tags or {}).get("spec_hash"))
         yield tracker
-    except BaseException:
+    except BaseException as error:
+        status, reason = _end_status(error)
         try:
-            tracker.finish("FAILED")
+            tracker.finish(status, reason)
         except Exception:
-            logger.exception("could not mark MLflow run %s as FAILED", tracker.run_id)
+            logger.exception("could not mark MLflow run %s as %s", tracker.run_id, status)
         raise
     tracker.finish()

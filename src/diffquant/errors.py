@@ -72,3 +72,7 @@ def spec_section(section: str) -> Iterator[None]:
         yield
     except ConfigError as error:
         raise error.in_section(section) from None
+
+
+class DiskFullError(DiffquantError):
+    """A folder's disk (or quota) filled up while diffquant wrote to it; nothing partial is left."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -14,7 +15,7 @@ from typing import Any
 
 import torch
 
-from diffquant.errors import ModelLoadError
+from diffquant.errors import DiskFullError, ModelLoadError
 
 _PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")
 
@@ -130,21 +131,55 @@ def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
+def disk_full_error(folder: Path, what: str | None = None) -> DiskFullError:
+    """The one-line error for a full disk under ``folder`` (``what``: the file being written)."""
+    writing = f" while writing {what}" if what else ""
+    return DiskFullError(
+        f"no space left on the disk of {folder}{writing}; free space there or set DIFFQUANT_HOME "
+        "(or --out) to a folder on a larger disk"
+    )
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether ``error`` is an out-of-space (ENOSPC) or out-of-quota (EDQUOT) error.
+
+    Besides ``OSError``, this recognizes the errors of libraries that report the OS error in their
+    message: safetensors (``os error 28``) and SQLite (``database or disk is full``).
+    """
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(error)
+    return any(marker in text for marker in ("(os error 28)", "(os error 122)", "database or disk is full"))
+
+
 @contextmanager
 def atomic_path(target: Path) -> Iterator[Path]:
     """Yield a temporary path next to ``target`` that is renamed onto it on success.
 
     On an exception the temporary file is removed and ``target`` is left untouched.
+
+    Raises:
+        DiskFullError: If the disk fills up while the temporary file is created or written.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as error:
+        if is_disk_full(error):
+            raise disk_full_error(target.parent, target.name) from None
+        raise
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         tmp_path.chmod(0o644)
         tmp_path.replace(target)
+    except OSError as error:
+        if is_disk_full(error):
+            tmp_path.unlink(missing_ok=True)
+            raise disk_full_error(target.parent, target.name) from None
+        raise
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -155,7 +190,12 @@ def save_safetensors(tensors: dict[str, torch.Tensor], target: Path) -> Path:
     from safetensors.torch import save_file
 
     with atomic_path(target) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+        try:
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+        except Exception as error:  # safetensors raises its own error type for I/O failures
+            if is_disk_full(error):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp)) from None
+            raise
     return Path(target)
 
 
