@@ -96,10 +96,9 @@ def _setup(verbose: bool) -> Path:
 
 def _reap_stale_runs(home: Path) -> None:
     """Mark the runs of dead diffquant processes KILLED (one note line per run)."""
+    from diffquant.errors import DiffquantError
     from diffquant.registry.home import tracking_uri
     from diffquant.registry.liveness import reap_stale_runs
-
-    from diffquant.errors import DiffquantError
 
     try:
         reaped = reap_stale_runs(tracking_uri(home), home)
@@ -175,7 +174,6 @@ def _start_prefect_api(home: Path) -> None:
     """
     import fcntl
 
-    from diffquant.registry.home import locks_dir
     from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import (
         PREFECT_API_URL,
@@ -184,6 +182,7 @@ def _start_prefect_api(home: Path) -> None:
     )
 
     from diffquant.errors import TrackingError
+    from diffquant.registry.home import locks_dir
 
     if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
         return
@@ -283,11 +282,10 @@ def _run_flow(verbose: bool, flow_fn: Any, **kwargs: Any) -> Any:
     A full disk anywhere below prints one line naming the folder (exit 2); SIGINT or SIGTERM
     marks the run KILLED and prints one line (exit 130 or 143).
     """
-    from diffquant.registry.home import diffquant_home
-    from diffquant.registry.tracking import interrupted_by
-
     from diffquant import progress as progress_mod
     from diffquant.errors import DiffquantError
+    from diffquant.registry.home import diffquant_home
+    from diffquant.registry.tracking import interrupted_by
 
     _quiet_prefect(verbose)
     home = diffquant_home()

@@ -18,6 +18,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+import diffquant
+from diffquant.errors import TrackingError
 from diffquant.registry.home import diffquant_home
 from diffquant.registry.liveness import (
     KILLED_REASON_TAG,
@@ -27,11 +32,6 @@ from diffquant.registry.liveness import (
     reap_stale_runs,
     restarted_from,
 )
-from mlflow.entities import Metric, Param, RunTag
-from mlflow.tracking import MlflowClient
-
-import diffquant
-from diffquant.errors import TrackingError
 
 logger = logging.getLogger(__name__)
 

@@ -122,3 +122,18 @@ def test_errors():
         select_indices(t, f, "random", t.numel() + 1, 0)
     with pytest.raises(DataError, match="features"):
         select_indices(t, None, "density_diversity", 4, 0)
+
+
+def test_a_selection_that_takes_the_whole_pool_is_refused_naming_the_size():
+    """Nothing would be left for SQNR (the evaluation crashed on an empty set): refused before any work."""
+    from diffquant.calibration.pool import collect_pool
+    from diffquant.calibration.selection import select_calibration
+    from diffquant.errors import ConfigError
+    from diffquant.models.loading import load_model
+    from diffquant.spec import CalibrationSpec
+
+    model = load_model("digits-unet")
+    pool = collect_pool(model, trajectories=2, steps=4)
+    with pytest.raises(ConfigError, match=r"^size: 8 takes the whole candidate pool of 8 inputs"):
+        select_calibration(pool, model, CalibrationSpec(strategy="random", size=8))
+    assert len(select_calibration(pool, model, CalibrationSpec(strategy="random", size=7)).sqnr) == 1

@@ -274,8 +274,9 @@ def test_prefect_database_locked_by_another_process_fails_in_one_line(tmp_path, 
 
 
 def test_read_only_home_fails_in_one_line(tmp_path, isolated_home):  # noqa: F811
-    from diffquant.flows.cli import app
     from typer.testing import CliRunner
+
+    from diffquant.flows.cli import app
 
     folder = tmp_path / "ro"
     folder.mkdir()
@@ -307,10 +308,11 @@ def _heartbeat(home: Path, run_id: str, **fields) -> Path:
 
 
 def test_silent_heartbeat_on_another_host_is_reaped_by_promote(isolated_home, monkeypatch):  # noqa: F811
-    from diffquant.flows.cli import app
-    from diffquant.registry.tracking import RunTracker
     from mlflow.tracking import MlflowClient
     from typer.testing import CliRunner
+
+    from diffquant.flows.cli import app
+    from diffquant.registry.tracking import RunTracker
 
     uri = f"sqlite:///{isolated_home / 'mlflow.db'}"
     isolated_home.mkdir(parents=True)
@@ -329,9 +331,10 @@ def test_silent_heartbeat_on_another_host_is_reaped_by_promote(isolated_home, mo
 
 
 def test_reused_pid_does_not_keep_a_dead_run_alive(isolated_home):  # noqa: F811
+    from mlflow.tracking import MlflowClient
+
     from diffquant.registry.liveness import reap_stale_runs
     from diffquant.registry.tracking import RunTracker
-    from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{isolated_home / 'mlflow.db'}"
     isolated_home.mkdir(parents=True)
@@ -345,8 +348,9 @@ def test_reused_pid_does_not_keep_a_dead_run_alive(isolated_home):  # noqa: F811
 
 
 def test_bad_stale_minutes_setting_fails_in_one_line(isolated_home, monkeypatch):  # noqa: F811
-    from diffquant.flows.cli import app
     from typer.testing import CliRunner
+
+    from diffquant.flows.cli import app
 
     isolated_home.mkdir(parents=True)
     (isolated_home / "mlflow.db").touch()

@@ -307,7 +307,8 @@ def select_calibration(
         with_features: Compute the pool features even when the strategy does not need them.
 
     Raises:
-        DataError: A size larger than the pool, or a feature module the model lacks.
+        DataError: A size larger than the pool.
+        ConfigError: A size that leaves no pool input for SQNR, or a feature module the model lacks.
 
     Example:
         >>> chosen = diffquant.select_calibration(pool, model, diffquant.CalibrationSpec(size=64))
@@ -330,6 +331,12 @@ def select_calibration(
     chosen = select(pool, cal.strategy, cal.size, cal.seed, features, params)
     seconds = time.perf_counter() - start
     sqnr = held_out_indices(len(pool), chosen, sqnr_inputs, cal.seed)
+    if sqnr_inputs > 0 and not sqnr.numel():
+        raise ConfigError(
+            "size",
+            f"{cal.size} takes the whole candidate pool of {len(pool)} inputs, leaving none for SQNR; "
+            "lower it or add trajectories",
+        )
     return CalibrationSelection(
         subset(pool, chosen),
         subset(pool, sqnr),
