@@ -13,6 +13,9 @@ from tests.servers import mlflow_server
 SCRIPT = """
 import sys, time, json, pathlib
 from mlflow.tracking import MlflowClient
+from diffquant.registry.promotion import Candidate
+from diffquant.spec import GatesSpec
+from diffquant.tasks.artifacts import TrackingRef
 from diffquant.tasks.register import register_task
 
 uri, fd, start_at, folder = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), pathlib.Path(sys.argv[4])
@@ -24,10 +27,10 @@ model.mkdir(parents=True)
 (model / "plan.json").write_text("{}")
 while time.time() < start_at:
     time.sleep(0.001)
-result = register_task.fn(uri, run.info.run_id, "digits-unet", str(model), {"spec_hash": str(fd)},
-    {"fd_real": fd, "fp_fd_real": 1.0, "accuracy": 0.98, "size_bytes": 100, "fp32_bytes": 400},
-    {"max_fd_ratio": 1.5})
-print(json.dumps(result))
+result = register_task.fn(TrackingRef(uri=uri, run_id=run.info.run_id), "digits-unet", str(model),
+    {"spec_hash": str(fd)}, Candidate(fd_real=fd, fp_fd_real=1.0, accuracy=0.98, size_bytes=100, fp32_bytes=400),
+    GatesSpec(max_fd_ratio=1.5))
+print(json.dumps(result.model_dump()))
 """
 
 

@@ -66,6 +66,7 @@ def client(tmp_path):
 
 def register(client, tmp_path, fd, size=100):
     """Register a version the way the compress flow does, with the given FD to real."""
+    from diffquant.tasks.artifacts import TrackingRef
     from diffquant.tasks.register import register_task
 
     experiment = client.get_experiment_by_name("t") or client.get_experiment(
@@ -76,15 +77,14 @@ def register(client, tmp_path, fd, size=100):
     model.mkdir()
     (model / "plan.json").write_text("{}")
     result = register_task.fn(
-        client.tracking_uri,
-        run.info.run_id,
+        TrackingRef(uri=client.tracking_uri, run_id=run.info.run_id),
         "digits-unet",
         str(model),
         {"spec_hash": "x"},
-        {"fd_real": fd, "fp_fd_real": 1.0, "accuracy": 0.98, "size_bytes": size, "fp32_bytes": 400},
-        {"max_fd_ratio": 1.5},
+        Candidate(fd_real=fd, fp_fd_real=1.0, accuracy=0.98, size_bytes=size, fp32_bytes=400),
+        GatesSpec(max_fd_ratio=1.5),
     )
-    return result
+    return result.model_dump()
 
 
 def aliases(client):
