@@ -104,7 +104,7 @@ def test_step_ratio_follows_the_coarsest_activation_quantizer(tiny):
     w4_only = quantize(model, calib, build_plan(model, WeightConfig(4), None))
     assert activation_step_ratio(w4_only.unet) == (1.0, None)  # weights dequantize bit for bit
     assert activation_step_ratio(quantize(model, calib, build_plan(model, WeightConfig(8), 8)).unet) == (1.0, 8)
-    mixed = build_plan(model, WeightConfig(8), 8, per_layer={CONV1: replace(plan_at(model, 4)[CONV1])})
+    mixed = build_plan(model, WeightConfig(8), 8, per_layer={CONV1: plan_at(model, 4)[CONV1]})
     qmixed = quantize(model, calib, mixed)
     assert activation_step_ratio(qmixed.unet) == (pytest.approx(127 / 7), 4)  # one A4 layer decides
     assert step_tolerance(qmixed.unet) == pytest.approx(DEFAULT_TOLERANCE * 127 / 7)
