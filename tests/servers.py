@@ -137,6 +137,45 @@ def postgres_available() -> bool:
     return all(pg_bin(name) for name in ("initdb", "pg_ctl", "psql"))
 
 
+def missing_system_package(what: str, package: str) -> None:
+    """Skip the calling test: ``what`` (from Debian's ``package``) is not on this machine.
+
+    A new machine is not a failure: ``bash .ci/test`` (the README's test command) installs the
+    package with apt-get when it can; where it could not, it exports why in
+    ``DIFFQUANT_SYSTEM_PACKAGES_FAILURE`` and the reason joins the skip message, which pytest's
+    summary shows with ``-rs``.
+    """
+    import pytest
+
+    why = os.environ.get("DIFFQUANT_SYSTEM_PACKAGES_FAILURE")
+    how = f"could not be installed ({why})" if why else "`bash .ci/test` installs it with apt-get as root"
+    pytest.skip(f"{what} is not installed (Debian package {package}); {how}")
+
+
+def require_chromium() -> str:
+    """Path of Debian's ``chromium``; skips the calling test when it is not on PATH."""
+    found = shutil.which("chromium")
+    if found is None:
+        missing_system_package("chromium", "chromium")
+    return found
+
+
+def require_postgres() -> None:
+    """Skip the calling test unless PostgreSQL's server programs are here.
+
+    psycopg2 is a dependency of the project itself, so its absence is a broken install, not a new
+    machine: that fails.
+    """
+    import pytest
+
+    try:
+        import psycopg2  # noqa: F401
+    except ImportError:
+        pytest.fail("psycopg2 is missing although the project depends on it: reinstall with pip install -e '.[dev]'")
+    if not all(pg_bin(name) for name in ("initdb", "pg_ctl", "psql")):
+        missing_system_package("PostgreSQL (initdb, pg_ctl, psql)", "postgresql")
+
+
 @contextmanager
 def postgres_server(folder: Path) -> Iterator[str]:
     """A throwaway PostgreSQL cluster on 127.0.0.1 (run as the current user); yields a SQLAlchemy URI.

@@ -20,7 +20,16 @@ from pathlib import Path
 import pytest
 
 from tests.pipeline.conftest import SMALL
-from tests.servers import BIN, mlflow_server, postgres_available, postgres_server, prefect_server, start, stop
+from tests.servers import (
+    BIN,
+    mlflow_server,
+    postgres_server,
+    prefect_server,
+    require_chromium,
+    require_postgres,
+    start,
+    stop,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN_TIMEOUT_S = 420
@@ -54,7 +63,7 @@ def wait_for_flow_run(api_url: str, flow_run_id, timeout: float):
     raise AssertionError(f"flow run {flow_run_id} did not finish within {timeout} s")
 
 
-def chromium(args: list[str], profile: Path) -> subprocess.CompletedProcess:
+def chromium(args: list[str], profile: Path, program: str) -> subprocess.CompletedProcess:
     flags = [
         "--headless",
         "--no-sandbox",
@@ -69,7 +78,7 @@ def chromium(args: list[str], profile: Path) -> subprocess.CompletedProcess:
         "--virtual-time-budget=20000",
     ]
     return subprocess.run(
-        [shutil.which("chromium") or "chromium", *flags, *args],
+        [program, *flags, *args],
         capture_output=True,
         text=True,
         timeout=120,
@@ -78,15 +87,18 @@ def chromium(args: list[str], profile: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
-def test_deployed_compress_registers_and_promotes(backend, prefect_api, tmp_path):
+def test_deployed_compress_registers_and_promotes(backend, request, tmp_path):
+    # system packages first: a machine without them skips (with the reason) before any server starts
+    browser = require_chromium() if backend == "sqlite" else None
+    if backend == "postgresql":
+        require_postgres()
+    prefect_api = request.getfixturevalue("prefect_api")
     from mlflow.tracking import MlflowClient
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from diffquant.spec import load_spec
 
-    if backend == "postgresql" and not postgres_available():
-        pytest.fail("PostgreSQL (initdb, pg_ctl) and psycopg2 are needed; .ci/run installs them")
     with ExitStack() as stack:
         backend_uri = stack.enter_context(postgres_server(tmp_path / "pg")) if backend == "postgresql" else None
         mlflow_url = stack.enter_context(mlflow_server(tmp_path / "mlflow", backend_uri))
@@ -129,15 +141,14 @@ def test_deployed_compress_registers_and_promotes(backend, prefect_api, tmp_path
         logged = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"samples", "plan", "report.md", "model", "summary.json"} <= logged
 
-        if backend == "sqlite":
-            assert shutil.which("chromium"), "Debian's chromium is needed; .ci/run installs it"
+        if browser is not None:
             shot = tmp_path / "run-page.png"
             page = f"{mlflow_url}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
-            result = chromium([f"--screenshot={shot}", page], tmp_path / "chrome-1")
+            result = chromium([f"--screenshot={shot}", page], tmp_path / "chrome-1", browser)
             assert shot.is_file() and shot.stat().st_size > 10_000, result.stderr[-2000:]
             if os.environ.get("DIFFQUANT_SCREENSHOT_DIR"):
                 shutil.copy(shot, Path(os.environ["DIFFQUANT_SCREENSHOT_DIR"]) / "mlflow-run-page.png")
-            dom = chromium(["--dump-dom", f"{mlflow_url}/#/models/digits-unet"], tmp_path / "chrome-2").stdout
+            dom = chromium(["--dump-dom", f"{mlflow_url}/#/models/digits-unet"], tmp_path / "chrome-2", browser).stdout
             assert "Version 1" in dom and "champion" in dom, dom[-3000:]
 
 
