@@ -51,7 +51,7 @@ from diffquant.tasks.calibrate import quantize_task, select_calibration_task
 from diffquant.tasks.evaluate import evaluate_task
 from diffquant.tasks.finetune import finetune_task
 from diffquant.tasks.load import load_model_task
-from diffquant.tasks.onnx_export import export_task
+from diffquant.tasks.onnx_export import export_task, parity_precheck_task
 from diffquant.tasks.register import register_task
 from diffquant.tasks.sensitivity import allocate_task
 from diffquant.tasks.trajectories import collect_trajectories_task
@@ -397,6 +397,8 @@ def compress_flow(spec: dict[str, Any], out_dir: str | None = None) -> dict[str,
         if cfg.allocation is not None:
             s["sensitivity"], s["allocation"] = _allocation(run, info, calib)
         s["quantize"] = run.stage("quantize", quantize_task, cfg, calib, str(out), s.get("allocation"))
+        if cfg.export.onnx:  # a broken export fails in seconds, before the slow evaluation
+            run.stage("parity_precheck", parity_precheck_task, cfg, s["quantize"], calib, str(out))
         s["fp"] = run.stage("evaluate_fp", evaluate_task, cfg, "fp", str(out), calib)
         s["q"] = s["evaluate_quantized"] = run.stage(
             "evaluate_quantized", evaluate_task, cfg, "quantized", str(out), calib, s["quantize"], s["fp"]

@@ -7,14 +7,16 @@ engine is built from it (TensorRT needs INT8 zero points of 0); the rule is
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
+from typing import Any
 
 from prefect import task
 
 from diffquant.data import load_digits_split
 from diffquant.errors import spec_section
-from diffquant.export.onnx import export_onnx, onnx_weight_bytes
-from diffquant.export.parity import ParityConfig, check_parity
+from diffquant.export.onnx import ExportInfo, export_onnx, onnx_weight_bytes
+from diffquant.export.parity import ParityConfig, ParityReport, check_parity
 from diffquant.export.rules import check_rules
 from diffquant.export.tensorrt import engine_for_export
 from diffquant.models.reference import load_classifier
@@ -24,6 +26,49 @@ from diffquant.spec import CompressionSpec
 from diffquant.storage import write_json
 from diffquant.tasks.artifacts import CalibrationArtifact, ExportArtifact, FileRef, QuantizeArtifact
 from diffquant.tasks.common import load_trajectories, model_from_source
+
+
+def _export_and_check(
+    spec: CompressionSpec, quantized: QuantizeArtifact, calibration: CalibrationArtifact, folder: Path, samples: int
+) -> tuple[ExportInfo, ParityReport]:
+    """Export the quantized model into ``folder``; check the rules and onnxruntime parity (``samples`` final samples)."""
+    plan = LayerPlan.load(Path(quantized.plan.path))
+    weights = Path(quantized.weights.path) if quantized.weights else None
+    qmodel = load_quantized(
+        model_from_source(spec.model), Path(quantized.plan.path), Path(quantized.scales.path), weights
+    )
+    info = export_onnx(qmodel, plan, folder / "model.onnx", opset=spec.export.opset, target=spec.export.target)
+    check_rules(info.path, plan, raise_on_violation=True, target=spec.export.target)
+    classifier = load_classifier() if qmodel.digits_compatible and samples else None
+    report = check_parity(
+        info.path,
+        qmodel,
+        load_trajectories(calibration.calibration.path),
+        ParityConfig(
+            samples=samples, steps=spec.sampler.steps, seed=spec.evaluate.seed, enforce=spec.export.enforce_parity
+        ),
+        classifier=classifier,
+        real_images=load_digits_split().held_out_images if classifier is not None else None,
+    )
+    return info, report
+
+
+@task(name="parity-precheck")
+def parity_precheck_task(
+    spec: CompressionSpec, quantized: QuantizeArtifact, calibration: CalibrationArtifact, out_dir: str
+) -> dict[str, Any]:
+    """Export into a scratch folder and check the rules and denoiser-output parity (no sampling): seconds.
+
+    Run before the slow evaluation, so a broken export fails the run early; the scratch export is
+    removed afterwards (the final export is the ``export`` stage's).
+
+    Raises:
+        RulesError: The export breaks the target's Q/DQ rules or the plan.
+        ParityError: onnxruntime and PyTorch disagree beyond the tolerance (``enforce_parity``).
+    """
+    with tempfile.TemporaryDirectory(prefix=".parity-precheck-", dir=out_dir) as scratch:
+        _, report = _export_and_check(spec, quantized, calibration, Path(scratch), samples=0)
+    return report.to_dict()
 
 
 @task(name="export")
@@ -38,28 +83,8 @@ def export_task(
         ParityError: onnxruntime and PyTorch disagree beyond the stated tolerance (``enforce_parity``).
         SpecError: ``export.tensorrt: on`` where no engine can be built.
     """
-    plan = LayerPlan.load(Path(quantized.plan.path))
-    weights = Path(quantized.weights.path) if quantized.weights else None
-    qmodel = load_quantized(
-        model_from_source(spec.model), Path(quantized.plan.path), Path(quantized.scales.path), weights
-    )
     folder = Path(out_dir) / "onnx"
-    info = export_onnx(qmodel, plan, folder / "model.onnx", opset=spec.export.opset, target=spec.export.target)
-    check_rules(info.path, plan, raise_on_violation=True, target=spec.export.target)
-    classifier = load_classifier() if qmodel.digits_compatible else None
-    report = check_parity(
-        info.path,
-        qmodel,
-        load_trajectories(calibration.calibration.path),
-        ParityConfig(
-            samples=spec.export.parity_samples,
-            steps=spec.sampler.steps,
-            seed=spec.evaluate.seed,
-            enforce=spec.export.enforce_parity,
-        ),
-        classifier=classifier,
-        real_images=load_digits_split().held_out_images if classifier is not None else None,
-    )
+    info, report = _export_and_check(spec, quantized, calibration, folder, spec.export.parity_samples)
     parity = report.to_dict()
     parity_path = write_json(parity, folder / "parity.json")
     with spec_section("export"):

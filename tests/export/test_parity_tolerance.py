@@ -16,6 +16,8 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from onnx import numpy_helper
+
 from diffquant.export.onnx import export_onnx
 from diffquant.export.parity import (
     DEFAULT_MAX_MEAN_ABS,
@@ -27,8 +29,6 @@ from diffquant.export.parity import (
     step_tolerance,
 )
 from diffquant.export.rules import check_rules
-from onnx import numpy_helper
-
 from diffquant.quant.plan import ActivationConfig, LayerPlan, WeightConfig
 from diffquant.sampling import denoiser_outputs
 from tests.export.conftest import build_plan, quantize

@@ -222,3 +222,24 @@ def test_compress_for_onnxruntime_exports_the_integer_form(isolated_home, tmp_pa
     assert onnx_target(export["onnx"]) == "onnxruntime"
     assert "onnxruntime form" in export["engine"]["skip_reason"]
     assert export["onnx_metrics"]["onnx.accuracy"] > 0.5
+
+
+def test_a_broken_export_fails_before_the_evaluation(isolated_home, tmp_path, monkeypatch):
+    """The parity pre-check runs right after quantization: a mismatch costs seconds and no evaluation runs."""
+    from diffquant.errors import ParityError
+    from diffquant.tasks import evaluate, onnx_export
+
+    calls = []
+    monkeypatch.setattr(evaluate, "evaluate_model", lambda *a, **k: calls.append(1))
+
+    def wrong(*args, **kwargs):
+        raise ParityError("injected: 3.1e-01 of denoiser output elements differ")
+
+    monkeypatch.setattr(onnx_export, "check_parity", wrong)
+    with pytest.raises(ParityError, match="injected"):
+        run_flow(tmp_path / "out")
+    assert not calls and not (tmp_path / "out" / "summary.json").exists()
+    assert not list((tmp_path / "out").glob(".parity-precheck-*"))
+    runs = mlflow_runs(isolated_home)
+    stages = {r.data.tags.get("stage"): r.info.status for r in runs if "stage" in r.data.tags}
+    assert stages["parity_precheck"] == "FAILED" and "evaluate_fp" not in stages
