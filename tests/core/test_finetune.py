@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -130,3 +131,18 @@ def test_learned_scales_stay_positive_under_a_huge_learning_rate(tiny, tmp_path)
     distill(student, model.unet, pool, True, select_layers(student), cfg, tmp_path)
     scales = [v for k, v in student.state_dict().items() if k.endswith("_quantizer.scale")]
     assert scales and all(bool((s > 0).all() and torch.isfinite(s).all()) for s in scales)
+
+
+def test_a_truncated_checkpoint_is_ignored_and_training_starts_again(tiny, tmp_path):
+    """A checkpoint that no longer matches its recorded sha256 is not resumed from (nor crashes the run)."""
+    model, quantized, pool = tiny
+    cfg = FinetuneSpec(steps=4, batch_size=8, lr=1e-2, rank=2, checkpoint_every=2, seed=3)
+    layers = select_layers(quantized.unet)
+    first = copy.deepcopy(quantized.unet)
+    distill(first, model.unet, pool, True, layers, cfg, tmp_path / "c")
+    import json
+
+    state = Path(json.loads((tmp_path / "c" / "latest.json").read_text())["path"])
+    state.write_bytes(state.read_bytes()[:100])
+    again = distill(copy.deepcopy(quantized.unet), model.unet, pool, True, layers, cfg, tmp_path / "c")
+    assert again.resumed_from == 0 and again.steps == 4

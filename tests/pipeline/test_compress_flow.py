@@ -126,12 +126,20 @@ def test_pool_is_cached_across_runs_and_artifacts_logged(isolated_home, tmp_path
     assert third["calibration"]["pool_cache_hit"] is False
 
 
-def test_deleted_cached_pool_is_collected_again(isolated_home, tmp_path):
+@pytest.mark.parametrize("damage", ["delete", "truncate"])
+def test_deleted_or_truncated_cached_pool_is_collected_again(isolated_home, tmp_path, damage):
+    """A cached pool whose file is gone or no longer has its recorded sha256 is recomputed, not trusted."""
     first = run_flow(tmp_path / "a")
-    Path(first["calibration"]["pool_path"]).unlink()
+    pool = Path(first["calibration"]["pool_path"])
+    if damage == "delete":
+        pool.unlink()
+    else:
+        pool.write_bytes(pool.read_bytes()[: pool.stat().st_size // 2])
     second = run_flow(tmp_path / "b")
     assert second["calibration"]["pool_cache_hit"] is False
     assert Path(second["calibration"]["pool_path"]).is_file()
+    third = run_flow(tmp_path / "c")
+    assert third["calibration"]["pool_cache_hit"] is True
 
 
 def test_mixed_precision_sensitivity_on_dask_then_cached_for_the_default_runner(isolated_home, tmp_path):

@@ -25,13 +25,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffquant.errors import DataError
+from diffquant.errors import DataError, DiffquantError
 from diffquant.quant.formats import SCALE_EPS
 from diffquant.quant.modules import QuantConv2d, QuantLinear
 from diffquant.quant.plan import resolve_globs
 from diffquant.sampling import Trajectories, denoiser_outputs
 from diffquant.spec import FinetuneSpec
-from diffquant.storage import load_safetensors, save_safetensors, write_json
+from diffquant.storage import load_safetensors, save_safetensors, sha256_file, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -164,18 +164,29 @@ def save_checkpoint(folder: Path, step: int, student: nn.Module, optimizer: torc
     for param, state in optimizer.state.items():
         for key, value in state.items():
             tensors[f"optim/{index[id(param)]}/{key}"] = value.detach().clone().reshape(value.shape)
-    save_safetensors(tensors, target / "state.safetensors")
-    write_json({"step": step, "path": str(target / "state.safetensors")}, Path(folder) / LATEST)
+    path = save_safetensors(tensors, target / "state.safetensors")
+    write_json({"step": step, "path": str(path), "sha256": sha256_file(path)}, Path(folder) / LATEST)
     return target
 
 
 def load_checkpoint(folder: Path, student: nn.Module, optimizer: torch.optim.Optimizer) -> int:
-    """Restore the latest checkpoint in ``folder``; returns its step (0 when there is none)."""
+    """Restore the latest checkpoint in ``folder``; returns its step (0 when there is none).
+
+    A checkpoint that is unreadable or does not match the sha256 recorded when it was written
+    (truncated, changed) is ignored with a warning: fine-tuning starts again from step 0.
+    """
     pointer = Path(folder) / LATEST
     if not pointer.is_file():
         return 0
-    info = json.loads(pointer.read_text())
-    tensors = load_safetensors(Path(info["path"]))
+    try:
+        info = json.loads(pointer.read_text())
+        path = Path(info["path"])
+        if not path.is_file() or sha256_file(path) != info.get("sha256"):
+            raise ValueError(f"{path} is missing or does not match its recorded sha256")
+        tensors = load_safetensors(path)
+    except (OSError, ValueError, KeyError, TypeError, DiffquantError) as error:
+        logger.warning("ignoring the fine-tuning checkpoint in %s (%s); starting from step 0", folder, error)
+        return 0
     params = _named_trainable(student)
     with torch.no_grad():
         for name, param in params.items():

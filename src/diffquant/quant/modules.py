@@ -81,7 +81,7 @@ class FakeQuantizer(nn.Module):
         """Compute the scale from observed statistics and switch to quantize mode."""
         if self._observer is None:
             raise RuntimeError("finish_observing() called before start_observing()")
-        if self._observer.absmax.item() == 0.0 and not self._observer._samples:
+        if self._observer.absmax.item() == 0.0 and not self._observer._values.numel():
             raise RuntimeError("quantizer observed no data; run calibration inputs through the model")
         self.scale.copy_(self._observer.scale(self.fmt))
         self._observer = None
