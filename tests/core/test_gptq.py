@@ -104,7 +104,9 @@ def test_gptq_beats_nearest_and_matches_the_plain_reference(bits, granularity, g
 def test_blocking_does_not_change_the_result():
     x, w = _data(seed=1)
     h = _hessian(x)
-    runs = [gptq_quantize(w, h, IntFormat(4), granularity="per_group", group_size=8, block_size=b) for b in (5, 48, 128)]
+    runs = [
+        gptq_quantize(w, h, IntFormat(4), granularity="per_group", group_size=8, block_size=b) for b in (5, 48, 128)
+    ]
     for other in runs[1:]:
         assert torch.equal(runs[0].q, other.q) and torch.equal(runs[0].scale, other.scale)
 
@@ -187,8 +189,12 @@ def test_nearest_serializes_as_before_and_gptq_round_trips():
         WeightConfig(4, rounding="gptx")
 
     plan = LayerPlan({"a": LayerConfig(WeightConfig(4), ActivationConfig(8))})
-    assert plan.to_json_dict() == {"a": {"weight": {"bits": 4, "granularity": "per_channel", "observer": "minmax"},
-                                         "activation": {"bits": 8, "observer": "minmax"}}}
+    assert plan.to_json_dict() == {
+        "a": {
+            "weight": {"bits": 4, "granularity": "per_channel", "observer": "minmax"},
+            "activation": {"bits": 8, "observer": "minmax"},
+        }
+    }
     plan["b"] = LayerConfig(WeightConfig(4, rounding="gptq"), None)
     assert LayerPlan.from_json_dict(plan.to_json_dict()) == plan
 
@@ -205,15 +211,18 @@ def test_quantize_save_load_and_onnx_parity(tiny, tmp_path):  # noqa: F811
     qmodel = quantize_model(model, plan, calib, CalibrationSpec())
     rtn = quantize_model(model, nearest, calib, CalibrationSpec())
     changed = [
-        name for name in plan
+        name
+        for name in plan
         if not torch.equal(qmodel.unet.get_submodule(name).weight, model.unet.get_submodule(name).weight)
     ]
     assert changed, "GPTQ changed no weight"
     for name in plan:  # float weights on the grid: the fake quant returns them as they are
         layer = qmodel.unet.get_submodule(name)
         assert torch.equal(layer.quantized_weight(), layer.weight)
-    assert not torch.equal(qmodel.unet(calib.x[:4], calib.t[:4], calib.labels[:4]).sample,
-                           rtn.unet(calib.x[:4], calib.t[:4], calib.labels[:4]).sample)
+    assert not torch.equal(
+        qmodel.unet(calib.x[:4], calib.t[:4], calib.labels[:4]).sample,
+        rtn.unet(calib.x[:4], calib.t[:4], calib.labels[:4]).sample,
+    )
 
     plan_path, scales_path = save_quantized(qmodel, plan, tmp_path / "q")
     assert "rounding" in plan_path.read_text()

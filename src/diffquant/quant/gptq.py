@@ -1,5 +1,7 @@
-"""GPTQ weight rounding (Frantar et al., 2022): round weights column by column, compensating each
-column's rounding error on the columns not yet rounded, weighted by the layer's input Hessian.
+"""GPTQ weight rounding (Frantar et al., 2022): error-compensating rounding on calibration inputs.
+
+GPTQ rounds weights column by column, compensating each column's rounding error on the columns
+not yet rounded, weighted by the layer's input Hessian.
 
 For a layer ``y = W x`` with calibration inputs ``X`` (rows: input vectors), GPTQ minimises
 ``||X W^T - X Q^T||^2`` over grid weights ``Q`` greedily with the Hessian ``H = 2 X^T X``:
@@ -108,17 +110,17 @@ def gptq_quantize(
     """
     w_float = weight.detach().float()
     rows, cols = w_float.shape
-    W = w_float.double().clone()  # noqa: N806
-    H = hessian.detach().double().clone()  # noqa: N806
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
-    H += percdamp * torch.mean(torch.diag(H)) * torch.eye(cols, dtype=H.dtype)
-    perm = torch.argsort(torch.diag(H), descending=True, stable=True) if act_order else torch.arange(cols)
-    W = W[:, perm]  # noqa: N806
-    H = H[perm][:, perm]  # noqa: N806
+    work = w_float.double().clone()
+    hess = hessian.detach().double().clone()
+    dead = torch.diag(hess) == 0
+    hess[dead, dead] = 1.0
+    hess += percdamp * torch.mean(torch.diag(hess)) * torch.eye(cols, dtype=hess.dtype)
+    perm = torch.argsort(torch.diag(hess), descending=True, stable=True) if act_order else torch.arange(cols)
+    work = work[:, perm]
+    hess = hess[perm][:, perm]
     try:
-        L = torch.linalg.cholesky(H)  # noqa: N806
-        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)  # noqa: N806
+        chol = torch.linalg.cholesky(hess)
+        hinv = torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)
     except torch.linalg.LinAlgError:
         raise ConfigError(
             "weight.rounding", "the layer's input Hessian is not positive definite; use more calibration inputs"
@@ -133,38 +135,38 @@ def gptq_quantize(
     else:
         fixed = weight_scale(w_float, fmt, observer, 0 if granularity == "per_channel" else None)
         fixed_rows = _row_scale(fixed, rows).double()
-    Q = torch.zeros_like(W)  # noqa: N806
+    ints = torch.zeros_like(work)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
-        W1 = W[:, i1:i2].clone()  # noqa: N806
-        Err1 = torch.zeros_like(W1)  # noqa: N806
-        Hinv1 = Hinv[i1:i2, i1:i2]  # noqa: N806
+        block = work[:, i1:i2].clone()
+        errors = torch.zeros_like(block)
+        hinv_block = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
             if grouped:
                 g = int(perm[col]) // group_size
                 if not started[g]:
                     members = position[g * group_size : (g + 1) * group_size]  # all at or after ``col``
-                    current = torch.empty(rows, group_size, dtype=W.dtype)
+                    current = torch.empty(rows, group_size, dtype=work.dtype)
                     inside = members < i2
-                    current[:, inside] = W1[:, members[inside] - i1]
+                    current[:, inside] = block[:, members[inside] - i1]
                     outside = members[~inside]
-                    current[:, ~inside] = W[:, outside] - Err1[:, :i] @ Hinv[i1 : i1 + i][:, outside]
+                    current[:, ~inside] = work[:, outside] - errors[:, :i] @ hinv[i1 : i1 + i][:, outside]
                     group_scales[:, g] = weight_scale(current.float(), fmt, observer, 0)
                     started[g] = True
                 s = group_scales[:, g].double()
             else:
                 s = fixed_rows
-            w = W1[:, i]
+            w = block[:, i]
             q = torch.clamp(torch.round(w / s), fmt.qmin, fmt.qmax)
-            Q[:, col] = q
-            err = (w - q * s) / Hinv1[i, i]
-            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+            ints[:, col] = q
+            err = (w - q * s) / hinv_block[i, i]
+            block[:, i:] -= err.unsqueeze(1) @ hinv_block[i, i:].unsqueeze(0)
+            errors[:, i] = err
+        work[:, i2:] -= errors @ hinv[i1:i2, i2:]
     inverse = torch.argsort(perm)
     scale = group_scales if grouped else fixed
-    return GPTQResult(Q[:, inverse].float(), scale)
+    return GPTQResult(ints[:, inverse].float(), scale)
 
 
 def dequantized(result: GPTQResult, group_size: int | None = None) -> torch.Tensor:
@@ -207,7 +209,9 @@ def weight_2d(layer: nn.Module, grouped: bool = False) -> torch.Tensor:
     return w.reshape(w.shape[0], -1)
 
 
-def _unflatten(layer: nn.Module, w2d: torch.Tensor, scale: torch.Tensor, grouped: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _unflatten(
+    layer: nn.Module, w2d: torch.Tensor, scale: torch.Tensor, grouped: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Back to the layer's weight shape, and the scale in the quantizer's layout."""
     shape = tuple(layer.weight.shape)
     if len(shape) == 4 and grouped:
