@@ -144,9 +144,10 @@ def test_conv_via_unfold_equals_a_linear_on_unfolded_inputs(granularity, group_s
         cols = F.unfold(x, 3, 1, 1, 2)
         w2d = conv.weight.detach().reshape(6, -1)
     rows = cols.transpose(1, 2).reshape(-1, 72)
-    assert torch.equal(rows.double(), layer_columns(conv, x, grouped))
+    assert torch.equal(rows, layer_columns(conv, x, grouped))
     assert torch.equal(w2d, weight_2d(conv, grouped))
-    linear = gptq_quantize(w2d, _hessian(rows), IntFormat(4), "minmax", granularity, group_size)
+    hessian = 2.0 * (rows.t() @ rows).double() / rows.shape[0]  # as the hook sums it (float32 products)
+    linear = gptq_quantize(w2d, hessian, IntFormat(4), "minmax", granularity, group_size)
     expected = dequantized(linear, group_size)
     if grouped:
         expected = expected.reshape(6, 3, 3, 8).permute(0, 3, 1, 2)

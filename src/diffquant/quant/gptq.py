@@ -7,9 +7,10 @@ For a layer ``y = W x`` with calibration inputs ``X`` (rows: input vectors), GPT
 ``||X W^T - X Q^T||^2`` over grid weights ``Q`` greedily with the Hessian ``H = 2 X^T X``:
 
 1. Hessians: forward hooks on the FLOAT model (before the plan replaces any layer) accumulate
-   ``2 X^T X`` in float64 per planned layer. Linear inputs are flattened over batch and tokens;
-   Conv2d inputs are unfolded with the layer's kernel, stride, padding and dilation (``groups == 1``
-   and numeric zero padding only; other convolutions fall back to round-to-nearest, with a log line).
+   ``2 X^T X`` per planned layer (float32 per forward call, summed in float64). Linear inputs are
+   flattened over batch and tokens; Conv2d inputs are unfolded with the layer's kernel, stride,
+   padding and dilation (``groups == 1`` and numeric zero padding only; other convolutions fall
+   back to round-to-nearest, with a log line).
 2. Damping ``percdamp * mean(diag H)`` (default 0.01) is added to the diagonal. Dead columns (an
    input that is always zero: ``H_jj == 0``) get ``H_jj = 1``; they are decoupled from every other
    column and so round to nearest (the reference code zeroes them instead; keeping the nearest
@@ -185,7 +186,7 @@ def _conv_supported(layer: nn.Conv2d) -> bool:
 
 
 def layer_columns(layer: nn.Module, x: torch.Tensor, grouped: bool = False) -> torch.Tensor:
-    """The rows ``X`` of a layer's input as GPTQ sees them: ``[rows, columns]`` (float64).
+    """The rows ``X`` of a layer's input as GPTQ sees them: ``[rows, columns]`` (float32).
 
     Linear: flattened over every leading dimension. Conv2d: unfolded patches in PyTorch's
     ``(channel, ky, kx)`` column order, or ``(ky, kx, channel)`` when ``grouped``.
@@ -197,8 +198,8 @@ def layer_columns(layer: nn.Module, x: torch.Tensor, grouped: bool = False) -> t
             n, _, length = cols.shape
             kk = layer.kernel_size[0] * layer.kernel_size[1]
             cols = cols.reshape(n, layer.in_channels, kk, length).transpose(1, 2).reshape(n, -1, length)
-        return cols.transpose(1, 2).reshape(-1, cols.shape[1]).double()
-    return x.reshape(-1, x.shape[-1]).double()
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1]).float()
+    return x.reshape(-1, x.shape[-1]).float()
 
 
 def weight_2d(layer: nn.Module, grouped: bool = False) -> torch.Tensor:
@@ -223,7 +224,11 @@ def _unflatten(
 
 
 class _HessianHook:
-    """Accumulates ``2 X^T X`` (float64) and the row count of a layer's inputs."""
+    """Accumulates ``2 X^T X`` and the row count of a layer's inputs.
+
+    Each forward call's ``X^T X`` is a float32 product (float64 is several times slower on CPU for
+    the many rows of unfolded convolution inputs), summed over calls in float64.
+    """
 
     def __init__(self, layer: nn.Module, grouped: bool) -> None:
         self.layer, self.grouped = layer, grouped
@@ -233,7 +238,7 @@ class _HessianHook:
 
     def __call__(self, _module: nn.Module, args: tuple[Any, ...], _output: Any) -> None:
         x = layer_columns(self.layer, args[0], self.grouped)
-        self.sum.addmm_(x.t(), x, alpha=2.0)
+        self.sum += 2.0 * (x.t() @ x).double()
         self.rows += x.shape[0]
 
 
