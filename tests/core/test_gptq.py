@@ -208,9 +208,7 @@ def test_quantize_save_load_and_onnx_parity(tiny, tmp_path):  # noqa: F811
 
     model, calib = tiny
     plan = build_plan(model, WeightConfig(4, rounding="gptq"), 8)
-    nearest = build_plan(model, WeightConfig(4), 8)
     qmodel = quantize_model(model, plan, calib, CalibrationSpec())
-    rtn = quantize_model(model, nearest, calib, CalibrationSpec())
     changed = [
         name
         for name in plan
@@ -220,11 +218,6 @@ def test_quantize_save_load_and_onnx_parity(tiny, tmp_path):  # noqa: F811
     for name in plan:  # float weights on the grid: the fake quant returns them as they are
         layer = qmodel.unet.get_submodule(name)
         assert torch.equal(layer.quantized_weight(), layer.weight)
-    assert not torch.equal(
-        qmodel.unet(calib.x[:4], calib.t[:4], calib.labels[:4]).sample,
-        rtn.unet(calib.x[:4], calib.t[:4], calib.labels[:4]).sample,
-    )
-
     plan_path, scales_path = save_quantized(qmodel, plan, tmp_path / "q")
     assert "rounding" in plan_path.read_text()
     reloaded = load_quantized(model, plan_path, scales_path)
