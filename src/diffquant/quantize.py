@@ -292,8 +292,9 @@ def quantize(
         The quantized module, its plan, what outlier-token detection found and the sizes.
 
     Raises:
-        ConfigError: A glob that matches nothing, an impossible forced outlier-token count, or
-            no calibration data.
+        ConfigError: A glob that matches nothing, an impossible forced outlier-token count,
+            no calibration data, or too few calibration inputs for a GPTQ layer's Hessian
+            (``weight.rounding``).
 
     Example:
         >>> import diffquant
