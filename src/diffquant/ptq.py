@@ -38,6 +38,7 @@ from diffquant.outlier_tokens import (
     fill_fp_tokens,
     fp_token_outputs,
 )
+from diffquant.quant.gptq import gptq_layers, gptq_solve, gptq_weight_state, install_gptq, load_gptq_weight_state
 from diffquant.quant.modules import groups_allowed
 from diffquant.quant.plan import (
     ActivationConfig,
@@ -52,7 +53,7 @@ from diffquant.quant.plan import (
     resolve_globs,
     with_output_quantizers,
 )
-from diffquant.sampling import Trajectories
+from diffquant.sampling import Trajectories, denoiser_outputs
 from diffquant.spec import AllocationSpec, BudgetSpec, CalibrationSpec, QuantizeSpec
 from diffquant.storage import load_safetensors, save_safetensors
 
@@ -143,8 +144,8 @@ def plan_from_spec(
             return None, act
         if w.group_size is not None and not groups_allowed(unet.get_submodule(name), w.group_size):
             fallback.append(name)
-            return WeightConfig(w_bits, "per_channel", w.observer), act
-        return WeightConfig(w_bits, w.granularity, w.observer, w.group_size), act
+            return WeightConfig(w_bits, "per_channel", w.observer, rounding=w.rounding), act
+        return WeightConfig(w_bits, w.granularity, w.observer, w.group_size, rounding=w.rounding), act
 
     plan = LayerPlan()
     for name in quantizable_layers(unet):
@@ -222,6 +223,13 @@ def _outlier_tokens(
         raise ConfigError("outlier_tokens", str(error)) from None
 
 
+def _runner(data: CalibrationData, conditional: bool, batch_size: int) -> ForwardLoop:
+    """A callable running the calibration data through a module (a forward loop as it is)."""
+    if isinstance(data, Trajectories):
+        return lambda module: denoiser_outputs(module, data, conditional, batch_size)
+    return data
+
+
 def apply_and_calibrate(
     unet: nn.Module,
     plan: LayerPlan,
@@ -233,7 +241,12 @@ def apply_and_calibrate(
     """Apply ``plan`` to ``unet`` in place and calibrate its activation scales on ``data``.
 
     Layers that keep leading tokens in float (``fp_tokens``) get their precomputed outputs from
-    the float ``unet`` before the plan replaces its layers.
+    the float ``unet`` before the plan replaces its layers. Layers whose weight rounding is
+    ``gptq`` get their GPTQ weights and scales from Hessians of the float ``unet`` on ``data``
+    (:mod:`diffquant.quant.gptq`), before activation calibration.
+
+    Raises:
+        ConfigError: If a GPTQ layer sees too few calibration inputs for its Hessian.
 
     Returns:
         The number of activation quantizers calibrated.
@@ -241,8 +254,10 @@ def apply_and_calibrate(
     calibration = calibration or CalibrationSpec()
     if conditions is None and isinstance(data, Trajectories):
         conditions = data.labels
+    solutions = gptq_solve(unet, plan, _runner(data, conditional, calibration.batch_size)) if gptq_layers(plan) else {}
     fp_outputs = fp_token_outputs(unet, plan, conditions) if conditions is not None else {}
     apply_plan(unet, plan)
+    install_gptq(unet, solutions)
     fill_fp_tokens(unet, fp_outputs)
     return calibrate_activations(unet, data, conditional, calibration.batch_size, calibration.seed)
 
@@ -277,8 +292,9 @@ def quantize(
         The quantized module, its plan, what outlier-token detection found and the sizes.
 
     Raises:
-        ConfigError: A glob that matches nothing, an impossible forced outlier-token count, or
-            no calibration data.
+        ConfigError: A glob that matches nothing, an impossible forced outlier-token count,
+            no calibration data, or too few calibration inputs for a GPTQ layer's Hessian
+            (``weight.rounding``).
 
     Example:
         >>> import diffquant
@@ -397,13 +413,16 @@ def quantize_model(
 def save_quantized(model: DiffusionModel | nn.Module, plan: LayerPlan, out_dir: Path) -> tuple[Path, Path]:
     """Write ``plan.json`` and ``quantizer_scales.safetensors`` to ``out_dir``.
 
+    The scales file also holds ``<layer>.weight`` of the GPTQ layers (their float weights were replaced).
+
     Example:
         >>> plan_path, scales_path = diffquant.save_quantized(model, result.plan, Path("out"))
     """
     unet = model.unet if isinstance(model, DiffusionModel) else model
     out_dir = Path(out_dir)
     plan_path = plan.save(out_dir / "plan.json")
-    scales_path = save_safetensors(quantizer_state(unet), out_dir / "quantizer_scales.safetensors")
+    state = quantizer_state(unet) | gptq_weight_state(unet, plan)
+    scales_path = save_safetensors(state, out_dir / "quantizer_scales.safetensors")
     return plan_path, scales_path
 
 
@@ -422,8 +441,10 @@ def load_quantized(
         >>> quantized = diffquant.load_quantized(diffquant.load_model("digits-unet"), plan_path, scales_path)
     """
     quantized = copy.deepcopy(model)
-    apply_plan(quantized.unet, LayerPlan.load(plan_path))
-    load_quantizer_state(quantized.unet, load_safetensors(scales_path))
+    plan = LayerPlan.load(plan_path)
+    apply_plan(quantized.unet, plan)
+    state = load_gptq_weight_state(quantized.unet, plan, load_safetensors(scales_path))
+    load_quantizer_state(quantized.unet, state)
     if weights_path is not None:
         quantized.unet.load_state_dict(load_safetensors(Path(weights_path)), strict=True)
     return quantized

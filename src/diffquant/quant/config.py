@@ -8,12 +8,21 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+    model_validator,
+)
 
 from diffquant.quant.formats import MAX_BITS, MIN_BITS
 
 Granularity = Literal["per_channel", "per_tensor", "per_group"]
 Observer = Literal["minmax", "percentile", "mse"]
+Rounding = Literal["nearest", "gptq"]
 
 
 class WeightConfig(BaseModel):
@@ -24,9 +33,13 @@ class WeightConfig(BaseModel):
     position: ONNX's block-wise layout). In the spec's uniform plan, layers whose input channels
     the group size does not divide (e.g. a 1-channel ``conv_in``) fall back to per-channel.
 
+    ``rounding`` is ``nearest`` (round to nearest) or ``gptq`` (GPTQ's error-compensating
+    rounding on the calibration inputs, :mod:`diffquant.quant.gptq`); it is left out of the
+    serialized form at its default, so existing spec hashes and plan files do not change.
+
     Example:
         >>> WeightConfig(4, "per_group", group_size=32)
-        WeightConfig(bits=4, granularity='per_group', observer='minmax', group_size=32)
+        WeightConfig(bits=4, granularity='per_group', observer='minmax', group_size=32, rounding='nearest')
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -35,6 +48,7 @@ class WeightConfig(BaseModel):
     granularity: Granularity = "per_channel"
     observer: Observer = "minmax"
     group_size: int | None = Field(None, ge=2)
+    rounding: Rounding = "nearest"
 
     def __init__(
         self,
@@ -54,6 +68,13 @@ class WeightConfig(BaseModel):
         if (self.granularity == "per_group") != (self.group_size is not None):
             raise ValueError("group_size is required with granularity per_group and only with it")
         return self
+
+    @model_serializer(mode="wrap")
+    def _omit_default_rounding(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if self.rounding == "nearest":
+            data.pop("rounding", None)
+        return data
 
 
 def one_line(error: ValidationError) -> str:

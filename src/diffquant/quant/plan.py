@@ -74,6 +74,8 @@ class LayerPlan(dict[str, LayerConfig]):
             data = dict(cfg.__dict__)
             if data.get("group_size", 0) is None:
                 del data["group_size"]
+            if data.get("rounding") == "nearest":  # the default is left out: plan files stay as before
+                del data["rounding"]
             return data
 
         def layer(cfg: LayerConfig) -> dict[str, Any]:
