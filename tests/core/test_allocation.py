@@ -128,3 +128,16 @@ def test_overlapping_tied_groups_are_united_and_conflicting_pins_refused():
     )
     with pytest.raises(AllocationInfeasibleError, match="pinned to different options"):
         solve_allocation(pinned)
+
+
+def test_a_pin_on_an_option_a_tied_layer_cannot_take_is_infeasible():
+    """The merged row's option is unavailable (NaN for one member): the pin must not force it at cost 0."""
+    cost = np.array([[1.0, 0.5], [np.nan, 0.2], [0.3, 0.1]])
+    size = np.array([[4.0, 8.0], [4.0, 8.0], [4.0, 8.0]])
+    problem = AllocationProblem(
+        ["a", "b", "c"], ["w4", "w8"], cost, {"bytes": size}, {"bytes": 100.0}, [["a", "b"]], {"a": "w4"}
+    )
+    with pytest.raises(AllocationInfeasibleError, match="pinned to option 'w4'"):
+        solve_allocation(problem)
+    untied = AllocationProblem(["a", "b", "c"], ["w4", "w8"], cost, {"bytes": size}, {"bytes": 100.0}, (), {"a": "w4"})
+    assert solve_allocation(untied).choice == {"a": "w4", "b": "w8", "c": "w8"}

@@ -10,7 +10,7 @@ from diffquant.mixed_precision.allocate import allocate_plan, measure_allocation
 from diffquant.mixed_precision.costs import layer_macs, qkv_groups
 from diffquant.mixed_precision.sensitivity import SensitivityTable, measure_sensitivity, noise_power, quantize_only
 from diffquant.mixed_precision.solver import AllocationInfeasibleError
-from diffquant.models.loading import load_local_model
+from diffquant.models.loading import load_local_model, load_model
 from diffquant.ptq import weight_observer
 from diffquant.quant.modules import QuantConv2d
 from diffquant.quant.plan import quantizable_layers
@@ -205,3 +205,20 @@ def test_final_sample_psnr_metric(tiny):
     for layer in layers:
         assert table.noise(layer, "weight", 2, None, "psnr") >= table.noise(layer, "weight", 8, None, "psnr")
         assert all(r["psnr_db"] is not None for r in table.rows)
+
+
+def test_cross_attention_ties_only_keys_and_values():
+    """Only self-attention's q/k/v read one tensor; a cross-attention block's to_q reads the hidden states."""
+    from diffquant.mixed_precision.costs import cross_attention_blocks
+
+    model = load_model("digits-t2i")
+    names = quantizable_layers(model.unet)
+    cross = cross_attention_blocks(model.unet)
+    assert cross and all(name.endswith("attn2") for name in cross)
+    groups = qkv_groups(names, cross)
+    for group in groups:
+        parent = group[0].rpartition(".")[0]
+        leaves = sorted(name.rpartition(".")[2] for name in group)
+        assert leaves == (["to_k", "to_v"] if parent in cross else ["to_k", "to_q", "to_v"]), group
+    assert any(name.endswith("attn2.to_q") for name in names)
+    assert not any(name.endswith("attn2.to_q") for group in groups for name in group)

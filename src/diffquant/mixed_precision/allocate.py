@@ -14,6 +14,7 @@ from diffquant.mixed_precision.costs import (
     MixedPrecisionInputs,
     WeightChoice,
     build_problem,
+    cross_attention_blocks,
     layer_macs,
     option_name,
     qkv_groups,
@@ -241,7 +242,7 @@ def allocate_plan(
         a_bits,
         alloc.budget.as_dict(),
         alloc.objective,
-        qkv_groups(names) if alloc.tie_qkv else [],
+        qkv_groups(names, cross_attention_blocks(unet)) if alloc.tie_qkv else [],
         pinned,
         read_latency_table(alloc.latency_table) if alloc.latency_table else None,
     )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -52,14 +52,25 @@ def option_name(weight_bits: int | None, act_bits: int | None, group_size: int |
     return f"w{weight_bits or 'fp'}{group}a{act_bits or 'fp'}"
 
 
-def qkv_groups(layers: Sequence[str]) -> list[list[str]]:
-    """Tie ``to_q``/``to_k``/``to_v`` of each attention block (they read the same input)."""
+def qkv_groups(layers: Sequence[str], cross_attention: Collection[str] = ()) -> list[list[str]]:
+    """Tie the projections of each attention block that read the same input.
+
+    Self-attention's ``to_q``/``to_k``/``to_v`` all read the hidden states; in a cross-attention block
+    (``cross_attention``: the blocks' names) only ``to_k``/``to_v`` read the same tensor (the encoder
+    states), and ``to_q`` reads the hidden states, so it stays free.
+    """
+    cross = set(cross_attention)
     by_parent: dict[str, list[str]] = {}
     for name in layers:
         parent, _, leaf = name.rpartition(".")
-        if leaf in {"to_q", "to_k", "to_v"}:
+        if leaf in {"to_q", "to_k", "to_v"} and not (leaf == "to_q" and parent in cross):
             by_parent.setdefault(parent, []).append(name)
     return [group for group in by_parent.values() if len(group) > 1]
+
+
+def cross_attention_blocks(model: nn.Module) -> set[str]:
+    """Names of the attention blocks whose keys and values read another tensor than their queries."""
+    return {name for name, module in model.named_modules() if getattr(module, "is_cross_attention", False)}
 
 
 @dataclass

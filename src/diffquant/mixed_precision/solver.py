@@ -175,6 +175,12 @@ def _bounds(problem: AllocationProblem) -> tuple[np.ndarray, np.ndarray]:
     index = {name: i for i, name in enumerate(problem.layers)}
     for layer, option in problem.pinned.items():
         k = index[layer] * n_o + list(problem.options).index(option)
+        if not upper[k]:
+            raise AllocationInfeasibleError(
+                f"infeasible allocation: {layer!r} is pinned to option {option!r}, which it (or a layer tied to it) "
+                "cannot take",
+                {},
+            )
         upper[index[layer] * n_o : (index[layer] + 1) * n_o] = 0.0
         upper[k], lower[k] = 1.0, 1.0
     return lower, upper
