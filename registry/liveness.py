@@ -265,7 +265,7 @@ def reap_stale_runs(tracking_uri: str, home: Path, client: Any = None) -> list[R
                 if _kill_run(client, run_id, reason):
                     reaped.append(ReapedRun(run_id, client.get_run(run_id).info.experiment_id, reason))
         except Exception as error:  # the store is locked or damaged: the command's own checks say so
-            logger.warning("could not look for MLflow runs left RUNNING: %s", _first_line(error))
+            logger.debug("could not look for MLflow runs left RUNNING: %s", _first_line(error))
     for run in reaped:
         logger.info("MLflow run %s marked KILLED: %s", run.run_id, run.reason)
     return reaped

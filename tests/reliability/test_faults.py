@@ -106,7 +106,7 @@ def wait_for_stage(proc: subprocess.Popen, home: Path, stage: str, timeout: floa
         for _, status, name, parent in db_runs(home):
             if name == stage and status == "RUNNING" and parent:
                 return parent
-        time.sleep(0.5)
+        time.sleep(0.1)
     pytest.fail(f"compress never reached {stage}")
 
 
@@ -161,8 +161,8 @@ def test_sigkilled_run_is_reaped_and_its_restart_links_to_it(tmp_path, reaper):
 def test_sigkill_of_the_cli_leaves_no_process(tmp_path, reaper):
     home = tmp_path / "home"
     reaper.append(home)
-    proc = start_compress(home, tmp_path / "out")
-    wait_for_stage(proc, home, "collect_trajectories")
+    proc = start_compress(home, tmp_path / "out", "evaluate.samples=2000")  # a stage that lasts seconds
+    wait_for_stage(proc, home, "evaluate_fp")
     children = [pid for pid in processes_of(home) if pid != proc.pid]
     assert children, "the ephemeral Prefect server was not found"
     os.kill(proc.pid, signal.SIGKILL)  # the CLI alone, not its process group
@@ -174,6 +174,7 @@ def test_sigkill_of_the_cli_leaves_no_process(tmp_path, reaper):
     assert not left, left
 
 
+@pytest.mark.slow  # two full CLI runs at once (minutes on 2 cores); run with -m slow
 def test_two_runs_started_together_on_one_fresh_home_both_succeed(tmp_path, reaper):
     from mlflow.tracking import MlflowClient
 
@@ -238,8 +239,8 @@ def test_full_disk_says_which_folder_and_leaves_no_partial_files(small_disk, tmp
 def test_interrupted_run_is_marked_killed_with_one_line(tmp_path, reaper, sig, code):
     home = tmp_path / "home"
     reaper.append(home)
-    proc = start_compress(home, tmp_path / "out")
-    run_id = wait_for_stage(proc, home, "collect_trajectories")
+    proc = start_compress(home, tmp_path / "out", "evaluate.samples=2000")  # a stage that lasts seconds
+    run_id = wait_for_stage(proc, home, "evaluate_fp")
     if sig == signal.SIGINT:
         os.killpg(proc.pid, sig)  # Ctrl-C: the whole foreground group, the Prefect server too
     else:
