@@ -198,8 +198,19 @@ def _claim(path: Path) -> Path | None:
     return claimed
 
 
-def _local_db_missing(tracking_uri: str) -> bool:
-    return tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).exists()
+def _local_db_unusable(tracking_uri: str) -> bool:
+    """True for a SQLite store that is missing, not a file or not an SQLite database (left to the command's check).
+
+    MLflow would retry opening such a store with back-off for minutes before it gives up.
+    """
+    if not tracking_uri.startswith("sqlite:///"):
+        return False
+    path = Path(tracking_uri.removeprefix("sqlite:///"))
+    try:
+        with path.open("rb") as handle:
+            return handle.read(16) != b"SQLite format 3\x00"
+    except OSError:
+        return True
 
 
 def _orphans(client: Any, home: Path, minutes: float, live: set[str]) -> list[tuple[str, str]]:
@@ -231,7 +242,7 @@ def reap_stale_runs(tracking_uri: str, home: Path, client: Any = None) -> list[R
     folder = run_locks_dir(home)
     files = sorted(folder.glob("*.json")) if folder.is_dir() else []
     local_store = tracking_uri == f"sqlite:///{Path(home) / 'mlflow.db'}"
-    if _local_db_missing(tracking_uri) or (not files and not local_store):
+    if _local_db_unusable(tracking_uri) or (not files and not local_store):
         return []
     minutes = stale_run_minutes()
     stale: list[tuple[Path, str, str]] = []
