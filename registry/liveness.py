@@ -242,9 +242,9 @@ def reap_stale_runs(tracking_uri: str, home: Path, client: Any = None) -> list[R
     folder = run_locks_dir(home)
     files = sorted(folder.glob("*.json")) if folder.is_dir() else []
     local_store = tracking_uri == f"sqlite:///{Path(home) / 'mlflow.db'}"
+    minutes = stale_run_minutes()  # a bad setting is refused even when there is nothing to reap
     if _local_db_unusable(tracking_uri) or (not files and not local_store):
         return []
-    minutes = stale_run_minutes()
     stale: list[tuple[Path, str, str]] = []
     live: set[str] = set()
     for path in files:
