@@ -359,6 +359,15 @@ def _check_out(out: Path | None) -> None:
             return
 
 
+def _check_sampler(spec: Any, model: Any) -> None:
+    """Refuse now a scheduler the model's config cannot build or guidance without a null condition."""
+    from diffquant.errors import spec_section
+    from diffquant.sampling import check_sampler
+
+    with spec_section("sampler"):
+        check_sampler(spec.sampler, model.scheduler_config, model.null_conditions(1))
+
+
 def _check_latency_table(spec: Any) -> None:
     """Read ``allocation.latency_table`` now, so a missing or malformed file fails before the calibration pool."""
     if spec.allocation is None or spec.allocation.latency_table is None:
@@ -427,6 +436,7 @@ def compress(
         _preflight(uri, spec)
         model = load_model(name=spec.model.name, path=spec.model.path, prompts=spec.model.prompts)
         check_memory(spec, model.sample_shape)
+        _check_sampler(spec, model)
         _check_latency_table(spec)
         if spec.calibration.labels_file:
             read_labels_file(Path(spec.calibration.labels_file), model.num_classes, model.condition)
@@ -477,9 +487,9 @@ def sweep(
         if spec.allocation is None:
             raise SpecError(f"{config} has no 'allocation' section; sweep varies the allocation budget")
         _preflight(tracking_uri(home), spec)
-        check_memory(
-            spec, load_model(name=spec.model.name, path=spec.model.path, prompts=spec.model.prompts).sample_shape
-        )
+        model = load_model(name=spec.model.name, path=spec.model.path, prompts=spec.model.prompts)
+        check_memory(spec, model.sample_shape)
+        _check_sampler(spec, model)
         _check_latency_table(spec)
     except ValueError:
         _fail(ValueError("--budgets takes numbers like 3,3.5,4 and --baselines integers like 8,4"))

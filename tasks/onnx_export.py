@@ -44,9 +44,7 @@ def _export_and_check(
         info.path,
         qmodel,
         load_trajectories(calibration.calibration.path),
-        ParityConfig(
-            samples=samples, steps=spec.sampler.steps, seed=spec.evaluate.seed, enforce=spec.export.enforce_parity
-        ),
+        ParityConfig(samples=samples, steps=spec.sampler, seed=spec.evaluate.seed, enforce=spec.export.enforce_parity),
         classifier=classifier,
         real_images=load_digits_split().held_out_images if classifier is not None else None,
     )

@@ -64,7 +64,7 @@ def sensitivity_layers_task(
             spec.allocation,
             weight_observer=request.weight_observer,
             activation_observer=request.activation_observer,
-            steps=request.sampler.steps,
+            steps=request.sampler,
             seed=request.seed,
             classifier=classifier,
             layers=layers,

@@ -54,7 +54,7 @@ from diffquant.quant.plan import (
     with_output_quantizers,
 )
 from diffquant.sampling import Trajectories, denoiser_outputs
-from diffquant.spec import AllocationSpec, BudgetSpec, CalibrationSpec, QuantizeSpec
+from diffquant.spec import AllocationSpec, BudgetSpec, CalibrationSpec, QuantizeSpec, SamplerSpec
 from diffquant.storage import load_safetensors, save_safetensors
 
 logger = logging.getLogger(__name__)
@@ -355,7 +355,7 @@ def auto_quantize(
     *,
     quantize_config: QuantizeSpec | None = None,
     calibration: CalibrationSpec | None = None,
-    steps: int = 50,
+    steps: int | SamplerSpec = 50,
     seed: int = 0,
     classifier: nn.Module | None = None,
     target: ExportTarget = "tensorrt",
@@ -370,7 +370,7 @@ def auto_quantize(
         budget: Overrides ``config.budget``, e.g. ``BudgetSpec(avg_weight_bits=4.0)``.
         quantize_config: Weight observer and outlier-token mode (default :class:`QuantizeSpec`).
         calibration: Activation observer, batch size and seed of range calibration.
-        steps: Sampler steps of the final-sample probes.
+        steps: Sampler (or DDIM step count) of the final-sample probes.
         seed: Evaluation seed; probes draw their noise from ``seed + 1``.
         classifier: Evaluation classifier (content layers need it).
         target: Export form the plan is for.

@@ -85,20 +85,21 @@ class ModelSource(_Strict):
 
 
 class SamplerSpec(_Strict):
-    """Sampler used for trajectories and evaluation (DDIM, eta 0)."""
+    """Sampler used for trajectories, calibration, sensitivity, evaluation and parity.
 
-    name: Literal["ddim"] = "ddim"
+    ``name`` picks a diffusers scheduler built from the model's own scheduler config: ``ddim``
+    (eta 0), ``euler`` (``EulerDiscreteScheduler``), ``dpm_solver`` (DPM-Solver++,
+    ``DPMSolverMultistepScheduler``) or ``from_model`` (the class the model's
+    ``scheduler_config.json`` names, e.g. SD 1.5's PNDM). ``guidance`` above 1 is classifier-free
+    guidance as in diffusers' pipelines (the unconditional and conditional halves run in one batch);
+    1 or less samples the conditional model alone (SDXL-Turbo's 0 included). Guidance needs a null
+    condition: a null class (``null_class`` in ``diffquant.json``, or a class embedding beyond the
+    classes) or, for text models, the empty prompt.
+    """
+
+    name: Literal["ddim", "euler", "dpm_solver", "from_model"] = "ddim"
     steps: int = Field(50, ge=1, le=1000)
-    guidance: float = 1.0
-
-    @model_validator(mode="after")
-    def _plain_conditional(self) -> SamplerSpec:
-        if self.guidance != 1.0:
-            raise ValueError(
-                "guidance other than 1.0 is not supported: classifier-free guidance pushes the "
-                "reference model off its training distribution (accuracy 0.1-0.2 at 2-4)"
-            )
-        return self
+    guidance: float = Field(1.0, ge=0.0, le=50.0)
 
 
 class CalibrationSpec(_Strict):
@@ -397,12 +398,14 @@ class CompressionSpec(_Strict):
 
     @model_validator(mode="after")
     def _calibration_fits_pool(self) -> CompressionSpec:
-        pool = self.calibration.trajectories * self.sampler.steps
+        halves = 2 if self.sampler.guidance > 1.0 else 1
+        pool = self.calibration.trajectories * self.sampler.steps * halves
         if self.calibration.size > pool:
+            guided = " x 2 guidance halves" if halves == 2 else ""
             raise ValueError(
                 f"calibration.size {self.calibration.size} exceeds the candidate pool of {pool} "
                 f"(calibration.trajectories {self.calibration.trajectories} x sampler.steps "
-                f"{self.sampler.steps}); lower the size or add trajectories"
+                f"{self.sampler.steps}{guided}); lower the size or add trajectories"
             )
         return self
 
@@ -741,7 +744,11 @@ def memory_needs(spec: CompressionSpec, sample_shape: tuple[int, ...]) -> dict[s
     """
     sample = 4 * math.prod(sample_shape)
     needs = {
-        "calibration.trajectories": 2 * spec.calibration.trajectories * spec.sampler.steps * sample,
+        "calibration.trajectories": (2 if spec.sampler.guidance > 1.0 else 1)
+        * 2
+        * spec.calibration.trajectories
+        * spec.sampler.steps
+        * sample,
         "evaluate.samples": 3 * spec.evaluate.samples * sample,
         "export.parity_samples": 3 * spec.export.parity_samples * sample,
     }

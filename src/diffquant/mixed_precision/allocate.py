@@ -30,8 +30,8 @@ from diffquant.quant.plan import (
     quantizable_layers,
     resolve_globs,
 )
-from diffquant.sampling import Trajectories, ddim_sample, initial_noise
-from diffquant.spec import AllocationSpec
+from diffquant.sampling import Trajectories, initial_noise, run_sampler
+from diffquant.spec import AllocationSpec, SamplerSpec
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def final_sample_probe(
     model: DiffusionModel,
     classifier: nn.Module | None,
     samples: int,
-    steps: int,
+    steps: int | SamplerSpec,
     seed: int,
     content_layers: set[str],
     psnr_all: bool,
@@ -54,8 +54,9 @@ def final_sample_probe(
     labels, _ = model.conditions(samples, "calibration")
     noise = initial_noise(samples, model.sample_shape, seed)
     clamp = not model.latent
-    fp_images, _ = ddim_sample(
-        model.unet, model.scheduler_config, noise, labels, steps, description="FP samples", clamp=clamp
+    null = model.null_conditions(samples)
+    fp_images, _ = run_sampler(
+        model.unet, model.scheduler_config, noise, labels, steps, description="FP samples", clamp=clamp, null=null
     )
     fp_logp = None
     if classifier is not None:
@@ -66,8 +67,8 @@ def final_sample_probe(
         want_content = layer in content_layers and fp_logp is not None
         if not (want_content or psnr_all):
             return {}
-        images, _ = ddim_sample(
-            unet, model.scheduler_config, noise, labels, steps, description="Final samples", clamp=clamp
+        images, _ = run_sampler(
+            unet, model.scheduler_config, noise, labels, steps, description="Final samples", clamp=clamp, null=null
         )
         out: dict[str, float] = {}
         if want_content:
@@ -88,7 +89,7 @@ def measure_allocation_sensitivity(
     *,
     weight_observer: str = "minmax",
     activation_observer: str = "minmax",
-    steps: int = 50,
+    steps: int | SamplerSpec = 50,
     seed: int = 0,
     classifier: nn.Module | None = None,
     layers: list[str] | None = None,
@@ -102,7 +103,7 @@ def measure_allocation_sensitivity(
         config: The allocation: its options and metrics.
         weight_observer: Range observer of the weight candidates (``quantize.weight.observer``).
         activation_observer: Range observer of the input candidates (``calibration.observer``).
-        steps: Sampler steps of the final-sample probes (content layers, PSNR).
+        steps: Sampler (or DDIM step count) of the final-sample probes (content layers, PSNR).
         seed: Evaluation seed; the probes draw their noise from ``seed + 1``.
         classifier: Evaluation classifier (needed for content layers).
         layers: Measure only these layers (default: all), e.g. one chunk of a parallel map.
