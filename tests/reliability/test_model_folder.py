@@ -424,3 +424,4 @@ def test_from_model_with_a_scheduler_diffusers_lacks_fails_in_one_line(unet, iso
     assert_clean_failure(
         result, "sampler.name: from_model: the model's scheduler config names 'MyOwnScheduler'", isolated_home
     )
+    assert_nothing_left(isolated_home, tmp_path / "out")
