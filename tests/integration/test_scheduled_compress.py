@@ -239,19 +239,20 @@ def test_checkpoint_event_compresses_each_checkpoint_once(request, tmp_path):
                 [sys.executable, "-m", "diffquant.flows.cli", "watch", str(ckpts), "--once", "--interval", "0.5"]
             )
             assert f"for {ckpt}" in watched.stderr and "step-2000" not in watched.stderr, watched.stderr
-            first = wait_for_nth_run(prefect_api, deployment.id, 1, CHECKPOINT_RUN_TIMEOUT_S)
-            log = (tmp_path / "worker.log").read_text()[-4000:]
-            assert first.state.is_completed() and first.parameters["checkpoint"] == str(ckpt), f"{first.state}\n{log}"
-
-            # the same checkpoint again, the way a training job would announce it
+            # the same checkpoint again at once, the way a training job would announce it: the
+            # deployment runs one flow run at a time, so the later run waits for the first and skips
             resource = {
                 "prefect.resource.id": f"diffquant.checkpoint.{sha[:16]}",
                 "diffquant.checkpoint.path": str(ckpt),
             }
             cli([*prefect, "event", "emit", "diffquant.checkpoint.landed", "--resource", json.dumps(resource)])
-            second = wait_for_nth_run(prefect_api, deployment.id, 2, CHECKPOINT_RUN_TIMEOUT_S)
-            assert second.state.is_completed() and second.state.name == "Skipped", second.state
-            assert "already registered as version 1 of step-1000" in second.state.message
+            runs = [wait_for_nth_run(prefect_api, deployment.id, n, CHECKPOINT_RUN_TIMEOUT_S) for n in (1, 2)]
+            log = (tmp_path / "worker.log").read_text()[-4000:]
+            states = [run.state for run in runs]
+            assert all(s.is_completed() for s in states), f"{states}\n{log}"
+            assert all(run.parameters["checkpoint"] == str(ckpt) for run in runs)
+            (skipped,) = [s for s in states if s.name == "Skipped"]
+            assert "already registered as version 1 of step-1000" in skipped.message
 
             # an event without a path: the run fails with one line naming the label
             cli([*prefect, "event", "emit", "diffquant.checkpoint.landed", "--resource-id", "diffquant.checkpoint.x"])
