@@ -82,6 +82,26 @@ def checkpoint_resource(path: Path, sha256: str) -> dict[str, str]:
     }
 
 
+def events_api_url() -> str:
+    """The Prefect API that checkpoint events go to (``PREFECT_API_URL``), checked to answer.
+
+    Raises:
+        TrackingError: ``PREFECT_API_URL`` is not set, is malformed, or does not answer.
+    """
+    from prefect.settings import PREFECT_API_URL
+
+    from diffquant.registry.preflight import check_prefect_api
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        raise TrackingError(
+            "PREFECT_API_URL is not set: checkpoint events go to the Prefect server whose worker runs "
+            "the compress-on-checkpoint deployment; set it to that server's API URL"
+        )
+    check_prefect_api(url)
+    return url
+
+
 def emit_checkpoint_landed(path: Path, sha256: str) -> str:
     """Send ``diffquant.checkpoint.landed`` for ``path`` to the Prefect server at ``PREFECT_API_URL``.
 
@@ -92,18 +112,12 @@ def emit_checkpoint_landed(path: Path, sha256: str) -> str:
         The event's id.
 
     Raises:
-        TrackingError: ``PREFECT_API_URL`` is not set, or the server cannot be reached.
+        TrackingError: ``PREFECT_API_URL`` is not set, or the server does not answer.
     """
     from prefect.events import Event
     from prefect.events.clients import get_events_client
-    from prefect.settings import PREFECT_API_URL
 
-    url = PREFECT_API_URL.value()
-    if not url:
-        raise TrackingError(
-            "PREFECT_API_URL is not set: checkpoint events go to the Prefect server whose worker runs "
-            "the compress-on-checkpoint deployment; set it to that server's API URL"
-        )
+    url = events_api_url()
     event = Event(event=CHECKPOINT_EVENT, resource=checkpoint_resource(path, sha256))
 
     async def send() -> None:

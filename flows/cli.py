@@ -636,23 +636,14 @@ def watch(
     starts a compress run for it.
     """
     home = _setup(verbose, reap=False)
-    from prefect.settings import PREFECT_API_URL
-
-    from diffquant.errors import DiffquantError, TrackingError
-    from diffquant.flows.checkpoint import CHECKPOINT_EVENT, emit_checkpoint_landed
-    from diffquant.registry.preflight import check_prefect_api
+    from diffquant.errors import DiffquantError
+    from diffquant.flows.checkpoint import CHECKPOINT_EVENT, emit_checkpoint_landed, events_api_url
     from diffquant.watching import CheckpointWatcher, default_state_path
 
     _quiet_prefect(verbose)
     try:
         watcher = CheckpointWatcher(folder, state or default_state_path(folder, home))
-        url = PREFECT_API_URL.value()
-        if not url:
-            raise TrackingError(
-                "PREFECT_API_URL is not set: diffquant watch emits events to the Prefect server whose "
-                "worker runs the compress-on-checkpoint deployment; set it to that server's API URL"
-            )
-        check_prefect_api(url)
+        events_api_url()  # before the first scan: a watcher that cannot emit says so at once
         scans, emitted = 0, 0
         while True:
             for landed in watcher.scan():

@@ -28,7 +28,6 @@ import pytest
 
 from tests.pipeline.conftest import SMALL
 from tests.servers import (
-    BIN,
     mlflow_server,
     postgres_server,
     prefect_server,
@@ -40,6 +39,9 @@ from tests.servers import (
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN_TIMEOUT_S = 420
+PREFECT = [sys.executable, "-m", "prefect"]
+"""Prefect's CLI on this interpreter (not the console script, whose shebang may name another venv):
+the worker's flow runs then import the diffquant under test."""
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +52,7 @@ def prefect_api(tmp_path_factory):
 
 def prefect_cli(args: list[str], env: dict[str, str]) -> str:
     result = subprocess.run(
-        [str(BIN / "prefect"), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180, check=False
+        [*PREFECT, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180, check=False
     )
     assert result.returncode == 0, f"prefect {' '.join(args)}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result.stdout
@@ -127,7 +129,7 @@ def test_deployed_compress_registers_and_promotes(backend, request, tmp_path):
         with temporary_settings({PREFECT_API_URL: prefect_api}):
             flow_run = run_deployment("compress/compress-nightly", parameters={"spec": spec}, timeout=0)
         worker = start(
-            [str(BIN / "prefect"), "worker", "start", "--pool", "diffquant-cpu", "--type", "process"],
+            [*PREFECT, "worker", "start", "--pool", "diffquant-cpu", "--type", "process"],
             tmp_path / "worker.log",
             {k: v for k, v in env.items() if k != "PREFECT_LOGGING_LEVEL"},
         )
@@ -198,8 +200,6 @@ def test_checkpoint_event_compresses_each_checkpoint_once(request, tmp_path):
     from diffquant.registry.models import WEIGHTS_TAG
     from diffquant.spec import load_spec
 
-    # this interpreter, not the console scripts: the worker's flow runs import the code under test
-    prefect = [sys.executable, "-m", "prefect"]
     with mlflow_server(tmp_path / "mlflow") as mlflow_url:
         env = {
             **os.environ,
@@ -216,11 +216,12 @@ def test_checkpoint_event_compresses_each_checkpoint_once(request, tmp_path):
             assert result.returncode == 0, f"{args}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
             return result
 
-        cli([*prefect, "work-pool", "create", "diffquant-cpu", "--type", "process", "--overwrite"])
-        deployed = cli([*prefect, "--no-prompt", "deploy", "--name", "compress-on-checkpoint"]).stdout
+        cli([*PREFECT, "work-pool", "create", "diffquant-cpu", "--type", "process", "--overwrite"])
+        deployed = cli([*PREFECT, "--no-prompt", "deploy", "--name", "compress-on-checkpoint"]).stdout
         assert "compress-on-checkpoint" in deployed
-        # prefect.yaml's spec is the nightly one (2,000 samples); the test runs the fast one
-        spec = load_spec(overrides=SMALL).to_dict()
+        # prefect.yaml's spec is the nightly one (2,000 samples); the test runs the fast one, without
+        # the ONNX export (the nightly test above covers it)
+        spec = load_spec(overrides=[*SMALL, "export.onnx=false"]).to_dict()
         with temporary_settings({PREFECT_API_URL: prefect_api}), get_client(sync_client=True) as client:
             deployment = client.read_deployment_by_name("compress-checkpoint/compress-on-checkpoint")
             client.update_deployment(deployment.id, DeploymentUpdate(parameters={"spec": spec, "out_dir": None}))
@@ -232,7 +233,7 @@ def test_checkpoint_event_compresses_each_checkpoint_once(request, tmp_path):
         (ckpts / "step-2000" / "diffusion_pytorch_model.safetensors").write_bytes(b"partial")
         sha = load_model("digits-unet").weights_sha256
         worker = start(
-            [*prefect, "worker", "start", "--pool", "diffquant-cpu", "--type", "process"], tmp_path / "worker.log", env
+            [*PREFECT, "worker", "start", "--pool", "diffquant-cpu", "--type", "process"], tmp_path / "worker.log", env
         )
         try:
             watched = cli(
@@ -245,7 +246,7 @@ def test_checkpoint_event_compresses_each_checkpoint_once(request, tmp_path):
                 "prefect.resource.id": f"diffquant.checkpoint.{sha[:16]}",
                 "diffquant.checkpoint.path": str(ckpt),
             }
-            cli([*prefect, "event", "emit", "diffquant.checkpoint.landed", "--resource", json.dumps(resource)])
+            cli([*PREFECT, "event", "emit", "diffquant.checkpoint.landed", "--resource", json.dumps(resource)])
             runs = [wait_for_nth_run(prefect_api, deployment.id, n, CHECKPOINT_RUN_TIMEOUT_S) for n in (1, 2)]
             log = (tmp_path / "worker.log").read_text()[-4000:]
             states = [run.state for run in runs]
@@ -255,7 +256,7 @@ def test_checkpoint_event_compresses_each_checkpoint_once(request, tmp_path):
             assert "already registered as version 1 of step-1000" in skipped.message
 
             # an event without a path: the run fails with one line naming the label
-            cli([*prefect, "event", "emit", "diffquant.checkpoint.landed", "--resource-id", "diffquant.checkpoint.x"])
+            cli([*PREFECT, "event", "emit", "diffquant.checkpoint.landed", "--resource-id", "diffquant.checkpoint.x"])
             third = wait_for_nth_run(prefect_api, deployment.id, 3, CHECKPOINT_RUN_TIMEOUT_S)
             assert third.state.is_failed(), third.state
             assert "has no checkpoint path" in third.state.message and "\n" not in third.state.message

@@ -130,3 +130,14 @@ def test_prefect_yaml_runs_the_flow_on_the_event_the_watcher_emits():
     emitted = Resource(checkpoint_resource(Path("/data/ckpts/step-1"), "c" * 64))
     assert trigger.match.includes([emitted]) and emitted[PATH_LABEL] == "/data/ckpts/step-1"
     assert checkpoint_spec(deployment["parameters"]["spec"], Path("/data/ckpts/step-1")).model.path
+
+
+def test_emitting_without_a_prefect_server_is_refused_in_one_line(tmp_path, monkeypatch):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from diffquant.errors import TrackingError
+    from diffquant.flows.checkpoint import emit_checkpoint_landed
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    with temporary_settings({PREFECT_API_URL: None}), pytest.raises(TrackingError, match="PREFECT_API_URL is not set"):
+        emit_checkpoint_landed(tmp_path, "d" * 64)
