@@ -73,7 +73,7 @@ class RichReporter:
         self.progress.update(handle.task, completed=task.total)
 
 
-def _setup(verbose: bool) -> Path:
+def _setup(verbose: bool, reap: bool = True) -> Path:
     from diffquant.errors import DiffquantError
     from diffquant.registry.home import configure_environment, diffquant_home, ensure_writable
 
@@ -90,7 +90,8 @@ def _setup(verbose: bool) -> Path:
     except DiffquantError as error:
         _fail(error)
     configure_environment(home)
-    _reap_stale_runs(home)
+    if reap:
+        _reap_stale_runs(home)
     return home
 
 
@@ -622,6 +623,57 @@ def rollback(
     client = _registry_client(home)
     restored = _registry_action(home, verbose, lambda: rollback_model(client, model))
     console.print(f"{model}: champion rolled back to version {restored}")
+
+
+@app.command()
+def watch(
+    folder: Annotated[Path, typer.Argument(help="Folder a training job saves checkpoints to, one subfolder each.")],
+    interval: Annotated[float, typer.Option(help="Seconds between two scans of FOLDER.", min=0.05)] = 10.0,
+    once: Annotated[
+        bool, typer.Option("--once", help="Scan twice, --interval apart, emit what is stable, then exit.")
+    ] = False,
+    state: Annotated[
+        Path | None,
+        typer.Option(help="State file of what was emitted (default: <DIFFQUANT_HOME>/watch/<folder hash>.json)."),
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show logs.")] = False,
+) -> None:
+    """Emit diffquant.checkpoint.landed to PREFECT_API_URL for each new, complete, stable diffusers folder in FOLDER.
+
+    A subfolder is emitted once it holds model_index.json or config.json, its files did not change
+    between two scans, and it loads as a diffusers model (safetensors only); the state file keeps a
+    restarted watcher from emitting it again. The compress-on-checkpoint deployment's trigger
+    starts a compress run for it.
+    """
+    home = _setup(verbose, reap=False)
+    from diffquant.errors import DiffquantError
+    from diffquant.flows.checkpoint import CHECKPOINT_EVENT, emit_checkpoint_landed, events_api_url
+    from diffquant.watching import CheckpointWatcher, default_state_path
+
+    _quiet_prefect(verbose)
+    try:
+        watcher = CheckpointWatcher(folder, state or default_state_path(folder, home))
+        events_api_url()  # before the first scan: a watcher that cannot emit says so at once
+        scans, emitted = 0, 0
+        while True:
+            for landed in watcher.scan():
+                watcher.mark_emitted(landed, emit_checkpoint_landed(landed.path, landed.sha256))
+                emitted += 1
+                console.print(
+                    f"emitted {CHECKPOINT_EVENT} for {landed.path} (weights sha256 {landed.sha256[:12]})",
+                    highlight=False,
+                    soft_wrap=True,
+                )
+            scans += 1
+            if once and scans >= 2:
+                break
+            time.sleep(interval)
+    except DiffquantError as error:
+        _fail(error)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    if emitted == 0:
+        console.print(f"no new complete checkpoint in {folder}", highlight=False, soft_wrap=True)
 
 
 def _registry_client(home: Path, prefect: bool = False) -> Any:

@@ -68,6 +68,7 @@ def test_compress_logs_everything(isolated_home, tmp_path):
         r.info.run_id for r in runs
     }
     assert {"plan_sha256", "git_sha", "diffquant_version", "metric.fd_real", "promotion.reasons"} <= version.tags.keys()
+    assert version.tags["model.weights_sha256"] == saved["model"]["weights_sha256"]  # what a checkpoint run skips on
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "model")} >= {
         "model/plan.json",
         "model/quantizer_scales.safetensors",
