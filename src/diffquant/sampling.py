@@ -5,6 +5,7 @@ Schedulers: DDIM, Euler, DPM-Solver++ or the model's own (see :data:`SCHEDULERS`
 
 from __future__ import annotations
 
+import logging
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +16,11 @@ from torch import nn
 from diffquant.errors import ConfigError
 from diffquant.progress import track
 from diffquant.spec import SamplerSpec
+
+logger = logging.getLogger(__name__)
+
+_WARNED_CLIPPED: set[float] = set()
+"""Guidance scales already warned about DDIM's x0 clipping in this process."""
 
 
 @dataclass(frozen=True)
@@ -107,7 +113,17 @@ def check_sampler(sampler: SamplerSpec, scheduler_config: dict[str, Any], null: 
     Raises:
         ConfigError (``name`` or ``guidance``).
     """
-    scheduler_class(sampler.name, scheduler_config)
+    cls = scheduler_class(sampler.name, scheduler_config)
+    clipped = cls.__name__ == "DDIMScheduler" and bool(scheduler_config.get("clip_sample"))
+    if is_guided(sampler.guidance) and clipped and sampler.guidance not in _WARNED_CLIPPED:
+        _WARNED_CLIPPED.add(sampler.guidance)
+        logger.warning(
+            "guidance %g with DDIM and clip_sample true in the scheduler config: DDIM clips each step's x0 "
+            "prediction but keeps the unclipped noise, which washes out guided samples (digits-unet, 25 steps: "
+            "accuracy 0.77 at guidance 2 and 0.24 at 4 with clipping, 0.995 and 1.0 without); set clip_sample "
+            "false in the model's scheduler_config.json",
+            sampler.guidance,
+        )
     if is_guided(sampler.guidance) and null is None:
         raise ConfigError(
             "guidance",
