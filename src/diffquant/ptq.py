@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from diffquant.calibration.ranges import ForwardLoop, calibrate_activations
+from diffquant.devices import resolve_device_class
 from diffquant.errors import ConfigError
 from diffquant.mixed_precision.allocate import allocate_plan, measure_allocation_sensitivity
 from diffquant.mixed_precision.sensitivity import SensitivityTable
@@ -360,6 +361,7 @@ def auto_quantize(
     classifier: nn.Module | None = None,
     target: ExportTarget = "tensorrt",
     sensitivity: SensitivityTable | None = None,
+    device_class: str | None = None,
 ) -> AutoQuantizeResult:
     """Mixed precision: measure per-layer sensitivity, solve the integer program, quantize in place.
 
@@ -375,9 +377,12 @@ def auto_quantize(
         classifier: Evaluation classifier (content layers need it).
         target: Export form the plan is for.
         sensitivity: A table measured before for the same model, data and config (skips the measurement).
+        device_class: The device class the plan is for (``orin``, ..., ``cpu``; :mod:`diffquant.devices`);
+            only options it runs are offered. None: the target's default (``tensorrt`` -> ``orin``,
+            ``onnxruntime`` -> ``cpu``), as ``export.device_class`` in a spec.
 
     Raises:
-        ConfigError: Bad globs, pins or latency table.
+        ConfigError: Bad globs, pins or latency table, or a device class that does not run ``target``.
         diffquant.mixed_precision.solver.AllocationInfeasibleError: When the budget cannot be met.
 
     Example:
@@ -396,7 +401,8 @@ def auto_quantize(
         sensitivity = measure_allocation_sensitivity(
             model, forward_loop, config, steps=steps, seed=seed, classifier=classifier, **observers
         )
-    plan, allocation = allocate_plan(model, forward_loop, config, sensitivity, **observers)
+    device = resolve_device_class(device_class, target)
+    plan, allocation = allocate_plan(model, forward_loop, config, sensitivity, **observers, device_class=device)
     result = quantize(model, quantize_config, forward_loop, calibration=calibration, plan=plan, target=target)
     return AutoQuantizeResult(result.module, result.plan, allocation, sensitivity, result)
 

@@ -18,6 +18,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.pipeline.conftest import SMALL
 from tests.servers import (
@@ -33,6 +34,7 @@ from tests.servers import (
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN_TIMEOUT_S = 420
+DEPLOY_CLASSES = ("ampere", "ada", "hopper", "blackwell", "cpu")  # orin's is deploy-edge
 
 
 @pytest.fixture(scope="module")
@@ -111,10 +113,11 @@ def test_deployed_compress_registers_and_promotes(backend, request, tmp_path):
             "PREFECT_LOGGING_LEVEL": "WARNING",
             "PYTHONPATH": str(ROOT),
         }
-        for pool in ("diffquant-cpu", "edge-orin"):
+        deployments = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
+        for pool in sorted({d["work_pool"]["name"] for d in deployments}):  # one per device class, and the CPU's
             prefect_cli(["work-pool", "create", pool, "--type", "process", "--overwrite"], env)
         out = prefect_cli(["--no-prompt", "deploy", "--all"], env)
-        for name in ("compress-nightly", "sweep-weekly", "deploy-edge"):
+        for name in ("compress-nightly", "sweep-weekly", "deploy-edge", *(f"deploy-{c}" for c in DEPLOY_CLASSES)):
             assert name in out
         spec = load_spec(overrides=SMALL).to_dict()
         with temporary_settings({PREFECT_API_URL: prefect_api}):
