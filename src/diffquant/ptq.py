@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from diffquant.calibration.ranges import ForwardLoop, calibrate_activations
-from diffquant.devices import resolve_device_class
+from diffquant.devices import plan_problems, resolve_device_class
 from diffquant.errors import ConfigError
 from diffquant.mixed_precision.allocate import allocate_plan, measure_allocation_sensitivity
 from diffquant.mixed_precision.sensitivity import SensitivityTable
@@ -272,6 +272,7 @@ def quantize(
     plan: LayerPlan | None = None,
     target: ExportTarget = "tensorrt",
     family: str | None = None,
+    device_class: str | None = None,
 ) -> QuantizeResult:
     """Quantize a denoiser in place: fake-quant layers with calibrated scales, and its plan.
 
@@ -288,14 +289,18 @@ def quantize(
         plan: An allocated plan (:func:`diffquant.auto_quantize`) to apply instead of the uniform one.
         target: Export form: ``tensorrt`` (default) or ``onnxruntime`` (adds output quantizers).
         family: Model family of a bare module (``unet2d``, ``dit``, ``text-unet``, ``sdxl``, ``pixart``).
+        device_class: The device class the plan is for (:mod:`diffquant.devices`; None: the
+            target's default, ``tensorrt`` -> ``orin``); a plan it cannot run is refused before
+            calibration.
 
     Returns:
         The quantized module, its plan, what outlier-token detection found and the sizes.
 
     Raises:
         ConfigError: A glob that matches nothing, an impossible forced outlier-token count,
-            no calibration data, or too few calibration inputs for a GPTQ layer's Hessian
-            (``weight.rounding``).
+            no calibration data, too few calibration inputs for a GPTQ layer's Hessian
+            (``weight.rounding``), or a layer the device class cannot run (``weight``, naming
+            the layer and the class).
 
     Example:
         >>> import diffquant
@@ -315,6 +320,14 @@ def quantize(
         plan = plan_from_spec(model, config, calibration.observer, target, family)
     else:
         plan = for_target(unet, plan, target)
+    device = resolve_device_class(device_class, target)
+    modules = dict(unet.named_modules())
+    kinds = {name: "conv" if isinstance(modules[name], nn.Conv2d) else "linear" for name in plan if name in modules}
+    problems = plan_problems(device, plan, kinds)
+    if problems:
+        layer, reason = problems[0]
+        more = f" (and {len(problems) - 1} more layers)" if len(problems) > 1 else ""
+        raise ConfigError("weight", f"layer {layer} cannot run on {device.name}: {reason}{more}")
     text = isinstance(model, DiffusionModel) and model.condition == "text"
     conditions = _conditions(unet, forward_loop) if text and config.outlier_tokens != "off" else None
     outliers = _outlier_tokens(model, config.outlier_tokens, conditions)

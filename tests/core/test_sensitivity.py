@@ -244,3 +244,17 @@ def test_cross_attention_ties_only_keys_and_values():
         assert leaves == (["to_k", "to_v"] if parent in cross else ["to_k", "to_q", "to_v"]), group
     assert any(name.endswith("attn2.to_q") for name in names)
     assert not any(name.endswith("attn2.to_q") for group in groups for name in group)
+
+
+def test_a_uniform_plan_the_device_class_cannot_run_is_refused_before_calibration(tiny):
+    from diffquant.ptq import quantize
+    from diffquant.quant.config import WeightConfig
+    from diffquant.spec import QuantizeSpec
+
+    model, calib = tiny
+    config = QuantizeSpec(weight=WeightConfig(4, "per_group", group_size=8), keep_full_precision=[])
+    with pytest.raises(ConfigError, match=r"weight: layer \S+ cannot run on orin: group-wise .* not on a conv"):
+        quantize(model, config, calib)
+    with pytest.raises(ConfigError, match="cannot run on hopper"):
+        quantize(model, config, calib, device_class="hopper")
+    assert not any(isinstance(m, QuantConv2d) for m in model.unet.modules())  # refused before any layer changed
