@@ -16,9 +16,9 @@ What the table says, and where it comes from:
   onnxruntime CPU provider runs the QDQ form (``QLinearConv``, see :mod:`diffquant.export.onnx`).
 - **INT4 weights**: "Weight-only quantization is supported for INT4" (same page); the TensorRT
   support matrices list the kernel as "INT4 WoQ GEMM" for compute capability 8.6 and later
-  (TensorRT-RTX support matrix), and NVIDIA's Model Optimizer lists W4A16 ("block-wise INT4
-  weights, GPUs: Ampere and later") for MatMul/Gemm only; its maintainers have "no plan for int4
-  conv support" (NVIDIA/Model-Optimizer issue 178). So on a TensorRT class an INT4 weight is an
+  (TensorRT-RTX support matrix); NVIDIA's Model Optimizer lists W4A16 ("block-wise INT4
+  weights, GPUs: Ampere and later") and quantizes only Linear (MatMul/Gemm) layers to INT4: its
+  maintainers have "no plan for int4 conv support" (NVIDIA/Model-Optimizer issue 178). So on a TensorRT class an INT4 weight is an
   integer kernel only on a GEMM (Linear -> ``MatMul``) layer (:attr:`DeviceClass.int4_gemm`).
   A 2-4-bit weight on a convolution is still written as a per-channel INT4 ``DequantizeLinear``
   (the rules accept it, as before), but TensorRT has no INT4 convolution kernel
@@ -39,7 +39,7 @@ What the table says, and where it comes from:
   10.8 or later. diffquant has no FP formats yet: the flags are in the table so that the rules and
   the allocator read them when the formats arrive.
 - **Orin** is sm 8.7 with JetPack 6's TensorRT 10.3: INT8 and INT4 weight-only GEMM, no FP8, no
-  FP4 (the sm 8.7 row of the TensorRT support matrix has INT8 and no FP8).
+  FP4 (TensorRT's support matrices list sm 8.7 with INT8 tensor cores; FP8 needs sm 8.9).
 - The **output quantizers** of the onnxruntime form (UINT8 activations, INT32 biases) run only on
   ``cpu``; TensorRT takes the TensorRT form only.
 """
