@@ -208,6 +208,11 @@ def test_group_options_measured_where_allowed_and_chosen_by_allocation(tiny):
     conv = next(n for n in allowed if kinds[n] == "conv")
     with pytest.raises(ConfigError, match=f"pinned: {conv} is pinned to w4g8a8, which orin cannot run"):
         alloc("orin", {conv: "w4g8a8"})
+    tight = spec.allocation.model_copy(
+        update={"budget": spec.allocation.budget.model_copy(update={"avg_weight_bits": 3.0})}
+    )
+    with pytest.raises(AllocationInfeasibleError, match=r"\(device class orin cannot run w4g8a8 on some layers\)"):
+        allocate_plan(model, calib, tight, table, device_class="orin")
 
 
 def test_final_sample_psnr_metric(tiny):

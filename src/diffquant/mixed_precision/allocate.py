@@ -23,7 +23,7 @@ from diffquant.mixed_precision.costs import (
     qkv_groups,
 )
 from diffquant.mixed_precision.sensitivity import SensitivityTable, measure_sensitivity
-from diffquant.mixed_precision.solver import Allocation, solve_allocation
+from diffquant.mixed_precision.solver import Allocation, AllocationInfeasibleError, solve_allocation
 from diffquant.models.loading import DiffusionModel
 from diffquant.quant.plan import (
     ActivationConfig,
@@ -307,7 +307,14 @@ def allocate_plan(
         read_latency_table(alloc.latency_table) if alloc.latency_table else None,
         unavailable,
     )
-    result = solve_allocation(problem)
+    try:
+        result = solve_allocation(problem)
+    except AllocationInfeasibleError as error:
+        if not removed or entry is None:
+            raise
+        raise AllocationInfeasibleError(
+            f"{error} (device class {entry.name} cannot run {', '.join(removed)} on some layers)", error.minimal
+        ) from None
     plan = LayerPlan()
     for name in names:
         w, g, a = choices[result.choice[name]]
