@@ -574,14 +574,25 @@ def deploy(
     ],
     alias: Annotated[str, typer.Option(help="Alias of the version to deploy.")] = "champion",
     run_id: Annotated[str | None, typer.Option("--run-id", help="Deploy the version of this run instead.")] = None,
+    device_class: Annotated[
+        str | None,
+        typer.Option(
+            "--device-class",
+            help="Class of this machine (orin, ampere, ada, hopper, blackwell, cpu; default: $DIFFQUANT_DEVICE_CLASS); "
+            "a version built for another class is refused.",
+        ),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show logs.")] = False,
 ) -> None:
     """Fetch a registered version, verify every artifact's sha256, build for this GPU, write a bundle."""
     home = _setup(verbose)
+    from diffquant.devices import device_class as class_entry
+    from diffquant.devices import machine_device_class
     from diffquant.errors import DiffquantError
     from diffquant.export.bundle import check_bundle_target
 
     try:
+        machine = class_entry(device_class, "--device-class").name if device_class else machine_device_class()
         check_bundle_target(target)  # a target diffquant would refuse is refused before any download
     except DiffquantError as error:
         _fail(error)
@@ -591,9 +602,13 @@ def deploy(
     result = _registry_action(
         home,
         verbose,
-        lambda: deploy_flow(model=model, target=target, alias=None if run_id else alias, run_id=run_id),
+        lambda: deploy_flow(
+            model=model, target=target, alias=None if run_id else alias, run_id=run_id, device_class=machine
+        ),
     )
-    console.print(f"{model} v{result['version']} -> {result['bundle']} ({result['engine_reason']})")
+    console.print(
+        f"{model} v{result['version']} ({result['device_class']}) -> {result['bundle']} ({result['engine_reason']})"
+    )
 
 
 @app.command()

@@ -217,6 +217,7 @@ def _register(
         "diffquant_version": diffquant.__version__,
         "fp_baseline_run": run.run_ids.get("evaluate_fp", ""),
         "source_model": cfg.model.name or str(cfg.model.path),
+        "device_class": cfg.export.device.name,
     }
     inf = float("inf")
     candidate = Candidate(

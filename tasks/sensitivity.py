@@ -99,6 +99,7 @@ def allocate_task(
             SensitivityTable.load_csv(Path(sensitivity.path)),
             weight_observer=weight_observer(spec.quantize),
             activation_observer=spec.calibration.observer,
+            device_class=spec.export.device,
         )
     folder = Path(out_dir) / "plan"
     answer = {
@@ -107,6 +108,9 @@ def allocate_task(
         "status": result.status,
         "budget": spec.allocation.budget.as_dict(),
         "choice": result.choice,
+        "device_class": spec.export.device.name,
+        "removed_options": result.removed,
+        "notes": result.notes,
     }
     return AllocationArtifact(
         plan=FileRef.of(plan.save(folder / "allocated_plan.json")),

@@ -35,7 +35,8 @@ from pydantic import (
     model_validator,
 )
 
-from diffquant.errors import SpecError
+from diffquant.devices import DEFAULT_DEVICE_CLASS, DeviceClass, DeviceClassName, resolve_device_class
+from diffquant.errors import ConfigError, SpecError
 from diffquant.quant.config import WeightConfig
 from diffquant.quant.formats import MAX_BITS, MIN_BITS
 
@@ -301,10 +302,18 @@ class ExportSpec(_Strict):
     not; ``on`` makes a missing TensorRT an error; ``off`` never builds. Parity compares
     onnxruntime with the PyTorch model on the calibration inputs and, with ``parity_samples`` > 0,
     on final samples from the same noise; a failed check fails the run when ``enforce_parity``.
+
+    ``device_class`` (``orin | ampere | ada | hopper | blackwell | cpu``, :mod:`diffquant.devices`)
+    is the class of machine the plan is for: the allocator offers only what it runs, the rules
+    check refuses what it cannot run, and the bundle records it. Unset, it is the target's default
+    (``tensorrt`` -> ``orin``, ``onnxruntime`` -> ``cpu``); the default is left out of the
+    serialized spec (written or not), so existing specs keep their hash. ``cpu`` takes the
+    onnxruntime form and the GPU classes the TensorRT form.
     """
 
     onnx: bool = True
     target: Literal["tensorrt", "onnxruntime"] = "tensorrt"
+    device_class: DeviceClassName | None = None
     tensorrt: Literal["auto", "on", "off"] = "auto"
     opset: int = Field(21, ge=13, le=23)
     parity_samples: int = Field(
@@ -322,6 +331,29 @@ class ExportSpec(_Strict):
             return "on" if value else "off"
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_device_class(cls, data: Any) -> Any:
+        # the target's own class, written out, is the same spec as leaving it unset
+        if isinstance(data, dict) and data.get("device_class") is not None:
+            target = data.get("target", "tensorrt")
+            if isinstance(target, str) and DEFAULT_DEVICE_CLASS.get(target) == data["device_class"]:
+                data = {k: v for k, v in data.items() if k != "device_class"}
+        return data
+
+    @model_validator(mode="after")
+    def _device_class_takes_target(self) -> ExportSpec:
+        try:
+            resolve_device_class(self.device_class, self.target)
+        except ConfigError as error:
+            raise ValueError(f"export.device_class {self.device_class}: {error.message}") from None
+        return self
+
+    @property
+    def device(self) -> DeviceClass:
+        """The device class the plan is for: ``device_class``, else the target's default."""
+        return resolve_device_class(self.device_class, self.target)
+
     @model_validator(mode="after")
     def _engine_needs_tensorrt_form(self) -> ExportSpec:
         if self.target == "onnxruntime" and self.tensorrt == "on":
@@ -335,6 +367,8 @@ class ExportSpec(_Strict):
         data = handler(self)
         if self.target == "tensorrt":
             data.pop("target", None)
+        if self.device_class is None:
+            data.pop("device_class", None)
         return data
 
 

@@ -25,6 +25,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.pipeline.conftest import SMALL
 from tests.servers import (
@@ -42,6 +43,7 @@ RUN_TIMEOUT_S = 420
 PREFECT = [sys.executable, "-m", "prefect"]
 """Prefect's CLI on this interpreter (not the console script, whose shebang may name another venv):
 the worker's flow runs then import the diffquant under test."""
+DEPLOY_CLASSES = ("ampere", "ada", "hopper", "blackwell", "cpu")  # orin's is deploy-edge
 
 
 @pytest.fixture(scope="module")
@@ -120,10 +122,11 @@ def test_deployed_compress_registers_and_promotes(backend, request, tmp_path):
             "PREFECT_LOGGING_LEVEL": "WARNING",
             "PYTHONPATH": str(ROOT),
         }
-        for pool in ("diffquant-cpu", "edge-orin"):
+        deployments = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
+        for pool in sorted({d["work_pool"]["name"] for d in deployments}):  # one per device class, and the CPU's
             prefect_cli(["work-pool", "create", pool, "--type", "process", "--overwrite"], env)
         out = prefect_cli(["--no-prompt", "deploy", "--all"], env)
-        for name in ("compress-nightly", "sweep-weekly", "deploy-edge"):
+        for name in ("compress-nightly", "sweep-weekly", "deploy-edge", *(f"deploy-{c}" for c in DEPLOY_CLASSES)):
             assert name in out
         spec = load_spec(overrides=SMALL).to_dict()
         with temporary_settings({PREFECT_API_URL: prefect_api}):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from diffquant.devices import DeviceClass
+from diffquant.devices import device_class as lookup_device_class
 from diffquant.errors import ConfigError
 from diffquant.metrics import psnr
 from diffquant.mixed_precision.costs import (
@@ -20,7 +23,7 @@ from diffquant.mixed_precision.costs import (
     qkv_groups,
 )
 from diffquant.mixed_precision.sensitivity import SensitivityTable, measure_sensitivity
-from diffquant.mixed_precision.solver import Allocation, solve_allocation
+from diffquant.mixed_precision.solver import Allocation, AllocationInfeasibleError, solve_allocation
 from diffquant.models.loading import DiffusionModel
 from diffquant.quant.plan import (
     ActivationConfig,
@@ -176,6 +179,47 @@ def _group_channels(layer: nn.Module) -> int:
     return int(getattr(layer, "in_features", 0))
 
 
+def _layer_kind(layer: nn.Module) -> str:
+    return "conv" if isinstance(layer, nn.Conv2d) else "linear"
+
+
+def device_filter(
+    device: DeviceClass,
+    kinds: dict[str, str],
+    choices: dict[str, tuple[int | None, int | None, int | None]],
+    group_channels: dict[str, int] | None = None,
+) -> tuple[dict[str, set[str]], dict[str, str]]:
+    """The options each layer's device class cannot run, and why (option -> reason, with a layer count).
+
+    Args:
+        device: The class the plan is for.
+        kinds: Layer -> ``conv`` or ``linear``.
+        choices: Option name -> ``(weight bits, group size, activation bits)``.
+        group_channels: Layer -> input channels groups may split; a group-wise option a layer
+            cannot take anyway (the size does not divide them) is not counted as removed.
+
+    Returns:
+        ``(layer -> option names it loses, option -> one line saying why and for how many layers)``.
+    """
+    unavailable: dict[str, set[str]] = {}
+    why: dict[str, tuple[str, int]] = {}
+    for layer, kind in kinds.items():
+        channels = (group_channels or {}).get(layer)
+        for option, (w, g, _) in choices.items():
+            if g is not None and channels is not None and (channels == 0 or channels % g):
+                continue
+            problem = device.weight_problem(kind, w, g) if w is not None else None
+            if problem is not None:
+                unavailable.setdefault(layer, set()).add(option)
+                count = why.get(option, (problem, 0))[1]
+                why[option] = (problem, count + 1)
+    total = len(kinds)
+    removed = {
+        option: f"{reason} (removed for {count} of {total} layers)" for option, (reason, count) in sorted(why.items())
+    }
+    return unavailable, removed
+
+
 def allocate_plan(
     model: DiffusionModel,
     calib: Trajectories,
@@ -184,6 +228,7 @@ def allocate_plan(
     *,
     weight_observer: str = "minmax",
     activation_observer: str = "minmax",
+    device_class: str | DeviceClass | None = None,
 ) -> tuple[LayerPlan, Allocation]:
     """Solve the allocation program and turn the answer into a LayerPlan.
 
@@ -194,9 +239,14 @@ def allocate_plan(
         table: Its sensitivity table (:func:`measure_allocation_sensitivity`).
         weight_observer: Range observer of the planned weights.
         activation_observer: Range observer of the planned inputs.
+        device_class: The device class the plan is for (:mod:`diffquant.devices`): only the options it
+            runs are offered to each layer; the answer's ``removed`` says which were taken away and
+            why, its ``notes`` how the class runs chosen options that are not integer kernels there.
+            None offers every candidate.
 
     Raises:
-        ConfigError: Bad pins (unknown glob or option) or an unreadable latency table.
+        ConfigError: Bad pins (unknown glob or option, or an option the device class cannot run
+            on a pinned layer), an unknown device class or an unreadable latency table.
         diffquant.mixed_precision.solver.AllocationInfeasibleError: When the budget cannot be met.
     """
     alloc = config
@@ -221,6 +271,11 @@ def allocate_plan(
     a_bits: list[int | None] = [*alloc.activation_bits, *([None] if alloc.allow_float_activations else [])]
     choices = {option_name(w, a, g): (w, g, a) for w, g in w_opts for a in a_bits}
     valid = set(choices)
+    kinds = {name: _layer_kind(m) for name, m in modules.items()}
+    entry = lookup_device_class(device_class) if device_class is not None else None
+    unavailable, removed = (
+        device_filter(entry, kinds, choices, inputs.group_channels) if entry is not None else ({}, {})
+    )
     pinned: dict[str, str] = {}
     for pattern, option in alloc.pinned.items():
         if option not in valid:
@@ -230,6 +285,11 @@ def allocate_plan(
                 pinned[name] = option
         except ValueError as error:
             raise ConfigError("pinned", str(error)) from None
+    for name, option in pinned.items():
+        if entry is not None and option in unavailable.get(name, ()):
+            w, g, _ = choices[option]
+            reason = entry.weight_problem(kinds[name], w, g) if w is not None else None
+            raise ConfigError("pinned", f"{name} is pinned to {option}, which {entry.name} cannot run: {reason}")
     metric = alloc.quality_metric
 
     def noise(layer: str, kind: str, bits: int | None, group: int | None) -> float:
@@ -246,8 +306,16 @@ def allocate_plan(
         qkv_groups(names, cross_attention_blocks(unet)) if alloc.tie_qkv else [],
         pinned,
         read_latency_table(alloc.latency_table) if alloc.latency_table else None,
+        unavailable,
     )
-    result = solve_allocation(problem)
+    try:
+        result = solve_allocation(problem)
+    except AllocationInfeasibleError as error:
+        if not removed or entry is None:
+            raise
+        raise AllocationInfeasibleError(
+            f"{error} (device class {entry.name} cannot run {', '.join(removed)} on some layers)", error.minimal
+        ) from None
     plan = LayerPlan()
     for name in names:
         w, g, a = choices[result.choice[name]]
@@ -256,5 +324,13 @@ def allocate_plan(
             WeightConfig(w, granularity, weight_observer, g) if w is not None else None,
             ActivationConfig(a, activation_observer) if a is not None else None,
         )
+    notes: dict[str, list[str]] = {}
+    for name in names if entry is not None else ():
+        note = entry.weight_note(kinds[name], choices[result.choice[name]][0])
+        if note is not None:
+            notes.setdefault(note, []).append(name)
+    result = dataclasses.replace(result, removed=removed, notes=notes)
+    if removed:
+        logger.info("allocation for %s: options removed: %s", entry.name if entry else "-", removed)
     logger.info("allocation: objective %.4g, usage %s", result.objective, result.usage)
     return plan, result

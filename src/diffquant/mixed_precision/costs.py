@@ -97,6 +97,7 @@ def build_problem(
     groups: Sequence[Sequence[str]] = (),
     pinned: Mapping[str, str] | None = None,
     latency: Mapping[str, Mapping[str, float]] | None = None,
+    unavailable: Mapping[str, Collection[str]] | None = None,
 ) -> AllocationProblem:
     """Assemble the allocation program from sensitivities and costs.
 
@@ -114,6 +115,7 @@ def build_problem(
         pinned: Layer -> option name.
         latency: Optional lookup ``layer -> option name -> ms``; options missing from it cannot
             be taken by that layer.
+        unavailable: Layer -> option names it cannot take (e.g. what its device class cannot run).
     """
     options = [(w, g, a) for w, g in weight_options for a in act_bits]
     names = [option_name(w, a, g) for w, g, a in options]
@@ -127,8 +129,9 @@ def build_problem(
     for i, layer in enumerate(inputs.layers):
         n = inputs.weight_numel[layer]
         channels = inputs.group_channels.get(layer, 0)
+        refused = set((unavailable or {}).get(layer, ()))
         for j, (w, g, a) in enumerate(options):
-            if g is not None and (channels == 0 or channels % g):
+            if (g is not None and (channels == 0 or channels % g)) or names[j] in refused:
                 quality[i, j] = semantic[i, j] = np.nan
                 continue
             quality[i, j] = noise(layer, "weight", w, g) + noise(layer, "activation", a, None)
