@@ -361,10 +361,13 @@ def _check_out(out: Path | None) -> None:
 
 
 def _check_sampler(spec: Any, model: Any) -> None:
-    """Refuse now a scheduler the model's config cannot build or guidance without a null condition."""
+    """Refuse now a device or dtype this machine lacks, a scheduler the model's config cannot build, or guidance without a null condition."""
     from diffquant.errors import spec_section
+    from diffquant.placement import resolve_device, resolve_dtype
     from diffquant.sampling import check_sampler
 
+    with spec_section("runtime"):
+        resolve_dtype(spec.runtime.dtype, resolve_device(spec.runtime.device))
     with spec_section("sampler"):
         check_sampler(spec.sampler, model.scheduler_config, model.null_conditions(1))
 

@@ -118,7 +118,7 @@ def _pool(run: _Run, info: ModelInfo) -> tuple[PoolArtifact, bool]:
     if cal.labels_file:
         labels = read_labels_file(Path(cal.labels_file), info.num_classes, info.condition).tolist()
     request = PoolRequest.from_spec(run.cfg, info, labels)
-    return _cached(collect_trajectories_task, request, str(run.home / "cache" / "pools"))
+    return _cached(collect_trajectories_task, request, str(run.home / "cache" / "pools"), run.cfg.runtime)
 
 
 def _allocation(

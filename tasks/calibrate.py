@@ -23,7 +23,7 @@ def select_calibration_task(pool: PoolArtifact, spec: CompressionSpec, out_dir: 
     """Select the calibration set and a disjoint SQNR set; record indices, histogram and PCA plot."""
     cal = spec.calibration
     inputs = load_trajectories(pool.pool.path)
-    model = model_from_source(spec.model)
+    model = model_from_source(spec.model, spec.runtime)
     with spec_section("calibration"):
         chosen = select_calibration(inputs, model, cal, sqnr_inputs=spec.evaluate.sqnr_inputs, with_features=True)
     folder = Path(out_dir) / "calibration"
@@ -63,7 +63,7 @@ def quantize_task(
     The policy (family defaults, group fallback, outlier tokens, output quantizers for
     ``export.target: onnxruntime``) is :func:`diffquant.ptq`'s.
     """
-    model = model_from_source(spec.model)
+    model = model_from_source(spec.model, spec.runtime)
     plan = LayerPlan.load(Path(allocation.plan.path)) if allocation is not None else None
     with spec_section("quantize"):
         result = quantize(

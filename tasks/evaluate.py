@@ -37,7 +37,7 @@ def evaluate_task(
         quantized: The quantized model (None evaluates the FP model).
         fp: This task's result for the FP model (for paired metrics).
     """
-    model = model_from_source(spec.model)
+    model = model_from_source(spec.model, spec.runtime)
     if quantized is not None:
         weights = Path(quantized.weights.path) if quantized.weights else None
         model = load_quantized(model, Path(quantized.plan.path), Path(quantized.scales.path), weights)

@@ -49,7 +49,7 @@ def finetune_task(
     """
     ft = spec.finetune
     assert ft is not None
-    model = model_from_source(spec.model)
+    model = model_from_source(spec.model, spec.runtime)
     student = load_quantized(model, Path(quantized.plan.path), Path(quantized.scales.path))
     client = RunTracker(registry_client(tracking.uri), tracking.run_id)
     pending: list[tuple[int, dict[str, float]]] = []

@@ -55,7 +55,7 @@ def sensitivity_layers_task(
         extra: Number of layers after the first (only for the task run's name).
     """
     assert spec.allocation is not None
-    model = model_from_source(spec.model)
+    model = model_from_source(spec.model, spec.runtime)
     classifier = load_classifier() if model.digits_compatible else None
     with spec_section("allocation"):
         table = measure_allocation_sensitivity(
@@ -90,7 +90,7 @@ def allocate_task(
 ) -> AllocationArtifact:
     """Solve the allocation program; write the LayerPlan and the solver's answer."""
     assert spec.allocation is not None
-    model = model_from_source(spec.model)
+    model = model_from_source(spec.model, spec.runtime)
     with spec_section("allocation"):
         plan, result = allocate_plan(
             model,

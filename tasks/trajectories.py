@@ -14,14 +14,18 @@ from prefect import task
 
 from diffquant.calibration.pool import collect_pool
 from diffquant.errors import spec_section
+from diffquant.spec import RuntimeSpec
 from diffquant.tasks.artifacts import FileRef, PoolArtifact, PoolRequest, request_cache_policy
 from diffquant.tasks.common import model_from_source, save_trajectories
 
 
 @task(name="collect-trajectories", cache_policy=request_cache_policy(), persist_result=True)
-def collect_trajectories_task(request: PoolRequest, cache_dir: str) -> PoolArtifact:
-    """Sample FP trajectories and store every denoiser input under ``cache_dir`` (named by the request key)."""
-    model = model_from_source(request.model)
+def collect_trajectories_task(request: PoolRequest, cache_dir: str, runtime: RuntimeSpec | None = None) -> PoolArtifact:
+    """Sample FP trajectories and store every denoiser input under ``cache_dir`` (named by the request key).
+
+    ``runtime`` places the model (device, dtype); it is not part of the cache key.
+    """
+    model = model_from_source(request.model, runtime)
     labels = torch.tensor(request.labels) if request.labels else None
     with spec_section("sampler"):
         pool = collect_pool(model, request.trajectories, request.sampler, request.seed, labels)

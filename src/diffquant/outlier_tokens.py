@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from diffquant.models.loading import DiffusionModel
+from diffquant.placement import module_placement
 from diffquant.quant.modules import QuantLinear
 from diffquant.quant.plan import LayerPlan
 
@@ -95,8 +96,9 @@ def encoder_state_readers(
     try:
         with torch.no_grad():
             denoiser.encode = _constant(hidden)  # type: ignore[method-assign]
-            x = torch.zeros((condition.shape[0], *sample_shape))
-            denoiser(x, torch.full((condition.shape[0],), 500, dtype=torch.long), condition)
+            device, dtype = module_placement(denoiser)
+            x = torch.zeros((condition.shape[0], *sample_shape), device=device, dtype=dtype)
+            denoiser(x, torch.full((condition.shape[0],), 500, dtype=torch.long, device=device), condition.to(device))
     finally:
         del denoiser.encode
         for handle in handles:

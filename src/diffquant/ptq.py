@@ -305,7 +305,8 @@ def quantize(
     Example:
         >>> import diffquant
         >>> model = diffquant.load_model("digits-unet")
-        >>> data = diffquant.select_calibration(diffquant.collect_pool(model, trajectories=8), model, size=64)
+        >>> pool = diffquant.collect_pool(model, trajectories=8)
+        >>> data = diffquant.select_calibration(pool, model, diffquant.CalibrationSpec(size=64)).calibration
         >>> result = diffquant.quantize(model, diffquant.QuantizeSpec(), data)
         >>> len(result.plan.quantized_layers()) > 0
         True

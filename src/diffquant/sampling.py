@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from diffquant.errors import ConfigError
+from diffquant.placement import module_placement, to_module, to_storage
 from diffquant.progress import track
 from diffquant.spec import SamplerSpec
 
@@ -95,10 +96,13 @@ def scheduler_class(name: str, config: dict[str, Any]) -> type:
     return found
 
 
-def make_scheduler(config: dict[str, Any], steps: int, name: str = "ddim") -> Any:
+def make_scheduler(config: dict[str, Any], steps: int, name: str = "ddim", device: torch.device | None = None) -> Any:
     """A diffusers scheduler (``sampler.name``) built from the model's scheduler config, set to ``steps`` steps."""
     scheduler = scheduler_class(name, config).from_config(config)
-    scheduler.set_timesteps(steps)
+    if device is None or device.type == "cpu":
+        scheduler.set_timesteps(steps)
+    else:
+        scheduler.set_timesteps(steps, device=device)
     return scheduler
 
 
@@ -178,31 +182,33 @@ def run_sampler(
     guided = is_guided(sampler.guidance)
     check_sampler(sampler, scheduler_config, None if labels is None else null)
     per_batch = max(1, batch_size // 2) if guided else batch_size
+    device, dtype = module_placement(unet)
     outputs, xs, ts, ys = [], [], [], []
     n = noise.shape[0]
     batches = range(0, n, per_batch)
     with track(description, len(batches) * sampler.steps) as bar:
         for start in batches:
-            scheduler = make_scheduler(scheduler_config, sampler.steps, sampler.name)
-            x = noise[start : start + per_batch] * scheduler.init_noise_sigma
+            scheduler = make_scheduler(scheduler_config, sampler.steps, sampler.name, device)
+            x = noise[start : start + per_batch].to(device, torch.float32) * scheduler.init_noise_sigma
             y = None if labels is None else labels[start : start + per_batch]
             if guided:
                 assert y is not None and null is not None
                 y = torch.cat([null[start : start + per_batch], y])
+            y_device = None if y is None else y.to(device)
             for t in scheduler.timesteps:
                 model_input = scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
-                t_batch = torch.full((model_input.shape[0],), t.item(), dtype=scheduler.timesteps.dtype)
+                t_batch = torch.full((model_input.shape[0],), t.item(), dtype=scheduler.timesteps.dtype)  # CPU
                 if record:
-                    xs.append(model_input.clone())
+                    xs.append(to_storage(model_input).clone())
                     ts.append(t_batch)
                     ys.append(y if y is not None else torch.zeros(t_batch.shape, dtype=torch.long))
-                eps = unet(model_input, t_batch, y).sample
+                eps = unet(to_module(model_input, device, dtype), t_batch.to(device), y_device).sample.float()
                 if guided:
                     uncond, cond = eps.chunk(2)
                     eps = uncond + sampler.guidance * (cond - uncond)
                 x = scheduler.step(eps, t, x).prev_sample
                 bar.advance()
-            outputs.append(x.clamp(-1, 1) if clamp else x)
+            outputs.append(to_storage(x.clamp(-1, 1) if clamp else x))
     traj = Trajectories(torch.cat(xs), torch.cat(ts), torch.cat(ys)) if record else None
     return torch.cat(outputs), traj
 
@@ -225,13 +231,15 @@ def denoiser_outputs(
         description: Progress-bar label; None reports no progress.
     """
     outs = []
+    device, dtype = module_placement(unet)
     batches = range(0, len(traj), batch_size)
     with ExitStack() as stack:
         bar = stack.enter_context(track(description, len(batches))) if description else None
         for start in batches:
             sl = slice(start, start + batch_size)
-            labels = traj.labels[sl] if conditional else None
-            outs.append(unet(traj.x[sl], traj.t[sl], labels).sample)
+            labels = traj.labels[sl].to(device) if conditional else None
+            out = unet(to_module(traj.x[sl], device, dtype), traj.t[sl].to(device), labels).sample
+            outs.append(to_storage(out))
             if bar is not None:
                 bar.advance()
     return torch.cat(outs)

@@ -405,15 +405,26 @@ class PromoteSpec(_Strict):
 
 
 class RuntimeSpec(_Strict):
-    """Where the parallel stages run; does not change results (up to float summation order).
+    """Where the stages run: the Prefect task runner, and the torch device and dtype of every PyTorch pass.
 
     ``default`` runs mapped tasks on Prefect's thread pool (``workers`` threads); ``dask`` on
     prefect-dask's DaskTaskRunner over a local cluster of ``workers`` processes, one thread each.
+
+    ``device`` (``auto``: the first GPU torch sees, else the CPU) and ``dtype`` (of the
+    full-precision model and the non-quantized parts; quantizer scales, observers and the integer
+    grid stay in float32, and sampling keeps its latents in float32) place every PyTorch pass:
+    trajectories, features, calibration, sensitivity, fine-tuning and evaluation. Noise is drawn
+    on the CPU generator, so a seed gives the same noise on every device. The ONNX export traces
+    and its parity check runs on the CPU in float32 (what onnxruntime computes). The section stays
+    out of the spec hash; cached stages are shared between devices (they agree up to float
+    rounding on float32).
     """
 
     runner: Literal["default", "dask"] = "default"
     workers: int = Field(1, ge=1, le=64)
     layers_per_task: int = Field(4, ge=1, le=MAX_COUNT, description="layers measured by one sensitivity task")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda|cuda:\d{1,2})$", description="auto, cpu, cuda or cuda:N")
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
 
 
 class CompressionSpec(_Strict):

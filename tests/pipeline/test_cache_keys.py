@@ -74,6 +74,8 @@ ALTERNATIVES: dict[str, list[Any]] = {
     "promote.gates.min_accuracy": [0.5],
     "promote.gates.max_size_ratio": [0.5],
     "runtime.runner": ["dask"],
+    "runtime.device": ["cpu"],
+    "runtime.dtype": ["bfloat16"],
 }
 
 

@@ -10,8 +10,10 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from diffquant.spec import load_spec
+from diffquant.storage import load_safetensors
 from tests.tiny_pipelines import save_tiny_pixart, save_tiny_sd, write_prompts
 
 TINY = [
@@ -51,8 +53,15 @@ def prompts(tmp_path: Path) -> Path:
 
 
 def test_stable_diffusion_pipeline_compresses_and_exports(isolated_home, tmp_path, prompts):
-    saved = run(tmp_path / "out", save_tiny_sd(tmp_path / "sd"), prompts)
+    """In bfloat16 with classifier-free guidance 7.5 and DPM-Solver++, as SD is run (the export stays float32)."""
+    guided = ["runtime.dtype=bfloat16", "sampler.guidance=7.5", "sampler.name=dpm_solver"]
+    saved = run(tmp_path / "out", save_tiny_sd(tmp_path / "sd"), prompts, guided)
     assert saved["model"]["family"] == "text-unet" and saved["model"]["latent"] is True
+    pool = load_safetensors(next((isolated_home / "cache" / "pools").glob("pool-*.safetensors")))
+    assert pool["x"].dtype == torch.float32 and len(pool["t"]) == 2 * 6 * 5  # both halves of every step
+    (parity,) = (tmp_path / "out").rglob("parity.json")
+    sampling = json.loads(parity.read_text())["sampling"]
+    assert (sampling["sampler"], sampling["guidance"]) == ("dpm_solver", 7.5)
     assert_fd_free(saved, tmp_path / "out", "text-unet")
     assert saved["metrics"]["quantized"]["sqnr_db"] > 10  # W8A8 stays close to FP
     plan = json.loads(Path(saved["plan"]["path"]).read_text())["layers"]

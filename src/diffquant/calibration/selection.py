@@ -255,7 +255,7 @@ def pool_features(
 
     def hook(_module: nn.Module, _inputs: object, output: object) -> None:
         tensor = output[0] if isinstance(output, tuple) else output
-        captured.append(tensor.detach().flatten(1).float())
+        captured.append(tensor.detach().flatten(1).float().cpu())
 
     handle = target.register_forward_hook(hook)
     try:

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from diffquant.errors import DataError, DiffquantError
+from diffquant.placement import module_placement, to_module
 from diffquant.quant.formats import SCALE_EPS
 from diffquant.quant.modules import QuantConv2d, QuantLinear
 from diffquant.quant.plan import resolve_globs
@@ -237,6 +238,7 @@ def distill(
     teacher.eval()
     # the teacher's predictions on the pool are fixed: compute them once (one batched no-grad pass)
     targets = denoiser_outputs(teacher, pool, conditional)
+    device, dtype = module_placement(student)
     student.train()
     began = time.perf_counter()
     with track("Fine-tuning", cfg.steps) as bar:
@@ -244,9 +246,9 @@ def distill(
         for step in range(start, cfg.steps):
             generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
             idx = torch.randint(len(pool), (min(cfg.batch_size, len(pool)),), generator=generator)
-            x, t = pool.x[idx], pool.t[idx]
-            y = pool.labels[idx] if conditional else None
-            target = targets[idx]
+            x, t = to_module(pool.x[idx], device, dtype), pool.t[idx].to(device)
+            y = pool.labels[idx].to(device) if conditional else None
+            target = targets[idx].to(device, dtype)
             factor = _lr_factor(step, cfg.steps)
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * factor

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from diffquant.mixed_precision.solver import AllocationProblem
+from diffquant.placement import module_placement, to_module
 from diffquant.quant.plan import QUANTIZABLE
 
 FLOAT_BITS = 32
@@ -39,7 +40,8 @@ def layer_macs(unet: nn.Module, sample: tuple[torch.Tensor, torch.Tensor, torch.
         handles.append(module.register_forward_hook(hook))
     try:
         x, t, y = sample
-        unet(x[:1], t[:1], None if y is None else y[:1])
+        device, dtype = module_placement(unet)
+        unet(to_module(x[:1], device, dtype), t[:1].to(device), None if y is None else y[:1].to(device))
     finally:
         for handle in handles:
             handle.remove()

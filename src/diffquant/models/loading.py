@@ -99,6 +99,13 @@ class DiffusionModel:
         labels = torch.arange(n) % self.num_classes
         return labels, labels
 
+    def to(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> DiffusionModel:
+        """Move the denoiser to ``device`` in ``dtype`` (quantizers stay float32); returns the model itself."""
+        from diffquant.placement import place
+
+        place(self.unet, torch.device(device), dtype)
+        return self
+
     def null_conditions(self, n: int) -> torch.Tensor | None:
         """The null condition for ``n`` samples (what guidance's unconditional half gets), or None.
 
@@ -558,8 +565,14 @@ def load_model(
     *,
     name: str | None = None,
     path: str | Path | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
 ) -> DiffusionModel:
     """Load a bundled reference model by name or a local diffusers model or pipeline directory.
+
+    ``device`` and ``dtype`` place the denoiser as ``runtime.device`` / ``runtime.dtype`` do
+    (``device="auto"``: the first GPU, else the CPU); by default it stays on the CPU in float32.
+    :meth:`DiffusionModel.to` moves it later.
 
     Args:
         path_or_name: A bundled reference model's name (``digits-unet``, ``digits-dit``,
@@ -567,10 +580,13 @@ def load_model(
         prompts: A prompts file for text-conditioned models (one prompt per line).
         name: The same as a name in ``path_or_name`` (the spec's ``model.name``).
         path: The same as a directory in ``path_or_name`` (the spec's ``model.path``).
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (None: the CPU).
+        dtype: ``float32``, ``float16`` or ``bfloat16`` of the full-precision model (None: float32).
 
     Raises:
         ModelLoadError: The source does not exist, is not a supported diffusers model, or has
             unsafe or malformed files.
+        ConfigError: A ``device`` or ``dtype`` this machine cannot run (``cuda`` without a GPU).
 
     Example:
         >>> model = diffquant.load_model("digits-unet")
@@ -583,6 +599,17 @@ def load_model(
         looks_like_path = isinstance(path_or_name, Path) or "/" in str(path_or_name) or Path(path_or_name).is_dir()
         path, name = (path_or_name, None) if looks_like_path else (None, str(path_or_name))
     prompts_file = Path(prompts) if prompts is not None else None
+    model = _load(path, name, prompts_file)
+    if device is not None or dtype is not None:
+        from diffquant.placement import resolve_device, resolve_dtype
+
+        where = resolve_device(device or "cpu")
+        model.to(where, resolve_dtype(dtype or "float32", where))
+    return model
+
+
+def _load(path: str | Path | None, name: str | None, prompts_file: Path | None) -> DiffusionModel:
+    """The model at ``path`` or the bundled reference ``name`` (default digits-unet), on the CPU in float32."""
     if path is not None:
         return load_local_model(Path(path), prompts_file=prompts_file)
     if name is not None and name not in REFERENCE_MODELS:

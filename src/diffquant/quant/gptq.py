@@ -238,6 +238,8 @@ class _HessianHook:
 
     def __call__(self, _module: nn.Module, args: tuple[Any, ...], _output: Any) -> None:
         x = layer_columns(self.layer, args[0], self.grouped)
+        if self.sum.device != x.device:  # the Hessian lives where the layer runs
+            self.sum = self.sum.to(x.device)
         self.sum += 2.0 * (x.t() @ x).double()
         self.rows += x.shape[0]
 

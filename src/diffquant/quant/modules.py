@@ -27,6 +27,9 @@ class FakeQuantizer(nn.Module):
     The scale is a buffer, so it is saved with the model's state dict (as safetensors).
     """
 
+    keeps_float32 = True
+    """Scales and statistics stay float32 when the model is cast to half precision (see :func:`diffquant.placement.place`)."""
+
     def __init__(
         self,
         bits: int,
@@ -115,6 +118,9 @@ class FakeQuantizer(nn.Module):
 
         A learnable scale under autograd uses LSQ's gradients; the forward value is the same.
         """
+        if self.mode is QuantizerMode.QUANTIZE and x.dtype is not torch.float32:
+            # scales and the integer grid stay exact in float32 under a half-precision model
+            return self.forward(x.float()).to(x.dtype)
         if self.mode is QuantizerMode.QUANTIZE and self.learnable and torch.is_grad_enabled():
             view, step = self._broadcast_scale(x)
             return lsq_fake_quant(view, step.to(x.dtype), self.fmt, view.numel() // self.scale.numel()).reshape(x.shape)

@@ -132,9 +132,10 @@ class ActivationObserver:
         x = x.detach().float().reshape(-1)
         if not torch.isfinite(x).all():
             raise FloatingPointError("non-finite activation seen during calibration")
-        self.absmax = torch.maximum(self.absmax, x.abs().max())
+        self.absmax = torch.maximum(self.absmax, x.abs().max().cpu())  # statistics live on the CPU
         if self.observer == "minmax":
             return
+        x = x.cpu()  # sampled with the CPU generator: the same sample on every device
         for chunk in x.split(_CHUNK):
             keys = torch.rand(chunk.numel(), generator=self._generator)
             if self._keys.numel() >= self.reservoir:  # only keys below the current k-th smallest can enter

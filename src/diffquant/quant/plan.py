@@ -275,6 +275,7 @@ def apply_plan(model: nn.Module, plan: LayerPlan) -> nn.Module:
         )
         if cfg.fp_tokens:
             new.keep_tokens_in_float(cfg.fp_tokens)
+        new.to(layer.weight.device)  # quantizer state joins the layer's device and stays float32
         set_module(model, name, new)
     return model
 
