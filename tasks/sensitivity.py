@@ -107,6 +107,7 @@ def allocate_task(
         "status": result.status,
         "budget": spec.allocation.budget.as_dict(),
         "choice": result.choice,
+        "unavailable": result.unavailable,
     }
     return AllocationArtifact(
         plan=FileRef.of(plan.save(folder / "allocated_plan.json")),

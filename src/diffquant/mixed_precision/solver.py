@@ -98,6 +98,8 @@ class Allocation:
     objective: float
     usage: dict[str, float]
     status: str
+    unavailable: list[dict[str, str]] = field(default_factory=list)
+    """(layer, option) pairs taken out before solving, each with its reason (e.g. missing latency)."""
 
 
 def _equalities(problem: AllocationProblem) -> tuple[csr_matrix, np.ndarray]:
