@@ -25,6 +25,14 @@ What is measured (onnxruntime, CPU):
   time embedding's sinusoid) minus what the per-layer graphs charge that the whole graph does
   not (one ``session.run`` per layer, copying the input and output through Python). The
   allocator charges it once, so ``budget.latency_ms`` is a whole-call latency.
+- **Uniform correction** (``uniform_correction``, on by default): the whole model is also timed
+  with every layer at each option. What a per-layer graph cannot see shows up there: in the
+  whole graph a quantized layer's ``DequantizeLinear -> op -> QuantizeLinear`` runs between other
+  quantized tensors, onnxruntime's optimizer fuses and lays out (NCHWc) across layer borders,
+  weights of a float layer compete for cache with its neighbours'. The option's residual
+  (uniform graph minus ``overhead_ms`` minus its entries) is spread evenly over its layers, so a
+  uniform plan is predicted exactly and a mixed plan by interpolation. ``bench/latency_budget.py``
+  measures how well that predicts mixed plans (BENCHMARKS.md).
 
 TensorRT per-layer timing needs TensorRT and a CUDA GPU; where either is missing the table's
 ``tensorrt`` entry records why (:func:`tensorrt_status`) and only onnxruntime is measured.
@@ -57,9 +65,19 @@ from diffquant.errors import ConfigError
 from diffquant.mixed_precision.costs import option_name
 from diffquant.mixed_precision.latency import LatencyTable
 from diffquant.models.loading import DiffusionModel
-from diffquant.ptq import for_target
+from diffquant.ptq import for_target, quantize_model
 from diffquant.quant.modules import groups_allowed
-from diffquant.quant.plan import QUANTIZABLE, ActivationConfig, LayerConfig, LayerPlan, WeightConfig, apply_plan
+from diffquant.quant.plan import (
+    QUANTIZABLE,
+    ActivationConfig,
+    LayerConfig,
+    LayerPlan,
+    WeightConfig,
+    apply_plan,
+    quantizable_layers,
+)
+from diffquant.sampling import Trajectories
+from diffquant.spec import CalibrationSpec
 
 from .onnx import DEFAULT_OPSET, export_module, export_onnx
 from .tensorrt import tensorrt_available
@@ -91,6 +109,8 @@ class ProfileSettings:
             calls the denoiser (its first call after the layer graphs is averaged away).
         opset: ONNX opset of the graphs.
         seed: Seed of the traced inputs and the round orders.
+        uniform_correction: Also time the whole model at each option and correct the option's
+            entries by what the per-layer graphs miss (see :func:`profile_onnxruntime`).
         clock: ``thread`` (this thread's CPU time) or ``wall``; ``auto``: ``thread`` with one
             onnxruntime thread (every op then runs on the calling thread, and time spent
             descheduled by other processes on a shared machine is not counted), else ``wall``.
@@ -106,6 +126,7 @@ class ProfileSettings:
     opset: int = DEFAULT_OPSET
     seed: int = 0
     clock: str = "auto"
+    uniform_correction: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields."""
@@ -319,6 +340,64 @@ def _runner(session: Any, feeds: dict[str, np.ndarray]) -> Any:
     return lambda: session.run(None, feeds)
 
 
+def _uniform_graph(model: DiffusionModel, option: Option, path: Path, settings: ProfileSettings) -> Path | None:
+    """The whole model with every layer that can take ``option`` at it (the rest float), calibrated on the traced sample.
+
+    None when no layer can take the option, or for the float option (the float graph is exported once).
+    """
+    if option == (None, None, None):
+        return None
+    _, g, _ = option
+    plan = LayerPlan()
+    for name in quantizable_layers(model.unet):
+        allowed = g is None or groups_allowed(model.unet.get_submodule(name), g)
+        plan[name] = option_config(option) if allowed else LayerConfig(None, None)
+    if not plan.quantized_layers():
+        return None
+    plan = for_target(model.unet, plan, settings.target)  # type: ignore[arg-type]
+    feeds = full_graph_feeds(model, settings.batch, settings.seed)
+    condition = next((torch.from_numpy(v) for k, v in feeds.items() if k not in ("sample", "timestep")), None)
+    labels = condition if condition is not None else torch.zeros(settings.batch, dtype=torch.long)
+    calib = Trajectories(torch.from_numpy(feeds["sample"]), torch.from_numpy(feeds["timestep"]), labels)
+    quantized = quantize_model(model, plan, calib, CalibrationSpec(batch_size=settings.batch))
+    return export_onnx(quantized, plan, path, settings.opset, target=settings.target).path
+
+
+def _build(
+    model: DiffusionModel, options: Mapping[str, Option], settings: ProfileSettings, folder: Path
+) -> tuple[dict[Any, Any], dict[str, list[torch.Tensor]]]:
+    """Every timed callable: ``(layer, option)`` graphs, ``("whole", option)`` graphs; and the traced inputs."""
+    inputs = traced_inputs(model, settings.batch, settings.seed)
+    runs: dict[Any, Any] = {}
+    for index, (name, calls) in enumerate(inputs.items()):
+        feeds = {"x": calls[0].numpy()}
+        for option, value in options.items():
+            path = layer_graph(model, name, value, calls[0], folder / f"{index:04d}_{option}.onnx", settings)
+            if path is not None:
+                runs[(name, option)] = _runner(_session(path, settings.threads), feeds)
+    whole_feeds = full_graph_feeds(model, settings.batch, settings.seed)
+    whole = export_onnx(model, None, folder / "whole_fp32.onnx", settings.opset).path
+    runs[("whole", FLOAT_OPTION)] = _runner(_session(whole, settings.threads), whole_feeds)
+    if settings.uniform_correction:
+        for option, value in options.items():
+            path = _uniform_graph(model, value, folder / f"whole_{option}.onnx", settings)
+            if path is not None:
+                runs[("whole", option)] = _runner(_session(path, settings.threads), whole_feeds)
+    return runs, inputs
+
+
+def _corrections(layers: dict[str, dict[str, float]], whole: dict[str, float], overhead: float) -> dict[str, float]:
+    """Per option, the uniform plan's measured residual spread over the layers that took the option."""
+    out = {}
+    for option, measured in whole.items():
+        if option == FLOAT_OPTION:
+            continue
+        took = [name for name, row in layers.items() if option in row]
+        predicted = overhead + sum(row[option] if option in row else row[FLOAT_OPTION] for row in layers.values())
+        out[option] = (measured - predicted) / len(took)
+    return out
+
+
 def profile_onnxruntime(
     model: DiffusionModel,
     options: Mapping[str, Option],
@@ -326,6 +405,12 @@ def profile_onnxruntime(
     workdir: str | Path | None = None,
 ) -> LatencyTable:
     """Measure the latency table of ``model``'s layers for ``options`` on onnxruntime (CPU).
+
+    With ``settings.uniform_correction`` (default), the whole model is also exported and timed
+    with every layer at each option (a uniform plan); the difference between that graph and the
+    per-layer prediction, spread evenly over its layers, is added to each of the option's entries
+    (entries stay >= 0). The raw per-layer medians are kept under ``measured_layers``, the
+    corrections under ``corrections_ms`` and the uniform graphs' times under ``whole_graph_ms``.
 
     Args:
         model: The float model.
@@ -349,36 +434,36 @@ def profile_onnxruntime(
     if settings.clock not in ("auto", "thread", "wall"):
         raise ConfigError("clock", f"must be auto, thread or wall, got {settings.clock!r}")
     all_options = {FLOAT_OPTION: (None, None, None), **options}
+    start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="diffquant-profile-") as tmp, _torch_threads(1):
         folder = Path(workdir) if workdir is not None else Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
-        start = time.perf_counter()
-        inputs = traced_inputs(model, settings.batch, settings.seed)
-        runs: dict[Any, Any] = {}
-        for index, (name, calls) in enumerate(inputs.items()):
-            x = calls[0]
-            feeds = {"x": x.numpy()}
-            for option, value in all_options.items():
-                path = layer_graph(model, name, value, x, folder / f"{index:04d}_{option}.onnx", settings)
-                if path is not None:
-                    runs[(name, option)] = _runner(_session(path, settings.threads), feeds)
-        whole = export_onnx(model, None, folder / "whole_fp32.onnx", settings.opset).path
-        runs["whole"] = _runner(_session(whole, settings.threads), full_graph_feeds(model, settings.batch))
+        runs, inputs = _build(model, all_options, settings, folder)
         built = time.perf_counter() - start
         logger.info("profile: %d graphs built in %.1f s; timing %d rounds", len(runs), built, settings.repeats)
-        sample_ms = {key: settings.sample_ms for key in runs} | {"whole": settings.whole_sample_ms}
+        sample_ms = {key: settings.whole_sample_ms if key[0] == "whole" else settings.sample_ms for key in runs}
         medians = interleaved_medians(runs, settings.warmup, settings.repeats, sample_ms, settings.seed, settings.timer)
-    layers: dict[str, dict[str, float]] = {}
-    for key, ms in medians.items():
-        if key != "whole":
-            name, option = key
-            layers.setdefault(name, {})[option] = ms * len(inputs[name])
-    overhead = medians["whole"] - sum(row[FLOAT_OPTION] for row in layers.values())
+    measured: dict[str, dict[str, float]] = {}
+    whole: dict[str, float] = {}
+    for (name, option), ms in medians.items():
+        if name == "whole":
+            whole[option] = ms
+        else:
+            measured.setdefault(name, {})[option] = ms * len(inputs[name])
+    overhead = whole[FLOAT_OPTION] - sum(row[FLOAT_OPTION] for row in measured.values())
+    corrections = _corrections(measured, whole, overhead)
+    layers = {
+        name: {option: max(0.0, ms + corrections.get(option, 0.0)) for option, ms in row.items()}
+        for name, row in measured.items()
+    }
     meta = {
         "model": {"name": model.name, "weights_sha256": model.weights_sha256},
         "options": list(options),
         "reference_option": FLOAT_OPTION,
-        "whole_graph_fp32_ms": medians["whole"],
+        "whole_graph_fp32_ms": whole[FLOAT_OPTION],
+        "whole_graph_ms": whole,
+        "corrections_ms": corrections,
+        "measured_layers": measured,
         "runtime": onnxruntime_info(settings.threads),
         "machine": {**machine_info(), "fingerprint": machine_fingerprint()},
         "settings": {**settings.to_dict(), "clock": settings.timer},

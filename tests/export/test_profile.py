@@ -42,6 +42,13 @@ def test_every_layer_and_option_gets_a_positive_time(tiny, table):
     assert table.overhead_ms == pytest.approx(
         meta["whole_graph_fp32_ms"] - sum(row[FLOAT_OPTION] for row in table.layers.values())
     )
+    # the uniform correction: a uniform plan is predicted as its whole graph was measured
+    for option in ("w8a8", "w4a8"):
+        measured = meta["whole_graph_ms"][option]
+        assert measured > 0 and table.predict(dict.fromkeys(names, option)) == pytest.approx(measured, rel=1e-6)
+        raw = meta["measured_layers"]
+        correction = meta["corrections_ms"][option]
+        assert all(table.layers[n][option] == pytest.approx(max(0.0, raw[n][option] + correction)) for n in names)
 
 
 def test_table_round_trips_through_the_allocators_reader(table, tmp_path):
