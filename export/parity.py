@@ -55,7 +55,8 @@ from diffquant.models.loading import DiffusionModel
 from diffquant.quant.formats import IntFormat
 from diffquant.quant.modules import QuantizerMode
 from diffquant.quant.plan import activation_quantizers
-from diffquant.sampling import Trajectories, denoiser_outputs
+from diffquant.sampling import Trajectories, as_sampler, denoiser_outputs
+from diffquant.spec import SamplerSpec
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +108,8 @@ class OrtDenoiser(nn.Module):
         super().__init__()
         self.session = session
         self.input_names = [i.name for i in session.get_inputs()]
+        types = {i.name: i.type for i in session.get_inputs()}
+        self.timestep_dtype = torch.float32 if types.get("timestep") == "tensor(float)" else torch.long
         self.output_name = session.get_outputs()[0].name
 
     def forward(
@@ -114,7 +117,7 @@ class OrtDenoiser(nn.Module):
     ) -> DenoiserOutput:
         """Run the session on one batch and return its noise prediction."""
         batch = sample.shape[0]
-        t = torch.as_tensor(timestep, dtype=torch.long).reshape(-1).expand(batch)
+        t = torch.as_tensor(timestep).to(self.timestep_dtype).reshape(-1).expand(batch)
         feeds = {"sample": sample.detach().float().contiguous().numpy(), "timestep": t.contiguous().numpy()}
         extra = [name for name in self.input_names if name not in feeds]
         if extra:
@@ -251,6 +254,8 @@ class SamplingParity:
     fd_relative_epsilon: float
     fd_absolute_epsilon: float
     failures: list[str] = field(default_factory=list)
+    sampler: str = "ddim"
+    guidance: float = 1.0
 
     @property
     def passed(self) -> bool:
@@ -262,7 +267,7 @@ def sampling_parity(
     session: Any,
     model: DiffusionModel,
     samples: int,
-    steps: int,
+    steps: int | SamplerSpec,
     seed: int = 0,
     classifier: nn.Module | None = None,
     real_images: torch.Tensor | None = None,
@@ -271,13 +276,13 @@ def sampling_parity(
     fd_relative_epsilon: float = DEFAULT_FD_RELATIVE_EPSILON,
     fd_absolute_epsilon: float = DEFAULT_FD_ABSOLUTE_EPSILON,
 ) -> SamplingParity:
-    """Sample with DDIM through PyTorch and through onnxruntime and compare their metrics.
+    """Sample through PyTorch and through onnxruntime from the same noise and compare their metrics.
 
     Args:
         session: An onnxruntime session of the export.
         model: The PyTorch model that was exported.
         samples: Number of samples (classes cycle).
-        steps: DDIM steps.
+        steps: DDIM steps, or the whole sampler (scheduler, steps, guidance).
         seed: Noise seed, shared by both.
         classifier: Digits classifier for accuracy and FD (None: PSNR only).
         real_images: Held-out real images for FD (None: no FD).
@@ -311,7 +316,7 @@ def sampling_parity(
                 )
     return SamplingParity(
         samples=samples,
-        steps=steps,
+        steps=as_sampler(steps).steps,
         seed=seed,
         torch_metrics=torch_metrics,
         onnx_metrics=onnx_metrics,
@@ -320,6 +325,8 @@ def sampling_parity(
         fd_relative_epsilon=fd_relative_epsilon,
         fd_absolute_epsilon=fd_absolute_epsilon,
         failures=failures,
+        sampler=as_sampler(steps).name,
+        guidance=as_sampler(steps).guidance,
     )
 
 
@@ -381,7 +388,7 @@ class ParityConfig:
             model's :func:`activation_step_ratio` (0.20 at A6, 0.91 at A4 with the default).
         max_fraction_over: Share of output elements allowed over the tolerance.
         samples: Samples for the sampling check; 0 skips it.
-        steps: DDIM steps of the sampling check.
+        steps: DDIM steps of the sampling check, or the whole sampler (scheduler, steps, guidance).
         seed: Noise seed of the sampling check.
         accuracy_epsilon: See :func:`sampling_parity`.
         fd_relative_epsilon: See :func:`sampling_parity`.
@@ -394,7 +401,7 @@ class ParityConfig:
     tolerance: float = DEFAULT_TOLERANCE
     max_fraction_over: float = DEFAULT_MAX_FRACTION_OVER
     samples: int = 0
-    steps: int = 50
+    steps: int | SamplerSpec = 50
     seed: int = 0
     accuracy_epsilon: float = DEFAULT_ACCURACY_EPSILON
     fd_relative_epsilon: float = DEFAULT_FD_RELATIVE_EPSILON

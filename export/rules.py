@@ -20,6 +20,13 @@ output feed only its ``[Clip ->] QuantizeLinear -> DequantizeLinear`` (so onnxru
 ``DequantizeLinear`` of an INT32 initializer with scale ``s_in * s_w`` and zero point 0. A plan
 with output quantizers checked against a TensorRT-form graph is a violation, and so is a Q/DQ
 after a layer whose plan has no output quantizer.
+
+**Device classes** (:mod:`diffquant.devices`): given a ``device_class`` (the pipeline always passes
+``export.device_class``, whose default is the target's: ``tensorrt`` -> ``orin``), every planned
+layer must also be one the class runs. A layer the class
+cannot run (group-wise weights on a convolution or above 4 bits on a TensorRT class, output
+quantizers on a GPU class, which the form rules also catch) is a ``device_class`` violation at its compute node naming the layer and
+the class.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from diffquant.devices import DeviceClass, resolve_device_class
 from diffquant.errors import RulesError
 from diffquant.export.onnx import (
     LAYERS_METADATA_KEY,
@@ -72,6 +80,11 @@ def rules_error(violations: list[Violation], target: str = "tensorrt") -> RulesE
     """A :class:`RulesError` naming the first violation's node (and how many there are)."""
     first = violations[0]
     more = f" (and {len(violations) - 1} more)" if len(violations) > 1 else ""
+    if first.rule == "device_class":
+        return RulesError(
+            f"the plan cannot run on its device class at node {first.node!r}: {first.message}{more}; "
+            "plan for this class (export.device_class) or pick the class that runs it"
+        )
     rules = "TensorRT explicit-quantization" if target == "tensorrt" else "onnxruntime Q/DQ-form"
     return RulesError(
         f"the ONNX export breaks {rules} rules at node {first.node!r}: {first.message}{more}; "
@@ -96,8 +109,11 @@ def _type_name(data_type: int) -> str:
 
 
 class _Checker:
-    def __init__(self, model: onnx.ModelProto, plan: LayerPlan, target: str = "tensorrt") -> None:
+    def __init__(
+        self, model: onnx.ModelProto, plan: LayerPlan, target: str = "tensorrt", device: DeviceClass | None = None
+    ) -> None:
         self.model, self.plan, self.target = model, plan, target
+        self.device = device
         self.consumers: dict[str, list[onnx.NodeProto]] = {}
         for node in model.graph.node:
             for name in node.input:
@@ -109,9 +125,8 @@ class _Checker:
         self.violations: list[Violation] = []
         self.claimed: set[str] = set()
         meta = {p.key: p.value for p in model.metadata_props}
-        self.layer_nodes: dict[str, str] = {
-            k: v["node"] for k, v in json.loads(meta.get(LAYERS_METADATA_KEY, "{}")).items()
-        }
+        layers = json.loads(meta.get(LAYERS_METADATA_KEY, "{}"))
+        self.layer_nodes: dict[str, str] = {k: v["node"] for k, v in layers.items()}
         self.float_outputs: list[tuple[str, onnx.NodeProto]] = []
         self.output_computes: set[str] = set()
         for layer, cfg in plan.items():
@@ -500,6 +515,15 @@ class _Checker:
             scales.append(numpy_helper.to_array(self.inits[dq.input[1]]).astype(np.float32))
         return (scales[0].reshape(()) * scales[1]).astype(np.float32)
 
+    def check_device(self, layer: str, cfg: LayerConfig, compute: onnx.NodeProto) -> None:
+        """The layer's weight format against its device class's table entry (the form rules cover outputs)."""
+        if self.device is None or cfg.weight is None:
+            return
+        kind = "conv" if compute.op_type == "Conv" else "linear"
+        problem = self.device.weight_problem(kind, cfg.weight.bits, cfg.weight.group_size)
+        if problem is not None:
+            self.add(compute.name, "device_class", f"{layer} cannot run on {self.device.name}: {problem}", layer)
+
     def run(self) -> list[Violation]:
         for layer, cfg in self.plan.items():
             compute = self.compute_node(layer)
@@ -512,6 +536,7 @@ class _Checker:
                         layer,
                     )
                 continue
+            self.check_device(layer, cfg, compute)
             for call in self.repeated_calls(compute):
                 self.check_weight(layer, cfg, call)
                 self.check_activation(layer, cfg, call)
@@ -534,9 +559,13 @@ class _Checker:
 
 
 def check_rules(
-    model: onnx.ModelProto | str | Path, plan: LayerPlan, raise_on_violation: bool = False, target: str | None = None
+    model: onnx.ModelProto | str | Path,
+    plan: LayerPlan,
+    raise_on_violation: bool = False,
+    target: str | None = None,
+    device_class: str | DeviceClass | None = None,
 ) -> list[Violation]:
-    """Validate an export against TensorRT's explicit-quantization rules (or the onnxruntime form's) and ``plan``.
+    """Validate an export against TensorRT's explicit-quantization rules (or the onnxruntime form's), ``plan`` and its device class.
 
     Args:
         model: The exported model, or the path of its ``.onnx`` file (external data is loaded).
@@ -544,12 +573,16 @@ def check_rules(
         raise_on_violation: Raise instead of returning a non-empty list.
         target: The form to check, ``tensorrt`` or ``onnxruntime``; None takes the graph's
             ``diffquant.target`` metadata, else ``onnxruntime`` when the plan has output quantizers.
+        device_class: The class the plan is for (``orin``, ..., ``cpu``; :mod:`diffquant.devices`);
+            a planned layer the class cannot run is a ``device_class`` violation naming the layer
+            and the class. None checks the form alone (any class that takes it).
 
     Returns:
         Every violation, each naming the node at fault; empty when the export is valid.
 
     Raises:
         RulesError: With ``raise_on_violation``, if any rule is broken (names the first node).
+        ConfigError (``device_class``): An unknown class, or one that does not run ``target``'s form.
 
     Example:
         >>> diffquant.check_rules("model.onnx", result.plan)  # [] when the graph is clean
@@ -559,7 +592,8 @@ def check_rules(
     target = target or graph_target(proto, plan)
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
-    violations = _Checker(proto, plan, target).run()
+    device = resolve_device_class(device_class, target) if device_class is not None else None
+    violations = _Checker(proto, plan, target, device).run()
     if violations and raise_on_violation:
         raise rules_error(violations, target)
     return violations

@@ -73,7 +73,7 @@ class RichReporter:
         self.progress.update(handle.task, completed=task.total)
 
 
-def _setup(verbose: bool) -> Path:
+def _setup(verbose: bool, reap: bool = True) -> Path:
     from diffquant.errors import DiffquantError
     from diffquant.registry.home import configure_environment, diffquant_home, ensure_writable
 
@@ -90,7 +90,8 @@ def _setup(verbose: bool) -> Path:
     except DiffquantError as error:
         _fail(error)
     configure_environment(home)
-    _reap_stale_runs(home)
+    if reap:
+        _reap_stale_runs(home)
     return home
 
 
@@ -359,6 +360,15 @@ def _check_out(out: Path | None) -> None:
             return
 
 
+def _check_sampler(spec: Any, model: Any) -> None:
+    """Refuse now a scheduler the model's config cannot build or guidance without a null condition."""
+    from diffquant.errors import spec_section
+    from diffquant.sampling import check_sampler
+
+    with spec_section("sampler"):
+        check_sampler(spec.sampler, model.scheduler_config, model.null_conditions(1))
+
+
 def _check_latency_table(spec: Any, unet: Any = None) -> None:
     """Read ``allocation.latency_table`` now, so a missing or malformed file fails before the calibration pool.
 
@@ -432,6 +442,7 @@ def compress(
         _preflight(uri, spec)
         model = load_model(name=spec.model.name, path=spec.model.path, prompts=spec.model.prompts)
         check_memory(spec, model.sample_shape)
+        _check_sampler(spec, model)
         _check_latency_table(spec, model.unet)
         if spec.calibration.labels_file:
             read_labels_file(Path(spec.calibration.labels_file), model.num_classes, model.condition)
@@ -482,9 +493,9 @@ def sweep(
         if spec.allocation is None:
             raise SpecError(f"{config} has no 'allocation' section; sweep varies the allocation budget")
         _preflight(tracking_uri(home), spec)
-        check_memory(
-            spec, load_model(name=spec.model.name, path=spec.model.path, prompts=spec.model.prompts).sample_shape
-        )
+        model = load_model(name=spec.model.name, path=spec.model.path, prompts=spec.model.prompts)
+        check_memory(spec, model.sample_shape)
+        _check_sampler(spec, model)
         _check_latency_table(spec)
     except ValueError:
         _fail(ValueError("--budgets takes numbers like 3,3.5,4 and --baselines integers like 8,4"))
@@ -614,14 +625,25 @@ def deploy(
     ],
     alias: Annotated[str, typer.Option(help="Alias of the version to deploy.")] = "champion",
     run_id: Annotated[str | None, typer.Option("--run-id", help="Deploy the version of this run instead.")] = None,
+    device_class: Annotated[
+        str | None,
+        typer.Option(
+            "--device-class",
+            help="Class of this machine (orin, ampere, ada, hopper, blackwell, cpu; default: $DIFFQUANT_DEVICE_CLASS); "
+            "a version built for another class is refused.",
+        ),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show logs.")] = False,
 ) -> None:
     """Fetch a registered version, verify every artifact's sha256, build for this GPU, write a bundle."""
     home = _setup(verbose)
+    from diffquant.devices import device_class as class_entry
+    from diffquant.devices import machine_device_class
     from diffquant.errors import DiffquantError
     from diffquant.export.bundle import check_bundle_target
 
     try:
+        machine = class_entry(device_class, "--device-class").name if device_class else machine_device_class()
         check_bundle_target(target)  # a target diffquant would refuse is refused before any download
     except DiffquantError as error:
         _fail(error)
@@ -631,9 +653,13 @@ def deploy(
     result = _registry_action(
         home,
         verbose,
-        lambda: deploy_flow(model=model, target=target, alias=None if run_id else alias, run_id=run_id),
+        lambda: deploy_flow(
+            model=model, target=target, alias=None if run_id else alias, run_id=run_id, device_class=machine
+        ),
     )
-    console.print(f"{model} v{result['version']} -> {result['bundle']} ({result['engine_reason']})")
+    console.print(
+        f"{model} v{result['version']} ({result['device_class']}) -> {result['bundle']} ({result['engine_reason']})"
+    )
 
 
 @app.command()
@@ -663,6 +689,57 @@ def rollback(
     client = _registry_client(home)
     restored = _registry_action(home, verbose, lambda: rollback_model(client, model))
     console.print(f"{model}: champion rolled back to version {restored}")
+
+
+@app.command()
+def watch(
+    folder: Annotated[Path, typer.Argument(help="Folder a training job saves checkpoints to, one subfolder each.")],
+    interval: Annotated[float, typer.Option(help="Seconds between two scans of FOLDER.", min=0.05)] = 10.0,
+    once: Annotated[
+        bool, typer.Option("--once", help="Scan twice, --interval apart, emit what is stable, then exit.")
+    ] = False,
+    state: Annotated[
+        Path | None,
+        typer.Option(help="State file of what was emitted (default: <DIFFQUANT_HOME>/watch/<folder hash>.json)."),
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show logs.")] = False,
+) -> None:
+    """Emit diffquant.checkpoint.landed to PREFECT_API_URL for each new, complete, stable diffusers folder in FOLDER.
+
+    A subfolder is emitted once it holds model_index.json or config.json, its files did not change
+    between two scans, and it loads as a diffusers model (safetensors only); the state file keeps a
+    restarted watcher from emitting it again. The compress-on-checkpoint deployment's trigger
+    starts a compress run for it.
+    """
+    home = _setup(verbose, reap=False)
+    from diffquant.errors import DiffquantError
+    from diffquant.flows.checkpoint import CHECKPOINT_EVENT, emit_checkpoint_landed, events_api_url
+    from diffquant.watching import CheckpointWatcher, default_state_path
+
+    _quiet_prefect(verbose)
+    try:
+        watcher = CheckpointWatcher(folder, state or default_state_path(folder, home))
+        events_api_url()  # before the first scan: a watcher that cannot emit says so at once
+        scans, emitted = 0, 0
+        while True:
+            for landed in watcher.scan():
+                watcher.mark_emitted(landed, emit_checkpoint_landed(landed.path, landed.sha256))
+                emitted += 1
+                console.print(
+                    f"emitted {CHECKPOINT_EVENT} for {landed.path} (weights sha256 {landed.sha256[:12]})",
+                    highlight=False,
+                    soft_wrap=True,
+                )
+            scans += 1
+            if once and scans >= 2:
+                break
+            time.sleep(interval)
+    except DiffquantError as error:
+        _fail(error)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    if emitted == 0:
+        console.print(f"no new complete checkpoint in {folder}", highlight=False, soft_wrap=True)
 
 
 def _registry_client(home: Path, prefect: bool = False) -> Any:

@@ -25,7 +25,7 @@ from diffquant.calibration.labels import read_labels_file
 from diffquant.finetuning.policy import keep_finetuned
 from diffquant.flows.sensitivity import sensitivity_flow, task_runner_for
 from diffquant.registry.home import diffquant_home, ensure_writable, tracking_uri
-from diffquant.registry.models import add_onnx_flavor
+from diffquant.registry.models import WEIGHTS_TAG, add_onnx_flavor
 from diffquant.registry.promotion import Candidate
 from diffquant.registry.tracking import RunTracker, git_sha, tracked_run
 from diffquant.report import comparison_grid, quality_notes, render_report, write_report
@@ -188,7 +188,12 @@ def _export(run: _Run, quant: QuantizeArtifact, calib: CalibrationArtifact) -> E
 
 
 def _register(
-    run: _Run, quant: QuantizeArtifact, fp: EvalArtifact, q: EvalArtifact, exported: ExportArtifact | None
+    run: _Run,
+    info: ModelInfo,
+    quant: QuantizeArtifact,
+    fp: EvalArtifact,
+    q: EvalArtifact,
+    exported: ExportArtifact | None,
 ) -> Registration | None:
     cfg = run.cfg
     if not cfg.promote.register_model:
@@ -206,11 +211,13 @@ def _register(
         add_onnx_flavor(Path(exported.onnx.path), folder)
     tags = {
         "spec_hash": cfg.spec_hash(),
+        WEIGHTS_TAG: info.weights_sha256,
         "plan_sha256": quant.plan.sha256,
         "git_sha": git_sha(),
         "diffquant_version": diffquant.__version__,
         "fp_baseline_run": run.run_ids.get("evaluate_fp", ""),
         "source_model": cfg.model.name or str(cfg.model.path),
+        "device_class": cfg.export.device.name,
     }
     inf = float("inf")
     candidate = Candidate(
@@ -407,7 +414,7 @@ def compress_flow(spec: dict[str, Any], out_dir: str | None = None) -> dict[str,
             kept = _finetune(run, info, s["pool"], s)
             s["quantize"], s["q"], s["finetune"] = kept.quantize, kept.evaluation, kept.section
         s["export"] = _export(run, s["quantize"], calib)
-        s["registration"] = _register(run, s["quantize"], s["fp"], s["q"], s["export"])
+        s["registration"] = _register(run, info, s["quantize"], s["fp"], s["q"], s["export"])
         summary = _finish(run, info, s)
     logger.info("compress finished: %s", summary["summary_path"])
     return summary

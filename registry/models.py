@@ -27,6 +27,8 @@ from diffquant.storage import sha256_file
 logger = logging.getLogger(__name__)
 
 MODEL_ARTIFACT_PATH = "model"
+WEIGHTS_TAG = "model.weights_sha256"
+"""Version tag: sha256 of the source model's weights (with ``spec_hash``, what a version was made from)."""
 _PROGRESS_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 
 
@@ -159,6 +161,23 @@ def find_version(client: MlflowClient, name: str, alias: str | None, run_id: str
             known = ", ".join(sorted(registered.aliases)) or "none yet"
             raise TrackingError(f"{wanted}: the model has no alias {alias!r} (its aliases: {known})")
         return client.get_model_version_by_alias(name, alias)
+
+
+def find_compressed(client: MlflowClient, name: str, weights_sha256: str, spec_hash: str) -> Any | None:
+    """The newest version of ``name`` compressed from these weights with this spec, or None.
+
+    A version matches when its tags ``model.weights_sha256`` and ``spec_hash`` are both equal;
+    versions registered before the weights tag existed never match. A registered model that
+    does not exist yet has no such version.
+
+    Raises:
+        TrackingError: Invalid model name or an unusable registry.
+    """
+    check_registered_model_name(name)
+    with registry_errors(client.tracking_uri):
+        versions = client.search_model_versions(f"name='{name}'")
+    same = [v for v in versions if v.tags.get(WEIGHTS_TAG) == weights_sha256 and v.tags.get("spec_hash") == spec_hash]
+    return max(same, key=lambda v: int(v.version), default=None)
 
 
 def download_version(client: MlflowClient, version: Any, dst: Path) -> Path:

@@ -73,6 +73,7 @@ def quantize_task(
             calibration=spec.calibration,
             plan=plan,
             target=spec.export.target,
+            device_class=spec.export.device_class,
         )
     plan_path, scales_path = save_quantized(model, result.plan, Path(out_dir) / "plan")
     return QuantizeArtifact(

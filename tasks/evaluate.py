@@ -52,7 +52,7 @@ def evaluate_task(
     result = evaluate_model(
         model,
         ev.samples,
-        spec.sampler.steps,
+        spec.sampler,
         ev.seed,
         ev.batch_size,
         classifier,

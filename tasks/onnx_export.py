@@ -38,15 +38,13 @@ def _export_and_check(
         model_from_source(spec.model), Path(quantized.plan.path), Path(quantized.scales.path), weights
     )
     info = export_onnx(qmodel, plan, folder / "model.onnx", opset=spec.export.opset, target=spec.export.target)
-    check_rules(info.path, plan, raise_on_violation=True, target=spec.export.target)
+    check_rules(info.path, plan, raise_on_violation=True, target=spec.export.target, device_class=spec.export.device)
     classifier = load_classifier() if qmodel.digits_compatible and samples else None
     report = check_parity(
         info.path,
         qmodel,
         load_trajectories(calibration.calibration.path),
-        ParityConfig(
-            samples=samples, steps=spec.sampler.steps, seed=spec.evaluate.seed, enforce=spec.export.enforce_parity
-        ),
+        ParityConfig(samples=samples, steps=spec.sampler, seed=spec.evaluate.seed, enforce=spec.export.enforce_parity),
         classifier=classifier,
         real_images=load_digits_split().held_out_images if classifier is not None else None,
     )

@@ -64,7 +64,7 @@ def sensitivity_layers_task(
             spec.allocation,
             weight_observer=request.weight_observer,
             activation_observer=request.activation_observer,
-            steps=request.sampler.steps,
+            steps=request.sampler,
             seed=request.seed,
             classifier=classifier,
             layers=layers,
@@ -99,6 +99,7 @@ def allocate_task(
             SensitivityTable.load_csv(Path(sensitivity.path)),
             weight_observer=weight_observer(spec.quantize),
             activation_observer=spec.calibration.observer,
+            device_class=spec.export.device,
         )
     folder = Path(out_dir) / "plan"
     answer = {
@@ -107,6 +108,9 @@ def allocate_task(
         "status": result.status,
         "budget": spec.allocation.budget.as_dict(),
         "choice": result.choice,
+        "device_class": spec.export.device.name,
+        "removed_options": result.removed,
+        "notes": result.notes,
         "unavailable": result.unavailable,
     }
     return AllocationArtifact(

@@ -13,6 +13,7 @@ import torch
 from prefect import task
 
 from diffquant.calibration.pool import collect_pool
+from diffquant.errors import spec_section
 from diffquant.tasks.artifacts import FileRef, PoolArtifact, PoolRequest, request_cache_policy
 from diffquant.tasks.common import model_from_source, save_trajectories
 
@@ -22,6 +23,7 @@ def collect_trajectories_task(request: PoolRequest, cache_dir: str) -> PoolArtif
     """Sample FP trajectories and store every denoiser input under ``cache_dir`` (named by the request key)."""
     model = model_from_source(request.model)
     labels = torch.tensor(request.labels) if request.labels else None
-    pool = collect_pool(model, request.trajectories, request.sampler.steps, request.seed, labels)
+    with spec_section("sampler"):
+        pool = collect_pool(model, request.trajectories, request.sampler, request.seed, labels)
     path = save_trajectories(pool, Path(cache_dir) / f"pool-{request.key()}.safetensors")
     return PoolArtifact(pool=FileRef.of(path), size=len(pool))

@@ -108,6 +108,8 @@ def prefect_server(folder: Path) -> Iterator[str]:
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_SERVER_UI_ENABLED": "false",
         "PREFECT_API_URL": "",
+        # a run waiting for its deployment's concurrency slot retries every 2 s, not 30 s
+        "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "2",
     }
     cmd = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"]
     process = start(cmd, folder / "prefect-server.log", env)

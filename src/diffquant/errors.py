@@ -35,6 +35,10 @@ class IntegrityError(DiffquantError):
     """A file does not match its recorded sha256 (tampered or incomplete); it is refused."""
 
 
+class DeviceClassError(DiffquantError):
+    """A version or bundle was built for another device class than the machine it is deployed to."""
+
+
 class ExportError(DiffquantError):
     """A model cannot be exported (unsupported layer, uncalibrated quantizer, plan mismatch)."""
 

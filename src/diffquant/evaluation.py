@@ -10,7 +10,8 @@ import torch
 from diffquant.metrics import DATA_RANGE, condition_accuracy, frechet_distance, psnr, sample_range, sqnr_db, ssim
 from diffquant.models.classifier import DigitClassifier
 from diffquant.models.loading import DiffusionModel
-from diffquant.sampling import Trajectories, ddim_sample, denoiser_outputs, initial_noise
+from diffquant.sampling import Trajectories, denoiser_outputs, initial_noise, run_sampler
+from diffquant.spec import SamplerSpec
 
 
 @dataclass
@@ -23,16 +24,23 @@ class EvalResult:
 
 
 def generate(
-    model: DiffusionModel, samples: int, steps: int, seed: int, batch_size: int, description: str = "Sampling"
+    model: DiffusionModel,
+    samples: int,
+    steps: int | SamplerSpec,
+    seed: int,
+    batch_size: int,
+    description: str = "Sampling",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Sample ``samples`` images from seeded noise under the model's evaluation conditions.
+
+    ``steps`` is a DDIM step count or the whole sampler (scheduler, steps, guidance).
 
     Returns:
         The samples and the class each one asks for (None when unknown, e.g. free-form prompts).
     """
     conditions, labels = model.conditions(samples, "evaluation")
     noise = initial_noise(samples, model.sample_shape, seed)
-    images, _ = ddim_sample(
+    images, _ = run_sampler(
         model.unet,
         model.scheduler_config,
         noise,
@@ -41,6 +49,7 @@ def generate(
         batch_size,
         description=description,
         clamp=not model.latent,
+        null=model.null_conditions(samples),
     )
     return images, labels
 
@@ -48,7 +57,7 @@ def generate(
 def evaluate_model(
     model: DiffusionModel,
     samples: int,
-    steps: int,
+    steps: int | SamplerSpec,
     seed: int,
     batch_size: int,
     classifier: DigitClassifier | None,
@@ -63,7 +72,7 @@ def evaluate_model(
     Args:
         model: The model to evaluate (FP or fake-quantized).
         samples: Number of samples (classes cycle through 0..num_classes-1).
-        steps: DDIM steps.
+        steps: DDIM steps, or the whole sampler (scheduler, steps, guidance).
         seed: Noise seed (the same seed gives FP and quantized the same noise).
         batch_size: Samples per forward pass.
         classifier: Digits classifier, or None when the model is not digits-compatible.

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from diffquant.calibration.ranges import ForwardLoop, calibrate_activations
+from diffquant.devices import plan_problems, resolve_device_class
 from diffquant.errors import ConfigError
 from diffquant.mixed_precision.allocate import allocate_plan, measure_allocation_sensitivity
 from diffquant.mixed_precision.sensitivity import SensitivityTable
@@ -54,7 +55,7 @@ from diffquant.quant.plan import (
     with_output_quantizers,
 )
 from diffquant.sampling import Trajectories, denoiser_outputs
-from diffquant.spec import AllocationSpec, BudgetSpec, CalibrationSpec, QuantizeSpec
+from diffquant.spec import AllocationSpec, BudgetSpec, CalibrationSpec, QuantizeSpec, SamplerSpec
 from diffquant.storage import load_safetensors, save_safetensors
 
 logger = logging.getLogger(__name__)
@@ -271,6 +272,7 @@ def quantize(
     plan: LayerPlan | None = None,
     target: ExportTarget = "tensorrt",
     family: str | None = None,
+    device_class: str | None = None,
 ) -> QuantizeResult:
     """Quantize a denoiser in place: fake-quant layers with calibrated scales, and its plan.
 
@@ -287,14 +289,18 @@ def quantize(
         plan: An allocated plan (:func:`diffquant.auto_quantize`) to apply instead of the uniform one.
         target: Export form: ``tensorrt`` (default) or ``onnxruntime`` (adds output quantizers).
         family: Model family of a bare module (``unet2d``, ``dit``, ``text-unet``, ``sdxl``, ``pixart``).
+        device_class: The device class the plan is for (:mod:`diffquant.devices`; None: the
+            target's default, ``tensorrt`` -> ``orin``); a plan it cannot run is refused before
+            calibration.
 
     Returns:
         The quantized module, its plan, what outlier-token detection found and the sizes.
 
     Raises:
         ConfigError: A glob that matches nothing, an impossible forced outlier-token count,
-            no calibration data, or too few calibration inputs for a GPTQ layer's Hessian
-            (``weight.rounding``).
+            no calibration data, too few calibration inputs for a GPTQ layer's Hessian
+            (``weight.rounding``), or a layer the device class cannot run (``weight``, naming
+            the layer and the class).
 
     Example:
         >>> import diffquant
@@ -314,6 +320,14 @@ def quantize(
         plan = plan_from_spec(model, config, calibration.observer, target, family)
     else:
         plan = for_target(unet, plan, target)
+    device = resolve_device_class(device_class, target)
+    modules = dict(unet.named_modules())
+    kinds = {name: "conv" if isinstance(modules[name], nn.Conv2d) else "linear" for name in plan if name in modules}
+    problems = plan_problems(device, plan, kinds)
+    if problems:
+        layer, reason = problems[0]
+        more = f" (and {len(problems) - 1} more layers)" if len(problems) > 1 else ""
+        raise ConfigError("weight", f"layer {layer} cannot run on {device.name}: {reason}{more}")
     text = isinstance(model, DiffusionModel) and model.condition == "text"
     conditions = _conditions(unet, forward_loop) if text and config.outlier_tokens != "off" else None
     outliers = _outlier_tokens(model, config.outlier_tokens, conditions)
@@ -355,11 +369,12 @@ def auto_quantize(
     *,
     quantize_config: QuantizeSpec | None = None,
     calibration: CalibrationSpec | None = None,
-    steps: int = 50,
+    steps: int | SamplerSpec = 50,
     seed: int = 0,
     classifier: nn.Module | None = None,
     target: ExportTarget = "tensorrt",
     sensitivity: SensitivityTable | None = None,
+    device_class: str | None = None,
 ) -> AutoQuantizeResult:
     """Mixed precision: measure per-layer sensitivity, solve the integer program, quantize in place.
 
@@ -370,14 +385,17 @@ def auto_quantize(
         budget: Overrides ``config.budget``, e.g. ``BudgetSpec(avg_weight_bits=4.0)``.
         quantize_config: Weight observer and outlier-token mode (default :class:`QuantizeSpec`).
         calibration: Activation observer, batch size and seed of range calibration.
-        steps: Sampler steps of the final-sample probes.
+        steps: Sampler (or DDIM step count) of the final-sample probes.
         seed: Evaluation seed; probes draw their noise from ``seed + 1``.
         classifier: Evaluation classifier (content layers need it).
         target: Export form the plan is for.
         sensitivity: A table measured before for the same model, data and config (skips the measurement).
+        device_class: The device class the plan is for (``orin``, ..., ``cpu``; :mod:`diffquant.devices`);
+            only options it runs are offered. None: the target's default (``tensorrt`` -> ``orin``,
+            ``onnxruntime`` -> ``cpu``), as ``export.device_class`` in a spec.
 
     Raises:
-        ConfigError: Bad globs, pins or latency table.
+        ConfigError: Bad globs, pins or latency table, or a device class that does not run ``target``.
         diffquant.mixed_precision.solver.AllocationInfeasibleError: When the budget cannot be met.
 
     Example:
@@ -396,7 +414,8 @@ def auto_quantize(
         sensitivity = measure_allocation_sensitivity(
             model, forward_loop, config, steps=steps, seed=seed, classifier=classifier, **observers
         )
-    plan, allocation = allocate_plan(model, forward_loop, config, sensitivity, **observers)
+    device = resolve_device_class(device_class, target)
+    plan, allocation = allocate_plan(model, forward_loop, config, sensitivity, **observers, device_class=device)
     result = quantize(model, quantize_config, forward_loop, calibration=calibration, plan=plan, target=target)
     return AutoQuantizeResult(result.module, result.plan, allocation, sensitivity, result)
 

@@ -1,7 +1,11 @@
-"""Deterministic DDIM sampling (eta 0) with optional trajectory recording."""
+"""Sampling with diffusers' own schedulers, classifier-free guidance, and optional trajectory recording.
+
+Schedulers: DDIM, Euler, DPM-Solver++ or the model's own (see :data:`SCHEDULERS`).
+"""
 
 from __future__ import annotations
 
+import logging
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
@@ -9,7 +13,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from diffquant.errors import ConfigError
 from diffquant.progress import track
+from diffquant.spec import SamplerSpec
+
+logger = logging.getLogger(__name__)
+
+_WARNED_CLIPPED: set[float] = set()
+"""Guidance scales already warned about DDIM's x0 clipping in this process."""
 
 
 @dataclass(frozen=True)
@@ -43,58 +54,152 @@ def initial_noise(n: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed))
 
 
-def make_scheduler(config: dict[str, Any], steps: int):
-    """A diffusers ``DDIMScheduler`` from a scheduler config, set to ``steps`` steps."""
-    from diffusers import DDIMScheduler
+SCHEDULERS: dict[str, str] = {
+    "ddim": "DDIMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "dpm_solver": "DPMSolverMultistepScheduler",
+}
+"""``sampler.name`` -> the diffusers scheduler class it uses (``from_model``: the model's own)."""
 
-    scheduler = DDIMScheduler.from_config(config)
+
+def as_sampler(sampler: SamplerSpec | int) -> SamplerSpec:
+    """``sampler`` itself, or unguided DDIM with that many steps for a bare step count."""
+    return sampler if isinstance(sampler, SamplerSpec) else SamplerSpec(steps=int(sampler))
+
+
+def is_guided(guidance: float) -> bool:
+    """True when ``guidance`` asks for classifier-free guidance (above 1, as diffusers' pipelines)."""
+    return guidance > 1.0
+
+
+def scheduler_class(name: str, config: dict[str, Any]) -> type:
+    """The diffusers scheduler class for ``sampler.name`` (``from_model``: ``config["_class_name"]``).
+
+    Raises:
+        ConfigError (``name``): ``from_model`` with a config that names no diffusers scheduler.
+    """
+    import diffusers
+
+    if name in SCHEDULERS:
+        return getattr(diffusers, SCHEDULERS[name])
+    if name != "from_model":
+        raise ConfigError("name", f"unknown sampler {name!r}; use one of {', '.join([*SCHEDULERS, 'from_model'])}")
+    class_name = config.get("_class_name")
+    found = getattr(diffusers, str(class_name), None) if isinstance(class_name, str) else None
+    if not (isinstance(found, type) and issubclass(found, diffusers.SchedulerMixin)):
+        raise ConfigError(
+            "name",
+            f"from_model: the model's scheduler config names {class_name!r}, which is not a diffusers "
+            f"scheduler; set sampler.name to one of {', '.join(SCHEDULERS)}",
+        )
+    return found
+
+
+def make_scheduler(config: dict[str, Any], steps: int, name: str = "ddim") -> Any:
+    """A diffusers scheduler (``sampler.name``) built from the model's scheduler config, set to ``steps`` steps."""
+    scheduler = scheduler_class(name, config).from_config(config)
     scheduler.set_timesteps(steps)
     return scheduler
 
 
+def check_sampler(sampler: SamplerSpec, scheduler_config: dict[str, Any], null: torch.Tensor | None) -> None:
+    """Refuse a sampler the model cannot run before any work: unknown scheduler class, guidance without a null condition.
+
+    Args:
+        sampler: The sampler.
+        scheduler_config: The model's scheduler config.
+        null: The model's null conditions for one sample (``DiffusionModel.null_conditions(1)``).
+
+    Raises:
+        ConfigError (``name`` or ``guidance``).
+    """
+    cls = scheduler_class(sampler.name, scheduler_config)
+    clipped = cls.__name__ == "DDIMScheduler" and bool(scheduler_config.get("clip_sample"))
+    if is_guided(sampler.guidance) and clipped and sampler.guidance not in _WARNED_CLIPPED:
+        _WARNED_CLIPPED.add(sampler.guidance)
+        logger.warning(
+            "guidance %g with DDIM and clip_sample true in the scheduler config: DDIM clips each step's x0 "
+            "prediction but keeps the unclipped noise, which washes out guided samples (digits-unet, 25 steps: "
+            "accuracy 0.77 at guidance 2 and 0.24 at 4 with clipping, 0.995 and 1.0 without); set clip_sample "
+            "false in the model's scheduler_config.json",
+            sampler.guidance,
+        )
+    if is_guided(sampler.guidance) and null is None:
+        raise ConfigError(
+            "guidance",
+            f"{sampler.guidance:g} needs a model with a null condition (a null class: null_class in "
+            "diffquant.json or a class embedding beyond the classes; or a text encoder's empty prompt); "
+            "this model has none, so use 1.0",
+        )
+
+
 @torch.no_grad()
-def ddim_sample(
+def run_sampler(
     unet: nn.Module,
     scheduler_config: dict[str, Any],
     noise: torch.Tensor,
     labels: torch.Tensor | None,
-    steps: int,
+    sampler: SamplerSpec | int,
     batch_size: int = 1000,
     record: bool = False,
     description: str = "Sampling",
     clamp: bool = True,
+    null: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Trajectories | None]:
-    """Run DDIM (eta 0) from ``noise`` and return final samples.
+    """Sample from ``noise`` with the diffusers scheduler of ``sampler`` and return final samples.
+
+    The loop is the one of diffusers' pipelines: the noise is scaled by the scheduler's
+    ``init_noise_sigma``, every denoiser input goes through ``scale_model_input``, and with
+    classifier-free guidance (``sampler.guidance`` > 1) each step runs the unconditional and the
+    conditional half in one batch (unconditional first) and combines them as
+    ``eps_u + guidance * (eps_c - eps_u)``. A fresh scheduler serves every batch (multistep
+    schedulers keep state between steps).
 
     Args:
         unet: A denoiser called as ``unet(x, t, condition).sample``.
         scheduler_config: The model's scheduler config.
         noise: Initial noise, (N, C, H, W).
         labels: Conditions (class ids (N,) or token ids (N, L)), or None for an unconditional model.
-        steps: Number of DDIM steps.
-        batch_size: Samples per forward pass.
-        record: Also return every denoiser input as :class:`Trajectories`.
+        sampler: The sampler (scheduler, steps, guidance), or a step count for unguided DDIM.
+        batch_size: Denoiser inputs per forward pass (a guided pass holds ``batch_size // 2``
+            samples, both halves).
+        record: Also return every denoiser input as :class:`Trajectories` (both halves when guided).
         description: Progress-bar label.
         clamp: Clamp final samples to [-1, 1] (pixel-space models; not for latents).
+        null: The null conditions (same shape as ``labels``) that guidance needs.
 
     Returns:
         Samples (N, C, H, W) and the recorded trajectories (or None).
+
+    Raises:
+        ConfigError (``guidance``): Guidance without conditions or without null conditions.
     """
-    scheduler = make_scheduler(scheduler_config, steps)
+    sampler = as_sampler(sampler)
+    guided = is_guided(sampler.guidance)
+    check_sampler(sampler, scheduler_config, None if labels is None else null)
+    per_batch = max(1, batch_size // 2) if guided else batch_size
     outputs, xs, ts, ys = [], [], [], []
     n = noise.shape[0]
-    batches = range(0, n, batch_size)
-    with track(description, len(batches) * steps) as bar:
+    batches = range(0, n, per_batch)
+    with track(description, len(batches) * sampler.steps) as bar:
         for start in batches:
-            x = noise[start : start + batch_size].clone()
-            y = None if labels is None else labels[start : start + batch_size]
+            scheduler = make_scheduler(scheduler_config, sampler.steps, sampler.name)
+            x = noise[start : start + per_batch] * scheduler.init_noise_sigma
+            y = None if labels is None else labels[start : start + per_batch]
+            if guided:
+                assert y is not None and null is not None
+                y = torch.cat([null[start : start + per_batch], y])
             for t in scheduler.timesteps:
-                t_batch = torch.full((x.shape[0],), int(t), dtype=torch.long)
+                model_input = scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
+                t_batch = torch.full((model_input.shape[0],), t.item(), dtype=scheduler.timesteps.dtype)
                 if record:
-                    xs.append(x.clone())
+                    xs.append(model_input.clone())
                     ts.append(t_batch)
-                    ys.append(y if y is not None else torch.zeros_like(t_batch))
-                eps = unet(x, t_batch, y).sample
+                    ys.append(y if y is not None else torch.zeros(t_batch.shape, dtype=torch.long))
+                eps = unet(model_input, t_batch, y).sample
+                if guided:
+                    uncond, cond = eps.chunk(2)
+                    eps = uncond + sampler.guidance * (cond - uncond)
                 x = scheduler.step(eps, t, x).prev_sample
                 bar.advance()
             outputs.append(x.clamp(-1, 1) if clamp else x)

@@ -35,7 +35,8 @@ from pydantic import (
     model_validator,
 )
 
-from diffquant.errors import SpecError
+from diffquant.devices import DEFAULT_DEVICE_CLASS, DeviceClass, DeviceClassName, resolve_device_class
+from diffquant.errors import ConfigError, SpecError
 from diffquant.quant.config import WeightConfig
 from diffquant.quant.formats import MAX_BITS, MIN_BITS
 
@@ -85,20 +86,21 @@ class ModelSource(_Strict):
 
 
 class SamplerSpec(_Strict):
-    """Sampler used for trajectories and evaluation (DDIM, eta 0)."""
+    """Sampler used for trajectories, calibration, sensitivity, evaluation and parity.
 
-    name: Literal["ddim"] = "ddim"
+    ``name`` picks a diffusers scheduler built from the model's own scheduler config: ``ddim``
+    (eta 0), ``euler`` (``EulerDiscreteScheduler``), ``dpm_solver`` (DPM-Solver++,
+    ``DPMSolverMultistepScheduler``) or ``from_model`` (the class the model's
+    ``scheduler_config.json`` names, e.g. SD 1.5's PNDM). ``guidance`` above 1 is classifier-free
+    guidance as in diffusers' pipelines (the unconditional and conditional halves run in one batch);
+    1 or less samples the conditional model alone (SDXL-Turbo's 0 included). Guidance needs a null
+    condition: a null class (``null_class`` in ``diffquant.json``, or a class embedding beyond the
+    classes) or, for text models, the empty prompt.
+    """
+
+    name: Literal["ddim", "euler", "dpm_solver", "from_model"] = "ddim"
     steps: int = Field(50, ge=1, le=1000)
-    guidance: float = 1.0
-
-    @model_validator(mode="after")
-    def _plain_conditional(self) -> SamplerSpec:
-        if self.guidance != 1.0:
-            raise ValueError(
-                "guidance other than 1.0 is not supported: classifier-free guidance pushes the "
-                "reference model off its training distribution (accuracy 0.1-0.2 at 2-4)"
-            )
-        return self
+    guidance: float = Field(1.0, ge=0.0, le=50.0)
 
 
 class CalibrationSpec(_Strict):
@@ -303,10 +305,18 @@ class ExportSpec(_Strict):
     not; ``on`` makes a missing TensorRT an error; ``off`` never builds. Parity compares
     onnxruntime with the PyTorch model on the calibration inputs and, with ``parity_samples`` > 0,
     on final samples from the same noise; a failed check fails the run when ``enforce_parity``.
+
+    ``device_class`` (``orin | ampere | ada | hopper | blackwell | cpu``, :mod:`diffquant.devices`)
+    is the class of machine the plan is for: the allocator offers only what it runs, the rules
+    check refuses what it cannot run, and the bundle records it. Unset, it is the target's default
+    (``tensorrt`` -> ``orin``, ``onnxruntime`` -> ``cpu``); the default is left out of the
+    serialized spec (written or not), so existing specs keep their hash. ``cpu`` takes the
+    onnxruntime form and the GPU classes the TensorRT form.
     """
 
     onnx: bool = True
     target: Literal["tensorrt", "onnxruntime"] = "tensorrt"
+    device_class: DeviceClassName | None = None
     tensorrt: Literal["auto", "on", "off"] = "auto"
     opset: int = Field(21, ge=13, le=23)
     parity_samples: int = Field(
@@ -324,6 +334,29 @@ class ExportSpec(_Strict):
             return "on" if value else "off"
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_device_class(cls, data: Any) -> Any:
+        # the target's own class, written out, is the same spec as leaving it unset
+        if isinstance(data, dict) and data.get("device_class") is not None:
+            target = data.get("target", "tensorrt")
+            if isinstance(target, str) and DEFAULT_DEVICE_CLASS.get(target) == data["device_class"]:
+                data = {k: v for k, v in data.items() if k != "device_class"}
+        return data
+
+    @model_validator(mode="after")
+    def _device_class_takes_target(self) -> ExportSpec:
+        try:
+            resolve_device_class(self.device_class, self.target)
+        except ConfigError as error:
+            raise ValueError(f"export.device_class {self.device_class}: {error.message}") from None
+        return self
+
+    @property
+    def device(self) -> DeviceClass:
+        """The device class the plan is for: ``device_class``, else the target's default."""
+        return resolve_device_class(self.device_class, self.target)
+
     @model_validator(mode="after")
     def _engine_needs_tensorrt_form(self) -> ExportSpec:
         if self.target == "onnxruntime" and self.tensorrt == "on":
@@ -337,6 +370,8 @@ class ExportSpec(_Strict):
         data = handler(self)
         if self.target == "tensorrt":
             data.pop("target", None)
+        if self.device_class is None:
+            data.pop("device_class", None)
         return data
 
 
@@ -400,12 +435,14 @@ class CompressionSpec(_Strict):
 
     @model_validator(mode="after")
     def _calibration_fits_pool(self) -> CompressionSpec:
-        pool = self.calibration.trajectories * self.sampler.steps
+        halves = 2 if self.sampler.guidance > 1.0 else 1
+        pool = self.calibration.trajectories * self.sampler.steps * halves
         if self.calibration.size > pool:
+            guided = " x 2 guidance halves" if halves == 2 else ""
             raise ValueError(
                 f"calibration.size {self.calibration.size} exceeds the candidate pool of {pool} "
                 f"(calibration.trajectories {self.calibration.trajectories} x sampler.steps "
-                f"{self.sampler.steps}); lower the size or add trajectories"
+                f"{self.sampler.steps}{guided}); lower the size or add trajectories"
             )
         return self
 
@@ -744,7 +781,11 @@ def memory_needs(spec: CompressionSpec, sample_shape: tuple[int, ...]) -> dict[s
     """
     sample = 4 * math.prod(sample_shape)
     needs = {
-        "calibration.trajectories": 2 * spec.calibration.trajectories * spec.sampler.steps * sample,
+        "calibration.trajectories": (2 if spec.sampler.guidance > 1.0 else 1)
+        * 2
+        * spec.calibration.trajectories
+        * spec.sampler.steps
+        * sample,
         "evaluate.samples": 3 * spec.evaluate.samples * sample,
         "export.parity_samples": 3 * spec.export.parity_samples * sample,
     }

@@ -6,6 +6,7 @@ from torch import nn
 
 from diffquant.calibration.pool import collect_pool, subset
 from diffquant.calibration.selection import select
+from diffquant.errors import ConfigError
 from diffquant.mixed_precision.allocate import allocate_plan, measure_allocation_sensitivity
 from diffquant.mixed_precision.costs import layer_macs, qkv_groups
 from diffquant.mixed_precision.sensitivity import SensitivityTable, measure_sensitivity, noise_power, quantize_only
@@ -186,6 +187,32 @@ def test_group_options_measured_where_allowed_and_chosen_by_allocation(tiny):
     bits = {n: plan[n].weight.bits + (32 / 8 if plan[n].weight.group_size else 0) for n in names}
     expected = sum(bits[n] * numel[n] for n in names) / sum(numel.values())
     assert result.usage["avg_weight_bits"] == pytest.approx(expected)
+    # a device class: only the options it runs are offered, and the answer says which went and why
+    assert result.removed == {} and result.notes == {}
+    kinds = {n: "conv" if isinstance(model.unet.get_submodule(n), nn.Conv2d) else "linear" for n in names}
+    assert any(plan[n].weight.group_size for n in allowed if kinds[n] == "conv")
+
+    def alloc(device, pinned=None):
+        allocation = spec.allocation if pinned is None else spec.allocation.model_copy(update={"pinned": pinned})
+        return allocate_plan(model, calib, allocation, table, device_class=device)
+
+    orin_plan, orin = alloc("orin")
+    assert not any(orin_plan[n].weight.group_size for n in names if kinds[n] == "conv")
+    assert all(orin_plan[n] == plan[n] for n in names if kinds[n] == "linear")  # Linear layers keep their groups
+    assert list(orin.removed) == ["w4g8a8"] and "not on a conv" in orin.removed["w4g8a8"]
+    removed_from = sum(1 for n in allowed if kinds[n] == "conv")
+    assert f"removed for {removed_from} of {len(names)} layers" in orin.removed["w4g8a8"]
+    (note, noted), *_ = orin.notes.items()  # every conv is at 4 bits here: stored as INT4, run in float
+    assert "no INT4 convolution kernel" in note and set(noted) == {n for n in names if kinds[n] == "conv"}
+    assert alloc("cpu")[0] == plan  # onnxruntime runs block-wise weights on any layer
+    conv = next(n for n in allowed if kinds[n] == "conv")
+    with pytest.raises(ConfigError, match=f"pinned: {conv} is pinned to w4g8a8, which orin cannot run"):
+        alloc("orin", {conv: "w4g8a8"})
+    tight = spec.allocation.model_copy(
+        update={"budget": spec.allocation.budget.model_copy(update={"avg_weight_bits": 3.0})}
+    )
+    with pytest.raises(AllocationInfeasibleError, match=r"\(device class orin cannot run w4g8a8 on some layers\)"):
+        allocate_plan(model, calib, tight, table, device_class="orin")
 
 
 def test_final_sample_psnr_metric(tiny):
@@ -267,3 +294,17 @@ def test_latency_table_gaps_are_listed_and_a_layer_without_options_is_refused(ti
         latency_gaps(model.unet, spec.allocation)
     with pytest.raises(ConfigError, match=f"layer '{names[2]}'"):
         _alloc(model, calib, spec, sensitivity)
+
+
+def test_a_uniform_plan_the_device_class_cannot_run_is_refused_before_calibration(tiny):
+    from diffquant.ptq import quantize
+    from diffquant.quant.config import WeightConfig
+    from diffquant.spec import QuantizeSpec
+
+    model, calib = tiny
+    config = QuantizeSpec(weight=WeightConfig(4, "per_group", group_size=8), keep_full_precision=[])
+    with pytest.raises(ConfigError, match=r"weight: layer \S+ cannot run on orin: group-wise .* not on a conv"):
+        quantize(model, config, calib)
+    with pytest.raises(ConfigError, match="cannot run on hopper"):
+        quantize(model, config, calib, device_class="hopper")
+    assert not any(isinstance(m, QuantConv2d) for m in model.unet.modules())  # refused before any layer changed

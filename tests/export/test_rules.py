@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 
 import numpy as np
 import onnx
@@ -183,3 +184,29 @@ def test_rules_error_names_the_node(exported, tmp_path):
     onnx.save(model, str(path))
     with pytest.raises(RulesError, match=f"{LIN}/input_quantizer/QuantizeLinear"):
         check_rules(path, plan, raise_on_violation=True)
+
+
+@pytest.mark.parametrize("device", ["orin", "ampere", "ada", "hopper", "blackwell"])
+def test_device_class_refuses_what_it_cannot_run_naming_the_layer(exported, device):
+    """Every weight option on a Conv and a Linear layer, against the class's table entry."""
+    from diffquant.devices import DEVICE_CLASSES
+    from diffquant.errors import ConfigError
+
+    model, plan = exported
+    entry = DEVICE_CLASSES[device]
+    # the fixture's W6 group-wise Linear: fine in the form, but TensorRT's block quantization is INT4 only
+    found = [v for v in check_rules(model, plan, device_class=device) if v.rule == "device_class"]
+    assert [(v.layer, v.node) for v in found] == [(W6, f"{W6}/MatMul")]
+    assert f"{W6} cannot run on {device}" in found[0].message and "at most 4 bits" in found[0].message
+    with pytest.raises(RulesError, match=f"device class at node '{W6}/MatMul': {W6} cannot run on {device}"):
+        check_rules(model, plan, raise_on_violation=True, device_class=device)
+    for (layer, kind), bits, group in itertools.product(((CONV, "conv"), (LIN, "linear")), range(2, 9), (None, 8)):
+        weight = WeightConfig(bits, "per_group", group_size=group) if group else WeightConfig(bits)
+        changed = type(plan)({**plan, W6: LayerConfig(WeightConfig(6), ActivationConfig(8))})
+        changed[layer] = LayerConfig(weight, plan[layer].activation)
+        refused = [v.layer for v in check_rules(model, changed, device_class=device) if v.rule == "device_class"]
+        expected = [layer] if entry.weight_problem(kind, bits, group) is not None else []
+        assert refused == expected, (layer, bits, group)
+    assert [v.rule for v in check_rules(model, plan) if v.rule == "device_class"] == []  # no class: the form only
+    with pytest.raises(ConfigError, match="cpu runs onnxruntime, not the tensorrt form"):
+        check_rules(model, plan, device_class="cpu")

@@ -6,22 +6,29 @@ worker run it, and check through the MLflow client that a version was registered
 ``champion`` alias moved to it. On SQLite, headless Chromium also renders the MLflow run page
 (screenshot) and the registered-model page (which must list the version and its aliases).
 Everything listens on 127.0.0.1 with free ports and is stopped at the end.
+
+Triggered compression: ``diffquant watch --once`` emits ``diffquant.checkpoint.landed`` for a new
+checkpoint folder, the ``compress-on-checkpoint`` trigger starts a flow run that registers a
+version; the same event again (``prefect event emit``, the README's one-liner) starts a run that
+registers nothing and says why; an event without a path fails its run with one line.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.pipeline.conftest import SMALL
 from tests.servers import (
-    BIN,
     mlflow_server,
     postgres_server,
     prefect_server,
@@ -33,6 +40,10 @@ from tests.servers import (
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN_TIMEOUT_S = 420
+PREFECT = [sys.executable, "-m", "prefect"]
+"""Prefect's CLI on this interpreter (not the console script, whose shebang may name another venv):
+the worker's flow runs then import the diffquant under test."""
+DEPLOY_CLASSES = ("ampere", "ada", "hopper", "blackwell", "cpu")  # orin's is deploy-edge
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +54,7 @@ def prefect_api(tmp_path_factory):
 
 def prefect_cli(args: list[str], env: dict[str, str]) -> str:
     result = subprocess.run(
-        [str(BIN / "prefect"), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180, check=False
+        [*PREFECT, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180, check=False
     )
     assert result.returncode == 0, f"prefect {' '.join(args)}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result.stdout
@@ -111,16 +122,17 @@ def test_deployed_compress_registers_and_promotes(backend, request, tmp_path):
             "PREFECT_LOGGING_LEVEL": "WARNING",
             "PYTHONPATH": str(ROOT),
         }
-        for pool in ("diffquant-cpu", "edge-orin"):
+        deployments = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
+        for pool in sorted({d["work_pool"]["name"] for d in deployments}):  # one per device class, and the CPU's
             prefect_cli(["work-pool", "create", pool, "--type", "process", "--overwrite"], env)
         out = prefect_cli(["--no-prompt", "deploy", "--all"], env)
-        for name in ("compress-nightly", "sweep-weekly", "deploy-edge"):
+        for name in ("compress-nightly", "sweep-weekly", "deploy-edge", *(f"deploy-{c}" for c in DEPLOY_CLASSES)):
             assert name in out
         spec = load_spec(overrides=SMALL).to_dict()
         with temporary_settings({PREFECT_API_URL: prefect_api}):
             flow_run = run_deployment("compress/compress-nightly", parameters={"spec": spec}, timeout=0)
         worker = start(
-            [str(BIN / "prefect"), "worker", "start", "--pool", "diffquant-cpu", "--type", "process"],
+            [*PREFECT, "worker", "start", "--pool", "diffquant-cpu", "--type", "process"],
             tmp_path / "worker.log",
             {k: v for k, v in env.items() if k != "PREFECT_LOGGING_LEVEL"},
         )
@@ -150,6 +162,113 @@ def test_deployed_compress_registers_and_promotes(backend, request, tmp_path):
                 shutil.copy(shot, Path(os.environ["DIFFQUANT_SCREENSHOT_DIR"]) / "mlflow-run-page.png")
             dom = chromium(["--dump-dom", f"{mlflow_url}/#/models/digits-unet"], tmp_path / "chrome-2", browser).stdout
             assert "Version 1" in dom and "champion" in dom, dom[-3000:]
+
+
+CHECKPOINT_RUN_TIMEOUT_S = 300
+
+
+def flow_runs_of(api_url: str, deployment_id) -> list:
+    """The deployment's flow runs, oldest first."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])))
+    return sorted(runs, key=lambda run: run.created)
+
+
+def wait_for_nth_run(api_url: str, deployment_id, n: int, timeout: float):
+    """Wait until the deployment has ``n`` flow runs and the n-th is final; return it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        runs = flow_runs_of(api_url, deployment_id)
+        if len(runs) >= n:
+            return wait_for_flow_run(api_url, runs[n - 1].id, max(1.0, deadline - time.monotonic()))
+        time.sleep(1)
+    raise AssertionError(
+        f"the trigger started {len(flow_runs_of(api_url, deployment_id))} runs, not {n}, in {timeout} s"
+    )
+
+
+def test_checkpoint_event_compresses_each_checkpoint_once(request, tmp_path):
+    prefect_api = request.getfixturevalue("prefect_api")
+    from mlflow.tracking import MlflowClient
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import DeploymentUpdate
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from diffquant.models.loading import load_model
+    from diffquant.models.reference import reference_dir
+    from diffquant.registry.models import WEIGHTS_TAG
+    from diffquant.spec import load_spec
+
+    with mlflow_server(tmp_path / "mlflow") as mlflow_url:
+        env = {
+            **os.environ,
+            "PREFECT_API_URL": prefect_api,
+            "PREFECT_HOME": str(tmp_path / "prefect-client"),
+            "MLFLOW_TRACKING_URI": mlflow_url,
+            "DIFFQUANT_HOME": str(tmp_path / "home"),
+            "PREFECT_WORKER_QUERY_SECONDS": "2",
+            "PYTHONPATH": str(ROOT),
+        }
+
+        def cli(args: list[str]) -> subprocess.CompletedProcess:
+            result = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180, check=False)
+            assert result.returncode == 0, f"{args}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+            return result
+
+        cli([*PREFECT, "work-pool", "create", "diffquant-cpu", "--type", "process", "--overwrite"])
+        deployed = cli([*PREFECT, "--no-prompt", "deploy", "--name", "compress-on-checkpoint"]).stdout
+        assert "compress-on-checkpoint" in deployed
+        # prefect.yaml's spec is the nightly one (2,000 samples); the test runs the fast one, without
+        # the ONNX export (the nightly test above covers it)
+        spec = load_spec(overrides=[*SMALL, "export.onnx=false"]).to_dict()
+        with temporary_settings({PREFECT_API_URL: prefect_api}), get_client(sync_client=True) as client:
+            deployment = client.read_deployment_by_name("compress-checkpoint/compress-on-checkpoint")
+            client.update_deployment(deployment.id, DeploymentUpdate(parameters={"spec": spec, "out_dir": None}))
+            assert len(client.read_automations_by_name(f"{deployment.name}__automation_1")) == 1
+
+        ckpts = tmp_path / "ckpts"
+        ckpt = shutil.copytree(reference_dir("digits-unet"), ckpts / "step-1000")
+        (ckpts / "step-2000").mkdir()  # a folder still being written: no config.json yet
+        (ckpts / "step-2000" / "diffusion_pytorch_model.safetensors").write_bytes(b"partial")
+        sha = load_model("digits-unet").weights_sha256
+        worker = start(
+            [*PREFECT, "worker", "start", "--pool", "diffquant-cpu", "--type", "process"], tmp_path / "worker.log", env
+        )
+        try:
+            watched = cli(
+                [sys.executable, "-m", "diffquant.flows.cli", "watch", str(ckpts), "--once", "--interval", "0.5"]
+            )
+            assert f"for {ckpt}" in watched.stderr and "step-2000" not in watched.stderr, watched.stderr
+            # the same checkpoint again at once, the way a training job would announce it: the
+            # deployment runs one flow run at a time, so the later run waits for the first and skips
+            resource = {
+                "prefect.resource.id": f"diffquant.checkpoint.{sha[:16]}",
+                "diffquant.checkpoint.path": str(ckpt),
+            }
+            cli([*PREFECT, "event", "emit", "diffquant.checkpoint.landed", "--resource", json.dumps(resource)])
+            runs = [wait_for_nth_run(prefect_api, deployment.id, n, CHECKPOINT_RUN_TIMEOUT_S) for n in (1, 2)]
+            log = (tmp_path / "worker.log").read_text()[-4000:]
+            states = [run.state for run in runs]
+            assert all(s.is_completed() for s in states), f"{states}\n{log}"
+            assert all(run.parameters["checkpoint"] == str(ckpt) for run in runs)
+            (skipped,) = [s for s in states if s.name == "Skipped"]
+            assert "already registered as version 1 of step-1000" in skipped.message
+
+            # an event without a path: the run fails with one line naming the label
+            cli([*PREFECT, "event", "emit", "diffquant.checkpoint.landed", "--resource-id", "diffquant.checkpoint.x"])
+            third = wait_for_nth_run(prefect_api, deployment.id, 3, CHECKPOINT_RUN_TIMEOUT_S)
+            assert third.state.is_failed(), third.state
+            assert "has no checkpoint path" in third.state.message and "\n" not in third.state.message
+        finally:
+            stop(worker)
+
+        versions = MlflowClient(tracking_uri=mlflow_url).search_model_versions("name='step-1000'")
+        assert [str(v.version) for v in versions] == ["1"]
+        assert versions[0].tags[WEIGHTS_TAG] == sha
 
 
 def test_servers_are_gone_after_the_test(tmp_path):

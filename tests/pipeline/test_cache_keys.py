@@ -43,8 +43,8 @@ ALTERNATIVES: dict[str, list[Any]] = {
     "model.name": ["digits-dit"],
     "model.path": ["/some/model"],
     "model.prompts": ["/some/prompts.txt"],
-    "sampler.name": [],  # ddim is the only sampler
-    "sampler.guidance": [],  # only 1.0 is accepted today
+    "sampler.name": ["euler"],
+    "sampler.guidance": [3.0],
     "finetune.timestep_groups": [],  # only 1 is accepted (one engine per group otherwise)
     "quantize.weight.group_size": [],  # only together with granularity per_group (a two-field change)
     "calibration.strategy": ["random"],

@@ -68,6 +68,8 @@ def test_compress_logs_everything(isolated_home, tmp_path):
         r.info.run_id for r in runs
     }
     assert {"plan_sha256", "git_sha", "diffquant_version", "metric.fd_real", "promotion.reasons"} <= version.tags.keys()
+    assert version.tags["model.weights_sha256"] == saved["model"]["weights_sha256"]  # what a checkpoint run skips on
+    assert version.tags["device_class"] == "orin"  # export.device_class unset: the tensorrt target's default
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "model")} >= {
         "model/plan.json",
         "model/quantizer_scales.safetensors",
@@ -179,6 +181,10 @@ def test_mixed_precision_sensitivity_on_dask_then_cached_for_the_default_runner(
     assert table.has("mid_block.resnets.0.conv1", "weight", 4, 32) and not table.has("conv_in", "weight", 4, 32)
     assert first["allocation"]["usage"]["avg_weight_bits"] <= 6.0 + 1e-6
     plan = json.loads(Path(first["plan"]["path"]).read_text())["layers"]
+    # the default device class (orin) runs group-wise weights on Linear layers only: the record says so
+    answer = json.loads(Path(first["allocation"]["allocation_path"]).read_text())
+    assert answer["device_class"] == "orin" and "not on a conv" in answer["removed_options"]["w4g32a8"]
+    assert not any(cfg["weight"].get("group_size") for name, cfg in plan.items() if "conv" in name)
     assert {cfg["weight"]["bits"] for cfg in plan.values()} == {4, 8}
     assert "mixed precision" in first["plan"]["description"]
     from mlflow.tracking import MlflowClient

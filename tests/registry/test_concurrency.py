@@ -64,11 +64,13 @@ def test_two_runs_finishing_together_leave_one_champion(tmp_path):
         assert first[0]["champion"] == first[0]["version"]
         for fds in ([1.15, 1.10], [1.05, 1.08]):
             results = race(fds)
-            assert all(r["passed"] for r in results), results
             best = min(
                 results,
                 key=lambda r: float(client.get_model_version("digits-unet", r["version"]).tags["metric.fd_real"]),
             )
+            # the better run passes whatever the order; the other passes only if it saw the old champion
+            # (a slow start on a loaded machine lets it compare against the better one and fail)
+            assert best["passed"], results
             model = client.get_registered_model("digits-unet")
             assert str(model.aliases["champion"]) == best["version"]
             for r in results:

@@ -64,8 +64,8 @@ def client(tmp_path):
     return MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
 
 
-def register(client, tmp_path, fd, size=100):
-    """Register a version the way the compress flow does, with the given FD to real."""
+def register(client, tmp_path, fd, size=100, tags=None):
+    """Register a version the way the compress flow does, with the given FD to real (and extra version tags)."""
     from diffquant.tasks.artifacts import TrackingRef
     from diffquant.tasks.register import register_task
 
@@ -80,7 +80,7 @@ def register(client, tmp_path, fd, size=100):
         TrackingRef(uri=client.tracking_uri, run_id=run.info.run_id),
         "digits-unet",
         str(model),
-        {"spec_hash": "x"},
+        {"spec_hash": "x", **(tags or {})},
         Candidate(fd_real=fd, fp_fd_real=1.0, accuracy=0.98, size_bytes=size, fp32_bytes=400),
         GatesSpec(max_fd_ratio=1.5),
     )

@@ -406,3 +406,22 @@ def test_cli_weight_shapes_not_matching_config(isolated_home, unet, tmp_path):  
     assert_clean_failure(result, "parameter conv_in.weight has shape [8, 1, 3, 3]", isolated_home)
     assert "makes it [8, 2, 3, 3]" in result.output
     assert_nothing_left(isolated_home, tmp_path / "out")
+
+
+# --- sampler against the model ------------------------------------------------------------------
+
+
+def test_guidance_on_a_model_without_a_null_class_fails_in_one_line(unet, isolated_home, tmp_path):  # noqa: F811
+    write(unet / "diffquant.json", {"num_classes": 11})  # every class embedding is a class: no null class
+    result = invoke("--set", f"model.path={unet}", "--set", "sampler.guidance=3", "--out", str(tmp_path / "out"))
+    assert_clean_failure(result, "sampler.guidance: 3 needs a model with a null condition", isolated_home)
+    assert_nothing_left(isolated_home, tmp_path / "out")
+
+
+def test_from_model_with_a_scheduler_diffusers_lacks_fails_in_one_line(unet, isolated_home, tmp_path):  # noqa: F811
+    edit(unet / "scheduler_config.json", lambda config: config.update(_class_name="MyOwnScheduler"))
+    result = invoke("--set", f"model.path={unet}", "--set", "sampler.name=from_model", "--out", str(tmp_path / "out"))
+    assert_clean_failure(
+        result, "sampler.name: from_model: the model's scheduler config names 'MyOwnScheduler'", isolated_home
+    )
+    assert_nothing_left(isolated_home, tmp_path / "out")

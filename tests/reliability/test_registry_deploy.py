@@ -203,6 +203,59 @@ def test_deploy_when_the_artifacts_are_gone(registered, client, isolated_home, t
     assert not target.exists()
 
 
+# --- device classes: a version built for another class is refused before any download -----------
+
+
+def test_deploy_refuses_a_version_built_for_another_class(client, isolated_home, tmp_path, monkeypatch):  # noqa: F811
+    import diffquant.flows.deploy as deploy
+    from diffquant.manifest import verify_files
+
+    register(client, tmp_path, 1.2, tags={"device_class": "ada"})
+    target = tmp_path / "edge" / "digits"
+    real_download = deploy.download_version
+    monkeypatch.setattr(deploy, "download_version", lambda *a: pytest.fail("downloaded before the class check"))
+    line = refused(
+        invoke("deploy", MODEL, "--target", str(target), "--device-class", "orin"), "built for device class ada"
+    )
+    assert "this machine is orin" in line and "export.device_class=orin" in line
+    monkeypatch.setenv("DIFFQUANT_DEVICE_CLASS", "hopper")  # a worker's own class, from its environment
+    refused(invoke("deploy", MODEL, "--target", str(target)), "built for device class ada, but this machine is hopper")
+    assert not target.exists() and not (tmp_path / "edge").exists()
+    monkeypatch.setattr(deploy, "download_version", real_download)
+    monkeypatch.setenv("DIFFQUANT_DEVICE_CLASS", "ada")
+    result = invoke("deploy", MODEL, "--target", str(target))
+    assert result.exit_code == 0, result.output
+    assert "(ada)" in result.stdout + result.stderr
+    assert verify_files(target)["bundle"]["device_class"] == "ada"
+    monkeypatch.delenv("DIFFQUANT_DEVICE_CLASS")  # the machine does not say: deployed, its class recorded
+    assert invoke("deploy", MODEL, "--target", str(target)).exit_code == 0
+
+
+def test_deploy_judges_an_untagged_version_by_its_spec(registered, client, isolated_home, tmp_path):  # noqa: F811
+    """A version registered before device classes (no tag, no spec.yaml) is an Orin one (the TensorRT default)."""
+    target = tmp_path / "edge" / "digits"
+    refused(invoke("deploy", MODEL, "--target", str(target), "--device-class", "cpu"), "built for device class orin")
+    assert not target.exists()
+    result = invoke("deploy", MODEL, "--target", str(target), "--device-class", "orin")
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "fragment"),
+    [
+        (["--device-class", "tpu"], None, "--device-class: unknown device class 'tpu'; choose one of orin, ampere"),
+        ([], "h100", "DIFFQUANT_DEVICE_CLASS: unknown device class 'h100'"),
+    ],
+    ids=["option", "environment"],
+)
+def test_deploy_with_an_unknown_device_class(registered, tmp_path, monkeypatch, args, env, fragment):
+    if env is not None:
+        monkeypatch.setenv("DIFFQUANT_DEVICE_CLASS", env)
+    target = tmp_path / "edge" / "digits"
+    refused(invoke("deploy", MODEL, "--target", str(target), *args), fragment)
+    assert not target.exists()
+
+
 # --- unknown model, version, alias; nothing to roll back ---------------------------------------
 
 

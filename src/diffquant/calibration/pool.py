@@ -13,7 +13,8 @@ import torch
 
 from diffquant.errors import DataError
 from diffquant.models.loading import DiffusionModel
-from diffquant.sampling import Trajectories, ddim_sample, initial_noise
+from diffquant.sampling import Trajectories, initial_noise, run_sampler
+from diffquant.spec import SamplerSpec
 
 logger = logging.getLogger(__name__)
 
@@ -22,14 +23,21 @@ POOL_CODE_VERSION = "1"
 
 
 def collect_pool(
-    model: DiffusionModel, trajectories: int = 64, steps: int = 50, seed: int = 0, labels: torch.Tensor | None = None
+    model: DiffusionModel,
+    trajectories: int = 64,
+    steps: int | SamplerSpec = 50,
+    seed: int = 0,
+    labels: torch.Tensor | None = None,
 ) -> Trajectories:
-    """Sample ``trajectories`` FP images with DDIM and record every denoiser input (the candidate pool).
+    """Sample ``trajectories`` FP images and record every denoiser input (the candidate pool).
+
+    With classifier-free guidance the pool holds both halves of every step (unconditional and
+    conditional inputs), as the deployed denoiser sees them.
 
     Args:
         model: The FP model.
         trajectories: Number of sampling trajectories.
-        steps: DDIM steps per trajectory.
+        steps: DDIM steps per trajectory, or the whole sampler (scheduler, steps, guidance).
         seed: Calibration seed (noise seed is ``POOL_SEED_OFFSET + seed``).
         labels: Class labels to cycle through (class models; default: all classes in turn).
             Text models use their calibration prompts.
@@ -47,7 +55,7 @@ def collect_pool(
     else:
         labels, _ = model.conditions(trajectories, "calibration")
     noise = initial_noise(trajectories, model.sample_shape, POOL_SEED_OFFSET + seed)
-    _, traj = ddim_sample(
+    _, traj = run_sampler(
         model.unet,
         model.scheduler_config,
         noise,
@@ -56,6 +64,7 @@ def collect_pool(
         record=True,
         description="Collecting FP trajectories",
         clamp=not model.latent,
+        null=model.null_conditions(trajectories),
     )
     assert traj is not None
     check_finite(traj)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
-from dataclasses import replace
 
 import torch
 from torch import nn
 
+from diffquant.devices import DeviceClass
+from diffquant.devices import device_class as lookup_device_class
 from diffquant.errors import ConfigError
 from diffquant.metrics import psnr
 from diffquant.mixed_precision.costs import (
@@ -22,7 +24,7 @@ from diffquant.mixed_precision.costs import (
 )
 from diffquant.mixed_precision.latency import LatencyTable, read_latency_file
 from diffquant.mixed_precision.sensitivity import SensitivityTable, measure_sensitivity
-from diffquant.mixed_precision.solver import Allocation, solve_allocation
+from diffquant.mixed_precision.solver import Allocation, AllocationInfeasibleError, solve_allocation
 from diffquant.models.loading import DiffusionModel
 from diffquant.quant.plan import (
     ActivationConfig,
@@ -32,8 +34,8 @@ from diffquant.quant.plan import (
     quantizable_layers,
     resolve_globs,
 )
-from diffquant.sampling import Trajectories, ddim_sample, initial_noise
-from diffquant.spec import AllocationSpec
+from diffquant.sampling import Trajectories, initial_noise, run_sampler
+from diffquant.spec import AllocationSpec, SamplerSpec
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +44,7 @@ def final_sample_probe(
     model: DiffusionModel,
     classifier: nn.Module | None,
     samples: int,
-    steps: int,
+    steps: int | SamplerSpec,
     seed: int,
     content_layers: set[str],
     psnr_all: bool,
@@ -56,8 +58,9 @@ def final_sample_probe(
     labels, _ = model.conditions(samples, "calibration")
     noise = initial_noise(samples, model.sample_shape, seed)
     clamp = not model.latent
-    fp_images, _ = ddim_sample(
-        model.unet, model.scheduler_config, noise, labels, steps, description="FP samples", clamp=clamp
+    null = model.null_conditions(samples)
+    fp_images, _ = run_sampler(
+        model.unet, model.scheduler_config, noise, labels, steps, description="FP samples", clamp=clamp, null=null
     )
     fp_logp = None
     if classifier is not None:
@@ -68,8 +71,8 @@ def final_sample_probe(
         want_content = layer in content_layers and fp_logp is not None
         if not (want_content or psnr_all):
             return {}
-        images, _ = ddim_sample(
-            unet, model.scheduler_config, noise, labels, steps, description="Final samples", clamp=clamp
+        images, _ = run_sampler(
+            unet, model.scheduler_config, noise, labels, steps, description="Final samples", clamp=clamp, null=null
         )
         out: dict[str, float] = {}
         if want_content:
@@ -90,7 +93,7 @@ def measure_allocation_sensitivity(
     *,
     weight_observer: str = "minmax",
     activation_observer: str = "minmax",
-    steps: int = 50,
+    steps: int | SamplerSpec = 50,
     seed: int = 0,
     classifier: nn.Module | None = None,
     layers: list[str] | None = None,
@@ -104,7 +107,7 @@ def measure_allocation_sensitivity(
         config: The allocation: its options and metrics.
         weight_observer: Range observer of the weight candidates (``quantize.weight.observer``).
         activation_observer: Range observer of the input candidates (``calibration.observer``).
-        steps: Sampler steps of the final-sample probes (content layers, PSNR).
+        steps: Sampler (or DDIM step count) of the final-sample probes (content layers, PSNR).
         seed: Evaluation seed; the probes draw their noise from ``seed + 1``.
         classifier: Evaluation classifier (needed for content layers).
         layers: Measure only these layers (default: all), e.g. one chunk of a parallel map.
@@ -240,6 +243,47 @@ def _group_channels(layer: nn.Module) -> int:
     return int(getattr(layer, "in_features", 0))
 
 
+def _layer_kind(layer: nn.Module) -> str:
+    return "conv" if isinstance(layer, nn.Conv2d) else "linear"
+
+
+def device_filter(
+    device: DeviceClass,
+    kinds: dict[str, str],
+    choices: dict[str, tuple[int | None, int | None, int | None]],
+    group_channels: dict[str, int] | None = None,
+) -> tuple[dict[str, set[str]], dict[str, str]]:
+    """The options each layer's device class cannot run, and why (option -> reason, with a layer count).
+
+    Args:
+        device: The class the plan is for.
+        kinds: Layer -> ``conv`` or ``linear``.
+        choices: Option name -> ``(weight bits, group size, activation bits)``.
+        group_channels: Layer -> input channels groups may split; a group-wise option a layer
+            cannot take anyway (the size does not divide them) is not counted as removed.
+
+    Returns:
+        ``(layer -> option names it loses, option -> one line saying why and for how many layers)``.
+    """
+    unavailable: dict[str, set[str]] = {}
+    why: dict[str, tuple[str, int]] = {}
+    for layer, kind in kinds.items():
+        channels = (group_channels or {}).get(layer)
+        for option, (w, g, _) in choices.items():
+            if g is not None and channels is not None and (channels == 0 or channels % g):
+                continue
+            problem = device.weight_problem(kind, w, g) if w is not None else None
+            if problem is not None:
+                unavailable.setdefault(layer, set()).add(option)
+                count = why.get(option, (problem, 0))[1]
+                why[option] = (problem, count + 1)
+    total = len(kinds)
+    removed = {
+        option: f"{reason} (removed for {count} of {total} layers)" for option, (reason, count) in sorted(why.items())
+    }
+    return unavailable, removed
+
+
 def allocate_plan(
     model: DiffusionModel,
     calib: Trajectories,
@@ -248,6 +292,7 @@ def allocate_plan(
     *,
     weight_observer: str = "minmax",
     activation_observer: str = "minmax",
+    device_class: str | DeviceClass | None = None,
 ) -> tuple[LayerPlan, Allocation]:
     """Solve the allocation program and turn the answer into a LayerPlan.
 
@@ -258,10 +303,15 @@ def allocate_plan(
         table: Its sensitivity table (:func:`measure_allocation_sensitivity`).
         weight_observer: Range observer of the planned weights.
         activation_observer: Range observer of the planned inputs.
+        device_class: The device class the plan is for (:mod:`diffquant.devices`): only the options it
+            runs are offered to each layer; the answer's ``removed`` says which were taken away and
+            why, its ``notes`` how the class runs chosen options that are not integer kernels there.
+            None offers every candidate.
 
     Raises:
-        ConfigError: Bad pins (unknown glob or option), an unreadable latency table, or a layer
-            the latency table has none of the options for. Options the table lacks for a layer are
+        ConfigError: Bad pins (unknown glob or option, or an option the device class cannot run
+            on a pinned layer), an unknown device class, an unreadable latency table, or a layer the
+            latency table has none of the options for. Options the table lacks for a layer are
             unavailable to it and listed in the answer's ``unavailable``.
         diffquant.mixed_precision.solver.AllocationInfeasibleError: When the budget cannot be met.
     """
@@ -287,6 +337,11 @@ def allocate_plan(
     a_bits: list[int | None] = [*alloc.activation_bits, *([None] if alloc.allow_float_activations else [])]
     choices = candidate_options(alloc)
     valid = set(choices)
+    kinds = {name: _layer_kind(m) for name, m in modules.items()}
+    entry = lookup_device_class(device_class) if device_class is not None else None
+    unavailable, removed = (
+        device_filter(entry, kinds, choices, inputs.group_channels) if entry is not None else ({}, {})
+    )
     pinned: dict[str, str] = {}
     for pattern, option in alloc.pinned.items():
         if option not in valid:
@@ -296,6 +351,11 @@ def allocate_plan(
                 pinned[name] = option
         except ValueError as error:
             raise ConfigError("pinned", str(error)) from None
+    for name, option in pinned.items():
+        if entry is not None and option in unavailable.get(name, ()):
+            w, g, _ = choices[option]
+            reason = entry.weight_problem(kinds[name], w, g) if w is not None else None
+            raise ConfigError("pinned", f"{name} is pinned to {option}, which {entry.name} cannot run: {reason}")
     metric = alloc.quality_metric
 
     def noise(layer: str, kind: str, bits: int | None, group: int | None) -> float:
@@ -304,7 +364,11 @@ def allocate_plan(
     latency = read_latency_file(alloc.latency_table) if alloc.latency_table else None
     gaps: list[dict[str, str]] = []
     if latency is not None:
-        gaps = _latency_gaps(latency, alloc.latency_table, _allowed_options(modules, choices), pinned)
+        allowed = {
+            name: [o for o in options if o not in unavailable.get(name, ())]
+            for name, options in _allowed_options(modules, choices).items()
+        }
+        gaps = _latency_gaps(latency, alloc.latency_table, allowed, pinned)
     problem = build_problem(
         inputs,
         noise,
@@ -316,9 +380,17 @@ def allocate_plan(
         qkv_groups(names, cross_attention_blocks(unet)) if alloc.tie_qkv else [],
         pinned,
         latency.layers if latency is not None else None,
-        latency.overhead_ms if latency is not None else 0.0,
+        unavailable,
+        latency_overhead=latency.overhead_ms if latency is not None else 0.0,
     )
-    result = replace(solve_allocation(problem), unavailable=gaps)
+    try:
+        result = solve_allocation(problem)
+    except AllocationInfeasibleError as error:
+        if not removed or entry is None:
+            raise
+        raise AllocationInfeasibleError(
+            f"{error} (device class {entry.name} cannot run {', '.join(removed)} on some layers)", error.minimal
+        ) from None
     plan = LayerPlan()
     for name in names:
         w, g, a = choices[result.choice[name]]
@@ -327,5 +399,13 @@ def allocate_plan(
             WeightConfig(w, granularity, weight_observer, g) if w is not None else None,
             ActivationConfig(a, activation_observer) if a is not None else None,
         )
+    notes: dict[str, list[str]] = {}
+    for name in names if entry is not None else ():
+        note = entry.weight_note(kinds[name], choices[result.choice[name]][0])
+        if note is not None:
+            notes.setdefault(note, []).append(name)
+    result = dataclasses.replace(result, removed=removed, notes=notes, unavailable=gaps)
+    if removed:
+        logger.info("allocation for %s: options removed: %s", entry.name if entry else "-", removed)
     logger.info("allocation: objective %.4g, usage %s", result.objective, result.usage)
     return plan, result

@@ -97,6 +97,7 @@ def build_problem(
     groups: Sequence[Sequence[str]] = (),
     pinned: Mapping[str, str] | None = None,
     latency: Mapping[str, Mapping[str, float]] | None = None,
+    unavailable: Mapping[str, Collection[str]] | None = None,
     latency_overhead: float = 0.0,
 ) -> AllocationProblem:
     """Assemble the allocation program from sensitivities and costs.
@@ -115,6 +116,7 @@ def build_problem(
         pinned: Layer -> option name.
         latency: Optional lookup ``layer -> option name -> ms``; options missing from it cannot
             be taken by that layer.
+        unavailable: Layer -> option names it cannot take (e.g. what its device class cannot run).
         latency_overhead: Milliseconds of the whole graph beyond its layers (a profiled table's
             ``overhead_ms``), charged once, so ``latency_ms`` is the predicted latency of a call.
     """
@@ -130,8 +132,9 @@ def build_problem(
     for i, layer in enumerate(inputs.layers):
         n = inputs.weight_numel[layer]
         channels = inputs.group_channels.get(layer, 0)
+        refused = set((unavailable or {}).get(layer, ()))
         for j, (w, g, a) in enumerate(options):
-            if g is not None and (channels == 0 or channels % g):
+            if (g is not None and (channels == 0 or channels % g)) or names[j] in refused:
                 quality[i, j] = semantic[i, j] = np.nan
                 continue
             quality[i, j] = noise(layer, "weight", w, g) + noise(layer, "activation", a, None)

@@ -92,12 +92,19 @@ class AllocationProblem:
 
 @dataclass(frozen=True)
 class Allocation:
-    """The solver's answer."""
+    """The solver's answer.
+
+    ``removed`` (option -> why, for the layers that lost it) lists the candidates the device class
+    cannot run; ``notes`` (note -> layers) says how the class runs chosen options that are not
+    integer kernels there (both empty without a device class).
+    """
 
     choice: dict[str, str]
     objective: float
     usage: dict[str, float]
     status: str
+    removed: dict[str, str] = field(default_factory=dict)
+    notes: dict[str, list[str]] = field(default_factory=dict)
     unavailable: list[dict[str, str]] = field(default_factory=list)
     """(layer, option) pairs taken out before solving, each with its reason (e.g. missing latency)."""
 

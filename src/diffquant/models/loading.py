@@ -62,6 +62,8 @@ class DiffusionModel:
     condition: Literal["class", "text"] | None = "class"
     prompts: PromptSet | None = field(default=None, repr=False)
     latent: bool = False
+    null_class: int | None = None
+    """The class id that means "no class" (classifier-free guidance), for class models that have one."""
 
     @property
     def conditional(self) -> bool:
@@ -96,6 +98,19 @@ class DiffusionModel:
         assert self.num_classes is not None
         labels = torch.arange(n) % self.num_classes
         return labels, labels
+
+    def null_conditions(self, n: int) -> torch.Tensor | None:
+        """The null condition for ``n`` samples (what guidance's unconditional half gets), or None.
+
+        Class models: ``null_class`` repeated; text models: the empty prompt's token ids;
+        unconditional models and class models without a null class: None.
+        """
+        if self.condition == "text":
+            assert self.prompts is not None
+            return self.prompts.tokenize([""] * n)
+        if self.condition == "class" and self.null_class is not None:
+            return torch.full((n,), self.null_class, dtype=torch.long)
+        return None
 
 
 def _one_line(error: BaseException, limit: int = 300) -> str:
@@ -481,6 +496,19 @@ def _latent_scheduler(config: dict[str, Any], latent: bool) -> dict[str, Any]:
     return config
 
 
+def _spare_class_embedding(denoiser: nn.Module, num_classes: int) -> int | None:
+    """``num_classes`` when the denoiser's class embedding has one row more than the classes (the null class).
+
+    That is how class-conditional models trained with label dropout keep their unconditional
+    embedding (diffusers' ``UNet2DModel`` with ``num_class_embeds`` = classes + 1, DiT's
+    ``LabelEmbedding`` with dropout); otherwise None.
+    """
+    for name, module in denoiser.named_modules():
+        if isinstance(module, nn.Embedding) and "class_emb" in name and module.num_embeddings > num_classes:
+            return num_classes
+    return None
+
+
 def _assemble(
     path: Path,
     name: str | None,
@@ -497,10 +525,15 @@ def _assemble(
     size = _size(config["sample_size"])
     condition = family.condition
     num_classes = meta.num_classes
+    null_class = None
     if condition == "class":
         num_classes = num_classes or family.class_count(config)
         if num_classes is None:
             condition = None
+        else:
+            null_class = (
+                meta.null_class if meta.null_class is not None else _spare_class_embedding(denoiser, num_classes)
+            )
     model = DiffusionModel(
         name=name or meta.name or path.name,
         unet=denoiser,
@@ -513,6 +546,7 @@ def _assemble(
         condition=condition,
         prompts=prompts,
         latent=latent,
+        null_class=null_class,
     )
     logger.debug("loaded %s (%s family, %s condition) from %s", model.name, family.name, condition, path)
     return model
