@@ -662,6 +662,13 @@ def _trace(model: DiffusionModel, wrapped: nn.Module, opset: int, example_batch:
         assert condition is not None
         args = (*args, condition)
         names.append(CONDITION_INPUTS[model.condition])
+    return _trace_module(wrapped, args, names, [OUTPUT_NAME], opset)
+
+
+def _trace_module(
+    wrapped: nn.Module, args: tuple[torch.Tensor, ...], names: list[str], outputs: list[str], opset: int
+) -> onnx.ModelProto:
+    """Trace ``wrapped`` (Mark nodes at every quantizer) with the legacy exporter, batch axis dynamic."""
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -674,8 +681,8 @@ def _trace(model: DiffusionModel, wrapped: nn.Module, opset: int, example_batch:
                 dynamo=False,
                 opset_version=min(opset, TRACE_MAX_OPSET),
                 input_names=names,
-                output_names=[OUTPUT_NAME],
-                dynamic_axes={n: {0: "batch"} for n in [*names, OUTPUT_NAME]},
+                output_names=outputs,
+                dynamic_axes={n: {0: "batch"} for n in [*names, *outputs]},
                 custom_opsets={_MARK_DOMAIN: 1},
                 do_constant_folding=True,
             )
@@ -768,3 +775,44 @@ def export_onnx(
         "exported %s (%s form, %d quantized layers, %d initializer bytes)", path, target, quantized, weight_bytes
     )
     return ExportInfo(path, data, opset, quantized, weight_bytes)
+
+
+def export_module(
+    module: nn.Module,
+    plan: LayerPlan,
+    example: torch.Tensor,
+    path: str | Path,
+    opset: int = DEFAULT_OPSET,
+    target: str = "tensorrt",
+) -> Path:
+    """Export a small (fake-quantized) module of one input with the same Q/DQ lowering as :func:`export_onnx`.
+
+    Used by :mod:`export.profile` to time one layer in exactly the form the full export writes:
+    the planned layers are wrapped, traced and lowered by the same functions; the graph has
+    input ``x`` (batch axis dynamic) and output ``y``, and the ``diffquant.layers`` /
+    ``diffquant.target`` metadata of a full export.
+
+    Args:
+        module: The module; the plan's layer names are FQNs inside it.
+        plan: The plan its quantizers carry (checked to match).
+        example: An input of the shape to trace with.
+        path: Target ``.onnx`` file.
+        opset: ONNX opset (21 for INT4 or group-wise weights).
+        target: ``tensorrt`` or ``onnxruntime`` form.
+
+    Raises:
+        ExportError: As :func:`export_onnx`.
+    """
+    _check_matches(module, plan)
+    target = export_target(plan, target)
+    wrapped = _wrap_layers(module, plan, target).eval()
+    proto = _trace_module(wrapped, (example,), ["x"], ["y"], opset)
+    for entry in proto.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            entry.version = opset
+    layers = _lower_marks(proto, module, plan, target)
+    proto.metadata_props.append(onnx.StringStringEntryProto(key=LAYERS_METADATA_KEY, value=json.dumps(layers)))
+    proto.metadata_props.append(onnx.StringStringEntryProto(key=TARGET_METADATA_KEY, value=target))
+    proto.producer_name = "diffquant"
+    _check_and_save(proto, Path(path), DEFAULT_EXTERNAL_DATA_THRESHOLD)
+    return Path(path)

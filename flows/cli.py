@@ -372,15 +372,20 @@ def _check_sampler(spec: Any, model: Any) -> None:
         check_sampler(spec.sampler, model.scheduler_config, model.null_conditions(1))
 
 
-def _check_latency_table(spec: Any) -> None:
-    """Read ``allocation.latency_table`` now, so a missing or malformed file fails before the calibration pool."""
+def _check_latency_table(spec: Any, unet: Any = None) -> None:
+    """Read ``allocation.latency_table`` now, so a missing or malformed file fails before the calibration pool.
+
+    With the model's ``unet``, a layer the table has no option for fails now too (one line).
+    """
     if spec.allocation is None or spec.allocation.latency_table is None:
         return
     from diffquant.errors import spec_section
-    from diffquant.mixed_precision.allocate import read_latency_table
+    from diffquant.mixed_precision.allocate import latency_gaps, read_latency_table
 
     with spec_section("allocation"):
         read_latency_table(spec.allocation.latency_table)
+        if unet is not None:
+            latency_gaps(unet, spec.allocation)
 
 
 def _runtime_overrides(runner: str | None, workers: int | None) -> list[str]:
@@ -441,7 +446,7 @@ def compress(
         model = load_model(name=spec.model.name, path=spec.model.path, prompts=spec.model.prompts)
         check_memory(spec, model.sample_shape)
         _check_sampler(spec, model)
-        _check_latency_table(spec)
+        _check_latency_table(spec, model.unet)
         if spec.calibration.labels_file:
             read_labels_file(Path(spec.calibration.labels_file), model.num_classes, model.condition)
     except DiffquantError as error:
@@ -524,6 +529,52 @@ def sweep(
         )
     console.print(table)
     typer.echo(result["sweep_path"])
+
+
+@app.command()
+def profile(
+    config: Annotated[Path | None, typer.Argument(help="YAML spec with an 'allocation' section.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a spec key (repeatable).")] = None,
+    batch: Annotated[int, typer.Option(help="Deployment batch size of the traced forward.", min=1)] = 1,
+    threads: Annotated[int, typer.Option(help="onnxruntime intra-op threads.", min=1)] = 1,
+    repeats: Annotated[int, typer.Option(help="Interleaved timing rounds (median of this many).", min=1)] = 30,
+    warmup: Annotated[int, typer.Option(help="Untimed calls per graph first.", min=0)] = 3,
+    runtime: Annotated[str, typer.Option(help="onnxruntime (TensorRT: refused with the reason here).")] = "onnxruntime",
+    out: Annotated[Path | None, typer.Option("--out", help="Also write the table to this file.")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show diffquant and Prefect logs.")] = False,
+) -> None:
+    """Measure each layer's latency per allocation option on the target runtime: the latency table JSON."""
+    _setup(verbose)
+    from diffquant.errors import DiffquantError, SpecError
+    from diffquant.flows.latency_profile import check_runtime
+    from diffquant.models.loading import load_model
+    from diffquant.spec import load_spec
+
+    try:
+        spec = load_spec(config, set_ or [])
+        if spec.allocation is None:
+            raise SpecError("profile measures the allocation's candidate options; the spec has no 'allocation' section")
+        check_runtime(runtime)
+        if out is not None and out.is_dir():
+            raise SpecError(f"--out {out} is a folder; give the table's file path")
+        load_model(name=spec.model.name, path=spec.model.path, prompts=spec.model.prompts)
+    except DiffquantError as error:
+        _fail(error)
+    from diffquant.flows.latency_profile import profile_flow
+
+    settings = {"batch": batch, "threads": threads, "repeats": repeats, "warmup": warmup}
+    result = _run_flow(
+        verbose, profile_flow, spec=spec.to_dict(), settings=settings, runtime=runtime, out=str(out) if out else None
+    )
+    console.print(
+        f"{result['layers']} layers x {result['options']} options (+ float reference), whole float graph "
+        f"{result['whole_graph_fp32_ms']:.3f} ms, overhead {result['overhead_ms']:.3f} ms"
+        f"{' (cached)' if result['cache_hit'] else ''}; TensorRT: "
+        f"{'available' if result['tensorrt']['available'] else result['tensorrt']['skip_reason']}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    typer.echo(result["table_path"])
 
 
 @app.command("train-reference")

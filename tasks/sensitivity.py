@@ -111,6 +111,7 @@ def allocate_task(
         "device_class": spec.export.device.name,
         "removed_options": result.removed,
         "notes": result.notes,
+        "unavailable": result.unavailable,
     }
     return AllocationArtifact(
         plan=FileRef.of(plan.save(folder / "allocated_plan.json")),

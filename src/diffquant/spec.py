@@ -192,7 +192,9 @@ class BudgetSpec(_Strict):
     avg_weight_bits: float | None = Field(None, gt=0)
     bytes: float | None = Field(None, gt=0, description="all parameters, quantized weights bit-packed")
     bitops: float | None = Field(None, gt=0, description="MACs x weight bits x activation bits, one call")
-    latency_ms: float | None = Field(None, gt=0, description="sum of allocation.latency_table entries")
+    latency_ms: float | None = Field(
+        None, gt=0, description="predicted ms of one call: the latency table's overhead_ms plus its chosen entries"
+    )
 
     def as_dict(self) -> dict[str, float]:
         """The budgets that are set."""
@@ -232,7 +234,8 @@ class AllocationSpec(_Strict):
     )
     tie_qkv: bool = True
     latency_table: str | None = Field(
-        None, description="JSON {layer: {option: ms}} measured on the target; needed for budget.latency_ms"
+        None,
+        description="JSON {layer: {option: ms}}, or the table diffquant profile writes; needed for budget.latency_ms",
     )
     pinned: dict[str, str] = Field(default_factory=dict, description="glob -> option name, e.g. conv_out: w8a8")
 

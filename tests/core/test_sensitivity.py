@@ -251,6 +251,51 @@ def test_cross_attention_ties_only_keys_and_values():
     assert not any(name.endswith("attn2.to_q") for group in groups for name in group)
 
 
+def test_latency_table_gaps_are_listed_and_a_layer_without_options_is_refused(tiny, tmp_path):
+    import json
+
+    from diffquant.errors import ConfigError
+    from diffquant.mixed_precision.allocate import latency_gaps
+
+    model, calib = tiny
+    names = quantizable_layers(model.unet)
+    # a made-up sensitivity: W4 is noisier than W8 everywhere, so only the latency budget makes layers take W4
+    rows = [{"layer": n, "kind": "weight", "bits": b, "noise": 1.0 if b == 4 else 0.1} for n in names for b in (4, 8)]
+    rows += [{"layer": n, "kind": "activation", "bits": 8, "noise": 0.01} for n in names]
+    sensitivity = SensitivityTable(rows)
+    path = tmp_path / "latency.json"
+    table = {
+        "format": "diffquant.latency_table",
+        "version": 1,
+        "overhead_ms": 0.5,
+        "layers": {name: {"w4a8": 1.0, "w8a8": 2.0} for name in names},
+    }
+    del table["layers"][names[1]]["w4a8"]  # w8a8 is its only option now
+    path.write_text(json.dumps(table))
+    budget = len(names) * 2.0 + 0.5 - 3.0  # three layers must take the faster W4
+    spec = load_spec(
+        overrides=[
+            f"allocation={{weight_bits: [4, 8], group_bits: [], tie_qkv: false, budget: {{latency_ms: {budget}}}, "
+            f"latency_table: '{path}'}}"
+        ]
+    )
+    plan, result = _alloc(model, calib, spec, sensitivity)
+    assert result.unavailable == [
+        {"layer": names[1], "option": "w4a8", "reason": f"option missing from the latency table {path}"}
+    ]
+    assert plan[names[1]].weight.bits == 8
+    assert sum(plan[n].weight.bits == 4 for n in names) == 3
+    expected = 0.5 + sum(2.0 if plan[n].weight.bits == 8 else 1.0 for n in names)  # the overhead is charged once
+    assert result.usage["latency_ms"] == pytest.approx(expected) and expected <= budget + 1e-9
+    assert latency_gaps(model.unet, spec.allocation) == result.unavailable
+    del table["layers"][names[2]]
+    path.write_text(json.dumps(table))
+    with pytest.raises(ConfigError, match=f"layer '{names[2]}' is not in .* no option is left"):
+        latency_gaps(model.unet, spec.allocation)
+    with pytest.raises(ConfigError, match=f"layer '{names[2]}'"):
+        _alloc(model, calib, spec, sensitivity)
+
+
 def test_a_uniform_plan_the_device_class_cannot_run_is_refused_before_calibration(tiny):
     from diffquant.ptq import quantize
     from diffquant.quant.config import WeightConfig

@@ -22,6 +22,7 @@ from diffquant.mixed_precision.costs import (
     option_name,
     qkv_groups,
 )
+from diffquant.mixed_precision.latency import LatencyTable, read_latency_file
 from diffquant.mixed_precision.sensitivity import SensitivityTable, measure_sensitivity
 from diffquant.mixed_precision.solver import Allocation, AllocationInfeasibleError, solve_allocation
 from diffquant.models.loading import DiffusionModel
@@ -154,23 +155,86 @@ def measure_allocation_sensitivity(
 
 
 def read_latency_table(path: str) -> dict[str, dict[str, float]]:
-    """Read ``{layer: {option: ms}}`` measured on a target.
+    """Read ``{layer: {option: ms}}`` measured on a target (either JSON shape of :mod:`.latency`).
 
     Raises:
         ConfigError (``latency_table``): If the file is missing, not JSON, or not of that shape.
     """
-    import json
-    from pathlib import Path
+    return read_latency_file(path).layers
 
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as error:
-        raise ConfigError("latency_table", f"{path} cannot be read as JSON: {error}") from None
-    if not isinstance(data, dict) or not all(
-        isinstance(v, dict) and all(isinstance(ms, (int, float)) for ms in v.values()) for v in data.values()
-    ):
-        raise ConfigError("latency_table", f"{path} must map layer -> option -> milliseconds")
-    return {layer: {opt: float(ms) for opt, ms in opts.items()} for layer, opts in data.items()}
+
+def candidate_options(config: AllocationSpec) -> dict[str, tuple[int | None, int | None, int | None]]:
+    """The allocation's options by name: ``{option_name: (weight bits, group size, activation bits)}``.
+
+    None bits keep that part in float; the order is the program's column order.
+    """
+    w_opts: list[WeightChoice] = [(b, None) for b in config.weight_bits]
+    w_opts += [(b, g) for b in config.group_bits for g in config.group_sizes]
+    w_opts += [(None, None)] if config.allow_float_weights else []
+    a_bits: list[int | None] = [*config.activation_bits, *([None] if config.allow_float_activations else [])]
+    return {option_name(w, a, g): (w, g, a) for w, g in w_opts for a in a_bits}
+
+
+def _latency_gaps(
+    table: LatencyTable, path: str, allowed: dict[str, list[str]], pinned: dict[str, str]
+) -> list[dict[str, str]]:
+    """The (layer, option) pairs the latency table lacks, each with why it became unavailable.
+
+    Args:
+        table: The latency table.
+        path: Its file (for the messages).
+        allowed: Each layer's candidate options before the table is consulted (group-wise options
+            a layer cannot take are not listed).
+        pinned: Layer -> pinned option.
+
+    Raises:
+        ConfigError (``latency_table``): If a layer has none of its options in the table, or a
+            pinned option is missing.
+    """
+    gaps: list[dict[str, str]] = []
+    for layer, options in allowed.items():
+        row = table.layers.get(layer)
+        missing = [option for option in options if row is None or option not in row]
+        if missing and len(missing) == len(options):
+            what = "is not in" if row is None else "has none of its candidate options in"
+            raise ConfigError(
+                "latency_table",
+                f"layer {layer!r} {what} {path}, so no option is left for it; profile the model again "
+                "(diffquant profile) with the allocation's options",
+            )
+        if layer in pinned and pinned[layer] in missing:
+            raise ConfigError("latency_table", f"layer {layer!r} is pinned to {pinned[layer]!r}, which {path} lacks")
+        reason = f"{'layer' if row is None else 'option'} missing from the latency table {path}"
+        gaps += [{"layer": layer, "option": option, "reason": reason} for option in missing]
+    if gaps:
+        logger.warning("the latency table %s lacks %d (layer, option) pairs: they are unavailable", path, len(gaps))
+    return gaps
+
+
+def _allowed_options(
+    modules: dict[str, nn.Module], choices: dict[str, tuple[int | None, int | None, int | None]]
+) -> dict[str, list[str]]:
+    """Each layer's options before latency is consulted (group sizes must divide its input channels)."""
+    allowed = {}
+    for name, module in modules.items():
+        channels = _group_channels(module)
+        allowed[name] = [o for o, (_, g, _) in choices.items() if g is None or (channels and channels % g == 0)]
+    return allowed
+
+
+def latency_gaps(unet: nn.Module, config: AllocationSpec) -> list[dict[str, str]]:
+    """The (layer, option) pairs ``config.latency_table`` lacks for ``unet`` (they become unavailable).
+
+    Cheap (no sensitivity, no solve): the CLI calls it before a run starts.
+
+    Raises:
+        ConfigError (``latency_table``): If the table cannot be read, or a layer has none of its options.
+    """
+    if config.latency_table is None:
+        return []
+    modules = {name: unet.get_submodule(name) for name in quantizable_layers(unet)}
+    table = read_latency_file(config.latency_table)
+    return _latency_gaps(table, config.latency_table, _allowed_options(modules, candidate_options(config)), {})
 
 
 def _group_channels(layer: nn.Module) -> int:
@@ -246,7 +310,9 @@ def allocate_plan(
 
     Raises:
         ConfigError: Bad pins (unknown glob or option, or an option the device class cannot run
-            on a pinned layer), an unknown device class or an unreadable latency table.
+            on a pinned layer), an unknown device class, an unreadable latency table, or a layer the
+            latency table has none of the options for. Options the table lacks for a layer are
+            unavailable to it and listed in the answer's ``unavailable``.
         diffquant.mixed_precision.solver.AllocationInfeasibleError: When the budget cannot be met.
     """
     alloc = config
@@ -269,7 +335,7 @@ def allocate_plan(
     w_opts += [(b, g) for b in alloc.group_bits for g in alloc.group_sizes]
     w_opts += [(None, None)] if alloc.allow_float_weights else []
     a_bits: list[int | None] = [*alloc.activation_bits, *([None] if alloc.allow_float_activations else [])]
-    choices = {option_name(w, a, g): (w, g, a) for w, g in w_opts for a in a_bits}
+    choices = candidate_options(alloc)
     valid = set(choices)
     kinds = {name: _layer_kind(m) for name, m in modules.items()}
     entry = lookup_device_class(device_class) if device_class is not None else None
@@ -295,6 +361,14 @@ def allocate_plan(
     def noise(layer: str, kind: str, bits: int | None, group: int | None) -> float:
         return table.noise(layer, kind, bits, group, metric)
 
+    latency = read_latency_file(alloc.latency_table) if alloc.latency_table else None
+    gaps: list[dict[str, str]] = []
+    if latency is not None:
+        allowed = {
+            name: [o for o in options if o not in unavailable.get(name, ())]
+            for name, options in _allowed_options(modules, choices).items()
+        }
+        gaps = _latency_gaps(latency, alloc.latency_table, allowed, pinned)
     problem = build_problem(
         inputs,
         noise,
@@ -305,8 +379,9 @@ def allocate_plan(
         alloc.objective,
         qkv_groups(names, cross_attention_blocks(unet)) if alloc.tie_qkv else [],
         pinned,
-        read_latency_table(alloc.latency_table) if alloc.latency_table else None,
+        latency.layers if latency is not None else None,
         unavailable,
+        latency_overhead=latency.overhead_ms if latency is not None else 0.0,
     )
     try:
         result = solve_allocation(problem)
@@ -329,7 +404,7 @@ def allocate_plan(
         note = entry.weight_note(kinds[name], choices[result.choice[name]][0])
         if note is not None:
             notes.setdefault(note, []).append(name)
-    result = dataclasses.replace(result, removed=removed, notes=notes)
+    result = dataclasses.replace(result, removed=removed, notes=notes, unavailable=gaps)
     if removed:
         logger.info("allocation for %s: options removed: %s", entry.name if entry else "-", removed)
     logger.info("allocation: objective %.4g, usage %s", result.objective, result.usage)

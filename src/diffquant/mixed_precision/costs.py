@@ -100,6 +100,7 @@ def build_problem(
     pinned: Mapping[str, str] | None = None,
     latency: Mapping[str, Mapping[str, float]] | None = None,
     unavailable: Mapping[str, Collection[str]] | None = None,
+    latency_overhead: float = 0.0,
 ) -> AllocationProblem:
     """Assemble the allocation program from sensitivities and costs.
 
@@ -118,6 +119,8 @@ def build_problem(
         latency: Optional lookup ``layer -> option name -> ms``; options missing from it cannot
             be taken by that layer.
         unavailable: Layer -> option names it cannot take (e.g. what its device class cannot run).
+        latency_overhead: Milliseconds of the whole graph beyond its layers (a profiled table's
+            ``overhead_ms``), charged once, so ``latency_ms`` is the predicted latency of a call.
     """
     options = [(w, g, a) for w, g in weight_options for a in act_bits]
     names = [option_name(w, a, g) for w, g, a in options]
@@ -159,4 +162,5 @@ def build_problem(
                 table[i, j] = latency.get(layer, {}).get(name, np.nan)
         cost = np.where(np.isfinite(table), cost, np.nan)
         resources["latency_ms"] = np.nan_to_num(table, nan=0.0)
+        resources["latency_ms"][0, :] += latency_overhead
     return AllocationProblem(inputs.layers, names, cost, resources, dict(budgets), groups, dict(pinned or {}))

@@ -105,6 +105,8 @@ class Allocation:
     status: str
     removed: dict[str, str] = field(default_factory=dict)
     notes: dict[str, list[str]] = field(default_factory=dict)
+    unavailable: list[dict[str, str]] = field(default_factory=list)
+    """(layer, option) pairs taken out before solving, each with its reason (e.g. missing latency)."""
 
 
 def _equalities(problem: AllocationProblem) -> tuple[csr_matrix, np.ndarray]:
