@@ -108,7 +108,7 @@ class OrtDenoiser(nn.Module):
         super().__init__()
         self.session = session
         self.input_names = [i.name for i in session.get_inputs()]
-        types = {i.name: i.type for i in session.get_inputs()}
+        types = {i.name: getattr(i, "type", None) for i in session.get_inputs()}
         self.timestep_dtype = torch.float32 if types.get("timestep") == "tensor(float)" else torch.long
         self.output_name = session.get_outputs()[0].name
 

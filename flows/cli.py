@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -241,23 +241,98 @@ def _fail(error: BaseException) -> None:
 _EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
 
 
+REDELIVER_AFTER_S = 5.0
+"""An interrupt no run has handled yet is delivered again after this many seconds (see :class:`_Redelivery`)."""
+
+
+class _Redelivery:
+    """Deliver SIGINT/SIGTERM again until a run ends KILLED for it.
+
+    A signal handler's exception is raised wherever the main thread is; Python drops one raised
+    inside a garbage-collection callback (``Exception ignored in ...``; seen with SQLAlchemy's
+    weakref callbacks while Prefect's SIGTERM handler was installed), and the run would go on as if
+    nothing happened. Each handler call arms a timer; when it fires before any run or stage has
+    ended KILLED (:func:`~diffquant.registry.tracking.interrupt_handled`), the signal is sent again.
+    """
+
+    def __init__(self) -> None:
+        """No timer armed."""
+        self._lock = threading.Lock()
+        self._timer: threading.Timer | None = None
+
+    def arm(self, signum: int) -> None:
+        """(Re)start the timer for ``signum``."""
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = threading.Timer(REDELIVER_AFTER_S, self._fire, (signum,))
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _fire(self, signum: int) -> None:
+        from diffquant.registry.tracking import interrupt_handled
+
+        if not interrupt_handled():
+            logging.getLogger(__name__).warning(
+                "signal %s was not acted on; delivering it again", signal.Signals(signum).name
+            )
+            os.kill(os.getpid(), signum)
+
+    def disarm(self) -> None:
+        """Cancel the timer."""
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = None
+
+
 @contextmanager
 def _interruptible() -> Iterator[None]:
-    """Turn SIGINT and SIGTERM into :class:`~diffquant.registry.tracking.Interrupted` (main thread only)."""
+    """Turn SIGINT and SIGTERM into :class:`~diffquant.registry.tracking.Interrupted` (main thread only).
+
+    Prefect replaces the SIGTERM handler while a flow runs (its handler raises
+    ``TerminationSignal``); both handlers arm a :class:`_Redelivery`.
+    """
+    import prefect.utilities.engine as engine
+
     from diffquant.registry.tracking import Interrupted, clear_interrupted
 
     clear_interrupted()
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    redelivery = _Redelivery()
 
     def handler(signum: int, frame: Any) -> None:
+        redelivery.arm(signum)
         raise Interrupted(signal.Signals(signum).name)
 
+    prefect_handler = engine._prefect_sigterm_handler
+
+    def prefect_sigterm(signum: int, *args: object) -> NoReturn:
+        redelivery.arm(signum)
+        prefect_handler(signum, *args)
+        raise AssertionError("unreachable: Prefect's handler raises")
+
+    unraisable = sys.unraisablehook
+
+    def quiet_dropped_interrupt(info: Any) -> None:
+        # an interrupt raised inside a gc callback: Python drops it (the redelivery follows); say so
+        # in the log, not with a traceback on the console
+        if isinstance(info.exc_value, KeyboardInterrupt) or type(info.exc_value).__name__ == "TerminationSignal":
+            logging.getLogger(__name__).debug("an interrupt raised in %r was dropped by Python", info.object)
+            return
+        unraisable(info)
+
+    engine._prefect_sigterm_handler = prefect_sigterm  # read by prefect's capture_sigterm at each flow run
+    sys.unraisablehook = quiet_dropped_interrupt
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
+        redelivery.disarm()
+        engine._prefect_sigterm_handler = prefect_handler
+        sys.unraisablehook = unraisable
         for sig, old in previous.items():
             signal.signal(sig, old)
 

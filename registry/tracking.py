@@ -114,10 +114,23 @@ def interrupted_by() -> str | None:
     return _INTERRUPTED_BY
 
 
+_INTERRUPT_HANDLED = False
+
+
+def interrupt_handled() -> bool:
+    """Whether a run or stage has already ended KILLED for an interrupt in this process.
+
+    Until then the CLI delivers an interrupt again (Python drops an exception a signal handler
+    raises inside a garbage-collection callback; see ``diffquant.flows.cli``).
+    """
+    return _INTERRUPT_HANDLED
+
+
 def clear_interrupted() -> None:
     """Forget an earlier interrupt (a new command starts in this process)."""
-    global _INTERRUPTED_BY
+    global _INTERRUPTED_BY, _INTERRUPT_HANDLED
     _INTERRUPTED_BY = None
+    _INTERRUPT_HANDLED = False
 
 
 class RunTracker:
@@ -252,6 +265,9 @@ class RunTracker:
 def _end_status(error: BaseException) -> tuple[str, str | None]:
     """KILLED (with the reason) for an interrupt, FAILED for any other exception."""
     name = _signal_name(error)
+    if name:
+        global _INTERRUPT_HANDLED
+        _INTERRUPT_HANDLED = True
     return ("KILLED", f"interrupted by {name}") if name else ("FAILED", None)
 
 

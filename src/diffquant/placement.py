@@ -71,12 +71,20 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 def place(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """Move ``module`` to ``device`` and cast it to ``dtype``, keeping quantizers in float32 (in place).
 
-    Modules whose class sets ``keeps_float32`` (the fake quantizers) are cast back to float32.
+    Modules whose class sets ``keeps_float32`` (the fake quantizers) are cast back to float32, and
+    so are the submodules a diffusers model lists in ``_keep_in_fp32_modules`` (what diffusers'
+    own ``from_pretrained(torch_dtype=...)`` keeps in float32). A module already there is left as
+    it is.
     """
-    module.to(device=device, dtype=dtype)
+    if module_placement(module) == (device, dtype):
+        return module
+    nn.Module.to(module, device=device, dtype=dtype)  # diffusers' override only adds a warning about the next step
     if dtype is not torch.float32:
+        keep: set[str] = set()
         for child in module.modules():
-            if getattr(type(child), "keeps_float32", False):
+            keep |= set(getattr(child, "_keep_in_fp32_modules", None) or ())
+        for name, child in module.named_modules():
+            if getattr(type(child), "keeps_float32", False) or keep & set(name.split(".")):
                 child.float()
     return module
 

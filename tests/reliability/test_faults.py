@@ -383,3 +383,25 @@ def test_busy_machine_gets_a_long_prefect_startup_timeout(tmp_path, monkeypatch)
     monkeypatch.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "30")
     configure_environment(tmp_path)
     assert os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] == "30"  # the user's setting wins
+
+
+def test_an_interrupt_nothing_acted_on_is_delivered_again(monkeypatch):
+    """Python drops a handler's exception raised inside a gc callback; the CLI sends the signal again."""
+    import diffquant.flows.cli as cli
+    import diffquant.registry.tracking as tracking
+
+    sent: list[tuple[int, int]] = []
+    monkeypatch.setattr(cli, "REDELIVER_AFTER_S", 0.05)
+    monkeypatch.setattr(cli.os, "kill", lambda pid, sig: sent.append((pid, sig)))
+    tracking.clear_interrupted()
+    redelivery = cli._Redelivery()
+    redelivery.arm(signal.SIGTERM)
+    time.sleep(0.5)
+    assert sent == [(os.getpid(), signal.SIGTERM)]
+    tracking._end_status(tracking.Interrupted("SIGTERM"))  # a run ended KILLED for it
+    assert tracking.interrupt_handled()
+    redelivery.arm(signal.SIGTERM)
+    time.sleep(0.5)
+    assert len(sent) == 1
+    tracking.clear_interrupted()
+    assert not tracking.interrupt_handled()
