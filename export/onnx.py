@@ -762,19 +762,24 @@ def export_onnx(
             f"opset {opset} cannot hold this plan (layer {needs_21[0] if needs_21 else '-'!r}); use opset {BLOCKED_OPSET}"
         )
     proto = _trace(model, _Denoiser(_wrap_layers(unet, plan, target), model.conditional).eval(), opset, example_batch)
-    for entry in proto.opset_import:
-        if entry.domain in ("", "ai.onnx"):
-            entry.version = opset
-    layers = _lower_marks(proto, unet, plan, target)
-    proto.metadata_props.append(onnx.StringStringEntryProto(key=LAYERS_METADATA_KEY, value=json.dumps(layers)))
-    proto.metadata_props.append(onnx.StringStringEntryProto(key=TARGET_METADATA_KEY, value=target))
-    proto.producer_name = "diffquant"
+    _lower_and_label(proto, unet, plan, target, opset)
     proto, data, weight_bytes = _check_and_save(proto, path, external_data_threshold)
     quantized = len(plan.quantized_layers())
     logger.info(
         "exported %s (%s form, %d quantized layers, %d initializer bytes)", path, target, quantized, weight_bytes
     )
     return ExportInfo(path, data, opset, quantized, weight_bytes)
+
+
+def _lower_and_label(proto: onnx.ModelProto, module: nn.Module, plan: LayerPlan, target: str, opset: int) -> None:
+    """Set the default-domain opset, lower the traced layer marks to Q/DQ and write diffquant's metadata (in place)."""
+    for entry in proto.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            entry.version = opset
+    layers = _lower_marks(proto, module, plan, target)
+    proto.metadata_props.append(onnx.StringStringEntryProto(key=LAYERS_METADATA_KEY, value=json.dumps(layers)))
+    proto.metadata_props.append(onnx.StringStringEntryProto(key=TARGET_METADATA_KEY, value=target))
+    proto.producer_name = "diffquant"
 
 
 def export_module(
@@ -807,12 +812,6 @@ def export_module(
     target = export_target(plan, target)
     wrapped = _wrap_layers(module, plan, target).eval()
     proto = _trace_module(wrapped, (example,), ["x"], ["y"], opset)
-    for entry in proto.opset_import:
-        if entry.domain in ("", "ai.onnx"):
-            entry.version = opset
-    layers = _lower_marks(proto, module, plan, target)
-    proto.metadata_props.append(onnx.StringStringEntryProto(key=LAYERS_METADATA_KEY, value=json.dumps(layers)))
-    proto.metadata_props.append(onnx.StringStringEntryProto(key=TARGET_METADATA_KEY, value=target))
-    proto.producer_name = "diffquant"
+    _lower_and_label(proto, module, plan, target, opset)
     _check_and_save(proto, Path(path), DEFAULT_EXTERNAL_DATA_THRESHOLD)
     return Path(path)
