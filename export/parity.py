@@ -39,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,8 +71,23 @@ DEFAULT_FD_ABSOLUTE_EPSILON = 0.5
 REFERENCE_ACTIVATION_BITS = 8
 
 
-def ort_session(path: str | Path, threads: int | None = None, optimize: bool = True, exact_matmul: bool = True) -> Any:
-    """An onnxruntime CPU session for the ONNX file at ``path``.
+PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+"""Execution providers parity prefers, best first; the CPU one is always there."""
+
+
+def parity_providers(available: Sequence[str]) -> list[str]:
+    """The providers a parity session asks for: TensorRT's, then CUDA's where installed (onnxruntime-gpu), then the CPU's."""
+    return [name for name in PREFERRED_PROVIDERS if name in available or name == "CPUExecutionProvider"]
+
+
+def ort_session(
+    path: str | Path,
+    threads: int | None = None,
+    optimize: bool = True,
+    exact_matmul: bool = True,
+    providers: Sequence[str] | None = ("CPUExecutionProvider",),
+) -> Any:
+    """An onnxruntime session for the ONNX file at ``path`` (the CPU's by default).
 
     Args:
         path: The ``.onnx`` file.
@@ -79,6 +95,8 @@ def ort_session(path: str | Path, threads: int | None = None, optimize: bool = T
         optimize: Enable all graph optimizations (Q/DQ fusion included).
         exact_matmul: Keep float inputs of fused INT4 weight-only MatMuls in float (for parity);
             False lets onnxruntime quantize them to int8 (faster, not what the plan says).
+        providers: Execution providers, best first; None: :func:`parity_providers` of what this
+            onnxruntime has (``session.get_providers()[0]`` says which one runs).
     """
     import onnxruntime as ort
 
@@ -93,7 +111,8 @@ def ort_session(path: str | Path, threads: int | None = None, optimize: bool = T
         # onnxruntime fuses an INT4 weight DequantizeLinear -> MatMul into MatMulNBits, which by
         # default quantizes the float input to int8 (accuracy level 4); level 1 keeps it float
         options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    chosen = list(providers) if providers is not None else parity_providers(ort.get_available_providers())
+    return ort.InferenceSession(str(path), options, providers=chosen)
 
 
 class OrtDenoiser(nn.Module):
@@ -344,6 +363,7 @@ class ParityReport:
     outputs: OutputParity
     sampling: SamplingParity | None
     seconds: float
+    provider: str = "CPUExecutionProvider"
 
     @property
     def passed(self) -> bool:
@@ -368,6 +388,7 @@ class ParityReport:
         """JSON-ready report (for summary.json and MLflow)."""
         data: dict[str, Any] = {
             "onnx_path": self.onnx_path,
+            "provider": self.provider,
             "passed": self.passed,
             "failures": self.failures(),
             "outputs": dataclasses.asdict(self.outputs) | {"passed": self.outputs.passed},
@@ -439,7 +460,7 @@ def check_parity(
         ParityError: With ``enforce``, if parity breaks.
     """
     start = time.perf_counter()
-    session = ort_session(onnx_path, config.threads)
+    session = ort_session(onnx_path, config.threads, providers=None)
     outputs = denoiser_parity(
         session, model, inputs, config.tolerance, config.max_fraction_over, from_steps=config.tolerance_from_steps
     )
@@ -457,7 +478,7 @@ def check_parity(
             fd_relative_epsilon=config.fd_relative_epsilon,
             fd_absolute_epsilon=config.fd_absolute_epsilon,
         )
-    report = ParityReport(str(onnx_path), outputs, sampling, time.perf_counter() - start)
+    report = ParityReport(str(onnx_path), outputs, sampling, time.perf_counter() - start, session.get_providers()[0])
     logger.info(
         "parity %s: max %.3g, p99.9 %.3g, %.2e over %g",
         "passed" if report.passed else "FAILED",

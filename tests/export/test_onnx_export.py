@@ -61,6 +61,7 @@ def test_quantized_export_matches_torch_and_rules(tiny, tmp_path, case):
     # weights dequantize bit-exactly; only rounding flips at activation quantizers differ
     assert out.passed and out.p999_abs < out.tolerance, report.to_dict()
     assert report.to_dict()["passed"] is True
+    assert report.to_dict()["provider"] == "CPUExecutionProvider"  # this onnxruntime has no GPU provider
 
     proto = onnx.load(str(info.path))
     types, inits = _types(proto), {t.name for t in proto.graph.initializer}
@@ -233,3 +234,18 @@ def test_external_data_above_threshold(tiny, tmp_path):
     # re-export below the threshold removes the stale data file
     export_onnx(qmodel, plan, tmp_path / "ext.onnx")
     assert not (tmp_path / "ext.onnx.data").exists()
+
+
+def test_parity_prefers_tensorrt_then_cuda_then_the_cpu():
+    from diffquant.export.parity import parity_providers
+
+    assert parity_providers(["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    assert parity_providers(["CUDAExecutionProvider", "CPUExecutionProvider", "AzureExecutionProvider"]) == [
+        "CUDAExecutionProvider",
+        "CPUExecutionProvider",
+    ]
+    assert parity_providers(["CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"]) == [
+        "TensorrtExecutionProvider",
+        "CUDAExecutionProvider",
+        "CPUExecutionProvider",
+    ]
