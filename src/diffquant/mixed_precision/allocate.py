@@ -18,6 +18,7 @@ from diffquant.mixed_precision.costs import (
     WeightChoice,
     build_problem,
     cross_attention_blocks,
+    group_fits,
     layer_macs,
     option_name,
     qkv_groups,
@@ -163,15 +164,21 @@ def read_latency_table(path: str) -> dict[str, dict[str, float]]:
     return read_latency_file(path).layers
 
 
+def _candidates(config: AllocationSpec) -> tuple[list[WeightChoice], list[int | None]]:
+    """The allocation's weight candidates ``(bits, group size)`` and input bits (None: float), in program order."""
+    w_opts: list[WeightChoice] = [(b, None) for b in config.weight_bits]
+    w_opts += [(b, g) for b in config.group_bits for g in config.group_sizes]
+    w_opts += [(None, None)] if config.allow_float_weights else []
+    a_bits: list[int | None] = [*config.activation_bits, *([None] if config.allow_float_activations else [])]
+    return w_opts, a_bits
+
+
 def candidate_options(config: AllocationSpec) -> dict[str, tuple[int | None, int | None, int | None]]:
     """The allocation's options by name: ``{option_name: (weight bits, group size, activation bits)}``.
 
     None bits keep that part in float; the order is the program's column order.
     """
-    w_opts: list[WeightChoice] = [(b, None) for b in config.weight_bits]
-    w_opts += [(b, g) for b in config.group_bits for g in config.group_sizes]
-    w_opts += [(None, None)] if config.allow_float_weights else []
-    a_bits: list[int | None] = [*config.activation_bits, *([None] if config.allow_float_activations else [])]
+    w_opts, a_bits = _candidates(config)
     return {option_name(w, a, g): (w, g, a) for w, g in w_opts for a in a_bits}
 
 
@@ -218,7 +225,7 @@ def _allowed_options(
     allowed = {}
     for name, module in modules.items():
         channels = _group_channels(module)
-        allowed[name] = [o for o, (_, g, _) in choices.items() if g is None or (channels and channels % g == 0)]
+        allowed[name] = [o for o, (_, g, _) in choices.items() if group_fits(channels, g)]
     return allowed
 
 
@@ -270,7 +277,7 @@ def device_filter(
     for layer, kind in kinds.items():
         channels = (group_channels or {}).get(layer)
         for option, (w, g, _) in choices.items():
-            if g is not None and channels is not None and (channels == 0 or channels % g):
+            if channels is not None and not group_fits(channels, g):
                 continue
             problem = device.weight_problem(kind, w, g) if w is not None else None
             if problem is not None:
@@ -331,10 +338,7 @@ def allocate_plan(
         other_params=int(other),
         group_channels={name: _group_channels(m) for name, m in modules.items()},
     )
-    w_opts: list[WeightChoice] = [(b, None) for b in alloc.weight_bits]
-    w_opts += [(b, g) for b in alloc.group_bits for g in alloc.group_sizes]
-    w_opts += [(None, None)] if alloc.allow_float_weights else []
-    a_bits: list[int | None] = [*alloc.activation_bits, *([None] if alloc.allow_float_activations else [])]
+    w_opts, a_bits = _candidates(alloc)
     choices = candidate_options(alloc)
     valid = set(choices)
     kinds = {name: _layer_kind(m) for name, m in modules.items()}

@@ -75,6 +75,11 @@ def cross_attention_blocks(model: nn.Module) -> set[str]:
     return {name for name, module in model.named_modules() if getattr(module, "is_cross_attention", False)}
 
 
+def group_fits(channels: int, group_size: int | None) -> bool:
+    """Whether a layer with ``channels`` groupable input channels (0: none) takes groups of ``group_size`` (None: no groups)."""
+    return group_size is None or (channels > 0 and channels % group_size == 0)
+
+
 @dataclass
 class MixedPrecisionInputs:
     """What :func:`build_problem` needs about the model."""
@@ -136,7 +141,7 @@ def build_problem(
         channels = inputs.group_channels.get(layer, 0)
         refused = set((unavailable or {}).get(layer, ()))
         for j, (w, g, a) in enumerate(options):
-            if (g is not None and (channels == 0 or channels % g)) or names[j] in refused:
+            if not group_fits(channels, g) or names[j] in refused:
                 quality[i, j] = semantic[i, j] = np.nan
                 continue
             quality[i, j] = noise(layer, "weight", w, g) + noise(layer, "activation", a, None)
