@@ -68,10 +68,6 @@ class LatencyTable:
         """
         return self.overhead_ms + sum(self.layers[layer][option] for layer, option in choice.items())
 
-    def missing(self, layers: list[str], options: list[str]) -> list[tuple[str, str]]:
-        """The ``(layer, option)`` pairs of ``layers`` x ``options`` the table has no entry for."""
-        return [(layer, option) for layer in layers for option in options if option not in self.layers.get(layer, {})]
-
 
 def _entries(data: Any) -> dict[str, dict[str, float]] | None:
     """``{layer: {option: ms}}`` with finite non-negative numbers, or None when ``data`` is not that."""
