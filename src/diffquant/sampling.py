@@ -68,11 +68,6 @@ def as_sampler(sampler: SamplerSpec | int) -> SamplerSpec:
     return sampler if isinstance(sampler, SamplerSpec) else SamplerSpec(steps=int(sampler))
 
 
-def is_guided(guidance: float) -> bool:
-    """True when ``guidance`` asks for classifier-free guidance (above 1, as diffusers' pipelines)."""
-    return guidance > 1.0
-
-
 def scheduler_class(name: str, config: dict[str, Any]) -> type:
     """The diffusers scheduler class for ``sampler.name`` (``from_model``: ``config["_class_name"]``).
 
@@ -119,7 +114,7 @@ def check_sampler(sampler: SamplerSpec, scheduler_config: dict[str, Any], null: 
     """
     cls = scheduler_class(sampler.name, scheduler_config)
     clipped = cls.__name__ == "DDIMScheduler" and bool(scheduler_config.get("clip_sample"))
-    if is_guided(sampler.guidance) and clipped and sampler.guidance not in _WARNED_CLIPPED:
+    if sampler.guided and clipped and sampler.guidance not in _WARNED_CLIPPED:
         _WARNED_CLIPPED.add(sampler.guidance)
         logger.warning(
             "guidance %g with DDIM and clip_sample true in the scheduler config: DDIM clips each step's x0 "
@@ -128,7 +123,7 @@ def check_sampler(sampler: SamplerSpec, scheduler_config: dict[str, Any], null: 
             "set clip_sample false in the model's scheduler_config.json",
             sampler.guidance,
         )
-    if is_guided(sampler.guidance) and null is None:
+    if sampler.guided and null is None:
         raise ConfigError(
             "guidance",
             f"{sampler.guidance:g} needs a model with a null condition (a null class: null_class in "
@@ -179,7 +174,7 @@ def run_sampler(
         ConfigError (``guidance``): Guidance without conditions or without null conditions.
     """
     sampler = as_sampler(sampler)
-    guided = is_guided(sampler.guidance)
+    guided = sampler.guided
     check_sampler(sampler, scheduler_config, None if labels is None else null)
     per_batch = max(1, batch_size // 2) if guided else batch_size
     device, dtype = module_placement(unet)

@@ -102,6 +102,16 @@ class SamplerSpec(_Strict):
     steps: int = Field(50, ge=1, le=1000)
     guidance: float = Field(1.0, ge=0.0, le=50.0)
 
+    @property
+    def guided(self) -> bool:
+        """Classifier-free guidance is on (``guidance`` above 1, as in diffusers' pipelines)."""
+        return self.guidance > 1.0
+
+    @property
+    def halves(self) -> int:
+        """Denoiser inputs per sample and step: 2 with guidance (unconditional and conditional), else 1."""
+        return 2 if self.guided else 1
+
 
 class CalibrationSpec(_Strict):
     """Calibration pool, selection strategy and activation observer.
@@ -446,10 +456,9 @@ class CompressionSpec(_Strict):
 
     @model_validator(mode="after")
     def _calibration_fits_pool(self) -> CompressionSpec:
-        halves = 2 if self.sampler.guidance > 1.0 else 1
-        pool = self.calibration.trajectories * self.sampler.steps * halves
+        pool = self.calibration.trajectories * self.sampler.steps * self.sampler.halves
         if self.calibration.size > pool:
-            guided = " x 2 guidance halves" if halves == 2 else ""
+            guided = " x 2 guidance halves" if self.sampler.guided else ""
             raise ValueError(
                 f"calibration.size {self.calibration.size} exceeds the candidate pool of {pool} "
                 f"(calibration.trajectories {self.calibration.trajectories} x sampler.steps "
@@ -792,10 +801,10 @@ def memory_needs(spec: CompressionSpec, sample_shape: tuple[int, ...]) -> dict[s
     """
     sample = 4 * math.prod(sample_shape)
     needs = {
-        "calibration.trajectories": (2 if spec.sampler.guidance > 1.0 else 1)
-        * 2
+        "calibration.trajectories": 2
         * spec.calibration.trajectories
         * spec.sampler.steps
+        * spec.sampler.halves
         * sample,
         "evaluate.samples": 3 * spec.evaluate.samples * sample,
         "export.parity_samples": 3 * spec.export.parity_samples * sample,
