@@ -438,11 +438,11 @@ def _check_out(out: Path | None) -> None:
 def _check_sampler(spec: Any, model: Any) -> None:
     """Refuse now a device or dtype this machine lacks, a scheduler the model's config cannot build, or guidance without a null condition."""
     from diffquant.errors import spec_section
-    from diffquant.placement import resolve_device, resolve_dtype
+    from diffquant.placement import resolve
     from diffquant.sampling import check_sampler
 
     with spec_section("runtime"):
-        resolve_dtype(spec.runtime.dtype, resolve_device(spec.runtime.device))
+        resolve(spec.runtime.device, spec.runtime.dtype)
     with spec_section("sampler"):
         check_sampler(spec.sampler, model.scheduler_config, model.null_conditions(1))
 
@@ -458,9 +458,10 @@ def _check_latency_table(spec: Any, unet: Any = None) -> None:
     from diffquant.mixed_precision.allocate import latency_gaps, read_latency_table
 
     with spec_section("allocation"):
-        read_latency_table(spec.allocation.latency_table)
-        if unet is not None:
-            latency_gaps(unet, spec.allocation)
+        if unet is None:
+            read_latency_table(spec.allocation.latency_table)
+        else:
+            latency_gaps(unet, spec.allocation)  # reads the table too
 
 
 def _runtime_overrides(runner: str | None, workers: int | None) -> list[str]:

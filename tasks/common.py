@@ -6,7 +6,6 @@ from pathlib import Path
 
 from diffquant.errors import spec_section
 from diffquant.models.loading import DiffusionModel, load_model
-from diffquant.placement import resolve_device, resolve_dtype
 from diffquant.sampling import Trajectories
 from diffquant.spec import ModelSource, RuntimeSpec
 from diffquant.storage import load_safetensors, save_safetensors
@@ -14,12 +13,12 @@ from diffquant.storage import load_safetensors, save_safetensors
 
 def model_from_source(source: ModelSource, runtime: RuntimeSpec | None = None) -> DiffusionModel:
     """Load the model described by a spec's ``model`` section, placed per ``runtime`` (None: CPU float32)."""
-    model = load_model(name=source.name, path=source.path, prompts=source.prompts)
-    if runtime is not None:
-        with spec_section("runtime"):
-            device = resolve_device(runtime.device)
-            model.to(device, resolve_dtype(runtime.dtype, device))
-    return model
+    if runtime is None:
+        return load_model(name=source.name, path=source.path, prompts=source.prompts)
+    with spec_section("runtime"):
+        return load_model(
+            name=source.name, path=source.path, prompts=source.prompts, device=runtime.device, dtype=runtime.dtype
+        )
 
 
 def save_trajectories(traj: Trajectories, path: Path) -> Path:

@@ -68,6 +68,12 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return dtype
 
 
+def resolve(device: str = "auto", dtype: str = "float32") -> tuple[torch.device, torch.dtype]:
+    """``runtime.device`` and ``runtime.dtype`` as torch objects (see :func:`resolve_device`, :func:`resolve_dtype`)."""
+    where = resolve_device(device)
+    return where, resolve_dtype(dtype, where)
+
+
 def place(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """Move ``module`` to ``device`` and cast it to ``dtype``, keeping quantizers in float32 (in place).
 

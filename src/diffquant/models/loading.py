@@ -601,10 +601,9 @@ def load_model(
     prompts_file = Path(prompts) if prompts is not None else None
     model = _load(path, name, prompts_file)
     if device is not None or dtype is not None:
-        from diffquant.placement import resolve_device, resolve_dtype
+        from diffquant.placement import resolve
 
-        where = resolve_device(device or "cpu")
-        model.to(where, resolve_dtype(dtype or "float32", where))
+        model.to(*resolve(device or "cpu", dtype or "float32"))
     return model
 
 
