@@ -13,11 +13,10 @@ Run: ``.venv/bin/python bench/calibration.py`` (about 30 minutes on 2 cores with
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
-from common import ROOT, machine, replace_section
+from common import machine, replace_section, write_results
 
 from diffquant.calibration.pool import collect_pool, subset
 from diffquant.calibration.selection import STRATEGIES, SelectionParams, pool_features, select
@@ -94,8 +93,7 @@ def main() -> None:
         "fp": fp.metrics,
         "rows": rows,
     }
-    (ROOT / "bench" / "results").mkdir(exist_ok=True)
-    (ROOT / "bench" / "results" / "calibration.json").write_text(json.dumps(out, indent=2))
+    write_results("calibration", out)
     lines = [
         "## Calibration-set selection",
         "",

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import time
 
-from common import ROOT, machine
+from common import machine, write_results
 
 import diffquant
 from diffquant.calibration.pool import collect_pool, held_out_indices, subset
@@ -79,9 +78,7 @@ def main() -> None:
                 f"sqnr {m.get('sqnr_db', float('nan')):.1f} dB quantize {seconds:.1f} s",
                 flush=True,
             )
-    (ROOT / "bench" / "results").mkdir(exist_ok=True)
-    out = {"machine": machine(), "samples": args.samples, "steps": args.steps, "rows": rows}
-    (ROOT / "bench" / "results" / "gptq.json").write_text(json.dumps(out, indent=2))
+    write_results("gptq", {"machine": machine(), "samples": args.samples, "steps": args.steps, "rows": rows})
 
 
 if __name__ == "__main__":

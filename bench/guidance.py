@@ -16,10 +16,9 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
 import time
 
-from common import ROOT, cell, machine, replace_section
+from common import cell, machine, replace_section, write_results
 
 import diffquant
 from diffquant.data import load_digits_split
@@ -68,9 +67,7 @@ def main() -> None:
                     flush=True,
                 )
     seconds = time.perf_counter() - began
-    (ROOT / "bench" / "results").mkdir(exist_ok=True)
-    record = {"machine": machine(), "args": vars(args), "seconds": seconds, "rows": rows}
-    (ROOT / "bench" / "results" / "guidance.json").write_text(json.dumps(record, indent=2))
+    write_results("guidance", {"machine": machine(), "args": vars(args), "seconds": seconds, "rows": rows})
     lines = [
         "## Classifier-free guidance on the reference models",
         "",

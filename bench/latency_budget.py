@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from common import ROOT, replace_section
+from common import ROOT, replace_section, write_results
 from onnx_runtime import big_unet, fused_ops
 
 from diffquant.calibration.pool import collect_pool, subset
@@ -381,11 +381,10 @@ def main() -> None:
         "command": ".venv/bin/python bench/latency_budget.py",
         "models": [kept[m] for m in order if m in kept],
     }
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2))
+    path = write_results("latency_budget", result)
     text = render(result)
     replace_section("latency_budget", text)
-    logger.info("wrote %s and BENCHMARKS.md\n%s", RESULTS, text)
+    logger.info("wrote %s and BENCHMARKS.md\n%s", path, text)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from common import ROOT, machine, replace_section
+from common import ROOT, machine, replace_section, write_results
 
 from diffquant.calibration.pool import collect_pool, subset
 from diffquant.calibration.selection import pool_features, select
@@ -437,11 +437,10 @@ def main() -> None:
             result["big"] = big
     if args.part in ("2", "all"):
         result["big"] = part_latency(args, tmp)
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2))
+    path = write_results("export", result)
     text = render(result)
     replace_section("export", text)
-    logger.info("wrote %s and BENCHMARKS.md\n%s", RESULTS, text)
+    logger.info("wrote %s and BENCHMARKS.md\n%s", path, text)
 
 
 if __name__ == "__main__":

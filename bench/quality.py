@@ -10,11 +10,10 @@ Run: ``.venv/bin/python bench/quality.py`` (about 5 minutes on 2 cores; ``--samp
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from functools import partial
 
-from common import ROOT, cell, machine, replace_section
+from common import cell, machine, replace_section, write_results
 
 from diffquant.calibration.pool import collect_pool, held_out_indices, subset
 from diffquant.calibration.selection import pool_features, select
@@ -116,8 +115,7 @@ def main() -> None:
             flush=True,
         )
 
-    (ROOT / "bench" / "results").mkdir(exist_ok=True)
-    (ROOT / "bench" / "results" / "quality.json").write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2))
+    write_results("quality", {"machine": machine(), "rows": rows})
     lines = [
         "## Uniform PTQ quality on digits-unet",
         "",
