@@ -52,12 +52,28 @@ def prefect_api(tmp_path_factory):
         yield url
 
 
+def client_env(tmp_path: Path, prefect_api: str, mlflow_url: str, **extra: str) -> dict[str, str]:
+    """The environment of the Prefect CLI, the worker and diffquant's commands in these tests."""
+    return {
+        **os.environ,
+        "PREFECT_API_URL": prefect_api,
+        "PREFECT_HOME": str(tmp_path / "prefect-client"),
+        "MLFLOW_TRACKING_URI": mlflow_url,
+        "DIFFQUANT_HOME": str(tmp_path / "home"),
+        "PYTHONPATH": str(ROOT),
+        **extra,
+    }
+
+
+def run_ok(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    """Run a command in the repository; fail the test with its output unless it exits 0."""
+    result = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180, check=False)
+    assert result.returncode == 0, f"{' '.join(args)}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
 def prefect_cli(args: list[str], env: dict[str, str]) -> str:
-    result = subprocess.run(
-        [*PREFECT, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180, check=False
-    )
-    assert result.returncode == 0, f"prefect {' '.join(args)}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result.stdout
+    return run_ok([*PREFECT, *args], env).stdout
 
 
 def wait_for_flow_run(api_url: str, flow_run_id, timeout: float):
@@ -113,15 +129,7 @@ def test_deployed_compress_registers_and_promotes(backend, request, tmp_path):
     with ExitStack() as stack:
         backend_uri = stack.enter_context(postgres_server(tmp_path / "pg")) if backend == "postgresql" else None
         mlflow_url = stack.enter_context(mlflow_server(tmp_path / "mlflow", backend_uri))
-        env = {
-            **os.environ,
-            "PREFECT_API_URL": prefect_api,
-            "PREFECT_HOME": str(tmp_path / "prefect-client"),
-            "MLFLOW_TRACKING_URI": mlflow_url,
-            "DIFFQUANT_HOME": str(tmp_path / "home"),
-            "PREFECT_LOGGING_LEVEL": "WARNING",
-            "PYTHONPATH": str(ROOT),
-        }
+        env = client_env(tmp_path, prefect_api, mlflow_url, PREFECT_LOGGING_LEVEL="WARNING")
         deployments = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
         for pool in sorted({d["work_pool"]["name"] for d in deployments}):  # one per device class, and the CPU's
             prefect_cli(["work-pool", "create", pool, "--type", "process", "--overwrite"], env)
@@ -204,20 +212,10 @@ def test_checkpoint_event_compresses_each_checkpoint_once(request, tmp_path):
     from diffquant.spec import load_spec
 
     with mlflow_server(tmp_path / "mlflow") as mlflow_url:
-        env = {
-            **os.environ,
-            "PREFECT_API_URL": prefect_api,
-            "PREFECT_HOME": str(tmp_path / "prefect-client"),
-            "MLFLOW_TRACKING_URI": mlflow_url,
-            "DIFFQUANT_HOME": str(tmp_path / "home"),
-            "PREFECT_WORKER_QUERY_SECONDS": "2",
-            "PYTHONPATH": str(ROOT),
-        }
+        env = client_env(tmp_path, prefect_api, mlflow_url, PREFECT_WORKER_QUERY_SECONDS="2")
 
         def cli(args: list[str]) -> subprocess.CompletedProcess:
-            result = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180, check=False)
-            assert result.returncode == 0, f"{args}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-            return result
+            return run_ok(args, env)
 
         cli([*PREFECT, "work-pool", "create", "diffquant-cpu", "--type", "process", "--overwrite"])
         deployed = cli([*PREFECT, "--no-prompt", "deploy", "--name", "compress-on-checkpoint"]).stdout
