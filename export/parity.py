@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from diffquant.errors import ParityError
+from diffquant.errors import ExportError, ParityError
 from diffquant.evaluation import generate
 from diffquant.metrics import condition_accuracy, frechet_distance, psnr
 from diffquant.models.denoisers import DenoiserOutput
@@ -75,6 +75,23 @@ PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CP
 """Execution providers parity prefers, best first; the CPU one is always there."""
 
 
+def import_onnxruntime() -> Any:
+    """The ``onnxruntime`` module, from either distribution (``onnxruntime`` or ``onnxruntime-gpu``).
+
+    Raises:
+        ExportError: Neither is installed (the base install has no runtime: the ``cpu`` and
+            ``gpu`` extras bring one each, and both install the same module, so only one may be there).
+    """
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ExportError(
+            "onnxruntime is not installed: pip install 'diffquant[cpu]' (or 'diffquant[gpu]' for "
+            "onnxruntime-gpu), or set export.onnx: false"
+        ) from None
+    return onnxruntime
+
+
 def parity_providers(available: Sequence[str]) -> list[str]:
     """The providers a parity session asks for: TensorRT's, then CUDA's where installed (onnxruntime-gpu), then the CPU's."""
     return [name for name in PREFERRED_PROVIDERS if name in available or name == "CPUExecutionProvider"]
@@ -98,7 +115,7 @@ def ort_session(
         providers: Execution providers, best first; None: :func:`parity_providers` of what this
             onnxruntime has (``session.get_providers()[0]`` says which one runs).
     """
-    import onnxruntime as ort
+    ort = import_onnxruntime()
 
     options = ort.SessionOptions()
     if threads is not None:

@@ -80,6 +80,7 @@ from diffquant.sampling import Trajectories
 from diffquant.spec import CalibrationSpec
 
 from .onnx import DEFAULT_OPSET, export_module, export_onnx
+from .parity import import_onnxruntime
 from .tensorrt import tensorrt_available
 
 logger = logging.getLogger(__name__)
@@ -169,7 +170,7 @@ def machine_fingerprint(info: Mapping[str, Any] | None = None) -> str:
 
 def onnxruntime_info(threads: int) -> dict[str, Any]:
     """The onnxruntime version, provider and session settings the table is measured with."""
-    import onnxruntime as ort
+    ort = import_onnxruntime()
 
     return {
         "name": "onnxruntime",
@@ -285,7 +286,7 @@ def _torch_threads(count: int) -> Iterator[None]:
 
 
 def _session(path: Path, threads: int) -> Any:
-    import onnxruntime as ort
+    ort = import_onnxruntime()
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads

@@ -59,3 +59,16 @@ def test_wheel_has_one_top_level_package_and_no_bare_registry_or_export(tmp_path
     result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[True, True, True, True]"
+
+
+def test_onnxruntime_comes_from_exactly_one_extra():
+    """The base install names no ONNX runtime; `cpu` brings onnxruntime, `gpu` onnxruntime-gpu, `dev` the CPU one."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    base = [req.split(">")[0].split("=")[0].strip() for req in project["dependencies"]]
+    assert not any(name.startswith("onnxruntime") for name in base), base
+    extras = project["optional-dependencies"]
+    assert [req.split(">")[0] for req in extras["cpu"]] == ["onnxruntime"]
+    assert [req.split(">")[0] for req in extras["gpu"]] == ["onnxruntime-gpu"]
+    assert "diffquant[cpu]" in extras["dev"]
