@@ -101,6 +101,20 @@ def make_scheduler(config: dict[str, Any], steps: int, name: str = "ddim", devic
     return scheduler
 
 
+def sampling_scheduler_config(sampler: SamplerSpec, scheduler_config: dict[str, Any]) -> dict[str, Any]:
+    """The scheduler config sampling uses: the model's, with x0 clipping set by ``sampler.clip_sample``.
+
+    ``auto`` keeps the model's ``clip_sample`` without guidance and turns it off with guidance (a
+    clipped x0 beside an unclipped guided noise prediction washes samples out); ``true`` / ``false``
+    force it. Configs without ``clip_sample`` (schedulers without clipping) are left alone under ``auto``.
+    """
+    if sampler.clip_sample == "auto":
+        if sampler.guided and scheduler_config.get("clip_sample"):
+            return {**scheduler_config, "clip_sample": False}
+        return scheduler_config
+    return {**scheduler_config, "clip_sample": bool(sampler.clip_sample)}
+
+
 def check_sampler(sampler: SamplerSpec, scheduler_config: dict[str, Any], null: torch.Tensor | None) -> None:
     """Refuse a sampler the model cannot run before any work: unknown scheduler class, guidance without a null condition.
 
@@ -113,14 +127,15 @@ def check_sampler(sampler: SamplerSpec, scheduler_config: dict[str, Any], null: 
         ConfigError (``name`` or ``guidance``).
     """
     cls = scheduler_class(sampler.name, scheduler_config)
-    clipped = cls.__name__ == "DDIMScheduler" and bool(scheduler_config.get("clip_sample"))
+    effective = sampling_scheduler_config(sampler, scheduler_config)
+    clipped = cls.__name__ == "DDIMScheduler" and bool(effective.get("clip_sample"))
     if sampler.guided and clipped and sampler.guidance not in _WARNED_CLIPPED:
         _WARNED_CLIPPED.add(sampler.guidance)
         logger.warning(
-            "guidance %g with DDIM and clip_sample true in the scheduler config: DDIM clips each step's x0 "
-            "prediction but keeps the unclipped noise, which washes out guided samples (bench/guidance.py, "
-            "digits-unet: accuracy 0.746 at guidance 2 and 0.236 at 4 with clipping, 0.998 and 1.000 without); "
-            "set clip_sample false in the model's scheduler_config.json",
+            "guidance %g with DDIM and sampler.clip_sample true: DDIM clips each step's x0 prediction but "
+            "keeps the unclipped noise, which washes out guided samples (bench/guidance.py, digits-unet: "
+            "accuracy 0.746 at guidance 2 and 0.236 at 4 with clipping, 0.998 and 1.000 without); "
+            "leave sampler.clip_sample at auto",
             sampler.guidance,
         )
     if sampler.guided and null is None:
@@ -176,6 +191,7 @@ def run_sampler(
     sampler = as_sampler(sampler)
     guided = sampler.guided
     check_sampler(sampler, scheduler_config, None if labels is None else null)
+    config = sampling_scheduler_config(sampler, scheduler_config)
     per_batch = max(1, batch_size // 2) if guided else batch_size
     device, dtype = module_placement(unet)
     outputs, xs, ts, ys = [], [], [], []
@@ -183,7 +199,7 @@ def run_sampler(
     batches = range(0, n, per_batch)
     with track(description, len(batches) * sampler.steps) as bar:
         for start in batches:
-            scheduler = make_scheduler(scheduler_config, sampler.steps, sampler.name, device)
+            scheduler = make_scheduler(config, sampler.steps, sampler.name, device)
             x = noise[start : start + per_batch].to(device, torch.float32) * scheduler.init_noise_sigma
             y = None if labels is None else labels[start : start + per_batch]
             if guided:

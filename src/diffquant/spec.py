@@ -96,11 +96,25 @@ class SamplerSpec(_Strict):
     1 or less samples the conditional model alone (SDXL-Turbo's 0 included). Guidance needs a null
     condition: a null class (``null_class`` in ``diffquant.json``, or a class embedding beyond the
     classes) or, for text models, the empty prompt.
+
+    ``clip_sample`` sets the x0 clipping of schedulers that have it (DDIM, DDPM): ``auto`` (the
+    default, left out of the serialized spec so existing hashes hold) keeps the scheduler config's
+    value without guidance and turns clipping off with guidance, because DDIM clips each step's x0
+    prediction but keeps the unclipped guided noise prediction, which washes samples out
+    (bench/guidance.py); ``true`` / ``false`` force it either way.
     """
 
     name: Literal["ddim", "euler", "dpm_solver", "from_model"] = "ddim"
     steps: int = Field(50, ge=1, le=1000)
     guidance: float = Field(1.0, ge=0.0, le=50.0)
+    clip_sample: bool | Literal["auto"] = "auto"
+
+    @model_serializer(mode="wrap")
+    def _omit_default_clip(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if self.clip_sample == "auto":
+            data.pop("clip_sample", None)
+        return data
 
     @property
     def guided(self) -> bool:

@@ -139,3 +139,28 @@ def test_from_model_needs_a_diffusers_scheduler(digits):
     config = dict(digits.scheduler_config, _class_name="NotAScheduler")
     with pytest.raises(ConfigError, match="name: from_model: the model's scheduler config names 'NotAScheduler'"):
         run_sampler(digits.unet, config, torch.zeros(1, *digits.sample_shape), None, SamplerSpec(name="from_model"))
+
+
+def test_clip_sample_auto_turns_ddim_clipping_off_only_when_guided(digits):
+    """Auto keeps the model's clipping unguided and drops it guided; true/false force it; auto is not serialized."""
+    import dataclasses
+
+    from diffquant.sampling import sampling_scheduler_config
+
+    clipping = {**digits.scheduler_config, "clip_sample": True}
+    assert sampling_scheduler_config(SamplerSpec(), clipping)["clip_sample"] is True
+    assert sampling_scheduler_config(SamplerSpec(guidance=2.0), clipping)["clip_sample"] is False
+    assert sampling_scheduler_config(SamplerSpec(guidance=2.0, clip_sample=True), clipping)["clip_sample"] is True
+    assert sampling_scheduler_config(SamplerSpec(clip_sample=False), clipping)["clip_sample"] is False
+    assert "clip_sample" not in SamplerSpec().model_dump() and SamplerSpec(clip_sample=False).model_dump()["clip_sample"] is False
+
+    model = dataclasses.replace(digits, scheduler_config=clipping)
+    noise = initial_noise(4, model.sample_shape, 0)
+    labels, null = torch.arange(4), model.null_conditions(4)
+
+    def sample(**kw):
+        return run_sampler(model.unet, model.scheduler_config, noise, labels, SamplerSpec(steps=STEPS, guidance=4.0, **kw), null=null)[0]
+
+    auto = sample()
+    assert torch.equal(auto, sample(clip_sample=False))
+    assert not torch.allclose(auto, sample(clip_sample=True), atol=1e-3)  # clipping changes guided samples

@@ -19,7 +19,7 @@ from diffquant.spec import SamplerSpec
 logger = logging.getLogger(__name__)
 
 POOL_SEED_OFFSET = 10_000
-POOL_CODE_VERSION = "1"
+POOL_CODE_VERSION = "2"
 
 
 def collect_pool(
