@@ -365,7 +365,7 @@ def _finish(run: _Run, info: ModelInfo, stages: dict[str, Any]) -> dict[str, Any
     run.log("", write_report(summary, run.out / "report.md"))
     summary_path = write_json(summary, run.out / "summary.json")
     run.log("", summary_path)
-    _prefect_summary_artifact(render_report(summary))
+    _prefect_summary_artifact(render_report(summary, grid_image=False))  # no run folder to link from there
     return {**summary, "summary_path": str(summary_path)}
 
 

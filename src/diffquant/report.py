@@ -168,12 +168,12 @@ def evaluation_section(model: dict[str, Any], metrics: dict[str, dict[str, float
     }
 
 
-def _evaluation_lines(summary: dict[str, Any]) -> list[str]:
+def _evaluation_lines(summary: dict[str, Any], grid_image: bool) -> list[str]:
     """The report's lines on the sample grid, what each metric compares and what was not computed."""
     lines: list[str] = []
     grid = (summary.get("samples") or {}).get("grid")
     section = summary.get("evaluation")
-    if grid:
+    if grid and grid_image:
         out = Path(summary["out_dir"])
         link = Path(grid).relative_to(out).as_posix() if Path(grid).is_relative_to(out) else grid
         shown = "decoded images" if section and section["images"] == "decoded" else "samples"
@@ -190,8 +190,14 @@ def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def render_report(summary: dict[str, Any]) -> str:
-    """Markdown report of a compress run from its summary dict."""
+def render_report(summary: dict[str, Any], grid_image: bool = True) -> str:
+    """Markdown report of a compress run from its summary dict.
+
+    Args:
+        summary: The run's summary (``summary.json``'s data).
+        grid_image: Show the sample grid, linked relative to the run folder (``report.md`` sits
+            there, and beside ``samples/`` among the MLflow run's artifacts).
+    """
     metrics = summary["metrics"]
     names = sorted({k for stage in metrics.values() for k in stage})
     lines = [
@@ -211,7 +217,7 @@ def render_report(summary: dict[str, Any]) -> str:
         lines.append(f"| {name} | " + " | ".join(_fmt(metrics[s].get(name, "")) for s in metrics) + " |")
     for note in summary.get("notes") or []:
         lines += ["", f"Note: {note}."]
-    lines += _evaluation_lines(summary)
+    lines += _evaluation_lines(summary, grid_image)
     lines += ["", "| stage | seconds |", "|---|---|"]
     lines += [f"| {stage} | {sec:.1f} |" for stage, sec in summary["timings"].items()]
     if summary.get("finetune"):

@@ -183,3 +183,19 @@ def test_a_broken_vae_folder_is_refused_when_the_pipeline_is_opened(tmp_path, sd
     result = evaluate_model(undecoded, 2, SamplerSpec(steps=2), 1, 2, None, None, fp=result)
     assert result.images is None and {"psnr_latent", "ssim_latent"} <= result.metrics.keys()
     assert not {"psnr", "ssim", "decoding_seconds"} & result.metrics.keys()
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_in_float16_a_force_upcast_vae_decodes_in_float32_to_the_cpu_images(sd, model):
+    from diffquant.decoding import load_decoder
+    from diffquant.placement import module_placement
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    folder, prompts = sd
+    on_gpu = load_model(path=folder, prompts=prompts, device="cuda", dtype="float16")
+    vae = load_decoder(on_gpu)
+    assert vae.config.force_upcast and module_placement(vae) == (torch.device("cuda", 0), torch.float32)
+    latents = torch.randn((6, *model.sample_shape), generator=torch.Generator().manual_seed(5))
+    difference = (decode_samples(on_gpu, latents, 4, vae).int() - decode_samples(model, latents, 4).int()).abs()
+    assert difference.max() <= 1
