@@ -319,6 +319,9 @@ def save_tiny_clip(folder: Path, seed: int = 0, image_size: int = 16) -> Path:
     The layout of a real CLIP folder (``openai/clip-vit-large-patch14`` saved with
     ``save_pretrained``): ``config.json`` (``model_type: clip``), ``model.safetensors``, the
     tokenizer files and ``preprocessor_config.json``; images are resized to ``image_size``.
+    Both towers' final layer norms get the bias 1 and share one projection, so image and text
+    embeddings share a direction (cosines around 0.5, as a trained CLIP's are positive): a purely
+    random CLIP's mean cosine can be negative, which the CLIP score floors to 0 for any images.
     """
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
@@ -344,9 +347,12 @@ def save_tiny_clip(folder: Path, seed: int = 0, image_size: int = 16) -> Path:
         "image_size": image_size,
         "patch_size": image_size // 2,
     }
-    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(
-        str(folder), safe_serialization=True
-    )
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+    with torch.no_grad():
+        model.text_projection.weight.copy_(model.visual_projection.weight)
+        model.vision_model.post_layernorm.bias.fill_(1.0)
+        model.text_model.final_layer_norm.bias.fill_(1.0)
+    model.save_pretrained(str(folder), safe_serialization=True)
     size = {"height": image_size, "width": image_size}
     CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size=size).save_pretrained(str(folder))
     return folder

@@ -111,10 +111,10 @@ def check_clip_model(folder: str | Path, text_model: bool = True) -> None:
 
 def _processor(folder: Path) -> tuple[Any, Any]:
     """The folder's tokenizer and image processor."""
-    from transformers import AutoTokenizer, CLIPImageProcessor
-
-    restore = _quiet_transformers()
+    restore = _quiet_transformers()  # transformers 5 warns on import that torchvision is missing
     try:
+        from transformers import AutoTokenizer, CLIPImageProcessor
+
         return (
             AutoTokenizer.from_pretrained(str(folder), local_files_only=True),
             CLIPImageProcessor.from_pretrained(str(folder), local_files_only=True),

@@ -182,7 +182,10 @@ def _evaluation_lines(summary: dict[str, Any], grid_image: bool) -> list[str]:
         lines += ["", "| metric | computed on |", "|---|---|"]
         lines += [f"| {name} | {text} |" for name, text in section["metrics"].items()]
         if section["not_computed"]:
-            lines += ["", "Not computed: " + "; ".join(f"{k} ({v})" for k, v in section["not_computed"].items()) + "."]
+            why: dict[str, list[str]] = {}
+            for name, reason in section["not_computed"].items():
+                why.setdefault(reason, []).append(name)
+            lines += ["", "Not computed: " + "; ".join(f"{', '.join(n)} ({r})" for r, n in why.items()) + "."]
     return lines
 
 

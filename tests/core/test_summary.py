@@ -47,7 +47,8 @@ def test_the_evaluation_section_is_added_without_changing_older_summaries():
     summary = RunSummary.model_validate(data)
     assert summary.to_dict() == data and summary.evaluation.images == "decoded"
     report = render_report(data)
-    assert "Not computed: accuracy (" in report and "clip_score (evaluate.clip_model is not set" in report
+    assert "Not computed: accuracy, fd_real, fd_fp (the digits classifier" in report
+    assert "; clip_score (evaluate.clip_model is not set" in report
     assert "](samples/fp_vs_quantized.png)" in report and "decoded images from the same noise" in report
     # a pixel model judged by the classifier has nothing left out; a latent model without a VAE says why
     pixels = evaluation_section({"latent": False, "condition": "class"}, {"fp": {"accuracy": 0.9, "psnr": 40.0}})

@@ -58,7 +58,8 @@ def check_vae(folder: Path, latent_channels: int) -> None:
         if channels is not None and int(channels) != latent_channels:
             raise ModelLoadError(
                 f"{config_path}: latent_channels is {channels}, but the denoiser's samples have {latent_channels} "
-                "channels; the VAE belongs to another model"
+                "channels, so this VAE cannot decode them (a VAE of another model, or a denoiser that takes "
+                "extra input channels, such as inpainting, which diffquant does not support)"
             )
 
 
