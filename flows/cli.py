@@ -447,6 +447,17 @@ def _check_sampler(spec: Any, model: Any) -> None:
         check_sampler(spec.sampler, model.scheduler_config, model.null_conditions(1))
 
 
+def _check_clip_model(spec: Any, model: Any) -> None:
+    """Refuse now an ``evaluate.clip_model`` that is missing, not a CLIP model, or set for a model without prompts."""
+    if spec.evaluate.clip_model is None:
+        return
+    from diffquant.clip_score import check_clip_model
+    from diffquant.errors import spec_section
+
+    with spec_section("evaluate"):
+        check_clip_model(spec.evaluate.clip_model, text_model=model.condition == "text")
+
+
 def _check_latency_table(spec: Any, unet: Any = None) -> None:
     """Read ``allocation.latency_table`` now, so a missing or malformed file fails before the calibration pool.
 
@@ -522,6 +533,7 @@ def compress(
         model = load_model(name=spec.model.name, path=spec.model.path, prompts=spec.model.prompts)
         check_memory(spec, model.sample_shape)
         _check_sampler(spec, model)
+        _check_clip_model(spec, model)
         _check_latency_table(spec, model.unet)
         if spec.calibration.labels_file:
             read_labels_file(Path(spec.calibration.labels_file), model.num_classes, model.condition)
@@ -575,6 +587,7 @@ def sweep(
         model = load_model(name=spec.model.name, path=spec.model.path, prompts=spec.model.prompts)
         check_memory(spec, model.sample_shape)
         _check_sampler(spec, model)
+        _check_clip_model(spec, model)
         _check_latency_table(spec)
     except ValueError:
         _fail(ValueError("--budgets takes numbers like 3,3.5,4 and --baselines integers like 8,4"))

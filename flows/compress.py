@@ -22,13 +22,15 @@ from prefect import flow
 
 import diffquant
 from diffquant.calibration.labels import read_labels_file
+from diffquant.clip_score import check_clip_model
+from diffquant.errors import spec_section
 from diffquant.finetuning.policy import keep_finetuned
 from diffquant.flows.sensitivity import sensitivity_flow, task_runner_for
 from diffquant.registry.home import diffquant_home, ensure_writable, tracking_uri
 from diffquant.registry.models import WEIGHTS_TAG, add_onnx_flavor
 from diffquant.registry.promotion import Candidate
 from diffquant.registry.tracking import RunTracker, git_sha, tracked_run
-from diffquant.report import comparison_grid, quality_notes, render_report, write_report
+from diffquant.report import comparison_grid, evaluation_section, quality_notes, render_report, write_report
 from diffquant.spec import CompressionSpec, check_memory, spec_from_dict
 from diffquant.storage import load_safetensors, write_json, write_text
 from diffquant.summary import SCHEMA_VERSION, RunSummary
@@ -302,6 +304,7 @@ def _summary(run: _Run, info: ModelInfo, stages: dict[str, Any]) -> RunSummary:
         model={**model, **_registry_section(run, stages.get("registration"))},
         metrics=metrics,
         notes=quality_notes(info.model_dump(), {"fp": fp.metrics, "quantized": q.metrics}),
+        evaluation=evaluation_section(info.model_dump(), {"fp": fp.metrics, "quantized": q.metrics}),
         finetune=finetune,
         sizes=sizes,
         plan={
@@ -347,8 +350,10 @@ def _summary(run: _Run, info: ModelInfo, stages: dict[str, Any]) -> RunSummary:
 def _finish(run: _Run, info: ModelInfo, stages: dict[str, Any]) -> dict[str, Any]:
     """Log the final metrics and grid, write report.md and summary.json (last)."""
     fp, q, quant = stages["fp"], stages["q"], stages["quantize"]
-    left, right = (load_safetensors(Path(e.samples.path))["samples"] for e in (fp, q))
-    stages["grid"] = comparison_grid(left, right, run.out / "samples" / "fp_vs_quantized.png")
+    stored = [load_safetensors(Path(e.samples.path)) for e in (fp, q)]
+    left, right = (data.get("images", data["samples"]) for data in stored)  # a latent model's decoded images
+    titles = ("full precision", f"quantized: {_plan_description(run.cfg)}")
+    stages["grid"] = comparison_grid(left, right, run.out / "samples" / "fp_vs_quantized.png", titles)
     run.log("samples", stages["grid"])
     run.tracker.log_metrics({f"fp.{k}": v for k, v in fp.metrics.items()})
     run.tracker.log_metrics({f"quantized.{k}": v for k, v in q.metrics.items()})
@@ -360,7 +365,7 @@ def _finish(run: _Run, info: ModelInfo, stages: dict[str, Any]) -> dict[str, Any
     run.log("", write_report(summary, run.out / "report.md"))
     summary_path = write_json(summary, run.out / "summary.json")
     run.log("", summary_path)
-    _prefect_summary_artifact(render_report(summary))
+    _prefect_summary_artifact(render_report(summary, grid_image=False))  # no run folder to link from there
     return {**summary, "summary_path": str(summary_path)}
 
 
@@ -390,6 +395,9 @@ def compress_flow(spec: dict[str, Any], out_dir: str | None = None) -> dict[str,
     out = ensure_writable(Path(out_dir) if out_dir else default_out_dir(cfg, home), "output folder")
     info = load_model_task(cfg.model)
     check_memory(cfg, tuple(info.sample_shape))
+    if cfg.evaluate.clip_model is not None:
+        with spec_section("evaluate"):
+            check_clip_model(cfg.evaluate.clip_model, text_model=info.condition == "text")
     tags = {"spec_hash": cfg.spec_hash(), "model.weights_sha256": info.weights_sha256}
     run_name = f"compress-{cfg.spec_hash()[:8]}"
     with tracked_run(tracking_uri(home), info.name, run_name, home / "mlartifacts", tags=tags) as tracker:

@@ -91,6 +91,8 @@ class ModelInfo(StageResult):
     latent: bool
     layer_names: list[str]
     source_dir: str
+    decoded: bool = False
+    """Samples are decoded by the pipeline's VAE for grids and image metrics."""
 
 
 class PoolArtifact(StageResult):
@@ -145,7 +147,7 @@ class QuantizeArtifact(StageResult):
 
 
 class EvalArtifact(StageResult):
-    """Samples, denoiser outputs and metrics of one model variant."""
+    """Samples (and a latent model's decoded images, in the same file), denoiser outputs and metrics of one model variant."""
 
     metrics: dict[str, float]
     samples: FileRef

@@ -6,10 +6,13 @@ from pathlib import Path
 
 from prefect import task
 
+from diffquant.clip_score import load_clip
 from diffquant.data import load_digits_split
+from diffquant.errors import spec_section
 from diffquant.evaluation import EvalResult, evaluate_model
 from diffquant.metrics import sqnr_db
 from diffquant.models.reference import load_classifier
+from diffquant.placement import module_placement
 from diffquant.ptq import load_quantized
 from diffquant.sampling import denoiser_outputs
 from diffquant.spec import CompressionSpec
@@ -46,9 +49,13 @@ def evaluate_task(
     fp_result = fp_outputs = None
     if fp is not None:
         stored = load_safetensors(Path(fp.samples.path))
-        fp_result = EvalResult(stored["samples"], stored.get("labels"))
+        fp_result = EvalResult(stored["samples"], stored.get("labels"), images=stored.get("images"))
         fp_outputs = load_safetensors(Path(fp.outputs.path))["outputs"]
     ev = spec.evaluate
+    clip = None
+    if ev.clip_model is not None:
+        with spec_section("evaluate"):
+            clip = load_clip(ev.clip_model, module_placement(model.unet)[0])
     result = evaluate_model(
         model,
         ev.samples,
@@ -59,6 +66,7 @@ def evaluate_task(
         real,
         fp=fp_result,
         description=f"Sampling ({label})",
+        clip=clip,
     )
     outputs = denoiser_outputs(model.unet, load_trajectories(calibration.sqnr.path), model.conditional)
     if fp_outputs is not None:
@@ -67,6 +75,8 @@ def evaluate_task(
     tensors = {"samples": result.samples}
     if result.labels is not None:
         tensors["labels"] = result.labels
+    if result.images is not None:
+        tensors["images"] = result.images  # decoded by the VAE, uint8
     samples_path = save_safetensors(tensors, folder / f"{label}.safetensors")
     outputs_path = save_safetensors({"outputs": outputs}, folder / f"{label}_denoiser_outputs.safetensors")
     return EvalArtifact(metrics=result.metrics, samples=FileRef.of(samples_path), outputs=FileRef.of(outputs_path))

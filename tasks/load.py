@@ -28,4 +28,5 @@ def load_model_task(source: ModelSource) -> ModelInfo:
         latent=model.latent,
         layer_names=quantizable_layers(model.unet),
         source_dir=str(model.source_dir),
+        decoded=model.vae_dir is not None,
     )

@@ -311,3 +311,48 @@ def save_tiny_dit(folder: Path, seed: int = 0) -> Path:
     model.save_pretrained(str(folder), safe_serialization=True)
     (Path(folder) / "scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG))
     return Path(folder)
+
+
+def save_tiny_clip(folder: Path, seed: int = 0, image_size: int = 16) -> Path:
+    """Save a tiny random ``CLIPModel`` with the tiny CLIP tokenizer and a ``CLIPImageProcessor`` to ``folder``.
+
+    The layout of a real CLIP folder (``openai/clip-vit-large-patch14`` saved with
+    ``save_pretrained``): ``config.json`` (``model_type: clip``), ``model.safetensors``, the
+    tokenizer files and ``preprocessor_config.json``; images are resized to ``image_size``.
+    Both towers' final layer norms get the bias 1 and share one projection, so image and text
+    embeddings share a direction (cosines around 0.5, as a trained CLIP's are positive): a purely
+    random CLIP's mean cosine can be negative, which the CLIP score floors to 0 for any images.
+    """
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    folder = write_clip_tokenizer(Path(folder))
+    tokenizer = clip_tokenizer()
+    torch.manual_seed(seed)
+    text = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": MAX_TOKENS,
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+    vision = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "image_size": image_size,
+        "patch_size": image_size // 2,
+    }
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+    with torch.no_grad():
+        model.text_projection.weight.copy_(model.visual_projection.weight)
+        model.vision_model.post_layernorm.bias.fill_(1.0)
+        model.text_model.final_layer_norm.bias.fill_(1.0)
+    model.save_pretrained(str(folder), safe_serialization=True)
+    size = {"height": image_size, "width": image_size}
+    CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size=size).save_pretrained(str(folder))
+    return folder

@@ -12,27 +12,54 @@ from diffquant.storage import atomic_path, write_text
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """Images in [-1, 1], (N, C, H, W) -> uint8 (N, H, W) or (N, H, W, C)."""
-    array = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+    """Images in [-1, 1] (or already ``uint8``), (N, C, H, W) -> uint8 (N, H, W) or (N, H, W, C)."""
+    if images.dtype == torch.uint8:
+        array = images.numpy()
+    else:
+        array = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
     return array[:, 0] if array.shape[1] == 1 else array.transpose(0, 2, 3, 1)
 
 
+GRID_TITLES = ("full precision", "quantized")
+TITLE_HEIGHT = 16
+"""Pixels of the title strip above the two grids."""
+
+
+def grid_layout(height: int, width: int, per_row: int = 10, rows: int = 4) -> tuple[int, int, int]:
+    """Samples per row, rows and upscale factor for tiles of ``height`` x ``width`` pixels.
+
+    Small tiles (8x8 digits) are shown 10 x 4, each pixel upscaled to about 48 pixels a tile; large
+    ones (decoded 512x512 images) at their own size, as many as fit about 1024 pixels per grid side.
+    """
+    upscale = max(1, round(48 / max(height, width)))
+    per_row = max(1, min(per_row, 1024 // (width * upscale) or 1))
+    rows = max(1, min(rows, 1024 // (height * upscale) or 1))
+    return per_row, rows, upscale
+
+
 def comparison_grid(
-    left: torch.Tensor, right: torch.Tensor, path: Path, per_row: int = 10, rows: int = 4, upscale: int = 6
+    left: torch.Tensor,
+    right: torch.Tensor,
+    path: Path,
+    titles: tuple[str, str] = GRID_TITLES,
+    per_row: int = 10,
+    rows: int = 4,
 ) -> Path:
-    """Save a PNG of ``left`` (FP) and ``right`` (quantized) sample grids side by side.
+    """Save a PNG of ``left`` (FP) and ``right`` (quantized) sample grids side by side, each titled.
 
     Args:
-        left: FP samples (N, C, H, W) in [-1, 1].
-        right: Quantized samples from the same noise.
+        left: FP samples (N, C, H, W) in [-1, 1], or ``uint8`` images (decoded latents).
+        right: Quantized samples from the same noise, in the same form.
         path: Output PNG path.
-        per_row: Samples per row (one row per noise seed block, classes along the row).
-        rows: Rows shown.
-        upscale: Nearest-neighbour upscale factor per pixel.
+        titles: The two grids' titles (drawn above them).
+        per_row: Most samples per row (fewer for large images, see :func:`grid_layout`).
+        rows: Most rows (fewer when there are fewer samples).
     """
-    from PIL import Image
+    from PIL import Image, ImageDraw, ImageFont
 
+    per_row, rows, upscale = grid_layout(*left.shape[-2:], per_row, rows)
     count = min(per_row * rows, left.shape[0])
+    rows = -(-count // per_row)  # no empty rows
 
     def grid(images: torch.Tensor) -> np.ndarray:
         tiles = to_uint8(images[:count])
@@ -41,12 +68,16 @@ def comparison_grid(
         for i, tile in enumerate(tiles):
             r, c = divmod(i, per_row)
             canvas[1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + c * (w + 1) : 1 + c * (w + 1) + w] = tile
-        return canvas
+        return canvas.repeat(upscale, axis=0).repeat(upscale, axis=1)
 
     a, b = grid(left), grid(right)
-    gap = np.full((a.shape[0], 3, *a.shape[2:]), 128, np.uint8)
-    image = Image.fromarray(np.concatenate([a, gap, b], axis=1))
-    image = image.resize((image.width * upscale, image.height * upscale), Image.NEAREST)
+    gap = np.full((a.shape[0], 3 * upscale, *a.shape[2:]), 128, np.uint8)
+    body = np.concatenate([a, gap, b], axis=1)
+    image = Image.new(Image.fromarray(body).mode, (body.shape[1], body.shape[0] + TITLE_HEIGHT), "white")
+    image.paste(Image.fromarray(body), (0, TITLE_HEIGHT))
+    draw, font = ImageDraw.Draw(image), ImageFont.load_default()
+    for x, title in ((2, titles[0]), (a.shape[1] + gap.shape[1] + 2, titles[1])):
+        draw.text((x, 2), title, fill="black", font=font)
     with atomic_path(Path(path)) as tmp:
         image.save(tmp, format="PNG")
     return Path(path)
@@ -56,6 +87,24 @@ QUALITY_WITHOUT_CLASSIFIER = (
     "quality is measured against the full-precision model (PSNR/SSIM of samples from the same noise, "
     "SQNR of denoiser outputs); accuracy and FD are not computed"
 )
+QUALITY_DECODED = (
+    "quality is measured against the full-precision model (PSNR/SSIM of the decoded images and of the latents "
+    "from the same noise, SQNR of denoiser outputs); accuracy and FD are not computed"
+)
+
+_ON_SAMPLES = "the FP model's from the same noise"
+METRICS_ON: dict[str, str] = {
+    "accuracy": "samples, by the digits classifier: share assigned the requested class",
+    "fd_real": "digits-classifier features of the samples vs held-out real digits (Frechet distance)",
+    "fd_fp": f"digits-classifier features of the samples vs {_ON_SAMPLES} (Frechet distance)",
+    "psnr_latent": f"latents vs {_ON_SAMPLES} (data range of the FP latents)",
+    "ssim_latent": f"latents vs {_ON_SAMPLES} (data range of the FP latents)",
+    "clip_score": "images vs their prompts: max(100 x mean cosine of CLIP embeddings, 0)",
+    "sqnr_db": "denoiser outputs vs the FP model's on held-out pool inputs (dB)",
+    "sampling_seconds": "wall time of sampling",
+    "decoding_seconds": "wall time of decoding the latents with the VAE",
+}
+"""What each evaluation metric is computed on (``psnr``/``ssim`` depend on the model: :func:`evaluation_section`)."""
 
 
 def quality_notes(model: dict[str, Any], metrics: dict[str, dict[str, float]]) -> list[str]:
@@ -79,15 +128,79 @@ def quality_notes(model: dict[str, Any], metrics: dict[str, dict[str, float]]) -
         why = f"the evaluation conditions name no digit class (family {model.get('family')}, {kind} {shape})"
     else:
         why = f"no evaluation classifier fits this model (family {model.get('family')}, {kind} {shape})"
-    return [f"{why}: {QUALITY_WITHOUT_CLASSIFIER}"]
+    return [f"{why}: {QUALITY_DECODED if model.get('decoded') else QUALITY_WITHOUT_CLASSIFIER}"]
+
+
+def evaluation_section(model: dict[str, Any], metrics: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """What a run's evaluation metrics were computed on, and which were not computed and why.
+
+    Args:
+        model: The model's identity (``latent``, ``decoded``, ``condition``; the load task's result).
+        metrics: Metrics per stage (``fp``, ``quantized``, ...).
+
+    Returns:
+        ``images``: what the sample grid shows and ``psnr``/``ssim`` compare (``decoded``: a latent
+        model's samples decoded by its VAE; ``latents``: a latent model without a VAE; ``pixels``);
+        ``metrics``: each computed metric -> what it was computed on; ``not_computed``: metric ->
+        why not.
+    """
+    images = "decoded" if model.get("decoded") else "latents" if model.get("latent") else "pixels"
+    on = dict(METRICS_ON)
+    if images == "decoded":
+        on["psnr"] = on["ssim"] = f"8-bit images decoded by the VAE vs {_ON_SAMPLES} (data range 255)"
+    else:
+        on["psnr"] = on["ssim"] = f"samples vs {_ON_SAMPLES} (data range 2)"
+    computed = {name for stage in metrics.values() for name in stage}
+    not_computed: dict[str, str] = {}
+    if not computed & {"accuracy", "fd_real"}:
+        reason = "the digits classifier judges only 1x8x8 digit samples whose conditions name a digit"
+        not_computed |= dict.fromkeys(("accuracy", "fd_real", "fd_fp"), reason)
+    undecoded = "the pipeline has no vae/ folder, so samples were not decoded (latent-space PSNR/SSIM only)"
+    if images == "latents":
+        not_computed |= dict.fromkeys(("psnr", "ssim"), undecoded)
+    if model.get("condition") == "text" and "clip_score" not in computed:
+        unset = "evaluate.clip_model is not set (a local CLIP model folder)"
+        not_computed["clip_score"] = undecoded if images == "latents" else unset
+    return {
+        "images": images,
+        "metrics": {name: on.get(name, "") for name in sorted(computed)},
+        "not_computed": not_computed,
+    }
+
+
+def _evaluation_lines(summary: dict[str, Any], grid_image: bool) -> list[str]:
+    """The report's lines on the sample grid, what each metric compares and what was not computed."""
+    lines: list[str] = []
+    grid = (summary.get("samples") or {}).get("grid")
+    section = summary.get("evaluation")
+    if grid and grid_image:
+        out = Path(summary["out_dir"])
+        link = Path(grid).relative_to(out).as_posix() if Path(grid).is_relative_to(out) else grid
+        shown = "decoded images" if section and section["images"] == "decoded" else "samples"
+        lines += ["", f"![full precision (left) and quantized (right) {shown} from the same noise]({link})"]
+    if section:
+        lines += ["", "| metric | computed on |", "|---|---|"]
+        lines += [f"| {name} | {text} |" for name, text in section["metrics"].items()]
+        if section["not_computed"]:
+            why: dict[str, list[str]] = {}
+            for name, reason in section["not_computed"].items():
+                why.setdefault(reason, []).append(name)
+            lines += ["", "Not computed: " + "; ".join(f"{', '.join(n)} ({r})" for r, n in why.items()) + "."]
+    return lines
 
 
 def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def render_report(summary: dict[str, Any]) -> str:
-    """Markdown report of a compress run from its summary dict."""
+def render_report(summary: dict[str, Any], grid_image: bool = True) -> str:
+    """Markdown report of a compress run from its summary dict.
+
+    Args:
+        summary: The run's summary (``summary.json``'s data).
+        grid_image: Show the sample grid, linked relative to the run folder (``report.md`` sits
+            there, and beside ``samples/`` among the MLflow run's artifacts).
+    """
     metrics = summary["metrics"]
     names = sorted({k for stage in metrics.values() for k in stage})
     lines = [
@@ -107,6 +220,7 @@ def render_report(summary: dict[str, Any]) -> str:
         lines.append(f"| {name} | " + " | ".join(_fmt(metrics[s].get(name, "")) for s in metrics) + " |")
     for note in summary.get("notes") or []:
         lines += ["", f"Note: {note}."]
+    lines += _evaluation_lines(summary, grid_image)
     lines += ["", "| stage | seconds |", "|---|---|"]
     lines += [f"| {stage} | {sec:.1f} |" for stage, sec in summary["timings"].items()]
     if summary.get("finetune"):

@@ -400,12 +400,25 @@ class ExportSpec(_Strict):
 
 
 class EvaluateSpec(_Strict):
-    """Evaluation: number of samples (classes cycle 0-9) and the noise seed."""
+    """Evaluation: number of samples (classes cycle 0-9), the noise seed and optional metric models.
+
+    ``clip_model`` is a local folder with a transformers CLIP model (never downloaded) for the CLIP
+    score of a text-conditioned model's images against their prompts (:mod:`diffquant.clip_score`).
+    Unset, it is left out of the serialized spec, so existing specs keep their hash.
+    """
 
     samples: int = Field(2000, ge=10, le=MAX_COUNT)
     seed: int = Field(0, ge=0, le=MAX_SEED)
     batch_size: int = Field(1000, ge=1, le=MAX_BATCH)
     sqnr_inputs: int = Field(256, ge=1, le=MAX_COUNT, description="pool inputs (not in the calibration set) for SQNR")
+    clip_model: str | None = Field(None, min_length=1, description="local CLIP model folder for the CLIP score")
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_clip_model(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if self.clip_model is None:
+            data.pop("clip_model", None)
+        return data
 
 
 REGISTERED_MODEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"

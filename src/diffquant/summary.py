@@ -76,6 +76,19 @@ class ExportSection(_Section):
     engine: dict[str, Any] | None = None
 
 
+class EvaluationSection(_Section):
+    """What the metrics were computed on (:func:`diffquant.report.evaluation_section`).
+
+    ``images``: ``decoded`` (a latent model's samples decoded by its VAE: the grid and
+    ``psnr``/``ssim`` are in image space, ``psnr_latent``/``ssim_latent`` in latent space),
+    ``latents`` (a latent model without a VAE) or ``pixels``.
+    """
+
+    images: str
+    metrics: dict[str, str] = Field(default_factory=dict)
+    not_computed: dict[str, str] = Field(default_factory=dict)
+
+
 class RunSummary(_Section):
     """Everything one compress run decided and measured (``summary.json``)."""
 
@@ -96,10 +109,15 @@ class RunSummary(_Section):
     export: ExportSection
     timings: dict[str, float]
     out_dir: str
+    evaluation: EvaluationSection | None = None
+    """Absent in summaries written before it existed (and left out of :meth:`to_dict` then)."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready data with today's keys."""
-        return self.model_dump(mode="json")
+        data = self.model_dump(mode="json")
+        if self.evaluation is None:
+            data.pop("evaluation")
+        return data
 
     @classmethod
     def load(cls, path: Path) -> RunSummary:

@@ -202,3 +202,17 @@ def test_export_target_onnxruntime_round_trips_and_changes_hash(tmp_path):
         load_spec(overrides=["export.target=tflite"])
     with pytest.raises(SpecError, match=r"tensorrt 'on' needs export\.target 'tensorrt'"):
         load_spec(overrides=["export.target=onnxruntime", "export.tensorrt='on'"])
+
+
+def test_evaluate_clip_model_is_left_out_unset_and_changes_the_hash_when_set(tmp_path):
+    default = CompressionSpec()
+    assert "clip_model" not in default.to_dict()["evaluate"] and "evaluate.clip_model" not in default.flat_params()
+    spec = load_spec(overrides=["evaluate.clip_model=/models/clip-vit-large-patch14"])
+    assert spec.evaluate.clip_model == "/models/clip-vit-large-patch14"
+    assert spec.flat_params()["evaluate.clip_model"] == "/models/clip-vit-large-patch14"
+    assert spec.spec_hash() != default.spec_hash()
+    path = tmp_path / "s.yaml"
+    path.write_text(spec.to_yaml())
+    assert load_spec(path) == spec
+    with pytest.raises(SpecError, match=r"evaluate\.clip_model"):
+        load_spec(overrides=["evaluate.clip_model=''"])

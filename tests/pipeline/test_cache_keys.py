@@ -71,6 +71,7 @@ ALTERNATIVES: dict[str, list[Any]] = {
     "export.target": ["onnxruntime"],
     "export.tensorrt": ["off"],
     "promote.registered_model": ["other-name"],
+    "evaluate.clip_model": ["/other/clip"],
     "promote.gates.min_accuracy": [0.5],
     "promote.gates.max_size_ratio": [0.5],
     "runtime.runner": ["dask"],
@@ -80,7 +81,8 @@ ALTERNATIVES: dict[str, list[Any]] = {
 
 
 def _full_spec() -> CompressionSpec:
-    return spec_from_dict({"allocation": {}, "finetune": {}})
+    # evaluate.clip_model is left out of the spec at its default (None): set, it is a leaf to walk
+    return spec_from_dict({"allocation": {}, "finetune": {}, "evaluate": {"clip_model": "/some/clip"}})
 
 
 def _candidates(key: str, value: Any) -> list[Any]:

@@ -161,7 +161,8 @@ KNOWN_COMPONENTS = frozenset(
 READ_COMPONENTS = frozenset(
     {"unet", "transformer", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"}
 )
-"""Components diffquant reads: listed ones must have their folder (others, like a vae, may be left out)."""
+"""Components diffquant needs: listed ones must have their folder (others may be left out; a latent
+pipeline without its ``vae/`` folder is judged on latents, not decoded images)."""
 
 
 class ModelIndex(BaseModel):
@@ -193,7 +194,7 @@ def read_model_index(path: Path) -> ModelIndex:
     A key is a component when diffusers treats it as one: its value is a list, or its name is a
     known component name (``unet``, ``text_encoder``, ...). Other keys are pipeline settings.
     A listed ``vae``, ``safety_checker`` or ``feature_extractor`` may lack its folder: diffquant
-    never loads them.
+    never loads the latter two, and without a ``vae/`` folder samples stay undecoded latents.
 
     Raises:
         ModelLoadError: Naming the file and the component that is malformed or has no folder.

@@ -64,6 +64,8 @@ class DiffusionModel:
     latent: bool = False
     null_class: int | None = None
     """The class id that means "no class" (classifier-free guidance), for class models that have one."""
+    vae_dir: Path | None = None
+    """The pipeline's ``vae/`` folder (latent models that have one): decodes samples for grids and image metrics."""
 
     @property
     def conditional(self) -> bool:
@@ -453,6 +455,8 @@ def load_local_model(path: Path, name: str | None = None, prompts_file: Path | N
 
 
 def _load_pipeline(path: Path, meta: ModelMeta, name: str | None, prompts_file: Path | None) -> DiffusionModel:
+    from diffquant.models.vae import VAE_FOLDER, check_vae
+
     index = read_model_index(path / "model_index.json")
     components = set(index.components) | {entry.name for entry in path.iterdir() if entry.is_dir()}
     denoiser_key = "unet" if "unet" in components else "transformer" if "transformer" in components else None
@@ -475,6 +479,9 @@ def _load_pipeline(path: Path, meta: ModelMeta, name: str | None, prompts_file: 
         _checked_text_encoder(path / enc, path / tok, architecture)
         for (enc, tok), architecture in zip(family.text_components, architectures, strict=True)
     ]
+    vae_dir = path / VAE_FOLDER if latent and (path / VAE_FOLDER).is_dir() else None
+    if vae_dir is not None:
+        check_vae(vae_dir, int(checked.config["in_channels"]))
     # every file is checked: from here on weights are read
     denoiser, sha = _from_pretrained(checked.cls, folder, checked.weights)
     hashes = {denoiser_key: sha}
@@ -487,7 +494,9 @@ def _load_pipeline(path: Path, meta: ModelMeta, name: str | None, prompts_file: 
             tokenizers.append(_tokenizer(encoder.tokenizer))
         prompts = PromptSet(calibration, evaluation, _family_tokenize(tokenizers, family))
         denoiser = family.wrap(modules, tokenizers, denoiser)
-    return _assemble(path, name, meta, denoiser, hashes, scheduler, family, prompts, latent=latent)
+    model = _assemble(path, name, meta, denoiser, hashes, scheduler, family, prompts, latent=latent)
+    model.vae_dir = vae_dir
+    return model
 
 
 def _latent_scheduler(config: dict[str, Any], latent: bool) -> dict[str, Any]:

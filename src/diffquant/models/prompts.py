@@ -104,6 +104,14 @@ class PromptSet:
         if not self.calibration or not self.evaluation:
             raise DataError("a text-conditioned model needs at least one calibration and one evaluation prompt")
 
+    def _chosen(self, n: int, purpose: str) -> list[Prompt]:
+        prompts = self.calibration if purpose == "calibration" else self.evaluation
+        return [prompts[i % len(prompts)] for i in range(n)]
+
+    def texts(self, n: int, purpose: str) -> list[str]:
+        """The prompt of each of ``n`` samples, as :meth:`conditions` cycles through them."""
+        return [p.text for p in self._chosen(n, purpose)]
+
     def conditions(self, n: int, purpose: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Token ids for ``n`` samples cycling through the prompts, and their labels if known.
 
@@ -114,8 +122,7 @@ class PromptSet:
         Returns:
             Token ids ``(n, L)`` and digit labels ``(n,)`` (None unless every prompt has one).
         """
-        prompts = self.calibration if purpose == "calibration" else self.evaluation
-        chosen = [prompts[i % len(prompts)] for i in range(n)]
+        chosen = self._chosen(n, purpose)
         ids = self.tokenize([p.text for p in chosen])
         if any(p.label is None for p in chosen):
             return ids, None
