@@ -58,10 +58,11 @@ def test_guided_sampling_matches_the_diffusers_pipeline(sd, name):
         model.unet, model.scheduler_config, noise, ids, sampler, clamp=False, null=model.null_conditions(n)
     )
     theirs = _pipeline_latents(folder, name, noise, 7.5)
-    # DPM-Solver++'s multistep update at guidance 7.5 amplifies float32 rounding of the batched text
-    # encoder (diffusers encodes the two halves apart) to 1.6e-5 on 2 of 768 elements
-    tolerance = 5e-5 if name == "dpm_solver" else 1e-5
-    torch.testing.assert_close(ours, theirs, atol=tolerance, rtol=1e-5)
+    # diffquant encodes the conditional and unconditional prompts in one batch, diffusers encodes them
+    # apart: float32 rounding of the two text-encoder batches differs by ~1e-7, and guidance 7.5 scales
+    # the conditional branch by 8.5, which gave 1.6-1.7e-5 on 2 of 768 elements on some CPUs (DDIM and
+    # DPM-Solver++); unguided sampling is checked at 1e-5 below
+    torch.testing.assert_close(ours, theirs, atol=5e-5, rtol=1e-5)
     plain, _ = run_sampler(model.unet, model.scheduler_config, noise, ids, SamplerSpec(name=name, steps=STEPS))
     assert (plain - ours).abs().max() > 1e-3  # guidance changed the samples
 
