@@ -1,6 +1,6 @@
 """The exact multiple-choice knapsack solver against brute force and HiGHS at relative gap 0.
 
-Each mechanism of ``diffquant.mixed_precision.knapsack`` is also run alone on the brute-force
+Each mechanism of ``diffquant.mixed_precision.knapsack`` and ``core_search`` is also run alone on the brute-force
 instances (a core that grows from one option, no vertex multipliers beyond 0 and the LP duals, the
 HiGHS fallback for every core), so a wrong bound or proof in any of them fails here.
 """
@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import coo_matrix
 
-from diffquant.mixed_precision import knapsack
+from diffquant.mixed_precision import core_search, knapsack
 from diffquant.mixed_precision.solver import AllocationInfeasibleError, AllocationProblem, solve_allocation
 
 TOL = 1e-9
@@ -123,9 +123,9 @@ def check_minimal(problem: AllocationProblem, error: AllocationInfeasibleError) 
 
 MECHANISMS = {
     "default": {},
-    "core grows from one option": {"_FIRST_CORE": 1, "_GROWTH": 1.05},
-    "bounds from 0 and the LP duals only": {"_KEEP_VERTICES": 2, "_SAMPLE": 1},
-    "HiGHS fallback for every core": {"_MAX_STATES": 0},
+    "core grows from one option": {(knapsack, "_FIRST_CORE"): 1, (knapsack, "_GROWTH"): 1.05},
+    "bounds from 0 and the LP duals only": {(core_search, "_KEEP_VERTICES"): 2, (core_search, "_SAMPLE"): 1},
+    "HiGHS fallback for every core": {(core_search, "_MAX_STATES"): 0},
 }
 
 
@@ -134,8 +134,8 @@ MECHANISMS = {
 @given(problem=problems())
 def test_matches_brute_force(mechanism, problem):
     with pytest.MonkeyPatch.context() as patch:
-        for name, value in MECHANISMS[mechanism].items():
-            patch.setattr(knapsack, name, value)
+        for (module, name), value in MECHANISMS[mechanism].items():
+            patch.setattr(module, name, value)
         check(problem)
 
 
@@ -196,8 +196,8 @@ def medium(seed: int, budgets: tuple[str, ...]) -> tuple[AllocationProblem, floa
 def test_matches_highs_at_gap_zero_on_medium_programs(mechanism, seed, budgets):
     problem, reference = medium(seed, budgets)
     with pytest.MonkeyPatch.context() as patch:
-        for name, value in MECHANISMS[mechanism].items():
-            patch.setattr(knapsack, name, value)
+        for (module, name), value in MECHANISMS[mechanism].items():
+            patch.setattr(module, name, value)
         result = solve_allocation(problem)
     for group in problem.groups:
         assert len({result.choice[name] for name in group}) == 1
@@ -227,8 +227,8 @@ def test_a_budget_met_exactly_is_feasible_and_one_just_over_is_not(mechanism):
     cost = np.array([[3.0, 1.0, 0.0], [3.0, 1.0, 0.0]])
     size = np.array([[1.0, 2.0, 4.0], [1.0, 2.0, 4.0]])
     with pytest.MonkeyPatch.context() as patch:
-        for name, value in MECHANISMS[mechanism].items():
-            patch.setattr(knapsack, name, value)
+        for (module, name), value in MECHANISMS[mechanism].items():
+            patch.setattr(module, name, value)
         exact = solve_allocation(
             AllocationProblem(["a", "b"], ["w2", "w4", "w8"], cost, {"bytes": size}, {"bytes": 6.0})
         )
@@ -252,6 +252,41 @@ def test_feasibility_program_with_zero_cost_is_solved_without_search():
     )
     result = solve_allocation(problem)
     assert result.objective == 0.0 and set(result.choice.values()) == {"w2"}
+
+
+def test_many_identical_rows_are_enumerated_once_per_distinct_partial_sum(monkeypatch):
+    """120 layers of 3 kinds: the optimum over option counts, found without HiGHS (equal partial sums merge)."""
+    kinds = np.array([[1.0, 0.5, 0.0], [1.25, 0.5, 0.25], [2.0, 1.0, 0.0]])
+    kind = np.random.default_rng(0).integers(0, 3, 120)
+    size = np.array([2.0, 4.0, 8.0])
+    limit = 4.5 * 120 + 1.0
+    problem = AllocationProblem(
+        [f"l{i}" for i in range(120)],
+        ["w2", "w4", "w8"],
+        kinds[kind],
+        {"bytes": np.tile(size, (120, 1))},
+        {"bytes": limit},
+    )
+    monkeypatch.setattr(knapsack, "_highs", lambda *args: pytest.fail("fell back to HiGHS"))
+    result = solve_allocation(problem)
+    # Brute force over how many layers of each kind take each option (a kind's layers are interchangeable).
+    best = {(0.0, 0.0)}
+    for k in range(3):
+        n = int((kind == k).sum())
+        split = [(a, b, n - a - b) for a in range(n + 1) for b in range(n + 1 - a)]
+        best = {
+            (c + kinds[k] @ counts, u + size @ counts)
+            for c, u in best
+            for counts in map(np.array, split)
+            if u + size @ counts <= limit
+        }
+        frontier = sorted(best)
+        best, least = set(), np.inf  # keep the Pareto front (lower cost, lower usage)
+        for c, u in frontier:
+            if u < least:
+                best.add((c, u))
+                least = u
+    assert result.objective == pytest.approx(min(c for c, _ in best), abs=TOL)
 
 
 def test_time_limit_stops_with_a_runtime_error():
