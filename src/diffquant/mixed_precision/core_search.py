@@ -173,8 +173,10 @@ def enumerate_core(
         useful = np.union1d(
             useful, _try_sample(core, done, k, cost[alive], usage[:, alive], sample, trail, limits, best)
         )
-        bound = _bound(done, k, cost[alive], limits[:, None] - usage[:, alive], useful)
-        alive = alive[bound <= min(threshold, best.value)]
+        bound, tightest = _bound(done, k, cost[alive], limits[:, None] - usage[:, alive], useful)
+        kept = bound <= min(threshold, best.value)
+        useful = np.union1d([0, 1], tightest[kept])  # the multipliers the survivors need
+        alive = alive[kept]
         # Partial assignments with the same cost and usage have the same completions: keep one.
         _, first = np.unique(np.vstack([cost[alive], usage[:, alive]]), axis=1, return_index=True)
         trail[-1] = alive = alive[np.sort(first)]
@@ -186,13 +188,21 @@ def enumerate_core(
         best.value, best.picks = float(cost[state]), _backtrack(core, trail, state)
 
 
-def _bound(done: _Completions, k: int, cost: np.ndarray, left: np.ndarray, useful: np.ndarray) -> np.ndarray:
-    """Lower bound of each partial assignment (rows up to ``k``): its cost + the best Lagrangian of the rest."""
-    parts = [
-        cost[s : s + _CHUNK] + (done.value[k + 1][None, useful] - left[:, s : s + _CHUNK].T @ done.mu[useful].T).max(1)
-        for s in range(0, len(cost), _CHUNK)
-    ]
-    return np.concatenate(parts) if parts else np.zeros(0)
+def _bound(
+    done: _Completions, k: int, cost: np.ndarray, left: np.ndarray, useful: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Lower bound of each partial assignment (rows up to ``k``): its cost + the best Lagrangian of the rest.
+
+    Returns:
+        The bounds and, for each, the multiplier (index into ``done.mu``) that gives it.
+    """
+    bounds, tightest = [np.zeros(0)], [np.zeros(0, dtype=int)]
+    for s in range(0, len(cost), _CHUNK):
+        value = done.value[k + 1][None, useful] - left[:, s : s + _CHUNK].T @ done.mu[useful].T
+        best = value.argmax(axis=1)
+        bounds.append(cost[s : s + _CHUNK] + value[np.arange(len(best)), best])
+        tightest.append(useful[best])
+    return np.concatenate(bounds), np.concatenate(tightest)
 
 
 def _try_sample(

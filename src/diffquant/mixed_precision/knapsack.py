@@ -18,8 +18,8 @@ Method (exact, for any number of budget rows):
    budget) are dropped.
 3. ``core_search.enumerate_core`` finds the cheapest core assignment costing at most
    ``LB + delta``, if there is one: it is the optimum, since every other assignment costs more.
-4. Otherwise ``delta`` grows by half (at least by 1/1024 of the widest possible cost range) and
-   step 2 repeats; once ``LB + delta`` exceeds every assignment's cost the search is exhaustive and
+4. Otherwise ``delta`` grows by half (from 1/1024 of the widest possible cost range if it was 0)
+   and step 2 repeats; once ``LB + delta`` exceeds every assignment's cost the search is exhaustive and
    finding nothing means no assignment meets the budgets (the LP can be feasible when the program
    is not). When the enumeration would hold too many partial assignments, HiGHS's branch and bound
    (relative gap 0) solves that core instead.
@@ -129,7 +129,7 @@ def solve_choice(program: ChoiceProgram, time_limit: float | None = None) -> np.
                 return best.picks
         if best.value <= threshold or delta >= span:
             return best.picks
-        delta = min(max(delta * _GROWTH, span / 1024), best.value - scaled.bound)
+        delta = min(delta * _GROWTH if delta > 0 else span / 1024, best.value - scaled.bound)
 
 
 def _lagrangian(program: ChoiceProgram, deadline: float | None) -> _Scaled | None:
