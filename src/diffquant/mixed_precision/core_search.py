@@ -236,7 +236,7 @@ def _try_sample(
 
 
 def _backtrack(core: Core, trail: list[np.ndarray], state: int) -> np.ndarray:
-    """The assignment of the partial state ``state`` at the last level of ``trail`` (other open rows at 0)."""
+    """The assignment of partial state ``state`` at the last level of ``trail`` (later open rows keep ``core.picks``)."""
     picks = core.picks.copy()
     for k in range(len(trail) - 1, -1, -1):
         parent, option = divmod(int(trail[k][state]), len(core.cost[k]))
