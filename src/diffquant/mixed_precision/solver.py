@@ -1,14 +1,20 @@
-"""Mixed-precision bit allocation as a 0/1 integer program (``scipy.optimize.milp``, HiGHS).
+"""Mixed-precision bit allocation as a 0/1 integer program, solved exactly.
 
 Variables ``x[l, o]`` say that layer ``l`` takes option ``o``. The program minimises
 ``sum(cost[l, o] * x[l, o])`` subject to:
 
 - exactly one option per layer;
 - for each budget ``r``: ``sum(resources[r][l, o] * x[l, o]) <= budgets[r]`` (average weight bits
-  is a resource whose per-layer value is ``bits * params_l / total_params``);
+  is a resource whose per-layer value is ``bits * params_l / total_params``), met to a relative
+  slack of ``_TOL``;
 - tied groups: every layer of a group takes the same option;
 - pins: a layer takes a given option;
 - options that a layer cannot take (``cost`` is NaN or inf) are fixed to 0.
+
+Tied layers are merged into one row and pins become the only option of their row; the remaining
+multiple-choice knapsack is solved by :mod:`diffquant.mixed_precision.knapsack` (LP duals from HiGHS,
+reduced-cost fixing, bounded enumeration of the few rows left; HiGHS's branch and bound at relative
+gap 0 as the fallback).
 
 An infeasible program raises :class:`AllocationInfeasibleError` naming, for each budget that cannot be
 met, the smallest value that can (found by minimising that resource under the other constraints).
@@ -20,10 +26,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.optimize import Bounds, LinearConstraint, milp
-from scipy.sparse import coo_matrix, csr_matrix, vstack
 
 from diffquant.errors import DiffquantError
+from diffquant.mixed_precision.knapsack import ChoiceProgram, SolverStoppedError, solve_choice
 
 _TOL = 1e-9
 
@@ -109,14 +114,6 @@ class Allocation:
     """(layer, option) pairs taken out before solving, each with its reason (e.g. missing latency)."""
 
 
-def _equalities(problem: AllocationProblem) -> tuple[csr_matrix, np.ndarray]:
-    """One option per layer (tied groups are merged away before solving)."""
-    n_l, n_o = len(problem.layers), len(problem.options)
-    rows = np.repeat(np.arange(n_l), n_o)
-    matrix = coo_matrix((np.ones(n_l * n_o), (rows, np.arange(n_l * n_o))), shape=(n_l, n_l * n_o)).tocsr()
-    return matrix, np.ones(n_l)
-
-
 def _merge_tied(problem: AllocationProblem) -> tuple[AllocationProblem, list[list[int]]]:
     """Merge each set of tied layers into one row (exact: they must take the same option).
 
@@ -161,14 +158,17 @@ def _merge_tied(problem: AllocationProblem) -> tuple[AllocationProblem, list[lis
             )
         if pins:
             pinned[name] = pins.pop()
+    order = np.concatenate(members)
+    starts = np.cumsum([0] + [len(m) for m in members[:-1]])
+
+    def merged(matrix: np.ndarray) -> np.ndarray:
+        return np.add.reduceat(np.asarray(matrix, dtype=float)[order], starts, axis=0)
+
     reduced = AllocationProblem(
         names,
         problem.options,
-        np.stack([cost[m].sum(axis=0) for m in members]),
-        {
-            k: np.stack([np.asarray(v, dtype=float)[m].sum(axis=0) for m in members])
-            for k, v in problem.resources.items()
-        },
+        merged(cost),
+        {k: merged(v) for k, v in problem.resources.items()},
         dict(problem.budgets),
         (),
         pinned,
@@ -176,50 +176,36 @@ def _merge_tied(problem: AllocationProblem) -> tuple[AllocationProblem, list[lis
     return reduced, members
 
 
-def _bounds(problem: AllocationProblem) -> tuple[np.ndarray, np.ndarray]:
-    n_o = len(problem.options)
-    cost = np.asarray(problem.cost, dtype=float)
-    upper = np.isfinite(cost).astype(float).ravel()
-    lower = np.zeros_like(upper)
+def _allowed(problem: AllocationProblem) -> np.ndarray:
+    """Options each row may take: finite cost, and only its pinned option when it is pinned."""
+    allowed = np.isfinite(np.asarray(problem.cost, dtype=float))
     index = {name: i for i, name in enumerate(problem.layers)}
     for layer, option in problem.pinned.items():
-        k = index[layer] * n_o + list(problem.options).index(option)
-        if not upper[k]:
+        row, col = index[layer], list(problem.options).index(option)
+        if not allowed[row, col]:
             raise AllocationInfeasibleError(
                 f"infeasible allocation: {layer!r} is pinned to option {option!r}, which it (or a layer tied to it) "
                 "cannot take",
                 {},
             )
-        upper[index[layer] * n_o : (index[layer] + 1) * n_o] = 0.0
-        upper[k], lower[k] = 1.0, 1.0
-    return lower, upper
+        allowed[row] = False
+        allowed[row, col] = True
+    return allowed
 
 
 def _solve(
     objective: np.ndarray, problem: AllocationProblem, budgets: Mapping[str, float], time_limit: float | None
 ) -> tuple[np.ndarray | None, str]:
-    eq, rhs = _equalities(problem)
-    constraints = [LinearConstraint(eq, rhs, rhs)]
-    if budgets:
-        usage = vstack([csr_matrix(np.asarray(problem.resources[r], dtype=float).ravel()) for r in budgets])
-        limits = np.array([budgets[r] for r in budgets], dtype=float)
-        constraints.append(LinearConstraint(usage, -np.inf, limits + _TOL * np.maximum(1.0, np.abs(limits))))
-    lower, upper = _bounds(problem)
-    # HiGHS's presolve costs seconds on multiple-choice programs of thousands of layers and
-    # gains nothing here; the relative MIP gap stays at HiGHS's default of 1e-4.
-    options: dict[str, float | bool] = {"presolve": False}
-    if time_limit:
-        options["time_limit"] = time_limit
-    result = milp(
-        objective,
-        constraints=constraints,
-        integrality=np.ones_like(objective),
-        bounds=Bounds(lower, upper),
-        options=options,
-    )
-    if result.status == 0 and result.x is not None:
-        return np.round(result.x).astype(int), "optimal"
-    return None, {1: "time_limit", 2: "infeasible", 3: "unbounded"}.get(result.status, "error")
+    """Minimise ``objective`` (rows x options) under ``budgets``: the option per row, or None and why."""
+    limits = np.array([budgets[r] for r in budgets], dtype=float)
+    n_l, n_o = len(problem.layers), len(problem.options)
+    usage = np.array([np.asarray(problem.resources[r], dtype=float) for r in budgets]).reshape(len(limits), n_l, n_o)
+    program = ChoiceProgram(objective, _allowed(problem), usage, limits + _TOL * np.maximum(1.0, np.abs(limits)))
+    try:
+        picks = solve_choice(program, time_limit)
+    except SolverStoppedError as stopped:
+        return None, stopped.status
+    return (None, "infeasible") if picks is None else (picks, "optimal")
 
 
 def solve_allocation(problem: AllocationProblem, time_limit: float | None = None) -> Allocation:
@@ -240,33 +226,30 @@ def solve_allocation(problem: AllocationProblem, time_limit: float | None = None
     problem.validate()
     reduced, members = _merge_tied(problem)
     cost = np.asarray(reduced.cost, dtype=float)
-    objective = np.where(np.isfinite(cost), cost, 0.0).ravel()
-    x, status = _solve(objective, reduced, reduced.budgets, time_limit)
-    if x is None:
+    picks, status = _solve(np.where(np.isfinite(cost), cost, 0.0), reduced, reduced.budgets, time_limit)
+    if picks is None:
         if status == "infeasible":
             raise _infeasible(reduced, time_limit)
         raise RuntimeError(f"allocation solver stopped: {status}")
-    n_o = len(problem.options)
-    picks = x.reshape(len(reduced.layers), n_o).argmax(axis=1)
-    full = np.zeros((len(problem.layers), n_o))
+    chosen = np.empty(len(problem.layers), dtype=int)
     for member, k in zip(members, picks, strict=True):
-        full[member, k] = 1.0
-    x = full.ravel()
-    full_cost = np.asarray(problem.cost, dtype=float)
-    objective = np.where(np.isfinite(full_cost), full_cost, 0.0).ravel()
-    choice = {layer: problem.options[k] for layer, k in zip(problem.layers, full.argmax(axis=1), strict=True)}
-    usage = {name: float(np.asarray(res, dtype=float).ravel() @ x) for name, res in problem.resources.items()}
-    return Allocation(choice, float(objective @ x), usage, status)
+        chosen[member] = k
+    rows = np.arange(len(problem.layers))
+    choice = {layer: problem.options[k] for layer, k in zip(problem.layers, chosen, strict=True)}
+    usage = {name: float(np.asarray(res, dtype=float)[rows, chosen].sum()) for name, res in problem.resources.items()}
+    return Allocation(choice, float(np.asarray(problem.cost, dtype=float)[rows, chosen].sum()), usage, status)
 
 
 def _infeasible(problem: AllocationProblem, time_limit: float | None) -> AllocationInfeasibleError:
     minimal: dict[str, float] = {}
     for name, limit in problem.budgets.items():
         others = {k: v for k, v in problem.budgets.items() if k != name}
-        usage = np.asarray(problem.resources[name], dtype=float).ravel()
-        x, _ = _solve(usage, problem, others, time_limit)
-        if x is not None and usage @ x > limit * (1 + _TOL) + _TOL:
-            minimal[name] = float(usage @ x)
+        usage = np.asarray(problem.resources[name], dtype=float)
+        picks, _ = _solve(usage, problem, others, time_limit)
+        if picks is not None:
+            smallest = float(usage[np.arange(len(picks)), picks].sum())
+            if smallest > limit * (1 + _TOL) + _TOL:
+                minimal[name] = smallest
     if minimal:
         parts = [
             f"{name} <= {problem.budgets[name]:g} cannot be met; the smallest feasible value is {value:.6g}"
