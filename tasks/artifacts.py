@@ -22,7 +22,9 @@ from pydantic import BaseModel, ConfigDict
 
 import diffquant
 from diffquant.calibration.pool import POOL_CODE_VERSION
+from diffquant.evaluation import EVAL_CODE_VERSION
 from diffquant.mixed_precision.sensitivity import SENSITIVITY_CODE_VERSION
+from diffquant.placement import resolve_device
 from diffquant.ptq import weight_observer
 from diffquant.spec import CompressionSpec, FinetuneSpec, ModelSource, SamplerSpec
 from diffquant.storage import sha256_file
@@ -144,6 +146,13 @@ class QuantizeArtifact(StageResult):
     outlier_tokens: dict[str, Any] | None = None
 
 
+class SamplesArtifact(StageResult):
+    """Samples of one model variant from the evaluation noise, and the metrics computed on them."""
+
+    metrics: dict[str, float]
+    samples: FileRef
+
+
 class EvalArtifact(StageResult):
     """Samples, denoiser outputs and metrics of one model variant."""
 
@@ -216,6 +225,41 @@ class PoolRequest(CacheRequest):
             seed=spec.calibration.seed,
             labels=labels,
             prompts_sha256=model.prompts_sha256,
+        )
+
+
+class FpEvalRequest(CacheRequest):
+    """What the full-precision evaluation (samples and their metrics) depends on.
+
+    The model, the sampler and the ``evaluate`` section (all of it but ``sqnr_inputs``, which
+    the per-run SQNR reference reads, and ``batch_size``, which enters as ``batch``), and what
+    changes its numbers beyond the spec: the device type, the dtype and the sampling batch. The
+    FP samples are the reference of the paired metrics (PSNR, SSIM, FD to FP), so a bfloat16 or
+    GPU run is compared with FP samples computed the same way, never with another device's.
+    """
+
+    code: ClassVar[str] = EVAL_CODE_VERSION
+    model: ModelSource
+    weights_sha256: str
+    prompts_sha256: str | None
+    sampler: SamplerSpec
+    evaluate: dict[str, Any]
+    batch: int
+    device: str
+    dtype: str
+
+    @classmethod
+    def from_spec(cls, spec: CompressionSpec, model: ModelInfo) -> FpEvalRequest:
+        """The full-precision evaluation request of a spec (``runtime.device`` resolved to its type)."""
+        return cls(
+            model=spec.model,
+            weights_sha256=model.weights_sha256,
+            prompts_sha256=model.prompts_sha256,
+            sampler=spec.sampler,
+            evaluate=spec.evaluate.model_dump(mode="json", exclude={"sqnr_inputs", "batch_size"}),
+            batch=spec.sampling_batch,
+            device=resolve_device(spec.runtime.device).type,
+            dtype=spec.runtime.dtype,
         )
 
 
