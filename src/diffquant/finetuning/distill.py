@@ -33,7 +33,7 @@ from diffquant.errors import DataError, DiffquantError
 from diffquant.placement import module_placement, to_module
 from diffquant.quant.formats import SCALE_EPS
 from diffquant.quant.modules import QuantConv2d, QuantLinear
-from diffquant.quant.plan import resolve_globs
+from diffquant.quant.plan import activation_quantizers, resolve_globs
 from diffquant.sampling import Trajectories, denoiser_outputs
 from diffquant.spec import FinetuneSpec
 from diffquant.storage import (
@@ -248,8 +248,9 @@ def accumulate_gradients(
 ) -> torch.Tensor:
     """Backpropagate the MSE of the student against ``targets`` on the pool ``rows``, ``batch_size`` rows per forward.
 
-    Each micro-batch's mean is weighted by its share of the rows, so the gradients add up to those
-    of the whole batch's mean (one micro-batch: exactly the whole batch's loss).
+    Each micro-batch's mean is weighted by its share of the rows, and the activation quantizers'
+    LSQ gradient scale counts the whole batch's elements (``batch_share``), so the gradients add up
+    to those of the whole batch's mean (one micro-batch: exactly the whole batch's computation).
 
     Returns:
         The whole batch's loss (on the CPU, detached).
@@ -258,16 +259,23 @@ def accumulate_gradients(
         DataError: If the loss of a micro-batch is not finite.
     """
     device, dtype = module_placement(student)
+    quantizers = list(activation_quantizers(student).values())
     loss = torch.zeros(())
-    for part in rows.split(batch_size or len(rows)):
-        x, t = to_module(pool.x[part], device, dtype), pool.t[part].to(device)
-        y = pool.labels[part].to(device) if conditional else None
-        target = targets[part].to(device, dtype)
-        share = torch.nn.functional.mse_loss(student(x, t, y).sample, target) * (len(part) / len(rows))
-        if not torch.isfinite(share):
-            raise DataError(f"fine-tuning loss became {share.item()} at step {step}; lower the learning rate (lr)")
-        share.backward()
-        loss = loss + share.detach().cpu()
+    try:
+        for part in rows.split(batch_size or len(rows)):
+            for quantizer in quantizers:
+                quantizer.batch_share = len(part) / len(rows)
+            x, t = to_module(pool.x[part], device, dtype), pool.t[part].to(device)
+            y = pool.labels[part].to(device) if conditional else None
+            target = targets[part].to(device, dtype)
+            share = torch.nn.functional.mse_loss(student(x, t, y).sample, target) * (len(part) / len(rows))
+            if not torch.isfinite(share):
+                raise DataError(f"fine-tuning loss became {share.item()} at step {step}; lower the learning rate (lr)")
+            share.backward()
+            loss = loss + share.detach().cpu()
+    finally:
+        for quantizer in quantizers:
+            quantizer.batch_share = 1.0
     return loss
 
 
