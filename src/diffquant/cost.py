@@ -300,20 +300,25 @@ def _random_inputs(model: DiffusionModel, n: int) -> Trajectories:
     return Trajectories(initial_noise(n, model.sample_shape, 0), t, labels)
 
 
-def _time(fn: Any, device: torch.device, repeats: int = 1, warm: bool = True) -> float:
-    """Seconds of one call of ``fn`` (the fastest of ``repeats``, after a warm-up call when ``warm``)."""
-    if warm:
-        fn()
-    best = math.inf
-    for _ in range(repeats):
+def _time(fn: Any, device: torch.device, repeats: int = 1, long_s: float = math.inf) -> float:
+    """Seconds of one call of ``fn``: the fastest of ``repeats`` after a warm-up call.
+
+    A warm-up call longer than ``long_s`` is the answer itself (a slow forward is not worth repeating).
+    """
+
+    def once() -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return best
+        return time.perf_counter() - start
+
+    first = once()
+    if first > long_s:
+        return first
+    return min(once() for _ in range(repeats))
 
 
 def _forward(unet: nn.Module, inputs: Trajectories, conditional: bool, train: bool = False) -> Any:
@@ -339,13 +344,13 @@ def _kind_cost(unet: nn.Module, model: DiffusionModel, batch: int, budget_s: flo
     are the memory rise of that largest forward divided by its batch.
     """
     device, _ = module_placement(unet)
-    one = _time(_forward(unet, _random_inputs(model, 1), model.conditional, train), device, repeats=3)
+    one = _time(_forward(unet, _random_inputs(model, 1), model.conditional, train), device, 3, budget_s / 8)
     large, seconds, rise = 1, one, 0
     while large < batch and seconds < budget_s / 8:
         large = min(batch, large * 8)
         run = _forward(unet, _random_inputs(model, large), model.conditional, train)
         with PeakMemory(device, interval=0.001) as peak:
-            seconds = _time(run, device, warm=False)
+            seconds = _time(run, device, 1, budget_s / 8)
         use = peak.result
         assert use is not None
         rise = use.peak_cuda_bytes if use.peak_cuda_bytes is not None else use.peak_rss_bytes - use.start_rss_bytes
