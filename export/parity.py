@@ -31,7 +31,11 @@ Two checks:
    the evaluation uses (condition accuracy, FD to real digits, where a classifier applies) and
    PSNR of ONNX samples against PyTorch samples. Accuracy must agree within ``accuracy_epsilon``
    (absolute, default 0.01) and FD within ``fd_epsilon`` (relative, default 5% of PyTorch's FD
-   plus 0.5 absolute: step flips in a 50-step chaotic sampler change a few samples).
+   plus 0.5 absolute: step flips in a 50-step chaotic sampler change a few samples). The PyTorch
+   side may be samples drawn before from the same noise, conditions and sampler (the run's
+   evaluation of the same model: its first ``samples``): noise and conditions are drawn so that
+   the first ``n`` of a larger draw are the ``n`` of a smaller one, so they are the samples this
+   check would draw, up to the batch-size rounding flips described above.
 """
 
 from __future__ import annotations
@@ -165,6 +169,20 @@ class OrtDenoiser(nn.Module):
         return DenoiserOutput(torch.from_numpy(out))
 
 
+def onnxruntime_denoiser(
+    model: DiffusionModel, folder: str | Path, opset: int = 21, target: str | None = None
+) -> OrtDenoiser:
+    """Export the (fake-quantized) ``model`` to ``folder/model.onnx`` and serve it behind the denoiser call.
+
+    The session is parity's (:func:`ort_session` with the best execution provider installed), so
+    timing it (:func:`diffquant.cost.measure_forward`) times what the parity check runs.
+    """
+    from diffquant.export.onnx import export_onnx
+
+    info = export_onnx(model, None, Path(folder) / "model.onnx", opset=opset, target=target)
+    return OrtDenoiser(ort_session(info.path, providers=None))
+
+
 def activation_step_ratio(unet: nn.Module) -> tuple[float, int | None]:
     """How much coarser, relative to its range, the coarsest activation step of ``unet`` is than 8 bits'.
 
@@ -292,6 +310,8 @@ class SamplingParity:
     failures: list[str] = field(default_factory=list)
     sampler: str = "ddim"
     guidance: float = 1.0
+    torch_samples: str = "sampled"
+    """Where the PyTorch samples came from: ``sampled`` here, or ``given`` (e.g. the run's evaluation)."""
 
     @property
     def passed(self) -> bool:
@@ -311,6 +331,7 @@ def sampling_parity(
     accuracy_epsilon: float = DEFAULT_ACCURACY_EPSILON,
     fd_relative_epsilon: float = DEFAULT_FD_RELATIVE_EPSILON,
     fd_absolute_epsilon: float = DEFAULT_FD_ABSOLUTE_EPSILON,
+    torch_samples: torch.Tensor | None = None,
 ) -> SamplingParity:
     """Sample through PyTorch and through onnxruntime from the same noise and compare their metrics.
 
@@ -326,8 +347,15 @@ def sampling_parity(
         accuracy_epsilon: Largest absolute accuracy difference that passes.
         fd_relative_epsilon: FD may differ by this share of PyTorch's FD ...
         fd_absolute_epsilon: ... plus this much.
+        torch_samples: PyTorch samples of ``model`` drawn before with this seed, sampler and the
+            evaluation conditions (at least ``samples``; the first ``samples`` are used), e.g. the
+            run's evaluation; None samples them here.
     """
-    images_t, labels = generate(model, samples, steps, seed, batch_size, "Sampling (PyTorch)")
+    given = torch_samples is not None and torch_samples.shape[0] >= samples
+    if given:
+        images_t, labels = torch_samples[:samples], model.conditions(samples, "evaluation")[1]
+    else:
+        images_t, labels = generate(model, samples, steps, seed, batch_size, "Sampling (PyTorch)")
     ort_model = dataclasses.replace(model, unet=OrtDenoiser(session))
     images_o, _ = generate(ort_model, samples, steps, seed, batch_size, "Sampling (onnxruntime)")
     torch_metrics: dict[str, float] = {}
@@ -363,6 +391,7 @@ def sampling_parity(
         failures=failures,
         sampler=as_sampler(steps).name,
         guidance=as_sampler(steps).guidance,
+        torch_samples="given" if given else "sampled",
     )
 
 
@@ -434,6 +463,9 @@ class ParityConfig:
         enforce: Raise :class:`ParityError` when a check fails.
         threads: onnxruntime intra-op threads (None: onnxruntime's default).
         tolerance_from_steps: Derive the tolerance from the activation steps (see ``tolerance``).
+        batch_size: Inputs per forward of the output check (``calibration.batch_size``).
+        sample_batch_size: Denoiser inputs per forward of the sampling check (a guided step holds
+            both halves of ``sample_batch_size // 2`` samples).
     """
 
     tolerance: float = DEFAULT_TOLERANCE
@@ -447,6 +479,8 @@ class ParityConfig:
     enforce: bool = False
     threads: int | None = None
     tolerance_from_steps: bool = True
+    batch_size: int = 256
+    sample_batch_size: int = 500
 
 
 def check_parity(
@@ -457,6 +491,7 @@ def check_parity(
     *,
     classifier: nn.Module | None = None,
     real_images: torch.Tensor | None = None,
+    torch_samples: torch.Tensor | None = None,
 ) -> ParityReport:
     """Check an export against the PyTorch model it came from.
 
@@ -467,6 +502,8 @@ def check_parity(
         config: Tolerances, the sampling check's size and whether a failure raises.
         classifier: Digits classifier for accuracy / FD of the sampling check.
         real_images: Real images for FD.
+        torch_samples: The model's samples from the sampling check's noise, drawn before (see
+            :func:`sampling_parity`); None samples them.
 
     Example:
         >>> report = check_parity("model.onnx", quantized, calibration_set, ParityConfig(samples=100))
@@ -479,7 +516,13 @@ def check_parity(
     start = time.perf_counter()
     session = ort_session(onnx_path, config.threads, providers=None)
     outputs = denoiser_parity(
-        session, model, inputs, config.tolerance, config.max_fraction_over, from_steps=config.tolerance_from_steps
+        session,
+        model,
+        inputs,
+        config.tolerance,
+        config.max_fraction_over,
+        config.batch_size,
+        from_steps=config.tolerance_from_steps,
     )
     sampling = None
     if config.samples > 0:
@@ -491,9 +534,11 @@ def check_parity(
             config.seed,
             classifier,
             real_images,
+            config.sample_batch_size,
             accuracy_epsilon=config.accuracy_epsilon,
             fd_relative_epsilon=config.fd_relative_epsilon,
             fd_absolute_epsilon=config.fd_absolute_epsilon,
+            torch_samples=torch_samples,
         )
     report = ParityReport(str(onnx_path), outputs, sampling, time.perf_counter() - start, session.get_providers()[0])
     logger.info(

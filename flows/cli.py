@@ -500,6 +500,45 @@ def _summary_table(summary: dict[str, Any]) -> Table:
     return table
 
 
+def _dry_run(spec: Any, model: Any, home: Path) -> None:
+    """Print the cost estimate of a compress run of ``spec`` (:func:`diffquant.cost.estimate_cost`); write nothing."""
+    from diffquant.flows.compress import cached_stages
+    from diffquant.tasks.estimate import run_estimate
+    from diffquant.tasks.load import load_model_task
+
+    estimate = run_estimate(spec, *cached_stages(spec, home, load_model_task.fn(spec.model)))
+    costs = estimate.costs
+    where = "GPU memory (torch)" if costs.device.startswith("cuda") else "process RSS"
+    table = Table(title=f"diffquant compress --dry-run: {model.name} on {costs.device}, {costs.dtype}")
+    for column in ("stage", "denoiser evaluations", "forward calls", "estimated s", f"peak {where}", "note"):
+        table.add_column(column, justify="left" if column in ("stage", "note") else "right")
+    for stage in estimate.stages:
+        table.add_row(
+            stage.stage,
+            f"{stage.evaluations:,}",
+            f"{stage.calls:,}",
+            f"{stage.seconds:.1f}",
+            f"{stage.peak_bytes / 2**20:,.0f} MB",
+            stage.note,
+        )
+    table.add_row("total", f"{estimate.evaluations:,}", "", f"{estimate.seconds:.1f}", "", "")
+    console.print(table)
+    for kind, cost in costs.kinds.items():
+        console.print(
+            f"{kind} forward: {cost.overhead_s * 1000:.2f} ms per call + {cost.per_input_s * 1000:.3f} ms per input "
+            f"(timed at batches {cost.timed_batches[0]} and {cost.timed_batches[1]}); "
+            f"{cost.activation_bytes_per_input / 2**20:.2f} MB of activations per input",
+            highlight=False,
+            soft_wrap=True,
+        )
+    console.print(
+        f"Not estimated: start-up, MLflow logging, ONNX tracing{''.join(f'; {n}' for n in costs.notes)}. "
+        f"Measured in {costs.measure_s:.1f} s. Dry run: no run was written.",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
 @app.command()
 def compress(
     config: Annotated[
@@ -513,13 +552,21 @@ def compress(
     ] = None,
     runner: RunnerOption = None,
     workers: WorkersOption = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Validate everything, time one denoiser forward on the chosen device and print each stage's "
+            "denoiser evaluations, estimated wall time and peak memory; write no run.",
+        ),
+    ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show diffquant and Prefect logs.")] = False,
 ) -> None:
     """Calibrate, quantize and evaluate a model; log everything to MLflow and write summary.json."""
     home = _setup(verbose)
     from diffquant.calibration.labels import read_labels_file
     from diffquant.errors import DiffquantError
-    from diffquant.models.loading import load_model
+    from diffquant.models.cache import model_copy
     from diffquant.registry.home import ensure_writable, tracking_uri
     from diffquant.spec import check_memory, load_spec
 
@@ -530,13 +577,16 @@ def compress(
         if uri.startswith("sqlite:///"):
             ensure_writable(Path(uri.removeprefix("sqlite:///")).parent, "MLflow home")
         _preflight(uri, spec)
-        model = load_model(name=spec.model.name, path=spec.model.path, prompts=spec.model.prompts)
+        model = model_copy(name=spec.model.name, path=spec.model.path, prompts=spec.model.prompts)
         check_memory(spec, model.sample_shape)
         _check_sampler(spec, model)
         _check_clip_model(spec, model)
         _check_latency_table(spec, model.unet)
         if spec.calibration.labels_file:
             read_labels_file(Path(spec.calibration.labels_file), model.num_classes, model.condition)
+        if dry_run:
+            _dry_run(spec, model, home)
+            return
     except DiffquantError as error:
         _fail(error)
     from diffquant.flows.compress import compress_flow

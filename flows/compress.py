@@ -6,6 +6,10 @@ stage is a Prefect task that takes and returns typed artifacts (:mod:`diffquant.
 and runs inside a nested MLflow run. Every artifact is written under the run's output folder
 first (atomically), then logged; ``summary.json`` is written last. Any failure marks the MLflow
 run FAILED.
+
+Each stage's wall time and peak memory (:class:`diffquant.memory.PeakMemory`) go to summary.json
+and MLflow, next to the cost estimated before the stages run (:mod:`diffquant.cost`). The pool and
+the full-precision evaluation are cached across runs (checked by sha256 when reused).
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from diffquant.clip_score import check_clip_model
 from diffquant.errors import spec_section
 from diffquant.finetuning.policy import keep_finetuned
 from diffquant.flows.sensitivity import sensitivity_flow, task_runner_for
+from diffquant.memory import PeakMemory
+from diffquant.placement import resolve_device
 from diffquant.registry.home import diffquant_home, ensure_writable, tracking_uri
 from diffquant.registry.models import WEIGHTS_TAG, add_onnx_flavor
 from diffquant.registry.promotion import Candidate
@@ -40,17 +46,20 @@ from diffquant.tasks.artifacts import (
     EvalArtifact,
     ExportArtifact,
     FinetuneRequest,
+    FpEvalRequest,
     ModelInfo,
     PoolArtifact,
     PoolRequest,
     QuantizeArtifact,
     Registration,
+    SamplesArtifact,
     SensitivityArtifact,
     SensitivityRequest,
     TrackingRef,
 )
 from diffquant.tasks.calibrate import quantize_task, select_calibration_task
-from diffquant.tasks.evaluate import evaluate_task
+from diffquant.tasks.estimate import estimate_task
+from diffquant.tasks.evaluate import evaluate_task, fp_samples_task
 from diffquant.tasks.finetune import finetune_task
 from diffquant.tasks.load import load_model_task
 from diffquant.tasks.onnx_export import export_task, parity_precheck_task
@@ -71,13 +80,14 @@ def default_out_dir(spec: CompressionSpec, home: Path) -> Path:
 
 @dataclass
 class _Run:
-    """One compress run: spec, folders, tracker, and each stage's wall time and MLflow run id."""
+    """One compress run: spec, folders, tracker, and each stage's wall time, peak memory and MLflow run id."""
 
     cfg: CompressionSpec
     home: Path
     out: Path
     tracker: RunTracker
     seconds: dict[str, float] = field(default_factory=dict)
+    memory: dict[str, dict[str, Any]] = field(default_factory=dict)
     run_ids: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -85,13 +95,21 @@ class _Run:
         return TrackingRef(uri=tracking_uri(self.home), run_id=self.tracker.run_id)
 
     def stage(self, name: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        """Run ``fn`` as stage ``name`` in a nested MLflow run; log its metrics if it has any."""
+        """Run ``fn`` as stage ``name`` in a nested MLflow run; log its metrics (if any) and its peak memory."""
         start = time.perf_counter()
         with self.tracker.stage(name) as stage:
             self.run_ids[name] = stage.run_id
-            result = fn(*args, **kwargs)
-            if isinstance(getattr(result, "metrics", None), dict):
-                stage.log_metrics(result.metrics)
+            with PeakMemory(resolve_device(self.cfg.runtime.device)) as peak:
+                result = fn(*args, **kwargs)
+            assert peak.result is not None
+            self.memory[name] = peak.result.to_dict()
+            metrics = {"memory.peak_rss_mb": peak.result.peak_rss_bytes / 2**20}
+            if peak.result.peak_cuda_bytes is not None:
+                metrics["memory.peak_cuda_mb"] = peak.result.peak_cuda_bytes / 2**20
+            artifact = result[0] if isinstance(result, tuple) else result
+            if isinstance(getattr(artifact, "metrics", None), dict):
+                metrics |= artifact.metrics
+            stage.log_metrics(metrics)
         self.seconds[name] = time.perf_counter() - start
         return result
 
@@ -114,13 +132,42 @@ def _cached(task_fn: Any, *args: Any) -> tuple[Any, bool]:
     return result, state.name == "Cached"
 
 
-def _pool(run: _Run, info: ModelInfo) -> tuple[PoolArtifact, bool]:
-    cal = run.cfg.calibration
+def _pool_request(cfg: CompressionSpec, info: ModelInfo) -> PoolRequest:
+    cal = cfg.calibration
     labels = None
     if cal.labels_file:
         labels = read_labels_file(Path(cal.labels_file), info.num_classes, info.condition).tolist()
-    request = PoolRequest.from_spec(run.cfg, info, labels)
-    return _cached(collect_trajectories_task, request, str(run.home / "cache" / "pools"), run.cfg.runtime)
+    return PoolRequest.from_spec(cfg, info, labels)
+
+
+def cached_stages(cfg: CompressionSpec, home: Path, info: ModelInfo) -> tuple[bool, bool]:
+    """Whether the pool and the FP evaluation of ``cfg`` are in ``home``'s cache (their files are there).
+
+    A file can be there while Prefect's record of it is gone (or the reverse): the cost estimate
+    takes the files' word for it.
+    """
+    cache = home / "cache"
+    pool = cache / "pools" / f"pool-{_pool_request(cfg, info).key()}.safetensors"
+    fp = cache / "fp_eval" / f"fp-{FpEvalRequest.from_spec(cfg, info).key()}.safetensors"
+    return pool.is_file(), fp.is_file()
+
+
+def _pool(run: _Run, info: ModelInfo) -> tuple[PoolArtifact, bool]:
+    request = _pool_request(run.cfg, info)
+    cache = str(run.home / "cache" / "pools")
+    return _cached(collect_trajectories_task, request, cache, run.cfg.runtime, run.cfg.sampling_batch)
+
+
+def _evaluate_fp(run: _Run, info: ModelInfo, calib: CalibrationArtifact) -> tuple[EvalArtifact, SamplesArtifact, bool]:
+    """The FP evaluation: its samples and metrics from the cache (or sampled and cached), the SQNR reference per run."""
+    cache = str(run.home / "cache" / "fp_eval")
+    sampled, hit = _cached(fp_samples_task, FpEvalRequest.from_spec(run.cfg, info), cache, run.cfg.runtime)
+    return evaluate_task(run.cfg, "fp", str(run.out), calib, sampled=sampled), sampled, hit
+
+
+def _estimate(run: _Run, info: ModelInfo) -> dict[str, Any]:
+    """The cost estimate of this run (pool and FP evaluation taken as cached where their files are there)."""
+    return estimate_task(run.cfg, *cached_stages(run.cfg, run.home, info))
 
 
 def _allocation(
@@ -180,10 +227,12 @@ def _finetune(run: _Run, info: ModelInfo, pool: PoolArtifact, stages: dict[str, 
     return _Kept(tuned.quantized, q_ft, section) if decision.kept == "finetuned" else _Kept(quant, q, section)
 
 
-def _export(run: _Run, quant: QuantizeArtifact, calib: CalibrationArtifact) -> ExportArtifact | None:
+def _export(
+    run: _Run, quant: QuantizeArtifact, calib: CalibrationArtifact, evaluation: EvalArtifact
+) -> ExportArtifact | None:
     if not run.cfg.export.onnx:
         return None
-    exported = run.stage("export", export_task, run.cfg, quant, calib, str(run.out))
+    exported = run.stage("export", export_task, run.cfg, quant, calib, str(run.out), evaluation)
     run.log("onnx", Path(exported.onnx.path).parent)
     run.tracker.log_metrics({"export.onnx_weight_bytes": exported.onnx_weight_bytes, **exported.metrics})
     return exported
@@ -343,6 +392,9 @@ def _summary(run: _Run, info: ModelInfo, stages: dict[str, Any]) -> RunSummary:
         },
         export=_export_section(exported),
         timings=run.seconds,
+        memory=run.memory,
+        estimate=stages["estimate"],
+        evaluation={"fp_cache_hit": stages["fp_cached"], "fp_cache_path": stages["fp_sampled"].samples.path},
         out_dir=str(run.out),
     )
 
@@ -357,6 +409,7 @@ def _finish(run: _Run, info: ModelInfo, stages: dict[str, Any]) -> dict[str, Any
     run.log("samples", stages["grid"])
     run.tracker.log_metrics({f"fp.{k}": v for k, v in fp.metrics.items()})
     run.tracker.log_metrics({f"quantized.{k}": v for k, v in q.metrics.items()})
+    run.tracker.log_metrics({f"memory.{k}.peak_rss_mb": v["peak_rss_bytes"] / 2**20 for k, v in run.memory.items()})
     if stages.get("finetune"):
         run.tracker.log_metrics({f"ptq.{k}": v for k, v in stages["finetune"]["before"].items()})
     summary = _summary(run, info, stages).to_dict()
@@ -404,7 +457,7 @@ def compress_flow(spec: dict[str, Any], out_dir: str | None = None) -> dict[str,
         run = _Run(cfg, home, out, tracker)
         tracker.log_params(cfg.flat_params())
         run.log("spec", write_text(cfg.to_yaml(), out / "spec" / "spec.yaml"))
-        s: dict[str, Any] = {}
+        s: dict[str, Any] = {"estimate": run.stage("estimate", _estimate, run, info)}
         s["pool"], s["pool_cached"] = run.stage("collect_trajectories", _pool, run, info)
         s["calib"] = calib = run.stage("select_calibration", select_calibration_task, s["pool"], cfg, str(out))
         run.log("calibration", calib.selection.path, calib.histogram_png, calib.pca_png)
@@ -414,14 +467,14 @@ def compress_flow(spec: dict[str, Any], out_dir: str | None = None) -> dict[str,
         s["quantize"] = run.stage("quantize", quantize_task, cfg, calib, str(out), s.get("allocation"))
         if cfg.export.onnx:  # a broken export fails in seconds, before the slow evaluation
             run.stage("parity_precheck", parity_precheck_task, cfg, s["quantize"], calib, str(out))
-        s["fp"] = run.stage("evaluate_fp", evaluate_task, cfg, "fp", str(out), calib)
+        s["fp"], s["fp_sampled"], s["fp_cached"] = run.stage("evaluate_fp", _evaluate_fp, run, info, calib)
         s["q"] = s["evaluate_quantized"] = run.stage(
             "evaluate_quantized", evaluate_task, cfg, "quantized", str(out), calib, s["quantize"], s["fp"]
         )
         if cfg.finetune is not None:
             kept = _finetune(run, info, s["pool"], s)
             s["quantize"], s["q"], s["finetune"] = kept.quantize, kept.evaluation, kept.section
-        s["export"] = _export(run, s["quantize"], calib)
+        s["export"] = _export(run, s["quantize"], calib, s["q"])
         s["registration"] = _register(run, info, s["quantize"], s["fp"], s["q"], s["export"])
         summary = _finish(run, info, s)
     logger.info("compress finished: %s", summary["summary_path"])

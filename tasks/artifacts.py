@@ -22,10 +22,12 @@ from pydantic import BaseModel, ConfigDict
 
 import diffquant
 from diffquant.calibration.pool import POOL_CODE_VERSION
+from diffquant.evaluation import EVAL_CODE_VERSION
 from diffquant.mixed_precision.sensitivity import SENSITIVITY_CODE_VERSION
+from diffquant.placement import resolve_device
 from diffquant.ptq import weight_observer
 from diffquant.spec import CompressionSpec, FinetuneSpec, ModelSource, SamplerSpec
-from diffquant.storage import sha256_file
+from diffquant.storage import sha256_file, sha256_tree
 
 
 class _Frozen(BaseModel):
@@ -93,6 +95,8 @@ class ModelInfo(StageResult):
     source_dir: str
     decoded: bool = False
     """Samples are decoded by the pipeline's VAE for grids and image metrics."""
+    vae_sha256: str | None = None
+    """The decoding VAE folder's sha256 (None without a VAE)."""
 
 
 class PoolArtifact(StageResult):
@@ -144,6 +148,13 @@ class QuantizeArtifact(StageResult):
     fp32_bytes: int
     packed_bytes: int
     outlier_tokens: dict[str, Any] | None = None
+
+
+class SamplesArtifact(StageResult):
+    """Samples of one model variant from the evaluation noise, and the metrics computed on them."""
+
+    metrics: dict[str, float]
+    samples: FileRef
 
 
 class EvalArtifact(StageResult):
@@ -218,6 +229,46 @@ class PoolRequest(CacheRequest):
             seed=spec.calibration.seed,
             labels=labels,
             prompts_sha256=model.prompts_sha256,
+        )
+
+
+class FpEvalRequest(CacheRequest):
+    """What the full-precision evaluation (samples and their metrics) depends on.
+
+    The model, the sampler and the ``evaluate`` section (all of it but ``sqnr_inputs``, which
+    the per-run SQNR reference reads, and ``batch_size``, which enters as ``batch``), and what
+    changes its numbers beyond the spec: the device type, the dtype and the sampling batch. The
+    FP samples are the reference of the paired metrics (PSNR, SSIM, FD to FP), so a bfloat16 or
+    GPU run is compared with FP samples computed the same way, never with another device's. The
+    decoding VAE and the CLIP model (``evaluate.clip_model``) enter by the sha256 of their folders.
+    """
+
+    code: ClassVar[str] = EVAL_CODE_VERSION
+    model: ModelSource
+    weights_sha256: str
+    prompts_sha256: str | None
+    sampler: SamplerSpec
+    evaluate: dict[str, Any]
+    batch: int
+    device: str
+    dtype: str
+    vae_sha256: str | None = None
+    clip_sha256: str | None = None
+
+    @classmethod
+    def from_spec(cls, spec: CompressionSpec, model: ModelInfo) -> FpEvalRequest:
+        """The full-precision evaluation request of a spec (``runtime.device`` resolved to its type)."""
+        return cls(
+            model=spec.model,
+            weights_sha256=model.weights_sha256,
+            prompts_sha256=model.prompts_sha256,
+            sampler=spec.sampler,
+            evaluate=spec.evaluate.model_dump(mode="json", exclude={"sqnr_inputs", "batch_size"}),
+            batch=spec.sampling_batch,
+            device=resolve_device(spec.runtime.device).type,
+            dtype=spec.runtime.dtype,
+            vae_sha256=model.vae_sha256,
+            clip_sha256=sha256_tree(Path(spec.evaluate.clip_model)) if spec.evaluate.clip_model else None,
         )
 
 

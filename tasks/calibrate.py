@@ -20,12 +20,22 @@ from diffquant.tasks.common import load_trajectories, model_from_source, save_tr
 
 @task(name="select-calibration")
 def select_calibration_task(pool: PoolArtifact, spec: CompressionSpec, out_dir: str) -> CalibrationArtifact:
-    """Select the calibration set and a disjoint SQNR set; record indices, histogram and PCA plot."""
+    """Select the calibration set and a disjoint SQNR set; record indices, histogram and PCA plot.
+
+    The pool is memory-mapped: the feature pass reads it a batch at a time.
+    """
     cal = spec.calibration
-    inputs = load_trajectories(pool.pool.path)
+    inputs = load_trajectories(pool.pool.path, mapped=True)
     model = model_from_source(spec.model, spec.runtime)
     with spec_section("calibration"):
-        chosen = select_calibration(inputs, model, cal, sqnr_inputs=spec.evaluate.sqnr_inputs, with_features=True)
+        chosen = select_calibration(
+            inputs,
+            model,
+            cal,
+            sqnr_inputs=spec.evaluate.sqnr_inputs,
+            with_features=True,
+            batch_size=spec.forward_batch,
+        )
     folder = Path(out_dir) / "calibration"
     histogram = {int(v): int((inputs.t[chosen.indices] == v).sum()) for v in torch.unique(inputs.t)}
     selection = {
@@ -70,7 +80,7 @@ def quantize_task(
             model,
             spec.quantize,
             load_trajectories(calibration.calibration.path),
-            calibration=spec.calibration,
+            calibration=spec.calibration.model_copy(update={"batch_size": spec.forward_batch}),
             plan=plan,
             target=spec.export.target,
             device_class=spec.export.device_class,

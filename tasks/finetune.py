@@ -7,6 +7,7 @@ from pathlib import Path
 from prefect import task
 
 from diffquant.errors import spec_section
+from diffquant.finetuning.distill import TARGETS, teacher_targets
 from diffquant.finetuning.policy import finetune
 from diffquant.mixed_precision.sensitivity import SensitivityTable
 from diffquant.ptq import load_quantized, save_quantized
@@ -45,12 +46,19 @@ def finetune_task(
 
     Checkpoints live in ``<checkpoint_root>/<request key>``: the request hashes the fine-tuning
     config, the PTQ plan and scales, the pool and the model weights, so a killed run started
-    again with the same inputs resumes.
+    again with the same inputs resumes. The float teacher computes its predictions on the pool
+    first (streamed beside the checkpoints) and is dropped before the student is built: the two
+    are never on the device together.
     """
     ft = spec.finetune
     assert ft is not None
+    checkpoints = Path(checkpoint_root) / request.key()
+    data = load_trajectories(pool.pool.path, mapped=True)
+    teacher = model_from_source(spec.model, spec.runtime)
+    targets = teacher_targets(teacher.unet, data, teacher.conditional, spec.forward_batch, checkpoints / TARGETS)
+    del teacher
     model = model_from_source(spec.model, spec.runtime)
-    student = load_quantized(model, Path(quantized.plan.path), Path(quantized.scales.path))
+    student = load_quantized(model, Path(quantized.plan.path), Path(quantized.scales.path), inplace=True)
     client = RunTracker(registry_client(tracking.uri), tracking.run_id)
     pending: list[tuple[int, dict[str, float]]] = []
 
@@ -63,13 +71,15 @@ def finetune_task(
     with spec_section("finetune"):
         result = finetune(
             student,
-            model,
+            None,
             ft,
-            load_trajectories(pool.pool.path),
+            data,
             sensitivity=SensitivityTable.load_csv(Path(sensitivity.csv.path)) if sensitivity else None,
-            checkpoint_dir=Path(checkpoint_root) / request.key(),
+            checkpoint_dir=checkpoints,
             on_log=log,
             log_every=1,
+            targets=targets,
+            batch_size=spec.runtime.batch_size,
         )
     folder = Path(out_dir) / "finetune"
     plan_path, scales_path = save_quantized(student, LayerPlan.load(Path(quantized.plan.path)), folder)

@@ -8,7 +8,7 @@ from prefect import task
 
 from diffquant.quant.plan import quantizable_layers
 from diffquant.spec import ModelSource
-from diffquant.storage import sha256_file
+from diffquant.storage import sha256_file, sha256_tree
 from diffquant.tasks.artifacts import ModelInfo
 from diffquant.tasks.common import model_from_source
 
@@ -29,4 +29,5 @@ def load_model_task(source: ModelSource) -> ModelInfo:
         layer_names=quantizable_layers(model.unet),
         source_dir=str(model.source_dir),
         decoded=model.vae_dir is not None,
+        vae_sha256=sha256_tree(model.vae_dir) if model.vae_dir is not None else None,
     )

@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
 from prefect import task
 
 from diffquant.data import load_digits_split
@@ -20,33 +21,51 @@ from diffquant.export.parity import ParityConfig, ParityReport, check_parity
 from diffquant.export.rules import check_rules
 from diffquant.export.tensorrt import engine_for_export
 from diffquant.models.reference import load_classifier
+from diffquant.placement import resolve
 from diffquant.ptq import load_quantized
 from diffquant.quant.plan import LayerPlan
 from diffquant.spec import CompressionSpec
-from diffquant.storage import write_json
-from diffquant.tasks.artifacts import CalibrationArtifact, ExportArtifact, FileRef, QuantizeArtifact
+from diffquant.storage import load_safetensors, write_json
+from diffquant.tasks.artifacts import CalibrationArtifact, EvalArtifact, ExportArtifact, FileRef, QuantizeArtifact
 from diffquant.tasks.common import load_trajectories, model_from_source
 
 
 def _export_and_check(
-    spec: CompressionSpec, quantized: QuantizeArtifact, calibration: CalibrationArtifact, folder: Path, samples: int
+    spec: CompressionSpec,
+    quantized: QuantizeArtifact,
+    calibration: CalibrationArtifact,
+    folder: Path,
+    samples: int,
+    evaluation: EvalArtifact | None = None,
 ) -> tuple[ExportInfo, ParityReport]:
-    """Export the quantized model into ``folder``; check the rules and onnxruntime parity (``samples`` final samples)."""
+    """Export the quantized model into ``folder``; check the rules and onnxruntime parity (``samples`` final samples).
+
+    ``evaluation`` (of the same quantized model) gives the PyTorch side of the sampling check.
+    """
     plan = LayerPlan.load(Path(quantized.plan.path))
     weights = Path(quantized.weights.path) if quantized.weights else None
     qmodel = load_quantized(
-        model_from_source(spec.model), Path(quantized.plan.path), Path(quantized.scales.path), weights
+        model_from_source(spec.model), Path(quantized.plan.path), Path(quantized.scales.path), weights, inplace=True
     )
     info = export_onnx(qmodel, plan, folder / "model.onnx", opset=spec.export.opset, target=spec.export.target)
     check_rules(info.path, plan, raise_on_violation=True, target=spec.export.target, device_class=spec.export.device)
     classifier = load_classifier() if qmodel.digits_compatible and samples else None
+    config = ParityConfig(
+        samples=samples,
+        steps=spec.sampler,
+        seed=spec.evaluate.seed,
+        enforce=spec.export.enforce_parity,
+        batch_size=spec.forward_batch,
+        sample_batch_size=spec.sampling_batch,
+    )
     report = check_parity(
         info.path,
         qmodel,
         load_trajectories(calibration.calibration.path),
-        ParityConfig(samples=samples, steps=spec.sampler, seed=spec.evaluate.seed, enforce=spec.export.enforce_parity),
+        config,
         classifier=classifier,
         real_images=load_digits_split().held_out_images if classifier is not None else None,
+        torch_samples=load_safetensors(Path(evaluation.samples.path))["samples"] if evaluation and samples else None,
     )
     return info, report
 
@@ -71,9 +90,17 @@ def parity_precheck_task(
 
 @task(name="export")
 def export_task(
-    spec: CompressionSpec, quantized: QuantizeArtifact, calibration: CalibrationArtifact, out_dir: str
+    spec: CompressionSpec,
+    quantized: QuantizeArtifact,
+    calibration: CalibrationArtifact,
+    out_dir: str,
+    evaluation: EvalArtifact | None = None,
 ) -> ExportArtifact:
     """Export, check and (where possible) build; every result is written under ``<out_dir>/onnx``.
+
+    ``evaluation`` is the run's evaluation of ``quantized``: where it ran on the CPU in float32
+    (as parity's PyTorch model does), its samples are the PyTorch side of the sampling parity check
+    (the same noise, conditions and sampler), so they are not drawn twice.
 
     Raises:
         RulesError: The export breaks TensorRT's explicit-quantization rules (or, with
@@ -82,7 +109,9 @@ def export_task(
         SpecError: ``export.tensorrt: on`` where no engine can be built.
     """
     folder = Path(out_dir) / "onnx"
-    info, report = _export_and_check(spec, quantized, calibration, folder, spec.export.parity_samples)
+    same_placement = resolve(spec.runtime.device, spec.runtime.dtype) == (torch.device("cpu"), torch.float32)
+    reused = evaluation if same_placement else None
+    info, report = _export_and_check(spec, quantized, calibration, folder, spec.export.parity_samples, reused)
     parity = report.to_dict()
     parity_path = write_json(parity, folder / "parity.json")
     with spec_section("export"):

@@ -69,6 +69,8 @@ def sensitivity_layers_task(
             classifier=classifier,
             layers=layers,
             description=f"Sensitivity {layers[0]}",
+            batch_size=spec.forward_batch,
+            sample_batch_size=spec.sampling_batch,
         )
     name = hashlib.sha256(json.dumps(layers).encode()).hexdigest()[:20]
     return FileRef.of(table.save_csv(Path(cache_dir) / request.key() / "layers" / f"{name}.csv"))

@@ -49,6 +49,9 @@ _EXPORTS: dict[str, str] = {
     "check_rules": "diffquant.export.rules",
     "check_parity": "diffquant.export.parity",
     "ParityConfig": "diffquant.export.parity",
+    # cost of a run, before it runs
+    "estimate_cost": "diffquant.cost",
+    "CostEstimate": "diffquant.cost",
     # configs: the spec's sections
     "CompressionSpec": "diffquant.spec",
     "QuantizeSpec": "diffquant.spec",
@@ -72,6 +75,7 @@ __all__ = [
     "CalibrationSpec",
     "CompressionSpec",
     "ConfigError",
+    "CostEstimate",
     "DiffquantError",
     "DiffusionModel",
     "ExportSpec",
@@ -88,6 +92,7 @@ __all__ = [
     "check_parity",
     "check_rules",
     "collect_pool",
+    "estimate_cost",
     "export_onnx",
     "finetune",
     "keep_finetuned",
@@ -117,6 +122,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:
     from diffquant.calibration.pool import collect_pool
     from diffquant.calibration.selection import CalibrationSelection, select_calibration
+    from diffquant.cost import CostEstimate, estimate_cost
     from diffquant.errors import ConfigError, DiffquantError, SpecError
     from diffquant.export.onnx import export_onnx
     from diffquant.export.parity import ParityConfig, check_parity

@@ -25,6 +25,9 @@ from diffquant.models.loading import DiffusionModel
 from diffquant.sampling import Trajectories, denoiser_outputs, initial_noise, run_sampler
 from diffquant.spec import SamplerSpec
 
+EVAL_CODE_VERSION = "1"
+"""Version of the evaluation (sampling and metrics); part of the cached full-precision evaluation's key."""
+
 
 @dataclass
 class EvalResult:
@@ -96,7 +99,8 @@ def evaluate_model(
         classifier: Digits classifier, or None when the model is not digits-compatible.
         real_images: Held-out real images for FD to real (None to skip).
         fp: The FP result from the same noise, for FD to FP, PSNR and SSIM.
-        sqnr_inputs: Denoiser inputs on which to compute SQNR against ``fp_outputs``.
+        sqnr_inputs: Denoiser inputs on which to compute SQNR against ``fp_outputs`` (``batch_size``
+            per forward).
         fp_outputs: FP denoiser outputs on ``sqnr_inputs``.
         description: Progress-bar label.
         clip: A CLIP model for the CLIP score of a text model's images against their prompts.
@@ -127,7 +131,7 @@ def evaluate_model(
     if clip is not None and not (model.latent and decoded is None):  # latents without a VAE are no images
         metrics["clip_score"] = clip_score_of(model, clip, images if decoded is None else decoded, batch_size)
     if sqnr_inputs is not None and fp_outputs is not None:
-        outputs = denoiser_outputs(model.unet, sqnr_inputs, model.conditional)
+        outputs = denoiser_outputs(model.unet, sqnr_inputs, model.conditional, batch_size)
         metrics["sqnr_db"] = sqnr_db(fp_outputs, outputs)
     return EvalResult(images, labels, metrics, decoded)
 

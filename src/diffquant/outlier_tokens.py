@@ -115,7 +115,11 @@ def _constant(hidden: torch.Tensor):
 
 
 def detect_outlier_tokens(
-    model: DiffusionModel, conditions: torch.Tensor, mode: str | int = "auto", threshold: float = DEFAULT_THRESHOLD
+    model: DiffusionModel,
+    conditions: torch.Tensor,
+    mode: str | int = "auto",
+    threshold: float = DEFAULT_THRESHOLD,
+    batch_size: int = 256,
 ) -> OutlierTokens:
     """Find the leading constant outlier tokens of a text-conditioned model's encoder states.
 
@@ -124,6 +128,7 @@ def detect_outlier_tokens(
         conditions: Calibration token ids ``(N, L)`` (distinct prompts give the constancy test power).
         mode: ``auto`` (detect), ``off`` (none) or a count of leading tokens to keep in float.
         threshold: Outlier ratio for ``auto``.
+        batch_size: Prompts per text-encoder call.
 
     Returns:
         The detection result; ``count`` is 0 for class-conditional or unconditional models.
@@ -136,7 +141,7 @@ def detect_outlier_tokens(
     prompts = torch.unique(conditions, dim=0)
     layers, hidden = encoder_state_readers(model.unet, prompts[:1], model.sample_shape)
     with torch.no_grad():
-        hidden = model.unet.encode(prompts)
+        hidden = torch.cat([model.unet.encode(prompts[i : i + batch_size]) for i in range(0, len(prompts), batch_size)])
     absmax = hidden.abs().amax(dim=(0, 2))
     spread = (hidden - hidden[:1]).abs().amax(dim=(0, 2))
     same_ids = (prompts == prompts[:1]).all(dim=0)

@@ -214,12 +214,12 @@ def _conditions(unet: nn.Module, data: CalibrationData) -> torch.Tensor | None:
 
 
 def _outlier_tokens(
-    model: DiffusionModel | nn.Module, mode: str | int, conditions: torch.Tensor | None
+    model: DiffusionModel | nn.Module, mode: str | int, conditions: torch.Tensor | None, batch_size: int
 ) -> OutlierTokens:
     if not isinstance(model, DiffusionModel) or model.condition != "text" or mode == "off" or conditions is None:
         return OutlierTokens(0, str(mode))
     try:
-        return detect_outlier_tokens(model, conditions, mode)
+        return detect_outlier_tokens(model, conditions, mode, batch_size=batch_size)
     except ValueError as error:
         raise ConfigError("outlier_tokens", str(error)) from None
 
@@ -331,7 +331,7 @@ def quantize(
         raise ConfigError("weight", f"layer {layer} cannot run on {device.name}: {reason}{more}")
     text = isinstance(model, DiffusionModel) and model.condition == "text"
     conditions = _conditions(unet, forward_loop) if text and config.outlier_tokens != "off" else None
-    outliers = _outlier_tokens(model, config.outlier_tokens, conditions)
+    outliers = _outlier_tokens(model, config.outlier_tokens, conditions, calibration.batch_size)
     plan = apply_outlier_tokens(plan, outliers)
     sizes = packed_weight_bytes(unet, plan)
     calibrated = apply_and_calibrate(unet, plan, forward_loop, conditional, calibration, conditions)
@@ -413,7 +413,14 @@ def auto_quantize(
     observers = {"weight_observer": weight_observer(quantize_config), "activation_observer": calibration.observer}
     if sensitivity is None:
         sensitivity = measure_allocation_sensitivity(
-            model, forward_loop, config, steps=steps, seed=seed, classifier=classifier, **observers
+            model,
+            forward_loop,
+            config,
+            steps=steps,
+            seed=seed,
+            classifier=classifier,
+            batch_size=calibration.batch_size,
+            **observers,
         )
     device = resolve_device_class(device_class, target)
     plan, allocation = allocate_plan(model, forward_loop, config, sensitivity, **observers, device_class=device)
@@ -447,7 +454,12 @@ def save_quantized(model: DiffusionModel | nn.Module, plan: LayerPlan, out_dir: 
 
 
 def load_quantized(
-    model: DiffusionModel, plan_path: Path, scales_path: Path, weights_path: Path | None = None
+    model: DiffusionModel,
+    plan_path: Path,
+    scales_path: Path,
+    weights_path: Path | None = None,
+    *,
+    inplace: bool = False,
 ) -> DiffusionModel:
     """Rebuild the quantized model from the FP model, a saved plan and saved scales.
 
@@ -456,11 +468,13 @@ def load_quantized(
         plan_path: The LayerPlan.
         scales_path: Quantizer scales (:func:`save_quantized`).
         weights_path: Fine-tuned denoiser weights (safetensors of the whole state dict), if any.
+        inplace: Quantize ``model`` itself (no float copy stays behind, e.g. on the device);
+            False leaves it float and returns a copy.
 
     Example:
         >>> quantized = diffquant.load_quantized(diffquant.load_model("digits-unet"), plan_path, scales_path)
     """
-    quantized = copy.deepcopy(model)
+    quantized = model if inplace else copy.deepcopy(model)
     plan = LayerPlan.load(plan_path)
     apply_plan(quantized.unet, plan)
     state = load_gptq_weight_state(quantized.unet, plan, load_safetensors(scales_path))

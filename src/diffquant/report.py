@@ -193,6 +193,30 @@ def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def _mb(value: Any) -> str:
+    return f"{value / 2**20:,.0f}" if isinstance(value, (int, float)) else ""
+
+
+def stage_table(summary: dict[str, Any]) -> list[str]:
+    """Markdown rows per stage: denoiser evaluations and the estimated against the measured seconds and peak memory."""
+    estimate = (summary.get("estimate") or {}).get("stages", {})
+    memory = summary.get("memory") or {}
+    peak_key = "peak_cuda_bytes" if str((summary.get("estimate") or {}).get("device", "")).startswith("cuda") else None
+    lines = [
+        "| stage | denoiser evaluations | estimated s | measured s | estimated peak MB | measured peak MB |",
+        "|---|---|---|---|---|---|",
+    ]
+    for stage in dict.fromkeys([*estimate, *summary["timings"]]):
+        est, used = estimate.get(stage, {}), memory.get(stage, {})
+        measured = used.get(peak_key) if peak_key else used.get("peak_rss_bytes")
+        seconds = summary["timings"].get(stage)
+        lines.append(
+            f"| {stage} | {est.get('evaluations', '')} | {_fmt(est['seconds']) if 'seconds' in est else ''} | "
+            f"{f'{seconds:.1f}' if seconds is not None else ''} | {_mb(est.get('peak_bytes'))} | {_mb(measured)} |"
+        )
+    return lines
+
+
 def render_report(summary: dict[str, Any], grid_image: bool = True) -> str:
     """Markdown report of a compress run from its summary dict.
 
@@ -221,8 +245,15 @@ def render_report(summary: dict[str, Any], grid_image: bool = True) -> str:
     for note in summary.get("notes") or []:
         lines += ["", f"Note: {note}."]
     lines += _evaluation_lines(summary, grid_image)
-    lines += ["", "| stage | seconds |", "|---|---|"]
-    lines += [f"| {stage} | {sec:.1f} |" for stage, sec in summary["timings"].items()]
+    lines += ["", *stage_table(summary)]
+    if summary.get("estimate"):
+        est = summary["estimate"]
+        lines += [
+            "",
+            f"Estimated before the stages ran ({est['device']}, {est['dtype']}): {est['evaluations']:,} denoiser "
+            f"evaluations, {est['seconds']:.0f} s of stage work (start-up, MLflow logging and ONNX tracing are "
+            "not in the estimate). Peak memory is the process's RSS on a CPU, torch's CUDA allocations on a GPU.",
+        ]
     if summary.get("finetune"):
         ft = summary["finetune"]
         lines += [

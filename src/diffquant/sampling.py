@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -43,6 +43,33 @@ class Trajectories:
     def to_tensors(self) -> dict[str, torch.Tensor]:
         """Tensors for safetensors storage."""
         return {"x": self.x, "t": self.t, "labels": self.labels}
+
+
+class InputRecorder(Protocol):
+    """Receives every denoiser input of a sampling run as it is made (see :func:`run_sampler`)."""
+
+    def add(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> None:
+        """Record one forward's inputs: ``x`` (B, C, H, W) on the CPU in float32, ``t`` (B,), ``labels`` (B, ...)."""
+
+
+class MemoryRecorder:
+    """Keeps every recorded input in memory; :meth:`trajectories` joins them."""
+
+    def __init__(self) -> None:
+        """No inputs yet."""
+        self.xs: list[torch.Tensor] = []
+        self.ts: list[torch.Tensor] = []
+        self.ys: list[torch.Tensor] = []
+
+    def add(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> None:
+        """Keep one forward's inputs."""
+        self.xs.append(x.clone())
+        self.ts.append(t)
+        self.ys.append(labels)
+
+    def trajectories(self) -> Trajectories:
+        """Every input recorded so far, in order."""
+        return Trajectories(torch.cat(self.xs), torch.cat(self.ts), torch.cat(self.ys))
 
 
 def class_labels(n: int, num_classes: int) -> torch.Tensor:
@@ -155,7 +182,7 @@ def run_sampler(
     labels: torch.Tensor | None,
     sampler: SamplerSpec | int,
     batch_size: int = 1000,
-    record: bool = False,
+    record: bool | InputRecorder = False,
     description: str = "Sampling",
     clamp: bool = True,
     null: torch.Tensor | None = None,
@@ -177,13 +204,14 @@ def run_sampler(
         sampler: The sampler (scheduler, steps, guidance), or a step count for unguided DDIM.
         batch_size: Denoiser inputs per forward pass (a guided pass holds ``batch_size // 2``
             samples, both halves).
-        record: Also return every denoiser input as :class:`Trajectories` (both halves when guided).
+        record: True: also return every denoiser input as :class:`Trajectories` (both halves when
+            guided); an :class:`InputRecorder`: hand it every input as it is made (none returned).
         description: Progress-bar label.
         clamp: Clamp final samples to [-1, 1] (pixel-space models; not for latents).
         null: The null conditions (same shape as ``labels``) that guidance needs.
 
     Returns:
-        Samples (N, C, H, W) and the recorded trajectories (or None).
+        Samples (N, C, H, W) and the recorded trajectories (None unless ``record`` is True).
 
     Raises:
         ConfigError (``guidance``): Guidance without conditions or without null conditions.
@@ -194,7 +222,8 @@ def run_sampler(
     config = sampling_scheduler_config(sampler, scheduler_config)
     per_batch = max(1, batch_size // 2) if guided else batch_size
     device, dtype = module_placement(unet)
-    outputs, xs, ts, ys = [], [], [], []
+    recorder = MemoryRecorder() if record is True else record or None
+    outputs = []
     n = noise.shape[0]
     batches = range(0, n, per_batch)
     with track(description, len(batches) * sampler.steps) as bar:
@@ -209,10 +238,9 @@ def run_sampler(
             for t in scheduler.timesteps:
                 model_input = scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
                 t_batch = torch.full((model_input.shape[0],), t.item(), dtype=scheduler.timesteps.dtype)  # CPU
-                if record:
-                    xs.append(to_storage(model_input).clone())
-                    ts.append(t_batch)
-                    ys.append(y if y is not None else torch.zeros(t_batch.shape, dtype=torch.long))
+                if recorder is not None:
+                    labels_batch = y if y is not None else torch.zeros(t_batch.shape, dtype=torch.long)
+                    recorder.add(to_storage(model_input), t_batch, labels_batch)
                 eps = unet(to_module(model_input, device, dtype), t_batch.to(device), y_device).sample.float()
                 if guided:
                     uncond, cond = eps.chunk(2)
@@ -220,7 +248,7 @@ def run_sampler(
                 x = scheduler.step(eps, t, x).prev_sample
                 bar.advance()
             outputs.append(to_storage(x.clamp(-1, 1) if clamp else x))
-    traj = Trajectories(torch.cat(xs), torch.cat(ts), torch.cat(ys)) if record else None
+    traj = recorder.trajectories() if isinstance(recorder, MemoryRecorder) and record is True else None
     return torch.cat(outputs), traj
 
 
@@ -229,7 +257,7 @@ def denoiser_outputs(
     unet: nn.Module,
     traj: Trajectories,
     conditional: bool = True,
-    batch_size: int = 512,
+    batch_size: int = 256,
     description: str | None = None,
 ) -> torch.Tensor:
     """Evaluate the denoiser on recorded inputs (for SQNR, calibration and feature hooks).
@@ -238,7 +266,7 @@ def denoiser_outputs(
         unet: The denoiser.
         traj: Inputs to evaluate.
         conditional: Pass ``traj.labels`` as the condition (False for unconditional models).
-        batch_size: Inputs per forward pass.
+        batch_size: Inputs per forward pass (the default is ``calibration.batch_size``'s).
         description: Progress-bar label; None reports no progress.
     """
     outs = []

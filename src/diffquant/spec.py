@@ -456,8 +456,17 @@ class RuntimeSpec(_Strict):
     trajectories, features, calibration, sensitivity, fine-tuning and evaluation. Noise is drawn
     on the CPU generator, so a seed gives the same noise on every device. The ONNX export traces
     and its parity check runs on the CPU in float32 (what onnxruntime computes). The section stays
-    out of the spec hash; cached stages are shared between devices (they agree up to float
-    rounding on float32).
+    out of the spec hash; cached pools and sensitivity tables are shared between devices (they
+    agree up to float rounding on float32); the cached full-precision evaluation is not (it is the
+    reference of the paired metrics, so its key holds the device type, dtype and sampling batch).
+
+    ``batch_size`` bounds every PyTorch pass: no forward of the denoiser takes more inputs (a
+    guided sampling step holds both halves of ``batch_size // 2`` samples; fine-tuning splits a
+    larger ``finetune.batch_size`` into micro-batches and accumulates their gradients). Unset,
+    the passes over recorded inputs (pool features, activation calibration, GPTQ, sensitivity,
+    SQNR, parity outputs, fine-tuning targets) take ``calibration.batch_size`` and the sampling
+    passes (pool trajectories, evaluation, content probes, parity sampling) ``evaluate.batch_size``.
+    It is left out of the serialized spec at its default.
     """
 
     runner: Literal["default", "dask"] = "default"
@@ -465,6 +474,20 @@ class RuntimeSpec(_Strict):
     layers_per_task: int = Field(4, ge=1, le=MAX_COUNT, description="layers measured by one sensitivity task")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda|cuda:\d{1,2})$", description="auto, cpu, cuda or cuda:N")
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    batch_size: int | None = Field(
+        None, ge=1, le=MAX_BATCH, description="most denoiser inputs in one forward of any pass (None: the spec's own)"
+    )
+
+    def batch(self, own: int) -> int:
+        """The batch a pass whose own batch size is ``own`` runs at: ``own``, at most ``batch_size``."""
+        return own if self.batch_size is None else min(own, self.batch_size)
+
+    @model_serializer(mode="wrap")
+    def _omit_default_batch(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if self.batch_size is None:
+            data.pop("batch_size", None)
+        return data
 
 
 class CompressionSpec(_Strict):
@@ -492,6 +515,32 @@ class CompressionSpec(_Strict):
                 f"{self.sampler.steps}{guided}); lower the size or add trajectories"
             )
         return self
+
+    @model_validator(mode="after")
+    def _guided_batch_holds_both_halves(self) -> CompressionSpec:
+        if self.sampler.guided and self.runtime.batch_size == 1:
+            raise ValueError(
+                "runtime.batch_size 1 cannot hold a guided sampling step (its unconditional and conditional "
+                "halves run in one forward); use 2 or more"
+            )
+        return self
+
+    @property
+    def forward_batch(self) -> int:
+        """Inputs per forward of the passes over recorded inputs: ``calibration.batch_size``, at most ``runtime.batch_size``.
+
+        Pool features, activation calibration, GPTQ, sensitivity, SQNR, parity outputs and the
+        fine-tuning targets and micro-batches.
+        """
+        return self.runtime.batch(self.calibration.batch_size)
+
+    @property
+    def sampling_batch(self) -> int:
+        """Inputs per forward of the sampling passes: ``evaluate.batch_size``, at most ``runtime.batch_size``.
+
+        Pool trajectories, evaluation, the sensitivity's final-sample probes and parity sampling.
+        """
+        return self.runtime.batch(self.evaluate.batch_size)
 
     def registered_model_name(self) -> str:
         """Registry name of the versions: ``promote.registered_model``, else ``model.name``, else the folder name of ``model.path``."""

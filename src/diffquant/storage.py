@@ -131,6 +131,128 @@ def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}  # fmt: skip
+_NUMPY_DTYPES = {
+    "F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1", "U8": "u1",
+}  # fmt: skip
+
+HEADER_RESERVE = 4096
+"""Bytes :class:`SafetensorsWriter` reserves for the header (a few tensors need a few hundred)."""
+
+
+class SafetensorsWriter:
+    """Write a safetensors file tensor by tensor, each in row chunks, never holding a whole tensor.
+
+    Chunks go straight to the file; the header (dtype, shape, offsets) is written last into
+    :data:`HEADER_RESERVE` bytes kept free at the start and padded with spaces, which the format
+    allows. A tensor's chunks must come together: once another tensor is appended, it is closed.
+    Use :func:`stream_safetensors` for an atomic write.
+    """
+
+    def __init__(self, handle: Any, reserve: int = HEADER_RESERVE) -> None:
+        """Write into the open binary ``handle`` (positioned at 0)."""
+        self._handle = handle
+        self._reserve = reserve
+        self._entries: dict[str, dict[str, Any]] = {}
+        self._current: str | None = None
+        self._offset = 0
+        handle.write(b"\0" * (8 + reserve))
+
+    def append(self, name: str, rows: torch.Tensor) -> None:
+        """Append ``rows`` (first dimension) to tensor ``name``; the other dimensions and dtype must match."""
+        rows = rows.detach().cpu().contiguous()
+        entry = self._entries.get(name)
+        if entry is None:
+            if rows.dtype not in _SAFETENSORS_DTYPES:
+                raise ValueError(f"tensor {name!r}: dtype {rows.dtype} cannot be stored")
+            entry = {"dtype": rows.dtype, "rest": tuple(rows.shape[1:]), "rows": 0, "start": self._offset}
+            self._entries[name] = entry
+            self._current = name
+        elif name != self._current:
+            raise ValueError(f"tensor {name!r} was closed when another tensor was appended")
+        if rows.dtype != entry["dtype"] or tuple(rows.shape[1:]) != entry["rest"]:
+            raise ValueError(f"tensor {name!r}: chunk {rows.dtype} {list(rows.shape)} does not match the first")
+        data = rows.view(torch.uint8).numpy().tobytes() if rows.numel() else b""
+        self._handle.write(data)
+        self._offset += len(data)
+        entry["rows"] += int(rows.shape[0])
+
+    def close(self) -> None:
+        """Write the header into the reserved space.
+
+        Raises:
+            ValueError: If the header does not fit the reserved bytes.
+        """
+        header = {
+            name: {
+                "dtype": _SAFETENSORS_DTYPES[e["dtype"]],
+                "shape": [e["rows"], *e["rest"]],
+                "data_offsets": [e["start"], self._entries_end(name)],
+            }
+            for name, e in self._entries.items()
+        }
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        if len(raw) > self._reserve:
+            raise ValueError(f"safetensors header of {len(raw)} bytes exceeds the {self._reserve} reserved")
+        self._handle.seek(0)
+        self._handle.write(struct.pack("<Q", self._reserve) + raw + b" " * (self._reserve - len(raw)))
+
+    def _entries_end(self, name: str) -> int:
+        names = list(self._entries)
+        following = names.index(name) + 1
+        return self._entries[names[following]]["start"] if following < len(names) else self._offset
+
+
+@contextmanager
+def stream_safetensors(target: Path) -> Iterator[SafetensorsWriter]:
+    """Yield a :class:`SafetensorsWriter` whose file replaces ``target`` atomically when the block ends.
+
+    Raises:
+        DiskFullError: If the disk fills up while the file is written.
+    """
+    with atomic_path(Path(target)) as tmp, tmp.open("r+b") as handle:
+        writer = SafetensorsWriter(handle)
+        yield writer
+        writer.close()
+
+
+def mapped_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Open a safetensors file with its tensors memory-mapped: pages are read when used, not at once.
+
+    The tensors are copy-on-write maps (writing to them never changes the file). Types numpy
+    cannot map (bfloat16, float8) are read into memory instead.
+
+    Raises:
+        ModelLoadError: If the file is missing, not safetensors, truncated or damaged.
+    """
+    import numpy as np
+
+    path = Path(path)
+    check_safetensors(path)
+    with path.open("rb") as handle:
+        length = struct.unpack("<Q", handle.read(8))[0]
+        header = json.loads(handle.read(length).decode("utf-8"))
+    out: dict[str, torch.Tensor] = {}
+    loaded: dict[str, torch.Tensor] | None = None
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        start, stop = (int(v) for v in entry["data_offsets"])
+        shape = tuple(int(v) for v in entry["shape"])
+        numpy_dtype = _NUMPY_DTYPES.get(str(entry["dtype"]))
+        if numpy_dtype is None or stop == start:
+            loaded = loaded if loaded is not None else load_safetensors(path)
+            out[name] = loaded[name]
+            continue
+        array = np.memmap(path, dtype=numpy_dtype, mode="c", offset=8 + length + start, shape=shape)
+        out[name] = torch.from_numpy(array)
+    return out
+
+
 def disk_full_error(folder: Path, what: str | None = None) -> DiskFullError:
     """The one-line error for a full disk under ``folder`` (``what``: the file being written)."""
     writing = f" while writing {what}" if what else ""

@@ -2,7 +2,9 @@
 
 Written from :class:`RunSummary` (``schema_version`` :data:`SCHEMA_VERSION`); summaries written
 before the schema was versioned load too (``schema_version`` 0). Sections allow extra keys, so a
-reader of an older or newer file keeps what it does not know.
+reader of an older or newer file keeps what it does not know. Version 2 added ``memory`` (peak
+memory per stage), ``estimate`` (the cost estimated before the stages ran, :mod:`diffquant.cost`)
+and ``evaluation`` (whether the full-precision evaluation came from the cache).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 class _Section(BaseModel):
@@ -108,6 +110,9 @@ class RunSummary(_Section):
     allocation: dict[str, Any] | None = None
     export: ExportSection
     timings: dict[str, float]
+    memory: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    estimate: dict[str, Any] | None = None
+    evaluation: dict[str, Any] | None = None
     out_dir: str
     evaluation: EvaluationSection | None = None
     """Absent in summaries written before it existed (and left out of :meth:`to_dict` then)."""

@@ -1,5 +1,6 @@
 """Cache keys come from the requests' fields: every result-affecting spec field changes the right key,
-``runtime`` changes none, and fields a stage does not read leave its key alone (so caches are reused)."""
+``runtime`` changes none but the FP evaluation's (its device type, dtype and batch change its numbers), and
+fields a stage does not read leave its key alone (so caches are reused)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,14 @@ import fnmatch
 from typing import Any
 
 import pytest
+import torch
 
 from diffquant.spec import CompressionSpec, flatten, spec_from_dict
 from diffquant.tasks.artifacts import (
     CalibrationArtifact,
     FileRef,
     FinetuneRequest,
+    FpEvalRequest,
     ModelInfo,
     PoolArtifact,
     PoolRequest,
@@ -38,6 +41,15 @@ DEPENDS = {
         "evaluate.seed",
     ],
     "finetune": ["finetune.*"],
+    "fp_evaluation": [
+        "model.*",
+        "sampler.*",
+        "evaluate.samples",
+        "evaluate.seed",
+        "evaluate.batch_size",
+        "runtime.dtype",
+        *(["runtime.device"] if torch.cuda.is_available() else []),  # auto is the CPU here, as cpu is
+    ],
 }
 ALTERNATIVES: dict[str, list[Any]] = {
     "model.name": ["digits-dit"],
@@ -138,6 +150,7 @@ def _keys(spec: CompressionSpec, weights: str = "w" * 64) -> dict[str, str]:
         "pool": PoolRequest.from_spec(spec, info, None).key(),
         "sensitivity": SensitivityRequest.from_spec(spec, info, calib).key(),
         "finetune": FinetuneRequest.from_spec(spec, info, quant, pool).key(),
+        "fp_evaluation": FpEvalRequest.from_spec(spec, info).key(),
     }
 
 
@@ -160,7 +173,7 @@ def test_each_spec_field_moves_exactly_the_keys_that_depend_on_it(key, value):
             continue
         after = _keys(changed)
         for stage, patterns in DEPENDS.items():
-            expected = not key.startswith("runtime.") and any(fnmatch.fnmatchcase(key, p) for p in patterns)
+            expected = any(fnmatch.fnmatchcase(key, p) for p in patterns)
             assert (after[stage] != before[stage]) == expected, f"{key}={candidate!r} and the {stage} key"
         return
     if key in ALTERNATIVES and not ALTERNATIVES[key]:
@@ -172,6 +185,17 @@ def test_runtime_changes_no_key_and_not_the_spec_hash():
     base = _full_spec()
     other = spec_from_dict(_set(base.to_dict(), "runtime.workers", 2))
     assert _keys(other) == _keys(base) and other.spec_hash() == base.spec_hash()
+
+
+def test_runtime_batch_size_moves_only_the_fp_evaluation_key():
+    """``runtime.batch_size`` (left out of the spec at its default) caps the sampling batch, which the FP samples' rounding depends on."""
+    base = _full_spec()
+    capped = spec_from_dict(_set(base.to_dict(), "runtime.batch_size", 8))
+    keys, moved = _keys(base), _keys(capped)
+    assert {stage for stage in keys if keys[stage] != moved[stage]} == {"fp_evaluation"}
+    assert capped.spec_hash() == base.spec_hash()
+    huge = spec_from_dict(_set(base.to_dict(), "runtime.batch_size", 65536))  # above every batch: nothing changes
+    assert _keys(huge) == keys
 
 
 def test_weights_and_labels_move_the_keys_that_read_them():

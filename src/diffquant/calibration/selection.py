@@ -240,7 +240,7 @@ def select(
 
 @torch.no_grad()
 def pool_features(
-    unet: nn.Module, pool: Trajectories, conditional: bool, module: str = "mid_block", batch_size: int = 512
+    unet: nn.Module, pool: Trajectories, conditional: bool, module: str = "mid_block", batch_size: int = 256
 ) -> torch.Tensor:
     """Output of ``module`` (default: the mid block) for every pool entry, flattened per entry.
 
@@ -296,6 +296,7 @@ def select_calibration(
     *,
     sqnr_inputs: int = 256,
     with_features: bool = False,
+    batch_size: int | None = None,
 ) -> CalibrationSelection:
     """Choose the calibration set from a pool with the config's strategy, and hold out SQNR inputs.
 
@@ -305,6 +306,7 @@ def select_calibration(
         config: Strategy, size, seed and the strategies' knobs (default: density-diversity, 256).
         sqnr_inputs: Pool inputs outside the selection kept for SQNR.
         with_features: Compute the pool features even when the strategy does not need them.
+        batch_size: Pool inputs per forward of the feature pass (None: ``config.batch_size``).
 
     Raises:
         DataError: A size larger than the pool.
@@ -320,7 +322,7 @@ def select_calibration(
     features = None
     if with_features or cal.strategy == "density_diversity":
         module = cal.feature_module or model.family_info.feature_module
-        features = pool_features(model.unet, pool, model.conditional, module)
+        features = pool_features(model.unet, pool, model.conditional, module, batch_size or cal.batch_size)
     params = SelectionParams(
         normal_mean=cal.normal_mean,
         normal_std=cal.normal_std,

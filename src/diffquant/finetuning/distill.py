@@ -3,6 +3,10 @@
 The FP denoiser is the teacher. Inputs are the teacher's own DDIM trajectories (the calibration
 pool: no training data); the trajectory always advances with the teacher. The loss is the MSE
 between the student's and the teacher's noise predictions at the same ``(x_t, t, label)``.
+The teacher's predictions are computed once, before training (:func:`teacher_targets`, streamed
+to a file beside the checkpoints), so the teacher need not stay on the device while the student
+trains. A batch larger than the forward limit is split into micro-batches whose gradients add up
+to the whole batch's.
 
 Trainable: a QALoRA adapter on each selected quantized layer (merged into the weight at the
 end, so the result is a plain low-bit model) and, optionally, the LSQ step sizes of their weight
@@ -29,14 +33,22 @@ from diffquant.errors import DataError, DiffquantError
 from diffquant.placement import module_placement, to_module
 from diffquant.quant.formats import SCALE_EPS
 from diffquant.quant.modules import QuantConv2d, QuantLinear
-from diffquant.quant.plan import resolve_globs
+from diffquant.quant.plan import activation_quantizers, resolve_globs
 from diffquant.sampling import Trajectories, denoiser_outputs
 from diffquant.spec import FinetuneSpec
-from diffquant.storage import load_safetensors, save_safetensors, sha256_file, write_json
+from diffquant.storage import (
+    load_safetensors,
+    mapped_safetensors,
+    save_safetensors,
+    sha256_file,
+    stream_safetensors,
+    write_json,
+)
 
 logger = logging.getLogger(__name__)
 
 LATEST = "latest.json"
+TARGETS = "teacher_targets.safetensors"
 RULES = ("all", "time_embedding", "attention", "top_k")
 
 
@@ -200,9 +212,76 @@ def load_checkpoint(folder: Path, student: nn.Module, optimizer: torch.optim.Opt
     return int(info["step"])
 
 
+@torch.no_grad()
+def teacher_targets(
+    teacher: nn.Module, pool: Trajectories, conditional: bool, batch_size: int = 256, path: Path | None = None
+) -> torch.Tensor:
+    """The teacher's noise predictions on every pool input (what the student learns to match).
+
+    Args:
+        teacher: The FP denoiser.
+        pool: Its trajectories (the calibration pool).
+        conditional: Pass the pool's conditions.
+        batch_size: Inputs per forward.
+        path: A safetensors file to stream the predictions to; they are returned memory-mapped
+            from it. None keeps them in memory.
+    """
+    teacher.eval()
+    if path is None:
+        return denoiser_outputs(teacher, pool, conditional, batch_size)
+    with stream_safetensors(Path(path)) as stream:
+        for start in range(0, len(pool), batch_size):
+            rows = slice(start, start + batch_size)
+            part = Trajectories(pool.x[rows], pool.t[rows], pool.labels[rows])
+            stream.append("targets", denoiser_outputs(teacher, part, conditional, batch_size))
+    return mapped_safetensors(Path(path))["targets"]
+
+
+def accumulate_gradients(
+    student: nn.Module,
+    pool: Trajectories,
+    targets: torch.Tensor,
+    rows: torch.Tensor,
+    conditional: bool,
+    batch_size: int | None = None,
+    step: int = 0,
+) -> torch.Tensor:
+    """Backpropagate the MSE of the student against ``targets`` on the pool ``rows``, ``batch_size`` rows per forward.
+
+    Each micro-batch's mean is weighted by its share of the rows, and the activation quantizers'
+    LSQ gradient scale counts the whole batch's elements (``batch_share``), so the gradients add up
+    to those of the whole batch's mean (one micro-batch: exactly the whole batch's computation).
+
+    Returns:
+        The whole batch's loss (on the CPU, detached).
+
+    Raises:
+        DataError: If the loss of a micro-batch is not finite.
+    """
+    device, dtype = module_placement(student)
+    quantizers = list(activation_quantizers(student).values())
+    loss = torch.zeros(())
+    try:
+        for part in rows.split(batch_size or len(rows)):
+            for quantizer in quantizers:
+                quantizer.batch_share = len(part) / len(rows)
+            x, t = to_module(pool.x[part], device, dtype), pool.t[part].to(device)
+            y = pool.labels[part].to(device) if conditional else None
+            target = targets[part].to(device, dtype)
+            share = torch.nn.functional.mse_loss(student(x, t, y).sample, target) * (len(part) / len(rows))
+            if not torch.isfinite(share):
+                raise DataError(f"fine-tuning loss became {share.item()} at step {step}; lower the learning rate (lr)")
+            share.backward()
+            loss = loss + share.detach().cpu()
+    finally:
+        for quantizer in quantizers:
+            quantizer.batch_share = 1.0
+    return loss
+
+
 def distill(
     student: nn.Module,
-    teacher: nn.Module,
+    teacher: nn.Module | None,
     pool: Trajectories,
     conditional: bool,
     layers: list[str],
@@ -210,23 +289,31 @@ def distill(
     checkpoint_dir: Path,
     on_log: Callable[[int, float, float], None] | None = None,
     log_every: int = 10,
+    *,
+    targets: torch.Tensor | None = None,
+    batch_size: int | None = None,
 ) -> DistillResult:
     """Fine-tune ``student`` against ``teacher`` on pool inputs; resumes from ``checkpoint_dir``.
 
     Args:
         student: Fake-quantized denoiser (modified in place; adapters merged at the end).
-        teacher: FP denoiser.
+        teacher: FP denoiser (None when ``targets`` are given).
         pool: Teacher trajectories (inputs only; targets come from the teacher).
         conditional: Pass class labels.
         layers: Trainable layers (see :func:`select_layers`).
         cfg: Hyper-parameters (the spec's ``finetune`` section; ``trainable`` is applied by the caller).
         checkpoint_dir: Checkpoints every ``cfg.checkpoint_every`` steps; a previous run's latest
-            checkpoint there is resumed.
+            checkpoint there is resumed. The teacher's predictions are written there too.
         on_log: ``(step, loss, lr)`` every ``log_every`` steps and at the last (e.g. MLflow).
         log_every: Steps between ``on_log`` calls.
+        targets: The teacher's predictions on ``pool`` (:func:`teacher_targets`), computed before
+            (so the teacher can leave the device first); None computes them from ``teacher``.
+        batch_size: Most inputs per forward: the teacher's pass and the student's micro-batches
+            (None: the whole ``cfg.batch_size`` at once, 256 for the teacher).
 
     Raises:
         DataError: If the loss becomes non-finite.
+        ValueError: Neither a teacher nor its targets.
     """
     from diffquant.progress import track
 
@@ -235,10 +322,11 @@ def distill(
     optimizer = torch.optim.Adam(groups)
     start = load_checkpoint(checkpoint_dir, student, optimizer)
     result = DistillResult(cfg.steps, start, 0.0, sum(p.numel() for g in groups for p in g["params"]), layers)
-    teacher.eval()
-    # the teacher's predictions on the pool are fixed: compute them once (one batched no-grad pass)
-    targets = denoiser_outputs(teacher, pool, conditional)
-    device, dtype = module_placement(student)
+    if targets is None:
+        if teacher is None:
+            raise ValueError("distill needs the teacher or its targets")
+        # the teacher's predictions on the pool are fixed: compute them once (one batched no-grad pass)
+        targets = teacher_targets(teacher, pool, conditional, batch_size or 256, Path(checkpoint_dir) / TARGETS)
     student.train()
     began = time.perf_counter()
     with track("Fine-tuning", cfg.steps) as bar:
@@ -246,17 +334,11 @@ def distill(
         for step in range(start, cfg.steps):
             generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
             idx = torch.randint(len(pool), (min(cfg.batch_size, len(pool)),), generator=generator)
-            x, t = to_module(pool.x[idx], device, dtype), pool.t[idx].to(device)
-            y = pool.labels[idx].to(device) if conditional else None
-            target = targets[idx].to(device, dtype)
             factor = _lr_factor(step, cfg.steps)
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * factor
-            loss = torch.nn.functional.mse_loss(student(x, t, y).sample, target)
-            if not torch.isfinite(loss):
-                raise DataError(f"fine-tuning loss became {loss.item()} at step {step}; lower the learning rate (lr)")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss = accumulate_gradients(student, pool, targets, idx, conditional, batch_size, step)
             optimizer.step()
             with torch.no_grad():  # a learned step size must stay a valid (positive) scale
                 for scale in scales:

@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
+
 from diffquant.errors import ConfigError
 from diffquant.finetuning.distill import DistillResult, distill, select_layers
 from diffquant.mixed_precision.sensitivity import SensitivityTable
@@ -33,7 +35,7 @@ def worst_weight_noise(table: SensitivityTable) -> dict[str, float]:
 
 def finetune(
     module: DiffusionModel,
-    teacher: DiffusionModel,
+    teacher: DiffusionModel | None,
     config: FinetuneSpec,
     data: Trajectories,
     *,
@@ -41,12 +43,14 @@ def finetune(
     checkpoint_dir: Path | None = None,
     on_log: Callable[[int, float, float], None] | None = None,
     log_every: int = 10,
+    targets: torch.Tensor | None = None,
+    batch_size: int | None = None,
 ) -> DistillResult:
     """Fine-tune a quantized model against its float teacher (QALoRA + LSQ, data-free distillation).
 
     Args:
         module: The fake-quantized model (changed in place; adapters merged at the end).
-        teacher: The float model it was quantized from.
+        teacher: The float model it was quantized from (None when ``targets`` are given).
         config: Steps, learning rates, rank and the ``trainable`` layer rule.
         data: Teacher inputs, e.g. the calibration pool (:func:`diffquant.collect_pool`).
         sensitivity: A sensitivity table or layer -> noise, needed by the ``top_k`` rule.
@@ -54,6 +58,11 @@ def finetune(
             (default: a temporary folder, no resume).
         on_log: ``(step, loss, lr)`` every ``log_every`` steps.
         log_every: Steps between ``on_log`` calls.
+        targets: The teacher's predictions on ``data``
+            (:func:`~diffquant.finetuning.distill.teacher_targets`), so the teacher need not be
+            on the device while the student trains; None computes them from ``teacher``.
+        batch_size: Most inputs per forward (the teacher's pass and the student's micro-batches;
+            None: ``config.batch_size`` at once).
 
     Returns:
         What the run did (steps, losses, trainable parameters, seconds).
@@ -74,21 +83,15 @@ def finetune(
         layers = select_layers(module.unet, rule.rule, rule.layers, dict(sensitivity or {}) or None, rule.top_k)
     except ValueError as error:
         raise ConfigError("trainable", f"{error} (only quantized layers can be fine-tuned)") from None
+    fp = teacher.unet if teacher is not None else None
+    extra = {"targets": targets, "batch_size": batch_size}
     if checkpoint_dir is not None:
         return distill(
-            module.unet,
-            teacher.unet,
-            data,
-            teacher.conditional,
-            layers,
-            config,
-            Path(checkpoint_dir),
-            on_log,
-            log_every,
+            module.unet, fp, data, module.conditional, layers, config, Path(checkpoint_dir), on_log, log_every, **extra
         )
     with tempfile.TemporaryDirectory(prefix="diffquant-finetune-") as folder:
         return distill(
-            module.unet, teacher.unet, data, teacher.conditional, layers, config, Path(folder), on_log, log_every
+            module.unet, fp, data, module.conditional, layers, config, Path(folder), on_log, log_every, **extra
         )
 
 

@@ -49,19 +49,29 @@ def final_sample_probe(
     seed: int,
     content_layers: set[str],
     psnr_all: bool,
+    batch_size: int = 1000,
 ) -> Callable[[nn.Module, str], dict[str, float]]:
     """Return ``(unet, layer) -> final-sample metrics`` against FP samples from the same noise.
 
     For layers in ``content_layers`` the result has ``content`` (mean KL of the classifier's
     logits, FP || quantized); with ``psnr_all`` every layer also gets ``psnr_db`` of the final
-    samples. Layers needing neither are not sampled (an empty dict).
+    samples. Layers needing neither are not sampled (an empty dict). ``batch_size`` bounds a
+    forward of the sampling.
     """
     labels, _ = model.conditions(samples, "calibration")
     noise = initial_noise(samples, model.sample_shape, seed)
     clamp = not model.latent
     null = model.null_conditions(samples)
     fp_images, _ = run_sampler(
-        model.unet, model.scheduler_config, noise, labels, steps, description="FP samples", clamp=clamp, null=null
+        model.unet,
+        model.scheduler_config,
+        noise,
+        labels,
+        steps,
+        batch_size,
+        description="FP samples",
+        clamp=clamp,
+        null=null,
     )
     fp_logp = None
     if classifier is not None:
@@ -73,7 +83,15 @@ def final_sample_probe(
         if not (want_content or psnr_all):
             return {}
         images, _ = run_sampler(
-            unet, model.scheduler_config, noise, labels, steps, description="Final samples", clamp=clamp, null=null
+            unet,
+            model.scheduler_config,
+            noise,
+            labels,
+            steps,
+            batch_size,
+            description="Final samples",
+            clamp=clamp,
+            null=null,
         )
         out: dict[str, float] = {}
         if want_content:
@@ -99,6 +117,8 @@ def measure_allocation_sensitivity(
     classifier: nn.Module | None = None,
     layers: list[str] | None = None,
     description: str = "Measuring layer sensitivity",
+    batch_size: int = 256,
+    sample_batch_size: int = 1000,
 ) -> SensitivityTable:
     """Measure the sensitivity table that the allocation ``config`` needs.
 
@@ -113,6 +133,8 @@ def measure_allocation_sensitivity(
         classifier: Evaluation classifier (needed for content layers).
         layers: Measure only these layers (default: all), e.g. one chunk of a parallel map.
         description: Progress-bar label.
+        batch_size: Calibration inputs per forward (``calibration.batch_size``).
+        sample_batch_size: Denoiser inputs per forward of the final-sample probes (``evaluate.batch_size``).
 
     Raises:
         ConfigError: Content layers that match nothing, or content layers without a classifier.
@@ -136,6 +158,7 @@ def measure_allocation_sensitivity(
             seed + 1,
             content_layers,
             alloc.quality_metric == "psnr",
+            sample_batch_size,
         )
     if len(calib) > alloc.sensitivity_inputs:
         pick = torch.linspace(0, len(calib) - 1, alloc.sensitivity_inputs).round().long().unique()
@@ -152,6 +175,7 @@ def measure_allocation_sensitivity(
         [(b, g) for b in alloc.group_bits for g in alloc.group_sizes],
         probe,
         description,
+        batch_size,
     )
 
 

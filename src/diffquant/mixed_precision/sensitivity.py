@@ -48,6 +48,7 @@ def quantize_only(
     weight_observer: str = "minmax",
     act_observer: str = "minmax",
     group_size: int | None = None,
+    batch_size: int = 256,
 ) -> Iterator[nn.Module]:
     """Temporarily replace layer ``name`` by a fake-quantized copy; always restores the original.
 
@@ -61,6 +62,7 @@ def quantize_only(
         weight_observer: Weight observer.
         act_observer: Activation observer.
         group_size: Group-wise weight scales over this many input channels (None: per channel).
+        batch_size: Inputs per forward of the activation calibration pass.
     """
     original = model.get_submodule(name)
     if not isinstance(original, QUANTIZABLE) or isinstance(original, (QuantLinear, QuantConv2d)):
@@ -75,7 +77,7 @@ def quantize_only(
             if calib is None:
                 raise ValueError("activation sensitivity needs calibration inputs")
             replacement.input_quantizer.start_observing()
-            denoiser_outputs(model, calib, conditional)
+            denoiser_outputs(model, calib, conditional, batch_size)
             replacement.input_quantizer.finish_observing()
         yield replacement
     finally:
@@ -203,6 +205,7 @@ def measure_sensitivity(
     group_options: Sequence[tuple[int, int]] = (),
     final_fn: Callable[[nn.Module, str], dict[str, float]] | None = None,
     description: str = "Measuring layer sensitivity",
+    batch_size: int = 256,
 ) -> SensitivityTable:
     """Measure every layer's weight and input sensitivity at each candidate option.
 
@@ -220,12 +223,13 @@ def measure_sensitivity(
         final_fn: ``(model, layer) -> {"content": ..., "psnr_db": ...}`` final-sample metrics
             for this measurement (an empty dict where none are wanted for the layer).
         description: Progress-bar label.
+        batch_size: Inputs per forward pass.
 
     Returns:
         The table, one row per (layer, kind, bits, group size).
     """
     layers = list(layers) if layers is not None else quantizable_layers(unet)
-    reference = denoiser_outputs(unet, calib, conditional)
+    reference = denoiser_outputs(unet, calib, conditional, batch_size)
     jobs: list[tuple[str, str, int, int | None]] = []
     for name in layers:
         module = unet.get_submodule(name)
@@ -236,8 +240,8 @@ def measure_sensitivity(
     with torch.no_grad(), track(description, len(jobs)) as bar:
         for name, kind, bits, group in jobs:
             w, a = (bits, None) if kind == "weight" else (None, bits)
-            with quantize_only(unet, name, w, a, calib, conditional, weight_observer, act_observer, group):
-                sqnr = sqnr_db(reference, denoiser_outputs(unet, calib, conditional))
+            with quantize_only(unet, name, w, a, calib, conditional, weight_observer, act_observer, group, batch_size):
+                sqnr = sqnr_db(reference, denoiser_outputs(unet, calib, conditional, batch_size))
                 extra = final_fn(unet, name) if final_fn is not None else {}
             table.rows.append(
                 {

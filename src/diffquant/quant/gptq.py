@@ -249,6 +249,27 @@ def gptq_layers(plan: Any) -> list[str]:
     return [name for name, cfg in plan.items() if cfg.weight is not None and cfg.weight.rounding == "gptq"]
 
 
+def hessian_groups(unet: nn.Module, plan: Any) -> list[list[str]]:
+    """The plan's GPTQ layers in groups whose Hessians fit ``HESSIAN_BUDGET_BYTES``: one calibration pass each."""
+    names = []
+    for name in gptq_layers(plan):
+        layer = unet.get_submodule(name)
+        if isinstance(layer, nn.Conv2d) and not _conv_supported(layer):
+            logger.info("GPTQ skips %s (grouped or non-zero-padded convolution): round-to-nearest", name)
+            continue
+        names.append(name)
+    groups: list[list[str]] = []
+    used = HESSIAN_BUDGET_BYTES + 1
+    for name in names:
+        size = 8 * unet.get_submodule(name).weight[0].numel() ** 2
+        if used + size > HESSIAN_BUDGET_BYTES:
+            groups.append([])
+            used = 0
+        groups[-1].append(name)
+        used += size
+    return groups
+
+
 def gptq_solve(
     unet: nn.Module,
     plan: Any,
@@ -274,23 +295,8 @@ def gptq_solve(
     Raises:
         ConfigError: If a layer sees too few calibration input rows for its Hessian.
     """
-    names = []
-    for name in gptq_layers(plan):
-        layer = unet.get_submodule(name)
-        if isinstance(layer, nn.Conv2d) and not _conv_supported(layer):
-            logger.info("GPTQ skips %s (grouped or non-zero-padded convolution): round-to-nearest", name)
-            continue
-        names.append(name)
-    groups: list[list[str]] = []
-    used = HESSIAN_BUDGET_BYTES + 1
-    for name in names:
-        size = 8 * unet.get_submodule(name).weight[0].numel() ** 2
-        if used + size > HESSIAN_BUDGET_BYTES:
-            groups.append([])
-            used = 0
-        groups[-1].append(name)
-        used += size
     solutions: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    groups = hessian_groups(unet, plan)
     for group in groups:
         hooks = {}
         handles = []

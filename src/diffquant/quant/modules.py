@@ -62,6 +62,9 @@ class FakeQuantizer(nn.Module):
             shape = (channels,) if axis is not None else ()
         self.register_buffer("scale", torch.ones(shape))
         self.learnable = False
+        # the share of the whole batch one call holds (fine-tuning micro-batches set it): LSQ's gradient
+        # scale then counts the whole batch's elements, so micro-batch gradients add up to the batch's
+        self.batch_share = 1.0
         self.mode = QuantizerMode.OFF
         self._observer: ActivationObserver | None = None
 
@@ -123,7 +126,8 @@ class FakeQuantizer(nn.Module):
             return self.forward(x.float()).to(x.dtype)
         if self.mode is QuantizerMode.QUANTIZE and self.learnable and torch.is_grad_enabled():
             view, step = self._broadcast_scale(x)
-            return lsq_fake_quant(view, step.to(x.dtype), self.fmt, view.numel() // self.scale.numel()).reshape(x.shape)
+            elements = round(view.numel() // self.scale.numel() / self.batch_share)
+            return lsq_fake_quant(view, step.to(x.dtype), self.fmt, elements).reshape(x.shape)
         if self.mode is QuantizerMode.QUANTIZE:
             if self.group_size is not None:
                 return fake_quant_grouped(x, self.scale.to(x.dtype), self.fmt, self.group_size)
