@@ -142,6 +142,7 @@ class QuantizeArtifact(StageResult):
     fp32_bytes: int
     packed_bytes: int
     outlier_tokens: dict[str, Any] | None = None
+    deployed_bytes: int | None = None
 
 
 class EvalArtifact(StageResult):
