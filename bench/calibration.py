@@ -13,7 +13,10 @@ farthest-point (k-center) selection inside each timestep.
 Writes ``bench/results/calibration.json`` and the ``calibration`` table of BENCHMARKS.md.
 
 Run: ``.venv/bin/python bench/calibration.py`` (about 30 minutes on 2 cores with the default
-1,000 samples; ``--samples``, ``--sizes``, ``--seeds`` to shorten).
+1,000 samples; ``--samples``, ``--sizes``, ``--seeds``, ``--settings``, ``--strategies`` to shorten;
+rows are measured in the order of ``--settings`` and ``--strategies``). The JSON and the table are
+rewritten after every row, so a stopped run leaves the rows it measured, and the table says how many
+of the requested rows those are.
 """
 
 from __future__ import annotations
@@ -104,9 +107,12 @@ def main() -> None:
     parser.add_argument("--sizes", default="32,128,512")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--strategies", default=",".join([*STRATEGIES, V0]))
+    parser.add_argument("--settings", default="W8A6,W8A4,W4A8", help="settings by their first word, in order")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     strategies = args.strategies.split(",")
+    by_word = {name.split()[0]: name for name in SETTINGS}
+    settings = [by_word[word] for word in args.settings.split(",")]
 
     model = load_model("digits-unet")
     classifier = load_classifier()
@@ -123,9 +129,19 @@ def main() -> None:
     fp = evaluate_model(model, args.samples, steps, 0, 1000, classifier, real)
     params = SelectionParams()
 
-    rows = []
-    for setting, overrides in SETTINGS.items():
-        spec = load_spec(overrides=overrides)
+    rows: list[dict] = []
+    context = {
+        "args": args,
+        "pool": len(pool),
+        "trajectories": base.calibration.trajectories,
+        "steps": steps,
+        "pool_seconds": pool_seconds,
+        "feature_seconds": feature_seconds,
+        "fp": fp,
+        "requested": len(settings) * len(sizes) * len(strategies),
+    }
+    for setting in settings:
+        spec = load_spec(overrides=SETTINGS[setting])
         plan = plan_from_spec(model, spec.quantize)
         for size in sizes:
             for strategy in strategies:
@@ -151,23 +167,40 @@ def main() -> None:
                     f"acc {row['accuracy_mean']:.4f}+-{row['accuracy_std']:.4f}",
                     flush=True,
                 )
+                _write(rows, context)
 
-    out = {
-        "machine": machine(),
-        "samples": args.samples,
-        "pool_seconds": pool_seconds,
-        "feature_seconds": feature_seconds,
-        "fp": fp.metrics,
-        "rows": rows,
-    }
-    write_results("calibration", out)
+
+def _write(rows: list[dict], context: dict) -> None:
+    """Write the JSON and the BENCHMARKS.md table of the rows measured so far."""
+    args, fp = context["args"], context["fp"]
+    write_results(
+        "calibration",
+        {
+            "machine": machine(),
+            "samples": args.samples,
+            "pool_seconds": context["pool_seconds"],
+            "feature_seconds": context["feature_seconds"],
+            "fp": fp.metrics,
+            "requested_rows": context["requested"],
+            "rows": rows,
+        },
+    )
+    done = len(rows)
+    partial = (
+        f" This table holds {done} of the {context['requested']} rows the command was asked for "
+        f"(`--settings {args.settings} --sizes {args.sizes} --strategies {args.strategies}`): the run was stopped "
+        "there."
+        if done < context["requested"]
+        else ""
+    )
     lines = [
         "## Calibration-set selection",
         "",
-        f"Command: `.venv/bin/python bench/calibration.py` ({args.samples} samples, DDIM {steps}, noise seed 0; "
-        f"pool: {len(pool)} inputs from {base.calibration.trajectories} FP trajectories, collected in "
-        f"{pool_seconds:.1f} s; mid-attention input features of the pool in {feature_seconds:.1f} s). "
-        f"Machine: {machine()}.",
+        f"Command: `.venv/bin/python bench/calibration.py --samples {args.samples} --settings {args.settings} "
+        f"--sizes {args.sizes} --seeds {args.seeds} --strategies {args.strategies}` (DDIM {context['steps']}, noise "
+        f"seed 0; pool: {context['pool']} inputs from {context['trajectories']} FP trajectories, collected in "
+        f"{context['pool_seconds']:.1f} s; mid-attention input features of the pool in "
+        f"{context['feature_seconds']:.1f} s). Machine: {machine()}.{partial}",
         f"Mean +- std over {args.seeds} selection seeds. FP at this sample count: accuracy "
         f"{fp.metrics['accuracy']:.4f}, FD to real {fp.metrics['fd_real']:.2f}. Select s: the strategy alone "
         "(features are computed once per pool and shared). `density_diversity` is EDA-DM's official TDAC "
@@ -184,7 +217,6 @@ def main() -> None:
             f"{r['accuracy_mean']:.4f} +- {r['accuracy_std']:.4f} | {r['select_seconds_mean']:.3f} |"
         )
     replace_section("calibration", "\n".join(lines))
-    print("\n".join(lines))
 
 
 if __name__ == "__main__":
