@@ -4,10 +4,19 @@ For calibration sizes 32, 128 and 512, settings W8A6 and W8A4 (uniform) and W4A8
 conv_out and the time embedding kept at W8A8, and every strategy with 3 selection seeds: FD to FP
 and condition accuracy (mean and std over seeds), and selection time. One pool (64 FP
 trajectories, DDIM 50, the default spec's) and one set of pool features serve every row.
+
+``density_diversity`` is EDA-DM's official TDAC (:mod:`diffquant.calibration.selection`, features
+of the mid-block attention's input). The baseline ``density_diversity_v0`` is the library's
+selection before issue 16, kept here only for this comparison: features of the mid block's output
+averaged over the samples of each timestep, the same weight formula on the means, then
+farthest-point (k-center) selection inside each timestep.
 Writes ``bench/results/calibration.json`` and the ``calibration`` table of BENCHMARKS.md.
 
 Run: ``.venv/bin/python bench/calibration.py`` (about 30 minutes on 2 cores with the default
-1,000 samples; ``--samples``, ``--sizes``, ``--seeds`` to shorten).
+1,000 samples; ``--samples``, ``--sizes``, ``--seeds``, ``--settings``, ``--strategies`` to shorten;
+rows are measured in the order of ``--settings`` and ``--strategies``). The JSON and the table are
+rewritten after every row, so a stopped run leaves the rows it measured, and the table says how many
+of the requested rows those are.
 """
 
 from __future__ import annotations
@@ -16,10 +25,19 @@ import argparse
 import statistics
 import time
 
+import torch
 from common import machine, replace_section, write_results
 
 from diffquant.calibration.pool import collect_pool, subset
-from diffquant.calibration.selection import STRATEGIES, SelectionParams, pool_features, select
+from diffquant.calibration.selection import (
+    STRATEGIES,
+    SelectionParams,
+    _fit_counts,
+    _largest_remainder,
+    _timestep_groups,
+    pool_features,
+    select,
+)
 from diffquant.data import load_digits_split
 from diffquant.evaluation import evaluate_model
 from diffquant.models.loading import load_model
@@ -33,6 +51,54 @@ SETTINGS = {
     "W8A4": ["quantize.weight.bits=8", "quantize.activation.bits=4"],
     "W4A8 (conv_in/out, time emb. W8A8)": ["quantize.weight.bits=4", "quantize.activation.bits=8", PROTECT_8BIT],
 }
+V0 = "density_diversity_v0"
+V0_FEATURE_MODULE = "mid_block"
+
+
+def _v0_weights(t: torch.Tensor, features: torch.Tensor, params: SelectionParams) -> torch.Tensor:
+    """Before issue 16: the EDA-DM formula on each timestep's mean feature."""
+    _, groups = _timestep_groups(t)
+    flat = features.reshape(features.shape[0], -1).double()
+    means = torch.stack([flat[g].mean(0) for g in groups])
+    sq = torch.cdist(means, means).pow(2) / means.shape[1]
+    off = ~torch.eye(len(groups), dtype=torch.bool)
+    radius = params.radius if params.radius is not None else float(sq[off].median())
+    density = ((sq <= radius) & off).sum(1).double()
+    unit = torch.nn.functional.normalize(means, dim=1)
+    diversity = ((1 - unit @ unit.T) * off).sum(1)
+
+    def minmax(v: torch.Tensor) -> torch.Tensor:
+        span = v.max() - v.min()
+        return (v - v.min()) / span if span > 0 else torch.ones_like(v)
+
+    return minmax(density) + params.diversity_weight * minmax(diversity)
+
+
+def _farthest_points(points: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """Greedy k-center from a seeded random start."""
+    n = points.shape[0]
+    if k >= n:
+        return torch.arange(n)
+    chosen = [int(torch.randint(n, (1,), generator=generator))]
+    distance = torch.cdist(points, points[chosen[-1]][None]).squeeze(1)
+    for _ in range(k - 1):
+        chosen.append(int(torch.argmax(distance)))
+        distance = torch.minimum(distance, torch.cdist(points, points[chosen[-1]][None]).squeeze(1))
+    return torch.tensor(chosen)
+
+
+def select_v0(t: torch.Tensor, features: torch.Tensor, size: int, seed: int, params: SelectionParams) -> torch.Tensor:
+    """The pre-issue-16 ``density_diversity``: mean-feature weights, k-center within each timestep."""
+    _, groups = _timestep_groups(t)
+    weights = _v0_weights(t, features, params)
+    capacity = torch.tensor([g.numel() for g in groups])
+    counts = _fit_counts(_largest_remainder(weights, size), capacity, size)
+    generator = torch.Generator().manual_seed(seed)
+    flat = features.reshape(features.shape[0], -1).float()
+    chosen = [
+        idx[_farthest_points(flat[idx], k, generator)] for idx, k in zip(groups, counts.tolist(), strict=True) if k
+    ]
+    return torch.cat(chosen).sort().values
 
 
 def main() -> None:
@@ -40,10 +106,13 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--sizes", default="32,128,512")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--strategies", default=",".join(STRATEGIES))
+    parser.add_argument("--strategies", default=",".join([*STRATEGIES, V0]))
+    parser.add_argument("--settings", default="W8A6,W8A4,W4A8", help="settings by their first word, in order")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     strategies = args.strategies.split(",")
+    by_word = {name.split()[0]: name for name in SETTINGS}
+    settings = [by_word[word] for word in args.settings.split(",")]
 
     model = load_model("digits-unet")
     classifier = load_classifier()
@@ -54,21 +123,35 @@ def main() -> None:
     pool = collect_pool(model, base.calibration.trajectories, steps, base.calibration.seed)
     pool_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    features = pool_features(model.unet, pool, model.conditional)
+    features = pool_features(model.unet, pool, model.conditional, model.family_info.feature_module)
     feature_seconds = time.perf_counter() - start
+    v0_features = pool_features(model.unet, pool, model.conditional, V0_FEATURE_MODULE) if V0 in strategies else None
     fp = evaluate_model(model, args.samples, steps, 0, 1000, classifier, real)
     params = SelectionParams()
 
-    rows = []
-    for setting, overrides in SETTINGS.items():
-        spec = load_spec(overrides=overrides)
+    rows: list[dict] = []
+    context = {
+        "args": args,
+        "pool": len(pool),
+        "trajectories": base.calibration.trajectories,
+        "steps": steps,
+        "pool_seconds": pool_seconds,
+        "feature_seconds": feature_seconds,
+        "fp": fp,
+        "requested": len(settings) * len(sizes) * len(strategies),
+    }
+    for setting in settings:
+        spec = load_spec(overrides=SETTINGS[setting])
         plan = plan_from_spec(model, spec.quantize)
         for size in sizes:
             for strategy in strategies:
                 runs = []
                 for seed in range(args.seeds):
                     start = time.perf_counter()
-                    chosen = select(pool, strategy, size, seed, features, params)
+                    if strategy == V0:
+                        chosen = select_v0(pool.t, v0_features, size, seed, params)
+                    else:
+                        chosen = select(pool, strategy, size, seed, features, params)
                     select_seconds = time.perf_counter() - start
                     quantized = quantize_model(model, plan, subset(pool, chosen), spec.calibration)
                     result = evaluate_model(quantized, args.samples, steps, 0, 1000, classifier, real, fp=fp)
@@ -84,25 +167,46 @@ def main() -> None:
                     f"acc {row['accuracy_mean']:.4f}+-{row['accuracy_std']:.4f}",
                     flush=True,
                 )
+                _write(rows, context)
 
-    out = {
-        "machine": machine(),
-        "samples": args.samples,
-        "pool_seconds": pool_seconds,
-        "feature_seconds": feature_seconds,
-        "fp": fp.metrics,
-        "rows": rows,
-    }
-    write_results("calibration", out)
+
+def _write(rows: list[dict], context: dict) -> None:
+    """Write the JSON and the BENCHMARKS.md table of the rows measured so far."""
+    args, fp = context["args"], context["fp"]
+    write_results(
+        "calibration",
+        {
+            "machine": machine(),
+            "samples": args.samples,
+            "pool_seconds": context["pool_seconds"],
+            "feature_seconds": context["feature_seconds"],
+            "fp": fp.metrics,
+            "requested_rows": context["requested"],
+            "rows": rows,
+        },
+    )
+    done = len(rows)
+    partial = (
+        f" This table holds {done} of the {context['requested']} rows the command was asked for "
+        f"(`--settings {args.settings} --sizes {args.sizes} --strategies {args.strategies}`): the run was stopped "
+        "there."
+        if done < context["requested"]
+        else ""
+    )
     lines = [
         "## Calibration-set selection",
         "",
-        f"Command: `.venv/bin/python bench/calibration.py` ({args.samples} samples, DDIM {steps}, noise seed 0; "
-        f"pool: {len(pool)} inputs from {base.calibration.trajectories} FP trajectories, collected in "
-        f"{pool_seconds:.1f} s; mid-block features of the pool in {feature_seconds:.1f} s). Machine: {machine()}.",
+        f"Command: `.venv/bin/python bench/calibration.py --samples {args.samples} --settings {args.settings} "
+        f"--sizes {args.sizes} --seeds {args.seeds} --strategies {args.strategies}` (DDIM {context['steps']}, noise "
+        f"seed 0; pool: {context['pool']} inputs from {context['trajectories']} FP trajectories, collected in "
+        f"{context['pool_seconds']:.1f} s; mid-attention input features of the pool in "
+        f"{context['feature_seconds']:.1f} s). Machine: {machine()}.{partial}",
         f"Mean +- std over {args.seeds} selection seeds. FP at this sample count: accuracy "
         f"{fp.metrics['accuracy']:.4f}, FD to real {fp.metrics['fd_real']:.2f}. Select s: the strategy alone "
-        "(features are computed once per pool and shared).",
+        "(features are computed once per pool and shared). `density_diversity` is EDA-DM's official TDAC "
+        f"(per-sample features, random draws within a timestep); `{V0}` is the selection before issue 16 "
+        "(mean feature per timestep of the mid block's output, k-center within a timestep), kept in the "
+        "script as a baseline.",
         "",
         "| setting | size | strategy | FD to FP | accuracy | select s |",
         "|---|---|---|---|---|---|",
@@ -113,7 +217,6 @@ def main() -> None:
             f"{r['accuracy_mean']:.4f} +- {r['accuracy_std']:.4f} | {r['select_seconds_mean']:.3f} |"
         )
     replace_section("calibration", "\n".join(lines))
-    print("\n".join(lines))
 
 
 if __name__ == "__main__":

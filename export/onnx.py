@@ -10,7 +10,11 @@ How each planned layer (a Conv2d or Linear named in the :class:`LayerPlan`) is w
 - **Weights** are stored as integer initializers followed by one ``DequantizeLinear``; no float
   copy of a quantized weight is kept, so the file is really small. Zero points are 0, scales are
   float32 initializers. Weights of 2-4 bits are stored as ``INT4``, weights of 5-8 bits as
-  ``INT8`` (the smallest ONNX integer type that holds them). The integers are the fake-quant
+  ``INT8`` (the smallest ONNX integer type that holds them), and 2-bit weights as ``INT2`` where
+  the device class's runtime dequantizes INT2 (``cpu``: onnxruntime; never TensorRT): the rule is
+  :meth:`diffquant.devices.DeviceClass.storage_bits`, which ``allocation.cost: deployed`` counts
+  too. INT2 exists from opset 25, so an export that stores an INT2 weight is declared at opset
+  ``max(opset, 25)``. The integers are the fake-quant
   model's ``clamp(round(w / s), -2**(b-1), 2**(b-1) - 1)``, so a 3-bit weight stored in INT4 only
   takes values in ``[-4, 3]`` and a 6-bit weight stored in INT8 only ``[-32, 31]``: the b-bit
   clamp is preserved in the values, and the dequantized weight is bit-identical to PyTorch's.
@@ -78,6 +82,7 @@ import torch.nn.functional as F  # noqa: N812
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
+from diffquant.devices import DeviceClass, resolve_device_class
 from diffquant.errors import ExportError
 from diffquant.models.loading import DiffusionModel
 from diffquant.quant.formats import IntFormat, group_view
@@ -100,15 +105,32 @@ ONNXRUNTIME_FORM_REASON = (
 DEFAULT_OPSET = 21
 MIN_OPSET = 13
 BLOCKED_OPSET = 21
+INT2_OPSET = 25  # the first opset whose DequantizeLinear takes INT2
 TRACE_MAX_OPSET = 20  # the legacy exporter's symbolic functions stop at 20
+INT2_IR_VERSION = 13  # the IR version that added INT2 tensors (onnx 1.20)
 DEFAULT_EXTERNAL_DATA_THRESHOLD = 100 * 1024 * 1024
 _MARK_DOMAIN = "diffquant.export"
 
 
-def storage_type(bits: int) -> int:
-    """ONNX integer type that stores a ``bits``-bit weight: INT4 for 2-4 bits, INT8 for 5-8."""
+STORAGE_TYPES = {2: TensorProto.INT2, 4: TensorProto.INT4, 8: TensorProto.INT8}
+"""ONNX integer type of each storage width (:meth:`diffquant.devices.DeviceClass.storage_bits`)."""
+
+
+def storage_type(bits: int, device: DeviceClass | None = None) -> int:
+    """ONNX integer type that stores a ``bits``-bit weight on ``device``: INT2, INT4 or INT8.
+
+    ``device`` None: the TensorRT classes' rule (INT4 for 2-4 bits, INT8 for 5-8).
+    """
     IntFormat(bits)
-    return TensorProto.INT4 if bits <= 4 else TensorProto.INT8
+    if device is None:
+        return TensorProto.INT4 if bits <= 4 else TensorProto.INT8
+    return STORAGE_TYPES[device.storage_bits(bits)]
+
+
+def export_opset(plan: LayerPlan, device: DeviceClass, opset: int) -> int:
+    """The opset an export of ``plan`` for ``device`` declares: ``opset``, raised to 25 when a weight is stored as INT2."""
+    int2 = any(c.weight is not None and device.storage_bits(c.weight.bits) == 2 for c in plan.values())
+    return max(opset, INT2_OPSET) if int2 else opset
 
 
 @dataclass(frozen=True)
@@ -289,18 +311,26 @@ def _quantizer_ready(name: str, quantizer: FakeQuantizer, role: str) -> None:
         raise ExportError(f"layer {name!r}: {role} scale is not positive and finite; recalibrate before export")
 
 
-def _pack_int4(values: np.ndarray) -> bytes:
-    """Pack signed 4-bit integers two per byte, the first element in the low nibble (ONNX layout)."""
+def _pack(values: np.ndarray, bits: int) -> bytes:
+    """Pack signed ``bits``-bit integers (2 or 4) ``8 / bits`` per byte, the first element in the lowest bits (ONNX layout)."""
+    per_byte = 8 // bits
     flat = values.astype(np.int8).reshape(-1)
-    if flat.size % 2:
-        flat = np.concatenate([flat, np.zeros(1, np.int8)])
-    nibbles = flat.view(np.uint8) & 0x0F
-    return (nibbles[0::2] | (nibbles[1::2] << 4)).astype(np.uint8).tobytes()
+    if flat.size % per_byte:
+        flat = np.concatenate([flat, np.zeros(per_byte - flat.size % per_byte, np.int8)])
+    fields = (flat.view(np.uint8) & ((1 << bits) - 1)).reshape(-1, per_byte)
+    packed = np.zeros(fields.shape[0], np.uint8)
+    for k in range(per_byte):
+        packed |= (fields[:, k] << (bits * k)).astype(np.uint8)
+    return packed.tobytes()
+
+
+_PACKED_BITS = {TensorProto.INT4: 4, TensorProto.INT2: 2}
 
 
 def _int_tensor(name: str, values: np.ndarray, data_type: int) -> TensorProto:
-    if data_type == TensorProto.INT4:
-        return helper.make_tensor(name, data_type, list(values.shape), _pack_int4(values), raw=True)
+    if data_type in _PACKED_BITS:
+        packed = _pack(values, _PACKED_BITS[data_type])
+        return helper.make_tensor(name, data_type, list(values.shape), packed, raw=True)
     return numpy_helper.from_array(values.astype(np.int8), name)
 
 
@@ -424,6 +454,7 @@ def _lower_weight(
     suffix: str,
     call: int,
     layers: dict[str, dict[str, str]],
+    device: DeviceClass,
 ) -> list[onnx.NodeProto]:
     """Lower a weight Mark: name the compute node, then a DequantizeLinear of the stored integers (or nothing)."""
     source, out = node.input[0], node.output[0]
@@ -439,7 +470,7 @@ def _lower_weight(
     assert isinstance(module, (QuantLinear, QuantConv2d)) and module.weight_quantizer is not None
     _quantizer_ready(name, module.weight_quantizer, "weight")
     q, scale, axis, block = _quantized_weight(module)
-    data_type = storage_type(cfg.weight.bits)
+    data_type = storage_type(cfg.weight.bits, device)
     q_name, s_name, z_name = f"{name}.weight_quantized", f"{name}.weight_scale", f"{name}.weight_zero_point"
     if not call:
         index.add_init(_int_tensor(q_name, q, data_type))
@@ -485,9 +516,11 @@ def _lower_bias(
 
 
 def _lower_marks(
-    model: onnx.ModelProto, unet: nn.Module, plan: LayerPlan, target: str = "tensorrt"
+    model: onnx.ModelProto, unet: nn.Module, plan: LayerPlan, target: str, device: DeviceClass
 ) -> dict[str, dict[str, str]]:
     """Replace every Mark node by its Q/DQ lowering (or by nothing); name the compute nodes.
+
+    Weights are stored in ``device``'s storage type (:func:`storage_type`).
 
     A layer called more than once (DiT's output layer reuses block 0's timestep embedder) gets
     one set of initializers and numbered nodes (``<fqn>/MatMul``, ``<fqn>/MatMul_1``, ...).
@@ -512,7 +545,7 @@ def _lower_marks(
         calls[(name, role)] = call = calls.get((name, role), -1) + 1
         suffix = f"_{call}" if call else ""
         if role == "weight":
-            new_nodes.extend(_lower_weight(index, node, module, cfg, name, suffix, call, layers))
+            new_nodes.extend(_lower_weight(index, node, module, cfg, name, suffix, call, layers, device))
         elif role == "bias":
             new_nodes.append(_lower_bias(index, node, module, name, suffix, call))
         else:
@@ -598,27 +631,31 @@ def onnx_target(path: str | Path) -> str:
 
 
 def initializer_bytes(model: onnx.ModelProto) -> int:
-    """Bytes the initializers of ``model`` take when stored (INT4 counted packed, two per byte).
+    """Bytes the initializers of ``model`` take when stored (INT4 counted packed two per byte, INT2 four).
 
     Works without loading external data: sizes come from element types and shapes.
     """
-    total = 0
-    for tensor in model.graph.initializer:
-        numel = int(np.prod(tensor.dims, dtype=np.int64)) if tensor.dims else 1
-        if tensor.data_type in (TensorProto.INT4, TensorProto.UINT4):
-            total += (numel + 1) // 2
-        elif tensor.data_type == TensorProto.STRING:
-            total += sum(len(s) for s in tensor.string_data)
-        else:
-            total += numel * np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
-    return total
+    return sum(tensor_bytes(tensor) for tensor in model.graph.initializer)
+
+
+def tensor_bytes(tensor: TensorProto) -> int:
+    """Bytes one stored tensor takes (INT4/UINT4 packed two per byte, INT2/UINT2 four), from its type and shape."""
+    numel = int(np.prod(tensor.dims, dtype=np.int64)) if tensor.dims else 1
+    if tensor.data_type in (TensorProto.INT4, TensorProto.UINT4):
+        return (numel + 1) // 2
+    if tensor.data_type in (TensorProto.INT2, TensorProto.UINT2):
+        return (numel + 3) // 4
+    if tensor.data_type == TensorProto.STRING:
+        return sum(len(s) for s in tensor.string_data)
+    return numel * np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
 
 
 def onnx_weight_bytes(path: str | Path) -> int:
-    """Bytes of all initializers of the ONNX file at ``path`` (INT4 counted packed).
+    """Bytes of all initializers of the ONNX file at ``path`` (INT4 and INT2 counted packed).
 
-    This is the exported counterpart of :func:`diffquant.quant.plan.packed_weight_bytes`: the
-    plan's ``packed`` count plus zero points and a few shape constants.
+    This is the exported counterpart of :func:`diffquant.quant.plan.deployed_weight_bytes`: its
+    count plus the activation quantizers' scalars, the onnxruntime form's bias scales and a few
+    shape constants.
     """
     return initializer_bytes(onnx.load(str(path), load_external_data=False))
 
@@ -719,6 +756,7 @@ def export_onnx(
     external_data_threshold: int = DEFAULT_EXTERNAL_DATA_THRESHOLD,
     example_batch: int = 2,
     target: str | None = None,
+    device_class: str | DeviceClass | None = None,
 ) -> ExportInfo:
     """Export ``model``'s denoiser to ONNX, quantized layers as Q/DQ (see the module docstring).
 
@@ -727,21 +765,26 @@ def export_onnx(
         plan: The plan the model was quantized with; None takes the plan the model's quantizers
             carry (all float for an FP model). The model's quantizers must match it exactly.
         path: Target ``.onnx`` file (written atomically).
-        opset: ONNX opset; 21 or more when the plan has INT4 (2-4 bit) or group-wise weights.
+        opset: ONNX opset; 21 or more when the plan has INT4 (2-4 bit) or group-wise weights;
+            raised to 25 when a weight is stored as INT2 (:func:`export_opset`).
         external_data_threshold: Save tensors to ``<path>.data`` when initializers exceed this
             many bytes.
         example_batch: Batch size of the tracing inputs (the exported batch axis is dynamic).
         target: ``tensorrt`` (TensorRT's explicit-quantization form) or ``onnxruntime`` (UINT8
             activations, output Q/DQ and INT32 biases that onnxruntime fuses into ``QLinearConv``);
             None: ``onnxruntime`` when the plan has output quantizers, else ``tensorrt``.
+        device_class: The device class the export is for (:mod:`diffquant.devices`); it decides
+            the weights' storage types (INT2 for 2-bit weights on ``cpu``). None: the target's
+            default (``tensorrt`` -> ``orin``, ``onnxruntime`` -> ``cpu``).
 
     Returns:
-        The written paths, opset, number of quantized layers and initializer bytes.
+        The written paths, the declared opset, number of quantized layers and initializer bytes.
 
     Raises:
         ExportError: Plan and model disagree, a quantizer is uncalibrated, the opset is too old
             for the plan, the target is unknown or cannot hold the plan, or the graph cannot be
             rewritten.
+        ConfigError (``device_class``): An unknown class, or one that does not run the target's form.
 
     Example:
         >>> result = diffquant.quantize(model, diffquant.QuantizeSpec(), calibration)
@@ -756,13 +799,15 @@ def export_onnx(
     else:
         _check_matches(unet, plan)
     target = export_target(plan, target)
+    device = resolve_device_class(device_class, target)
     needs_21 = [n for n, c in plan.items() if c.weight is not None and (c.weight.bits <= 4 or c.weight.group_size)]
     if opset < MIN_OPSET or (needs_21 and opset < BLOCKED_OPSET):
         raise ExportError(
             f"opset {opset} cannot hold this plan (layer {needs_21[0] if needs_21 else '-'!r}); use opset {BLOCKED_OPSET}"
         )
+    opset = export_opset(plan, device, opset)
     proto = _trace(model, _Denoiser(_wrap_layers(unet, plan, target), model.conditional).eval(), opset, example_batch)
-    _lower_and_label(proto, unet, plan, target, opset)
+    _lower_and_label(proto, unet, plan, target, opset, device)
     proto, data, weight_bytes = _check_and_save(proto, path, external_data_threshold)
     quantized = len(plan.quantized_layers())
     logger.info(
@@ -771,12 +816,16 @@ def export_onnx(
     return ExportInfo(path, data, opset, quantized, weight_bytes)
 
 
-def _lower_and_label(proto: onnx.ModelProto, module: nn.Module, plan: LayerPlan, target: str, opset: int) -> None:
+def _lower_and_label(
+    proto: onnx.ModelProto, module: nn.Module, plan: LayerPlan, target: str, opset: int, device: DeviceClass
+) -> None:
     """Set the default-domain opset, lower the traced layer marks to Q/DQ and write diffquant's metadata (in place)."""
     for entry in proto.opset_import:
         if entry.domain in ("", "ai.onnx"):
             entry.version = opset
-    layers = _lower_marks(proto, module, plan, target)
+    if opset >= INT2_OPSET:
+        proto.ir_version = max(proto.ir_version, INT2_IR_VERSION)
+    layers = _lower_marks(proto, module, plan, target, device)
     proto.metadata_props.append(onnx.StringStringEntryProto(key=LAYERS_METADATA_KEY, value=json.dumps(layers)))
     proto.metadata_props.append(onnx.StringStringEntryProto(key=TARGET_METADATA_KEY, value=target))
     proto.producer_name = "diffquant"
@@ -789,6 +838,7 @@ def export_module(
     path: str | Path,
     opset: int = DEFAULT_OPSET,
     target: str = "tensorrt",
+    device_class: str | DeviceClass | None = None,
 ) -> Path:
     """Export a small (fake-quantized) module of one input with the same Q/DQ lowering as :func:`export_onnx`.
 
@@ -802,16 +852,19 @@ def export_module(
         plan: The plan its quantizers carry (checked to match).
         example: An input of the shape to trace with.
         path: Target ``.onnx`` file.
-        opset: ONNX opset (21 for INT4 or group-wise weights).
+        opset: ONNX opset (21 for INT4 or group-wise weights; raised to 25 for INT2 weights).
         target: ``tensorrt`` or ``onnxruntime`` form.
+        device_class: The class whose storage types the weights get (None: the target's default).
 
     Raises:
         ExportError: As :func:`export_onnx`.
     """
     _check_matches(module, plan)
     target = export_target(plan, target)
+    device = resolve_device_class(device_class, target)
+    opset = export_opset(plan, device, opset)
     wrapped = _wrap_layers(module, plan, target).eval()
     proto = _trace_module(wrapped, (example,), ["x"], ["y"], opset)
-    _lower_and_label(proto, module, plan, target, opset)
+    _lower_and_label(proto, module, plan, target, opset, device)
     _check_and_save(proto, Path(path), DEFAULT_EXTERNAL_DATA_THRESHOLD)
     return Path(path)

@@ -4,7 +4,8 @@ TensorRT (explicit quantization) wants: symmetric Q/DQ (zero point 0), scales th
 constant and positive, per-tensor activation scales, INT8 activations, per-channel weight
 scales on the output-channel axis (or block-wise on the input axis with ``block_size``, opset
 21), INT4 only as weight-only ``DequantizeLinear``. The plan adds: every planned layer has its
-weight DQ and input Q/DQ with the integer type its bits need (:func:`export.onnx.storage_type`),
+weight DQ and input Q/DQ with the integer type its bits need on the device class
+(:func:`export.onnx.storage_type`: INT2 for 2-bit weights on ``cpu``, else INT4 or INT8),
 integer weights inside the b-bit range, a ``Clip`` to the b-bit range before an activation
 quantized at fewer than 8 bits, and no Q/DQ on a layer the plan keeps in float nor anywhere
 outside the planned layers.
@@ -52,6 +53,8 @@ from diffquant.quant.formats import IntFormat
 from diffquant.quant.plan import LayerConfig, LayerPlan, WeightConfig
 
 _INT_TYPES = {
+    TensorProto.INT2: "INT2",
+    TensorProto.UINT2: "UINT2",
     TensorProto.INT4: "INT4",
     TensorProto.INT8: "INT8",
     TensorProto.UINT8: "UINT8",
@@ -59,7 +62,7 @@ _INT_TYPES = {
 }
 _CLIP_RTOL = 1e-6
 _BIAS_SCALE_RTOL = 1e-6
-_INT4_TYPES = (TensorProto.INT4, TensorProto.UINT4)
+_SUB_BYTE_TYPES = (TensorProto.INT4, TensorProto.UINT4, TensorProto.INT2, TensorProto.UINT2)
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,7 @@ class _Checker:
     ) -> None:
         self.model, self.plan, self.target = model, plan, target
         self.device = device
+        self.storage = device if device is not None else resolve_device_class(None, target)
         self.consumers: dict[str, list[onnx.NodeProto]] = {}
         for node in model.graph.node:
             for name in node.input:
@@ -228,13 +232,13 @@ class _Checker:
         self.claimed.add(producer.name)
         q = self.weight_integers(producer, layer, cfg.weight.bits)
         scale = self.scale(producer, layer, "weight")
-        self.zero_point(producer, layer, "weight", storage_type(cfg.weight.bits))
+        self.zero_point(producer, layer, "weight", storage_type(cfg.weight.bits, self.storage))
         if q is not None and scale is not None:
             self.weight_layout(producer, compute, layer, cfg.weight, q, scale)
 
     def weight_integers(self, dq: onnx.NodeProto, layer: str, bits: int) -> np.ndarray | None:
         """The stored integer weight of ``dq``, checked for its storage type and range (None: not stored)."""
-        expected_type = storage_type(bits)
+        expected_type = storage_type(bits, self.storage)
         source = dq.input[0]
         if source not in self.inits:
             origin = self.producer.get(source)
@@ -547,11 +551,12 @@ class _Checker:
             if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
                 continue
             zero_point = self.inits.get(node.input[2]) if len(node.input) > 2 else None
-            if node.op_type == "QuantizeLinear" and zero_point is not None and zero_point.data_type in _INT4_TYPES:
+            if node.op_type == "QuantizeLinear" and zero_point is not None and zero_point.data_type in _SUB_BYTE_TYPES:
                 self.add(
                     node.name,
                     "int4_activation",
-                    "INT4 QuantizeLinear: TensorRT takes INT4 only as weight-only DequantizeLinear",
+                    f"{_type_name(zero_point.data_type)} QuantizeLinear: TensorRT takes INT4 only as weight-only "
+                    "DequantizeLinear (and no INT2)",
                 )
             if node.name not in self.claimed:
                 self.add(node.name, "unplanned_qdq", f"{node.op_type} belongs to no planned quantizer")
@@ -575,7 +580,9 @@ def check_rules(
             ``diffquant.target`` metadata, else ``onnxruntime`` when the plan has output quantizers.
         device_class: The class the plan is for (``orin``, ..., ``cpu``; :mod:`diffquant.devices`);
             a planned layer the class cannot run is a ``device_class`` violation naming the layer
-            and the class. None checks the form alone (any class that takes it).
+            and the class; it also says which integer type stores each weight (INT2 for 2-bit
+            weights on ``cpu``). None checks the form alone, with the target's default class's
+            storage types (``tensorrt`` -> ``orin``, ``onnxruntime`` -> ``cpu``).
 
     Returns:
         Every violation, each naming the node at fault; empty when the export is valid.

@@ -343,6 +343,7 @@ def _summary(run: _Run, info: ModelInfo, stages: dict[str, Any]) -> RunSummary:
         "packed_bytes": quant.packed_bytes,
         "ratio": quant.packed_bytes / quant.fp32_bytes,
         "onnx_weight_bytes": exported.onnx_weight_bytes if exported else None,
+        "deployed_bytes": quant.deployed_bytes,
     }
     return RunSummary(
         schema_version=SCHEMA_VERSION,
@@ -380,6 +381,7 @@ def _summary(run: _Run, info: ModelInfo, stages: dict[str, Any]) -> RunSummary:
         if allocation is None
         else {
             "budget": cfg.allocation.budget.as_dict(),
+            "cost": cfg.allocation.cost,
             "usage": allocation.usage,
             "objective": allocation.objective,
             "plan_path": allocation.plan.path,

@@ -148,6 +148,7 @@ class QuantizeArtifact(StageResult):
     fp32_bytes: int
     packed_bytes: int
     outlier_tokens: dict[str, Any] | None = None
+    deployed_bytes: int | None = None
 
 
 class SamplesArtifact(StageResult):

@@ -93,5 +93,6 @@ def quantize_task(
         quantized_layers=len(result.plan.quantized_layers()),
         fp32_bytes=result.fp32_bytes,
         packed_bytes=result.packed_bytes,
+        deployed_bytes=result.deployed_bytes,
         outlier_tokens=result.outlier_tokens.to_dict(),
     )

@@ -47,7 +47,14 @@ def _export_and_check(
     qmodel = load_quantized(
         model_from_source(spec.model), Path(quantized.plan.path), Path(quantized.scales.path), weights, inplace=True
     )
-    info = export_onnx(qmodel, plan, folder / "model.onnx", opset=spec.export.opset, target=spec.export.target)
+    info = export_onnx(
+        qmodel,
+        plan,
+        folder / "model.onnx",
+        opset=spec.export.opset,
+        target=spec.export.target,
+        device_class=spec.export.device,
+    )
     check_rules(info.path, plan, raise_on_violation=True, target=spec.export.target, device_class=spec.export.device)
     classifier = load_classifier() if qmodel.digits_compatible and samples else None
     config = ParityConfig(

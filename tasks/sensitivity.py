@@ -109,6 +109,7 @@ def allocate_task(
         "usage": result.usage,
         "status": result.status,
         "budget": spec.allocation.budget.as_dict(),
+        "cost": spec.allocation.cost,
         "choice": result.choice,
         "device_class": spec.export.device.name,
         "removed_options": result.removed,

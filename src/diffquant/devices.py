@@ -25,6 +25,16 @@ What the table says, and where it comes from:
   (:attr:`DeviceClass.int4_conv` is False): the weight is dequantized and the convolution runs in
   float, so the bundle is small but the layer is not faster. The allocator says so in its record
   (``notes``). This form has not been built into an engine on a device here (no GPU in CI).
+- **Weight storage** (:meth:`DeviceClass.storage_bits`, the one rule the exporter and the
+  ``allocation.cost: deployed`` budget both use): 5-8-bit weights are stored as INT8 and 2-4-bit
+  ones as INT4 (packed two per byte), except that 2-bit weights are stored as INT2 (four per byte)
+  where the runtime dequantizes INT2 (:attr:`DeviceClass.int2_weights`). ONNX has INT2 from opset
+  25 (there is no INT3, so 3-bit weights stay INT4). onnxruntime 1.32's CPU provider runs INT2
+  ``DequantizeLinear`` per tensor, per channel and block-wise, alone, before a ``Conv`` and fused
+  with ``MatMul`` into ``MatMulNBits`` (checked bit-exact against numpy with the accuracy level
+  that keeps the float input, as parity uses; its default level 4 quantizes the input to int8
+  for INT4 and INT2 alike). TensorRT runs only INT8 and INT4 weights ("Working with Quantized
+  Types": INT4 weight-only), so every TensorRT class stores 2-bit weights as INT4.
 - **Group-wise (block) weights** are TensorRT's block quantization, which serves INT4 weight-only
   GEMM: group-wise weights are refused on convolutions and above 4 bits on every TensorRT class
   (:attr:`DeviceClass.block_kinds`, :attr:`DeviceClass.block_max_bits`). onnxruntime's CPU
@@ -79,6 +89,8 @@ class DeviceClass:
         int4_gemm: INT4 weight-only GEMM kernels (Linear layers, 2-4-bit weights stored as INT4).
         int4_conv: INT4 convolution kernels (without them a 2-4-bit convolution weight is
             dequantized and the layer runs in float).
+        int2_weights: The runtime dequantizes INT2 weights (ONNX opset 25), so 2-bit weights are
+            stored as INT2 instead of INT4 (:meth:`storage_bits`).
         block_kinds: Layer kinds that take group-wise (block) weights.
         block_max_bits: Most bits of a group-wise weight.
         fp8: FP8 (E4M3) weights and activations.
@@ -98,6 +110,17 @@ class DeviceClass:
     fp8: bool
     fp4: bool
     output_quantizers: bool
+    int2_weights: bool = False
+
+    def storage_bits(self, bits: int) -> int:
+        """Bits of the ONNX integer type that stores a ``bits``-bit weight on this class: 2 (INT2), 4 (INT4) or 8 (INT8).
+
+        INT2 only where the runtime takes it (:attr:`int2_weights`); the exporter writes this type and
+        ``allocation.cost: deployed`` counts it.
+        """
+        if bits <= 2 and self.int2_weights:
+            return 2
+        return 4 if bits <= 4 else 8
 
     def weight_problem(self, kind: str, bits: int, group_size: int | None) -> str | None:
         """Why this class cannot run a ``bits``-bit weight (group-wise when ``group_size``) on a ``kind`` layer; None if it can."""
@@ -120,9 +143,10 @@ class DeviceClass:
         if bits is None or bits > 4:
             return None
         if kind == "conv" and not self.int4_conv:
+            stored = "INT2 or INT4" if self.int2_weights else "INT4"
             return (
                 f"{self.runtime} on {self.name} has no INT4 convolution kernel: a 2-4-bit convolution weight is stored "
-                "as INT4 and dequantized, the layer runs in float (smaller bundle, no speed-up)"
+                f"as {stored} and dequantized, the layer runs in float (smaller bundle, no speed-up)"
             )
         if kind == "linear" and not self.int4_gemm:
             return f"{self.name} has no INT4 GEMM kernel: a 2-4-bit Linear weight is dequantized"
@@ -149,6 +173,7 @@ class DeviceClass:
             "fp8": self.fp8,
             "fp4": self.fp4,
             "output_quantizers": self.output_quantizers,
+            "int2_weights": self.int2_weights,
         }
 
 
@@ -191,6 +216,7 @@ DEVICE_CLASSES: Mapping[str, DeviceClass] = MappingProxyType(
             fp8=False,
             fp4=False,
             output_quantizers=True,
+            int2_weights=True,
         ),
     }
 )

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from diffquant.calibration.ranges import ForwardLoop, calibrate_activations
-from diffquant.devices import plan_problems, resolve_device_class
+from diffquant.devices import DeviceClass, plan_problems, resolve_device_class
 from diffquant.errors import ConfigError
 from diffquant.mixed_precision.allocate import allocate_plan, measure_allocation_sensitivity
 from diffquant.mixed_precision.sensitivity import SensitivityTable
@@ -47,6 +47,7 @@ from diffquant.quant.plan import (
     LayerPlan,
     WeightConfig,
     apply_plan,
+    deployed_weight_bytes,
     load_quantizer_state,
     packed_weight_bytes,
     quantizable_layers,
@@ -76,6 +77,8 @@ class QuantizeResult:
         fp32_bytes: Parameter bytes of the float module.
         packed_bytes: Parameter bytes with quantized weights bit-packed (scales included).
         calibrated: Number of activation quantizers calibrated.
+        deployed_bytes: Parameter bytes as the export for the device class stores them (INT2, INT4
+            or INT8 integers, scales and zero points; :func:`diffquant.quant.plan.deployed_weight_bytes`).
     """
 
     module: nn.Module
@@ -84,6 +87,7 @@ class QuantizeResult:
     fp32_bytes: int = 0
     packed_bytes: int = 0
     calibrated: int = 0
+    deployed_bytes: int = 0
 
 
 def _denoiser(model: DiffusionModel | nn.Module, family: str | None) -> tuple[nn.Module, Family | None]:
@@ -272,7 +276,7 @@ def quantize(
     plan: LayerPlan | None = None,
     target: ExportTarget = "tensorrt",
     family: str | None = None,
-    device_class: str | None = None,
+    device_class: str | DeviceClass | None = None,
 ) -> QuantizeResult:
     """Quantize a denoiser in place: fake-quant layers with calibrated scales, and its plan.
 
@@ -291,7 +295,7 @@ def quantize(
         family: Model family of a bare module (``unet2d``, ``dit``, ``text-unet``, ``sdxl``, ``pixart``).
         device_class: The device class the plan is for (:mod:`diffquant.devices`; None: the
             target's default, ``tensorrt`` -> ``orin``); a plan it cannot run is refused before
-            calibration.
+            calibration. Its storage types give ``deployed_bytes``.
 
     Returns:
         The quantized module, its plan, what outlier-token detection found and the sizes.
@@ -334,8 +338,9 @@ def quantize(
     outliers = _outlier_tokens(model, config.outlier_tokens, conditions, calibration.batch_size)
     plan = apply_outlier_tokens(plan, outliers)
     sizes = packed_weight_bytes(unet, plan)
+    deployed = deployed_weight_bytes(unet, plan, device)
     calibrated = apply_and_calibrate(unet, plan, forward_loop, conditional, calibration, conditions)
-    return QuantizeResult(unet, plan, outliers, sizes["fp32"], sizes["packed"], calibrated)
+    return QuantizeResult(unet, plan, outliers, sizes["fp32"], sizes["packed"], calibrated, deployed)
 
 
 @dataclass
@@ -424,7 +429,9 @@ def auto_quantize(
         )
     device = resolve_device_class(device_class, target)
     plan, allocation = allocate_plan(model, forward_loop, config, sensitivity, **observers, device_class=device)
-    result = quantize(model, quantize_config, forward_loop, calibration=calibration, plan=plan, target=target)
+    result = quantize(
+        model, quantize_config, forward_loop, calibration=calibration, plan=plan, target=target, device_class=device
+    )
     return AutoQuantizeResult(result.module, result.plan, allocation, sensitivity, result)
 
 

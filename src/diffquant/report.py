@@ -217,6 +217,16 @@ def stage_table(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _sizes_line(sizes: dict[str, Any]) -> str:
+    """Float, plan (packed) and deployed (the device class's storage types) weight bytes."""
+    line = f"- weights: {sizes['fp32_bytes']:,} B fp32 -> {sizes['packed_bytes']:,} B packed by the plan ({sizes['ratio']:.3f}x)"
+    if sizes.get("deployed_bytes") is not None:
+        line += f", {sizes['deployed_bytes']:,} B deployed (the export's storage types and zero points)"
+    if sizes.get("onnx_weight_bytes") is not None:
+        line += f"; ONNX initializers {sizes['onnx_weight_bytes']:,} B"
+    return line
+
+
 def render_report(summary: dict[str, Any], grid_image: bool = True) -> str:
     """Markdown report of a compress run from its summary dict.
 
@@ -234,8 +244,7 @@ def render_report(summary: dict[str, Any], grid_image: bool = True) -> str:
         f"- spec hash: `{summary['spec_hash']}`",
         f"- plan: {summary['plan']['quantized_layers']} of {summary['plan']['layers']} layers quantized "
         f"({summary['plan']['description']})",
-        f"- weights: {summary['sizes']['fp32_bytes']:,} B fp32 -> {summary['sizes']['packed_bytes']:,} B packed "
-        f"({summary['sizes']['ratio']:.3f}x)",
+        _sizes_line(summary["sizes"]),
         "",
         "| metric | " + " | ".join(metrics) + " |",
         "|---|" + "---|" * len(metrics),

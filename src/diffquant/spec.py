@@ -232,6 +232,13 @@ class AllocationSpec(_Strict):
     group-wise (option names like ``w4g32a8``; only for layers whose input channels the group size
     divides). Options are every (weight candidate, activation bits) pair; the objective
     is ``quality * noise + content * content_metric`` (each normalised to [0, 1]).
+
+    ``cost`` says what the ``avg_weight_bits`` and ``bytes`` budgets count: ``plan`` (default)
+    each weight at its bits, bit-packed, with its fp32 scales; ``deployed`` what the export for
+    ``export.device_class`` stores (:meth:`diffquant.devices.DeviceClass.storage_bits`): 3-bit
+    weights as INT4, 2-bit weights as INT2 on ``cpu`` and INT4 on the TensorRT classes, plus
+    each weight's zero points. ``bitops`` and ``latency_ms`` are unchanged by it. The default is
+    left out of the serialized spec, so existing specs keep their hash.
     """
 
     weight_bits: list[int] = Field(default_factory=lambda: [2, 3, 4, 6, 8], min_length=1)
@@ -262,6 +269,11 @@ class AllocationSpec(_Strict):
         description="JSON {layer: {option: ms}}, or the table diffquant profile writes; needed for budget.latency_ms",
     )
     pinned: dict[str, str] = Field(default_factory=dict, description="glob -> option name, e.g. conv_out: w8a8")
+    cost: Literal["plan", "deployed"] = Field(
+        "plan",
+        description="what avg_weight_bits and bytes count: plan = the plan's bits; deployed = the export's "
+        "storage types on export.device_class (INT2/INT4/INT8 plus zero points)",
+    )
 
     @model_validator(mode="after")
     def _valid(self) -> AllocationSpec:
@@ -274,7 +286,19 @@ class AllocationSpec(_Strict):
             raise ValueError("allocation.budget needs at least one of avg_weight_bits, bytes, bitops, latency_ms")
         if self.budget.latency_ms is not None and self.latency_table is None:
             raise ValueError("budget.latency_ms needs allocation.latency_table (JSON: layer -> option -> ms)")
+        if self.cost == "deployed" and self.budget.avg_weight_bits is None and self.budget.bytes is None:
+            raise ValueError(
+                "cost: deployed counts stored bytes, which only budget.avg_weight_bits and budget.bytes measure; "
+                "set one of them or leave cost at plan"
+            )
         return self
+
+    @model_serializer(mode="wrap")
+    def _omit_default_cost(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if self.cost == "plan":
+            data.pop("cost", None)
+        return data
 
 
 class TrainableSpec(_Strict):

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 SCHEMA_VERSION = 2
 
@@ -36,12 +36,21 @@ class ModelSection(_Section):
 
 
 class SizesSection(_Section):
-    """Weight bytes: float, packed (plan) and the ONNX initializers."""
+    """Weight bytes: float, packed (plan), deployed (the device class's storage types) and the ONNX initializers."""
 
     fp32_bytes: int
     packed_bytes: int
     ratio: float
     onnx_weight_bytes: int | None = None
+    deployed_bytes: int | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_unknown_deployed(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # summaries from before deployed bytes were counted read back as they were written
+        data = handler(self)
+        if self.deployed_bytes is None:
+            data.pop("deployed_bytes", None)
+        return data
 
 
 class PlanSection(_Section):

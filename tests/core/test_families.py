@@ -65,7 +65,7 @@ def test_sd_pipeline_is_a_latent_text_unet_with_family_defaults(saved):
         "unet.time_embedding.linear_1",
         "unet.time_embedding.linear_2",
     }
-    assert model.unet.get_submodule(model.family_info.feature_module) is model.unet.unet.mid_block
+    assert model.unet.get_submodule(model.family_info.feature_module) is model.unet.unet.mid_block.resnets[0]
     ids, labels = model.conditions(4, "evaluation")
     assert ids.shape == (4, 16) and labels is None
     assert model.unet(torch.randn(4, *model.sample_shape), torch.full((4,), 10), ids).sample.shape == (4, 4, 8, 8)

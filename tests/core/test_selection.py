@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 from diffquant.calibration.selection import (
     STRATEGIES,
     SelectionParams,
-    farthest_points,
+    pair_statistics,
+    paired_slots,
     select_indices,
     timestep_weights,
 )
@@ -86,32 +87,94 @@ def test_density_diversity_allocation_follows_weights():
     assert float((counts - expected).abs().max()) <= 1.0 + 1e-9
 
 
-def test_density_diversity_weights_brute_force():
-    t, f = make_pool(dim=3)
-    params = SelectionParams(radius=0.05, diversity_weight=0.7)
+def official_weights(t, features, radius, lam):
+    """EDA-DM's TDAC weights as its generator computes them: one (B, C, H, W) map per timestep, loops."""
     values = torch.unique(t)
-    means = [f[t == v].double().mean(0) for v in values]
-    n = len(values)
+    maps = [features[t == v].double() for v in values]  # pool order keeps trajectories aligned
+    cosine = torch.nn.CosineSimilarity(dim=1, eps=1e-6)
+    n = len(maps)
     density = torch.zeros(n, dtype=torch.float64)
     diversity = torch.zeros(n, dtype=torch.float64)
     for i in range(n):
         for j in range(n):
             if i != j:
-                density[i] += float(((means[i] - means[j]) ** 2).mean() <= 0.05)
-                diversity[i] += 1 - torch.nn.functional.cosine_similarity(means[i], means[j], dim=0)
+                density[i] += float(torch.mean((maps[i] - maps[j]) ** 2) <= radius)
+                diversity[i] += torch.sum(1 - cosine(maps[i], maps[j]))
 
     def mm(v):
         return (v - v.min()) / (v.max() - v.min())
 
-    assert torch.allclose(timestep_weights(t, f, params), mm(density) + 0.7 * mm(diversity))
+    return mm(density) + lam * mm(diversity)
 
 
-def test_farthest_points_covers_clusters():
-    g = torch.Generator().manual_seed(0)
-    centers = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]])
-    points = torch.cat([c + 0.1 * torch.randn(25, 2, generator=g) for c in centers])
-    chosen = farthest_points(points, 4, torch.Generator().manual_seed(1))
-    assert sorted({int(i) // 25 for i in chosen}) == [0, 1, 2, 3]
+def map_pool(seed=0, steps=6, traj=3, shape=(4, 3, 2)):
+    """Timestep-major pool (like collect_pool) of per-sample features that drift with t."""
+    t = (torch.arange(steps - 1, -1, -1) * 100).repeat_interleave(traj)
+    g = torch.Generator().manual_seed(seed)
+    drift = (t.float() / 300).reshape(-1, *[1] * len(shape))
+    features = torch.randn(t.numel(), *shape, generator=g) + drift * torch.randn(1, *shape, generator=g)
+    return t, features
+
+
+def _slots(t):
+    return paired_slots([torch.nonzero(t == v).squeeze(1) for v in torch.unique(t)])
+
+
+def test_density_diversity_weights_match_the_official_generator():
+    """Per-sample features paired across timesteps; averaging over samples first (the old formula) differs."""
+    t, f = map_pool()
+    params = SelectionParams(radius=1.5, diversity_weight=1.2)
+    expected = official_weights(t, f, 1.5, 1.2)
+    assert torch.allclose(timestep_weights(t, f, params), expected, atol=1e-9)
+    # the oracle tells the formulas apart: sample-averaged features give other weights
+    means = torch.stack([f[t == v].mean(0) for v in torch.unique(t)])
+    assert not torch.allclose(official_weights(torch.unique(t), means, 1.5, 1.2), expected)
+
+
+def test_pair_statistics_in_chunks_equal_one_pass_and_brute_force():
+    t, f = map_pool(seed=3, traj=5)
+    slots = _slots(t)
+    one = pair_statistics(f, slots)
+    small = pair_statistics(f, slots, chunk_elements=1)  # one trajectory at a time
+    assert all(torch.allclose(a, b, atol=1e-9) for a, b in zip(one, small, strict=True))
+    a, b = f[slots[0]].double(), f[slots[4]].double()
+    assert float(one[0][0, 4]) == pytest.approx(float(((a - b) ** 2).mean()), rel=1e-9)
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=1, eps=1e-6)
+    assert float(one[1][0, 4]) == pytest.approx(float((1 - cos).sum()), rel=1e-9)
+
+
+def test_token_features_take_the_last_axis_as_channels():
+    """Transformer features (N, tokens, D): the cosine is over D, per token."""
+    t, f = map_pool(shape=(5, 4))
+    slots = _slots(t)
+    _, cosine = pair_statistics(f, slots)
+    a, b = f[slots[1]].double(), f[slots[2]].double()
+    expected = (1 - torch.nn.functional.cosine_similarity(a, b, dim=2, eps=1e-6)).sum()
+    assert float(cosine[1, 2]) == pytest.approx(float(expected), rel=1e-9)
+
+
+def test_density_diversity_draws_at_random_within_each_timestep():
+    t, f = make_pool()
+    chosen = [select_indices(t, f, "density_diversity", 60, seed) for seed in range(2)]
+    assert histogram(t, chosen[0]) == histogram(t, chosen[1])  # the same counts per timestep
+    assert not torch.equal(chosen[0], chosen[1])  # different samples within them
+
+
+def test_default_features_are_the_mid_attention_input():
+    """digits-unet: the family's feature module's output is what the mid-block attention reads."""
+    from diffquant.calibration.pool import collect_pool
+    from diffquant.calibration.selection import pool_features
+    from diffquant.models.loading import load_model
+
+    model = load_model("digits-unet")
+    pool = collect_pool(model, trajectories=2, steps=3)
+    seen = []
+    handle = model.unet.mid_block.attentions[0].register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    try:
+        features = pool_features(model.unet, pool, model.conditional, model.family_info.feature_module)
+    finally:
+        handle.remove()
+    assert features.dim() == 4 and torch.equal(features, torch.cat(seen))
 
 
 def test_errors():

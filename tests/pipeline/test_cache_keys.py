@@ -215,3 +215,13 @@ def test_weights_and_labels_move_the_keys_that_read_them():
         source_dir="/m",
     )
     assert PoolRequest.from_spec(spec, info, [1, 2]).key() != PoolRequest.from_spec(spec, info, None).key()
+
+
+def test_allocation_cost_moves_the_spec_hash_and_no_cached_key():
+    """``allocation.cost`` is left out of the serialized spec at its default (so the walk above never sees it)."""
+    base = _full_spec()
+    data = base.to_dict()
+    data["allocation"]["cost"] = "deployed"
+    deployed = spec_from_dict(data)
+    assert flatten(deployed.to_dict())["allocation.cost"] == "deployed" and "allocation.cost" not in dict(_leaves())
+    assert deployed.spec_hash() != base.spec_hash() and _keys(deployed) == _keys(base)

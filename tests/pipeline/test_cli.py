@@ -124,6 +124,11 @@ def test_nan_trajectories_fail_cleanly(isolated_home, tmp_path):
     assert not (tmp_path / "out" / "summary.json").exists()
 
 
+def test_deployed_cost_without_a_byte_or_bit_budget(isolated_home):
+    spec = "allocation={budget: {bitops: 1.0e9}, cost: deployed}"
+    assert_clean_failure(invoke("--set", spec), "cost: deployed counts stored bytes", isolated_home)
+
+
 def test_unknown_runner(isolated_home):
     assert_clean_failure(invoke("--runner", "ray"), "runtime.runner", isolated_home)
 

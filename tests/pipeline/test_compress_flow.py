@@ -28,6 +28,8 @@ def test_compress_logs_everything(isolated_home, tmp_path):
     assert export["status"] == "exported" and export["parity"]["passed"] is True
     assert "TensorRT" in export["engine"]["skip_reason"]  # no TensorRT on these machines: skipped, not failed
     assert abs(export["onnx_weight_bytes"] - saved["sizes"]["packed_bytes"]) < 0.01 * saved["sizes"]["packed_bytes"]
+    # deployed: the plan's INT8 weights plus their zero points; the file adds activation scalars and constants
+    assert saved["sizes"]["packed_bytes"] < saved["sizes"]["deployed_bytes"] <= export["onnx_weight_bytes"]
     assert export["onnx_metrics"]["onnx.accuracy"] > 0.5
     assert set(saved["timings"]) >= {"collect_trajectories", "quantize", "evaluate_fp", "evaluate_quantized"}
     plan = json.loads(Path(saved["plan"]["path"]).read_text())["layers"]

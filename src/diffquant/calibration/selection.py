@@ -6,11 +6,15 @@
 - ``normal_timesteps``: timesteps drawn from a normal over [0, T] (mean and std as fractions of
   T, default 0.4 and 0.4), truncated to the range, each draw snapped to the nearest sampler
   timestep (PTQ4DM's NDTC).
-- ``density_diversity``: per-timestep weights ``D_t + lambda * V_t`` from mid-network features
-  (EDA-DM's TDAC): density = number of other timesteps whose mean feature lies within ``radius``
-  (mean squared distance), diversity = summed cosine distance to the other timesteps, both
-  min-max normalised; each timestep gets ``round(w_t / sum(w) * size)`` samples, and inside a
-  timestep samples are picked by farthest-point (k-center) selection for coverage.
+- ``density_diversity``: EDA-DM's TDAC (official generator, ``scripts/calibration.py``): per-sample
+  features of the mid network (by default the input of the mid-block attention) at every
+  timestep, the samples of one trajectory paired across timesteps. Density ``D_t`` = number of
+  other timesteps ``t'`` whose paired features lie within ``radius`` (mean squared difference over
+  samples, channels and positions); diversity ``V_t`` = ``sum over t' != t, samples and positions
+  of 1 - cos`` (cosine over channels); both min-max normalised, ``w_t = D_t + lambda * V_t``; each
+  timestep gets ``w_t / sum(w) * size`` samples (largest remainders), drawn at random within it.
+  The pairwise statistics come from two ``T x T`` Gram matrices accumulated over chunks of
+  trajectories, so memory stays ``O(T x chunk x feature)``, never ``N x N x C x H x W``.
 
 Every strategy returns sorted, unique pool indices. Where a timestep has fewer candidates than
 its share, the excess goes to the timesteps nearest to it that still have room.
@@ -131,17 +135,80 @@ def select_normal_timesteps(
     return _random_within(groups, counts, generator)
 
 
+FEATURE_CHUNK_ELEMENTS = 1 << 24
+"""Feature elements (all timesteps together) gathered at once for the pairwise statistics."""
+
+
+def _channels_last(features: torch.Tensor) -> torch.Tensor:
+    """Per-entry features as ``(N, positions, channels)``.
+
+    4-D features are ``(N, C, H, W)`` (U-Net maps, channels on axis 1), 3-D ones ``(N, tokens, D)``
+    (transformer hidden states, channels last), 2-D ones ``(N, D)`` one position of ``D`` channels.
+    """
+    if features.dim() == 2:
+        return features[:, None, :]
+    if features.dim() == 3:
+        return features
+    return features.flatten(2).transpose(1, 2)
+
+
+def paired_slots(groups: list[torch.Tensor]) -> torch.Tensor:
+    """``(T, m)`` pool indices: the ``k``-th entry of every timestep is one trajectory (``m``: the smallest group).
+
+    The pool records every trajectory at every timestep in the same order (:func:`collect_pool`),
+    so rank within a timestep identifies the trajectory (and, with guidance, the half).
+    """
+    m = min(g.numel() for g in groups)
+    return torch.stack([g[:m] for g in groups])
+
+
+def pair_statistics(
+    features: torch.Tensor, slots: torch.Tensor, eps: float = 1e-6, chunk_elements: int = FEATURE_CHUNK_ELEMENTS
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Paired mean squared difference and summed channel-cosine distance between every two timesteps.
+
+    Args:
+        features: Per-entry features of the pool (see :func:`_channels_last` for the layouts).
+        slots: ``(T, m)`` pool indices, one trajectory per column (:func:`paired_slots`).
+        eps: Lower bound of each vector norm in the cosine (``nn.CosineSimilarity``'s).
+        chunk_elements: Feature elements gathered at once (at least one trajectory at every timestep).
+
+    Returns:
+        ``(mse, cosine)``, each ``(T, T)`` float64: ``mse[i, j]`` = mean over trajectories, channels
+        and positions of ``(F_i - F_j)**2``; ``cosine[i, j]`` = sum over trajectories and positions of
+        ``1 - cos(F_i, F_j)`` over channels.
+    """
+    n_t, m = slots.shape
+    per_entry = features[0].numel()
+    gram = torch.zeros(n_t, n_t, dtype=torch.float64)
+    unit_gram = torch.zeros(n_t, n_t, dtype=torch.float64)
+    norms = torch.zeros(n_t, dtype=torch.float64)
+    positions = 0
+    step = max(1, chunk_elements // max(1, n_t * per_entry))
+    for start in range(0, m, step):
+        block = _channels_last(features[slots[:, start : start + step].reshape(-1)].double())
+        positions = block.shape[1]
+        flat = block.reshape(n_t, -1)
+        gram += flat @ flat.T
+        norms += flat.pow(2).sum(1)
+        unit = (block / block.norm(dim=2, keepdim=True).clamp_min(eps)).reshape(n_t, -1)
+        unit_gram += unit @ unit.T
+    mse = (norms[:, None] + norms[None, :] - 2 * gram).clamp_min(0) / (m * per_entry)
+    return mse, m * positions - unit_gram
+
+
 def timestep_weights(t: torch.Tensor, features: torch.Tensor, params: SelectionParams) -> torch.Tensor:
-    """EDA-DM's per-timestep weights ``norm(D) + lambda * norm(V)`` (ascending timestep order)."""
+    """EDA-DM's per-timestep weights ``norm(D) + lambda * norm(V)`` (ascending timestep order).
+
+    ``radius`` None takes the median of the off-diagonal paired distances (the official code fixes
+    it per dataset: 3.0 for CIFAR-10, 0.3 for LSUN, on its own feature scale).
+    """
     _, groups = _timestep_groups(t)
-    flat = features.reshape(features.shape[0], -1).double()
-    means = torch.stack([flat[g].mean(0) for g in groups])
-    sq = torch.cdist(means, means).pow(2) / means.shape[1]
+    mse, cosine = pair_statistics(features, paired_slots(groups))
     off = ~torch.eye(len(groups), dtype=torch.bool)
-    radius = params.radius if params.radius is not None else float(sq[off].median()) if off.any() else 0.0
-    density = ((sq <= radius) & off).sum(1).double()
-    unit = torch.nn.functional.normalize(means, dim=1)
-    diversity = ((1 - unit @ unit.T) * off).sum(1)
+    radius = params.radius if params.radius is not None else float(mse[off].median()) if off.any() else 0.0
+    density = ((mse <= radius) & off).sum(1).double()
+    diversity = (cosine * off).sum(1)
 
     def minmax(v: torch.Tensor) -> torch.Tensor:
         span = v.max() - v.min()
@@ -150,24 +217,10 @@ def timestep_weights(t: torch.Tensor, features: torch.Tensor, params: SelectionP
     return minmax(density) + params.diversity_weight * minmax(diversity)
 
 
-def farthest_points(points: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
-    """Greedy k-center: start at a seeded random point, then repeatedly take the farthest point."""
-    n = points.shape[0]
-    if k >= n:
-        return torch.arange(n)
-    chosen = [int(torch.randint(n, (1,), generator=generator))]
-    distance = torch.cdist(points, points[chosen[-1]][None]).squeeze(1)
-    for _ in range(k - 1):
-        nxt = int(torch.argmax(distance))
-        chosen.append(nxt)
-        distance = torch.minimum(distance, torch.cdist(points, points[nxt][None]).squeeze(1))
-    return torch.tensor(chosen)
-
-
 def select_density_diversity(
     t: torch.Tensor, features: torch.Tensor | None, size: int, seed: int, params: SelectionParams
 ) -> torch.Tensor:
-    """EDA-DM allocation over timesteps, k-center selection within each timestep."""
+    """EDA-DM's allocation over timesteps, samples drawn at random within each timestep."""
     if features is None:
         raise DataError("density_diversity needs denoiser features for the pool")
     _, groups = _timestep_groups(t)
@@ -175,12 +228,7 @@ def select_density_diversity(
     if float(weights.sum()) <= 0:
         weights = torch.ones_like(weights)
     counts = _fit_counts(_largest_remainder(weights, size), torch.tensor([g.numel() for g in groups]), size)
-    generator = torch.Generator().manual_seed(seed)
-    flat = features.reshape(features.shape[0], -1).float()
-    chosen = [
-        idx[farthest_points(flat[idx], k, generator)] for idx, k in zip(groups, counts.tolist(), strict=True) if k
-    ]
-    return torch.cat(chosen).sort().values
+    return _random_within(groups, counts, torch.Generator().manual_seed(seed))
 
 
 SELECTORS: dict[str, Callable[..., torch.Tensor]] = {
@@ -240,9 +288,9 @@ def select(
 
 @torch.no_grad()
 def pool_features(
-    unet: nn.Module, pool: Trajectories, conditional: bool, module: str = "mid_block", batch_size: int = 256
+    unet: nn.Module, pool: Trajectories, conditional: bool, module: str = "mid_block.resnets.0", batch_size: int = 256
 ) -> torch.Tensor:
-    """Output of ``module`` (default: the mid block) for every pool entry, flattened per entry.
+    """Output of ``module`` for every pool entry, in its own layout (``(N, C, H, W)`` or ``(N, tokens, D)``).
 
     Raises:
         ConfigError: If the model has no module of that name (key ``feature_module``).
@@ -255,7 +303,7 @@ def pool_features(
 
     def hook(_module: nn.Module, _inputs: object, output: object) -> None:
         tensor = output[0] if isinstance(output, tuple) else output
-        captured.append(tensor.detach().flatten(1).float().cpu())
+        captured.append(tensor.detach().float().cpu())
 
     handle = target.register_forward_hook(hook)
     try:

@@ -337,16 +337,19 @@ def allocate_plan(
         device_class: The device class the plan is for (:mod:`diffquant.devices`): only the options it
             runs are offered to each layer; the answer's ``removed`` says which were taken away and
             why, its ``notes`` how the class runs chosen options that are not integer kernels there.
-            None offers every candidate.
+            With ``config.cost: deployed`` its storage types are what the budget counts. None
+            offers every candidate (and cannot count deployed bytes).
 
     Raises:
         ConfigError: Bad pins (unknown glob or option, or an option the device class cannot run
-            on a pinned layer), an unknown device class, an unreadable latency table, or a layer the
+            on a pinned layer), ``cost: deployed`` without a device class, an unknown device class, an unreadable latency table, or a layer the
             latency table has none of the options for. Options the table lacks for a layer are
             unavailable to it and listed in the answer's ``unavailable``.
         diffquant.mixed_precision.solver.AllocationInfeasibleError: When the budget cannot be met.
     """
     alloc = config
+    if alloc.cost == "deployed" and device_class is None:
+        raise ConfigError("cost", "deployed counts what a device class stores; give the plan's device_class")
     unet = model.unet
     names = quantizable_layers(unet)
     modules = {name: unet.get_submodule(name) for name in names}
@@ -410,6 +413,7 @@ def allocate_plan(
         latency.layers if latency is not None else None,
         unavailable,
         latency_overhead=latency.overhead_ms if latency is not None else 0.0,
+        storage_bits=entry.storage_bits if entry is not None and alloc.cost == "deployed" else None,
     )
     try:
         result = solve_allocation(problem)

@@ -11,7 +11,7 @@ from torch import nn
 
 from diffquant.mixed_precision.solver import AllocationProblem
 from diffquant.placement import module_placement, to_module
-from diffquant.quant.plan import QUANTIZABLE
+from diffquant.quant.plan import QUANTIZABLE, stored_weight_bytes
 
 FLOAT_BITS = 32
 """Bits charged for a weight or input kept in float32."""
@@ -106,6 +106,7 @@ def build_problem(
     latency: Mapping[str, Mapping[str, float]] | None = None,
     unavailable: Mapping[str, Collection[str]] | None = None,
     latency_overhead: float = 0.0,
+    storage_bits: Callable[[int], int] | None = None,
 ) -> AllocationProblem:
     """Assemble the allocation program from sensitivities and costs.
 
@@ -126,6 +127,10 @@ def build_problem(
         unavailable: Layer -> option names it cannot take (e.g. what its device class cannot run).
         latency_overhead: Milliseconds of the whole graph beyond its layers (a profiled table's
             ``overhead_ms``), charged once, so ``latency_ms`` is the predicted latency of a call.
+        storage_bits: ``allocation.cost: deployed``: weight bits -> bits of the type the export
+            stores them in (:meth:`diffquant.devices.DeviceClass.storage_bits`); ``avg_weight_bits``
+            then counts the stored bits and ``bytes`` the stored integers, scales and zero points
+            (:func:`diffquant.quant.plan.stored_weight_bytes`). None: the plan's bits.
     """
     options = [(w, g, a) for w, g in weight_options for a in act_bits]
     names = [option_name(w, a, g) for w, g, a in options]
@@ -147,9 +152,15 @@ def build_problem(
             quality[i, j] = noise(layer, "weight", w, g) + noise(layer, "activation", a, None)
             semantic[i, j] = content(layer, "weight", w, g) + content(layer, "activation", a, None)
             bits = w or FLOAT_BITS
-            avg_bits[i, j] = (bits + (FLOAT_BITS / g if g else 0.0)) * n / total_weights
+            stored = storage_bits(w) if w is not None and storage_bits is not None else bits
+            avg_bits[i, j] = (stored + (FLOAT_BITS / g if g else 0.0)) * n / total_weights
             scales = n // g if g else inputs.out_channels[layer]
-            size[i, j] = n * 4 if w is None else -(-n * w // 8) + 4 * scales
+            if w is None:
+                size[i, j] = n * 4
+            elif storage_bits is not None:
+                size[i, j] = stored_weight_bytes(n, scales, stored)
+            else:
+                size[i, j] = -(-n * w // 8) + 4 * scales
             bitops[i, j] = inputs.macs.get(layer, 0) * bits * (a or FLOAT_BITS)
     size[0, :] += inputs.other_params * 4
 

@@ -84,8 +84,10 @@ class Family:
         wrap: Builds the denoiser wrapper from (text encoders, tokenizers, denoiser).
         denoiser_config: The diffusers config of the (wrapped) denoiser.
         class_config_key: Config key holding the number of classes (class families).
-        feature_module: A module of the (wrapped) denoiser whose output describes an input well
-            (the middle of the network), for ``calibration.feature_module``.
+        feature_module: A module of the (wrapped) denoiser whose output gives the calibration
+            pool's features (``calibration.feature_module``): for U-Nets the first mid-block
+            ResNet, whose output is the mid-block attention's input (EDA-DM's features); for
+            transformers the final norm.
         max_tokens: Token length the pipeline pads and truncates prompts to, where it is shorter
             than the tokenizer's ``model_max_length`` (PixArt-alpha: 120); None keeps the tokenizer's.
         lowercase_prompts: Lower-case and strip prompts before tokenizing (PixArt's pipeline does,
@@ -102,7 +104,7 @@ class Family:
     wrap: TextWrap = field(default=_no_wrap)
     denoiser_config: Callable[[nn.Module], dict[str, Any]] = field(default=_own_config)
     class_config_key: str | None = None
-    feature_module: str = "mid_block"
+    feature_module: str = "mid_block.resnets.0"
     max_tokens: int | None = None
     lowercase_prompts: bool = False
 
@@ -145,7 +147,7 @@ FAMILIES: dict[str, Family] = {
             text_components=(("text_encoder", "tokenizer"),),
             wrap=_text_unet,
             denoiser_config=_unet_config,
-            feature_module="unet.mid_block",
+            feature_module="unet.mid_block.resnets.0",
         ),
         Family(
             name="sdxl",
@@ -162,7 +164,7 @@ FAMILIES: dict[str, Family] = {
             text_components=(("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")),
             wrap=_sdxl,
             denoiser_config=_unet_config,
-            feature_module="unet.mid_block",
+            feature_module="unet.mid_block.resnets.0",
         ),
         Family(
             name="pixart",

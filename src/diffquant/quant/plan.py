@@ -17,7 +17,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from pydantic import ValidationError
@@ -26,6 +26,9 @@ from torch import nn
 from diffquant.quant.config import WeightConfig, one_line
 from diffquant.quant.formats import MAX_BITS, MIN_BITS
 from diffquant.quant.modules import FakeQuantizer, QuantConv2d, QuantLinear, groups_allowed
+
+if TYPE_CHECKING:
+    from diffquant.devices import DeviceClass
 
 QUANTIZABLE = (nn.Linear, nn.Conv2d)
 PLAN_VERSION = 1
@@ -363,3 +366,34 @@ def packed_weight_bytes(model: nn.Module, plan: LayerPlan) -> dict[str, int]:
         scales = weight_scale_count(tuple(weight.shape), cfg.weight)
         packed += -(-weight.numel() * cfg.weight.bits // 8) + 4 * scales - weight.numel() * 4
     return {"fp32": int(fp32), "packed": int(packed)}
+
+
+def stored_weight_bytes(numel: int, scales: int, storage_bits: int) -> int:
+    """Bytes of one quantized weight as the export stores it: integers, fp32 scales and zero points.
+
+    ``numel`` integers of the storage type (``storage_bits`` 2, 4 or 8: INT2, INT4, INT8, packed
+    ``8 / storage_bits`` per byte), one float32 scale and one zero point of the storage type per
+    scale (:meth:`diffquant.devices.DeviceClass.storage_bits` says which type a weight gets).
+    """
+    return -(-numel * storage_bits // 8) + 4 * scales + -(-scales * storage_bits // 8)
+
+
+def deployed_weight_bytes(model: nn.Module, plan: LayerPlan, device: DeviceClass) -> int:
+    """Bytes of all parameters as ``device``'s export stores them (``allocation.cost: deployed``).
+
+    Like :func:`packed_weight_bytes`, with each quantized weight at its storage type instead of
+    its bits, plus its zero points (:func:`stored_weight_bytes`): a 3-bit weight counts 4 bits, a
+    2-bit one 2 bits where the class stores INT2 and 4 bits elsewhere. The ONNX file also holds
+    each activation quantizer's scale, zero point and clip bounds, the onnxruntime form's bias
+    scales and the tracer's shape constants, which this does not count.
+    """
+    total = sum(p.numel() * 4 for p in model.parameters())
+    for name, cfg in plan.items():
+        if cfg.fp_tokens:
+            total += 4 * cfg.fp_tokens * model.get_submodule(name).weight.shape[0]
+        if cfg.weight is None:
+            continue
+        weight = model.get_submodule(name).weight
+        scales = weight_scale_count(tuple(weight.shape), cfg.weight)
+        total += stored_weight_bytes(weight.numel(), scales, device.storage_bits(cfg.weight.bits)) - weight.numel() * 4
+    return int(total)
