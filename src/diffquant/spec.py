@@ -218,6 +218,15 @@ class AllocationSpec(_Strict):
     group-wise (option names like ``w4g32a8``; only for layers whose input channels the group size
     divides). Options are every (weight candidate, activation bits) pair; the objective
     is ``quality * noise + content * content_metric`` (each normalised to [0, 1]).
+
+    Content layers (``content_layers``; None: the model family's, MixDQ's cross-attention and
+    feed-forward layers or their class-conditional counterparts) are also scored on final samples
+    against FP samples from the same noise: ``ssim`` (1 - SSIM, any model) or ``classifier_kl``
+    (the evaluation classifier's logits, digits models only); ``auto`` takes
+    :data:`diffquant.mixed_precision.content.REFERENCE_CONTENT_METRIC` where the classifier can
+    judge the model, else ``ssim``. The model family's full-precision layers stay in float unless
+    ``quantize_family_fp_layers`` (they count 32 bits toward the budget). ``content_metric`` and
+    ``quantize_family_fp_layers`` are left out of the serialized spec at their defaults.
     """
 
     weight_bits: list[int] = Field(default_factory=lambda: [2, 3, 4, 6, 8], min_length=1)
@@ -237,7 +246,15 @@ class AllocationSpec(_Strict):
         description="sqnr: denoiser output on calibration inputs (cheap); psnr: final samples vs FP "
         "(content_samples DDIM runs per option and layer)",
     )
-    content_layers: list[str] = Field(default_factory=list, description="globs scored by the content metric too")
+    content_layers: list[str] | None = Field(
+        None, description="globs scored by the content metric too; None: the model family's, [] none"
+    )
+    content_metric: Literal["auto", "ssim", "classifier_kl"] = Field(
+        "auto", description="content score of final samples vs FP: 1 - SSIM, or the classifier's logit KL"
+    )
+    quantize_family_fp_layers: bool = Field(
+        False, description="let the solver quantize the family's full-precision layers (else they stay float)"
+    )
     content_samples: int = Field(100, ge=10, le=MAX_COUNT)
     sensitivity_inputs: int = Field(
         128, ge=1, le=MAX_COUNT, description="calibration inputs (evenly spaced) used for SQNR"
@@ -261,6 +278,15 @@ class AllocationSpec(_Strict):
         if self.budget.latency_ms is not None and self.latency_table is None:
             raise ValueError("budget.latency_ms needs allocation.latency_table (JSON: layer -> option -> ms)")
         return self
+
+    @model_serializer(mode="wrap")
+    def _omit_new_defaults(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if self.content_metric == "auto":
+            data.pop("content_metric", None)
+        if not self.quantize_family_fp_layers:
+            data.pop("quantize_family_fp_layers", None)
+        return data
 
 
 class TrainableSpec(_Strict):

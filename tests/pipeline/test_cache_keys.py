@@ -34,6 +34,7 @@ DEPENDS = {
         "allocation.content_samples",
         "allocation.sensitivity_inputs",
         "quantize.weight.observer",
+        "quantize.outlier_tokens",
         "calibration.observer",
         "evaluate.seed",
     ],
@@ -189,3 +190,22 @@ def test_weights_and_labels_move_the_keys_that_read_them():
         source_dir="/m",
     )
     assert PoolRequest.from_spec(spec, info, [1, 2]).key() != PoolRequest.from_spec(spec, info, None).key()
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "moves_sensitivity"),
+    [
+        ("quantize.weight.rounding", "gptq", True),
+        ("allocation.content_metric", "ssim", True),
+        ("allocation.quantize_family_fp_layers", True, False),
+    ],
+)
+def test_fields_left_out_at_their_default_move_the_right_keys(key, value, moves_sensitivity):
+    """Fields serialized only away from their default: absent from the default spec (its hash is unchanged)."""
+    base = _full_spec()
+    assert key not in flatten(base.to_dict())
+    changed = spec_from_dict(_set(base.to_dict(), key, value))
+    assert flatten(changed.to_dict())[key] == value and changed.spec_hash() != base.spec_hash()
+    before, after = _keys(base), _keys(changed)
+    assert (after["sensitivity"] != before["sensitivity"]) == moves_sensitivity
+    assert after["pool"] == before["pool"] and after["finetune"] == before["finetune"]

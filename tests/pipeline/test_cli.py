@@ -124,6 +124,17 @@ def test_nan_trajectories_fail_cleanly(isolated_home, tmp_path):
     assert not (tmp_path / "out" / "summary.json").exists()
 
 
+def test_allocation_globs_and_content_metric_are_checked_before_the_run(isolated_home, tmp_path):
+    out = tmp_path / "out"
+    for setting, fragment in [
+        ("content_layers: ['nope*']", "allocation.content_layers: pattern 'nope*' matches no quantizable layer"),
+        ("pinned: {'nope*': w8a8}", "allocation.pinned: pattern 'nope*' matches no quantizable layer"),
+    ]:
+        result = invoke("--set", f"allocation={{budget: {{avg_weight_bits: 4}}, {setting}}}", "--out", str(out))
+        assert_clean_failure(result, fragment, isolated_home)
+    assert not mlflow_runs(isolated_home) and not out.exists()  # refused before any run started
+
+
 def test_unknown_runner(isolated_home):
     assert_clean_failure(invoke("--runner", "ray"), "runtime.runner", isolated_home)
 

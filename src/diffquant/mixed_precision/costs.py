@@ -106,6 +106,7 @@ def build_problem(
     latency: Mapping[str, Mapping[str, float]] | None = None,
     unavailable: Mapping[str, Collection[str]] | None = None,
     latency_overhead: float = 0.0,
+    float_layers: Collection[str] | None = None,
 ) -> AllocationProblem:
     """Assemble the allocation program from sensitivities and costs.
 
@@ -126,8 +127,14 @@ def build_problem(
         unavailable: Layer -> option names it cannot take (e.g. what its device class cannot run).
         latency_overhead: Milliseconds of the whole graph beyond its layers (a profiled table's
             ``overhead_ms``), charged once, so ``latency_ms`` is the predicted latency of a call.
+        float_layers: Layers that may take the float option ``wfpafp`` although it is not a
+            candidate (the family's full-precision layers, pinned to it); None: no such option.
     """
     options = [(w, g, a) for w, g in weight_options for a in act_bits]
+    if float_layers is not None and (None, None, None) not in options:
+        options.append((None, None, None))
+    else:
+        float_layers = None
     names = [option_name(w, a, g) for w, g, a in options]
     n_l, n_o = len(inputs.layers), len(options)
     quality = np.zeros((n_l, n_o))
@@ -140,6 +147,8 @@ def build_problem(
         n = inputs.weight_numel[layer]
         channels = inputs.group_channels.get(layer, 0)
         refused = set((unavailable or {}).get(layer, ()))
+        if float_layers is not None and layer not in float_layers:
+            refused.add(names[-1])
         for j, (w, g, a) in enumerate(options):
             if not group_fits(channels, g) or names[j] in refused:
                 quality[i, j] = semantic[i, j] = np.nan
