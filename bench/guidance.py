@@ -83,7 +83,9 @@ def main() -> None:
                 rows.append({"model": name, "guidance": guidance, "variant": variant, **forced.metrics})
             fp = evaluate(model)
             pool = diffquant.collect_pool(model, args.trajectories, sampler, seed=0)
-            calibration = diffquant.select_calibration(pool, model, CalibrationSpec(size=min(256, len(pool) // 2))).calibration
+            calibration = diffquant.select_calibration(
+                pool, model, CalibrationSpec(size=min(256, len(pool) // 2))
+            ).calibration
             for variant, quantized, size in quantized_variants(model, calibration, sampler, classifier):
                 result = evaluate(quantized, fp)
                 rows.append({"model": name, "guidance": guidance, "variant": variant, "bytes": size, **result.metrics})

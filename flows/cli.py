@@ -475,6 +475,17 @@ def _check_latency_table(spec: Any, unet: Any = None) -> None:
             latency_gaps(unet, spec.allocation)  # reads the table too
 
 
+def _check_allocation(spec: Any, model: Any) -> None:
+    """Resolve the allocation's content-layer and pin globs and its content metric now (one line, exit 2)."""
+    if spec.allocation is None:
+        return
+    from diffquant.errors import spec_section
+    from diffquant.mixed_precision.allocate import check_allocation
+
+    with spec_section("allocation"):
+        check_allocation(model, spec.allocation, classifier_fits=model.digits_compatible)
+
+
 def _runtime_overrides(runner: str | None, workers: int | None) -> list[str]:
     """``--runner``/``--workers`` as spec overrides (they win over ``--set``)."""
     items = [f"runtime.runner={runner}"] if runner is not None else []
@@ -582,6 +593,7 @@ def compress(
         _check_sampler(spec, model)
         _check_clip_model(spec, model)
         _check_latency_table(spec, model.unet)
+        _check_allocation(spec, model)
         if spec.calibration.labels_file:
             read_labels_file(Path(spec.calibration.labels_file), model.num_classes, model.condition)
         if dry_run:
@@ -639,6 +651,7 @@ def sweep(
         _check_sampler(spec, model)
         _check_clip_model(spec, model)
         _check_latency_table(spec)
+        _check_allocation(spec, model)
     except ValueError:
         _fail(ValueError("--budgets takes numbers like 3,3.5,4 and --baselines integers like 8,4"))
     except DiffquantError as error:

@@ -354,7 +354,8 @@ def _summary(run: _Run, info: ModelInfo, stages: dict[str, Any]) -> RunSummary:
         model={**model, **_registry_section(run, stages.get("registration"))},
         metrics=metrics,
         notes=quality_notes(info.model_dump(), {"fp": fp.metrics, "quantized": q.metrics}),
-        evaluation=evaluation_section(info.model_dump(), {"fp": fp.metrics, "quantized": q.metrics}),
+        evaluation=evaluation_section(info.model_dump(), {"fp": fp.metrics, "quantized": q.metrics})
+        | {"fp_cache_hit": stages["fp_cached"], "fp_cache_path": stages["fp_sampled"].samples.path},
         finetune=finetune,
         sizes=sizes,
         plan={
@@ -396,7 +397,6 @@ def _summary(run: _Run, info: ModelInfo, stages: dict[str, Any]) -> RunSummary:
         timings=run.seconds,
         memory=run.memory,
         estimate=stages["estimate"],
-        evaluation={"fp_cache_hit": stages["fp_cached"], "fp_cache_path": stages["fp_sampled"].samples.path},
         out_dir=str(run.out),
     )
 

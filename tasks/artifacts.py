@@ -25,7 +25,7 @@ from diffquant.calibration.pool import POOL_CODE_VERSION
 from diffquant.evaluation import EVAL_CODE_VERSION
 from diffquant.mixed_precision.sensitivity import SENSITIVITY_CODE_VERSION
 from diffquant.placement import resolve_device
-from diffquant.ptq import weight_observer
+from diffquant.ptq import weight_observer, weight_rounding
 from diffquant.spec import CompressionSpec, FinetuneSpec, ModelSource, SamplerSpec
 from diffquant.storage import sha256_file, sha256_tree
 
@@ -284,10 +284,13 @@ class SensitivityRequest(CacheRequest):
     group_bits: list[int]
     group_sizes: list[int]
     quality_metric: str
-    content_layers: list[str]
+    content_layers: list[str] | None
+    content_metric: str
     content_samples: int
     sensitivity_inputs: int
     weight_observer: str
+    weight_rounding: str
+    outlier_tokens: str | int
     activation_observer: str
     seed: int
     calibration_sha256: str
@@ -312,7 +315,10 @@ class SensitivityRequest(CacheRequest):
                     "sensitivity_inputs",
                 }
             ),
+            content_metric=alloc.content_metric,  # left out of the serialized spec at its default
             weight_observer=weight_observer(spec.quantize),
+            weight_rounding=weight_rounding(spec.quantize),
+            outlier_tokens=spec.quantize.outlier_tokens,
             activation_observer=spec.calibration.observer,
             seed=spec.evaluate.seed,
             calibration_sha256=calibration.calibration.sha256,

@@ -47,8 +47,10 @@ def _sample(
     label: str,
     fp: EvalResult | None,
 ) -> EvalResult:
-    """Evaluation samples of ``model`` and their metrics (the digits classifier where it applies,
-    the CLIP score when ``ev.clip_model`` names a folder)."""
+    """Evaluation samples of ``model`` and their metrics.
+
+    The digits classifier scores models it can judge; ``ev.clip_model`` adds the CLIP score.
+    """
     classifier = load_classifier() if model.digits_compatible else None
     real = load_digits_split().held_out_images if classifier is not None else None
     clip = None

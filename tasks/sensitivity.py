@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from prefect import task
 
-from diffquant.errors import spec_section
-from diffquant.mixed_precision.allocate import allocate_plan, measure_allocation_sensitivity
+from diffquant.errors import ConfigError, spec_section
+from diffquant.mixed_precision.allocate import allocate_plan, family_float_layers, measure_allocation_sensitivity
 from diffquant.mixed_precision.sensitivity import SensitivityTable
 from diffquant.models.reference import load_classifier
-from diffquant.ptq import weight_observer
+from diffquant.ptq import weight_observer, weight_rounding
 from diffquant.report import sensitivity_heatmap
 from diffquant.spec import CompressionSpec
 from diffquant.storage import write_json
@@ -24,6 +26,18 @@ from diffquant.tasks.artifacts import (
     request_cache_policy,
 )
 from diffquant.tasks.common import load_trajectories, model_from_source
+
+QUANTIZE_KEYS = ("weight.", "outlier_tokens")
+"""Keys of the core's errors in sensitivity that are ``quantize`` settings (GPTQ rows, outlier tokens)."""
+
+
+@contextmanager
+def allocation_sections() -> Iterator[None]:
+    """Re-raise the core's :class:`ConfigError` naming its spec key: ``quantize.<key>`` or ``allocation.<key>``."""
+    try:
+        yield
+    except ConfigError as error:
+        raise error.in_section("quantize" if error.key.startswith(QUANTIZE_KEYS) else "allocation") from None
 
 
 @task(
@@ -57,7 +71,7 @@ def sensitivity_layers_task(
     assert spec.allocation is not None
     model = model_from_source(spec.model, spec.runtime)
     classifier = load_classifier() if model.digits_compatible else None
-    with spec_section("allocation"):
+    with allocation_sections():
         table = measure_allocation_sensitivity(
             model,
             load_trajectories(calibration.calibration.path),
@@ -69,6 +83,8 @@ def sensitivity_layers_task(
             classifier=classifier,
             layers=layers,
             description=f"Sensitivity {layers[0]}",
+            weight_rounding=request.weight_rounding,
+            outlier_tokens=request.outlier_tokens,
             batch_size=spec.forward_batch,
             sample_batch_size=spec.sampling_batch,
         )
@@ -102,6 +118,7 @@ def allocate_task(
             weight_observer=weight_observer(spec.quantize),
             activation_observer=spec.calibration.observer,
             device_class=spec.export.device,
+            weight_rounding=weight_rounding(spec.quantize),
         )
     folder = Path(out_dir) / "plan"
     answer = {
@@ -110,6 +127,9 @@ def allocate_task(
         "status": result.status,
         "budget": spec.allocation.budget.as_dict(),
         "cost": spec.allocation.cost,
+        "quantize_family_fp_layers": spec.allocation.quantize_family_fp_layers,
+        "family_fp_layers": sorted(family_float_layers(model, spec.allocation, list(plan))),
+        "weight_rounding": weight_rounding(spec.quantize),
         "choice": result.choice,
         "device_class": spec.export.device.name,
         "removed_options": result.removed,

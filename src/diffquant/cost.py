@@ -42,7 +42,7 @@ from diffquant.memory import PeakMemory, current_rss
 from diffquant.models.loading import DiffusionModel
 from diffquant.placement import module_placement, place, resolve, to_module
 from diffquant.ptq import plan_from_spec, quantize
-from diffquant.quant.gptq import hessian_groups
+from diffquant.quant.gptq import hessian_groups, plan_gptq_layers
 from diffquant.quant.modules import groups_allowed
 from diffquant.quant.plan import quantizable_layers, resolve_globs
 from diffquant.sampling import Trajectories, initial_noise, make_scheduler
@@ -249,7 +249,7 @@ def stage_work(
         stages += [_sensitivity(spec, model, steps), StageWork("allocate", [], copies=1)]
     gptq = 0
     if spec.allocation is None and spec.quantize.weight is not None and spec.quantize.weight.rounding == "gptq":
-        gptq = len(hessian_groups(model.unet, plan_from_spec(model, spec.quantize)))
+        gptq = len(hessian_groups(model.unet, plan_gptq_layers(model.unet, plan_from_spec(model, spec.quantize))))
     quantize = [_passes("fp", cal.size, fwd, "GPTQ Hessians", gptq)] if gptq else []
     stages.append(StageWork("quantize", [*quantize, _passes("fp", cal.size, fwd, "activation calibration")]))
     outputs = [_passes("quantized", cal.size, fwd, "PyTorch outputs"), _passes("onnx", cal.size, fwd, "onnx outputs")]

@@ -14,7 +14,6 @@ library call :func:`quantize` and the pipeline give byte-identical plans and sca
 from __future__ import annotations
 
 import copy
-import fnmatch
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ from diffquant.errors import ConfigError
 from diffquant.mixed_precision.allocate import allocate_plan, measure_allocation_sensitivity
 from diffquant.mixed_precision.sensitivity import SensitivityTable
 from diffquant.mixed_precision.solver import Allocation
-from diffquant.models.families import FAMILIES, Family
+from diffquant.models.families import FAMILIES, Family, matching_layers
 from diffquant.models.loading import DiffusionModel
 from diffquant.outlier_tokens import (
     OutlierTokens,
@@ -107,11 +106,7 @@ def _denoiser(model: DiffusionModel | nn.Module, family: str | None) -> tuple[nn
 
 def family_defaults(family: Family | None, names: Iterable[str]) -> set[str]:
     """The layers among ``names`` that the model family keeps in float by default."""
-    names = list(names)
-    keep: set[str] = set()
-    for pattern in family.keep_full_precision if family is not None else ():
-        keep |= {name for name in names if fnmatch.fnmatchcase(name, pattern)}
-    return keep
+    return matching_layers(family.keep_full_precision, list(names)) if family is not None else set()
 
 
 def plan_from_spec(
@@ -367,6 +362,11 @@ def weight_observer(config: QuantizeSpec) -> str:
     return config.weight.observer if config.weight is not None else "minmax"
 
 
+def weight_rounding(config: QuantizeSpec) -> str:
+    """The weight rounding of a quantize config (``nearest`` when weights stay float)."""
+    return config.weight.rounding if config.weight is not None else "nearest"
+
+
 def auto_quantize(
     model: DiffusionModel,
     config: AllocationSpec,
@@ -384,16 +384,21 @@ def auto_quantize(
 ) -> AutoQuantizeResult:
     """Mixed precision: measure per-layer sensitivity, solve the integer program, quantize in place.
 
+    The sensitivity is measured in the form the plan is applied: with GPTQ weights when
+    ``quantize_config.weight.rounding`` is ``gptq`` (and the plan is applied with GPTQ), with text
+    models' outlier tokens in float (``quantize_config.outlier_tokens``); the family's
+    full-precision layers stay in float unless ``config.quantize_family_fp_layers``.
+
     Args:
         model: A loaded float model (:func:`diffquant.load_model`).
         config: Candidates, objective, ties, pins (and the budget, unless ``budget`` is given).
         forward_loop: The calibration set (sensitivity needs denoiser inputs, not a callable).
         budget: Overrides ``config.budget``, e.g. ``BudgetSpec(avg_weight_bits=4.0)``.
-        quantize_config: Weight observer and outlier-token mode (default :class:`QuantizeSpec`).
+        quantize_config: Weight observer and rounding, and outlier-token mode (default :class:`QuantizeSpec`).
         calibration: Activation observer, batch size and seed of range calibration.
         steps: Sampler (or DDIM step count) of the final-sample probes.
         seed: Evaluation seed; probes draw their noise from ``seed + 1``.
-        classifier: Evaluation classifier (content layers need it).
+        classifier: Evaluation classifier (``content_metric: classifier_kl`` needs it).
         target: Export form the plan is for.
         sensitivity: A table measured before for the same model, data and config (skips the measurement).
         device_class: The device class the plan is for (``orin``, ..., ``cpu``; :mod:`diffquant.devices`);
@@ -416,6 +421,7 @@ def auto_quantize(
     quantize_config = quantize_config or QuantizeSpec()
     calibration = calibration or CalibrationSpec()
     observers = {"weight_observer": weight_observer(quantize_config), "activation_observer": calibration.observer}
+    rounding = weight_rounding(quantize_config)
     if sensitivity is None:
         sensitivity = measure_allocation_sensitivity(
             model,
@@ -424,11 +430,15 @@ def auto_quantize(
             steps=steps,
             seed=seed,
             classifier=classifier,
+            weight_rounding=rounding,
+            outlier_tokens=quantize_config.outlier_tokens,
             batch_size=calibration.batch_size,
             **observers,
         )
     device = resolve_device_class(device_class, target)
-    plan, allocation = allocate_plan(model, forward_loop, config, sensitivity, **observers, device_class=device)
+    plan, allocation = allocate_plan(
+        model, forward_loop, config, sensitivity, **observers, device_class=device, weight_rounding=rounding
+    )
     result = quantize(
         model, quantize_config, forward_loop, calibration=calibration, plan=plan, target=target, device_class=device
     )

@@ -239,6 +239,15 @@ class AllocationSpec(_Strict):
     weights as INT4, 2-bit weights as INT2 on ``cpu`` and INT4 on the TensorRT classes, plus
     each weight's zero points. ``bitops`` and ``latency_ms`` are unchanged by it. The default is
     left out of the serialized spec, so existing specs keep their hash.
+
+    Content layers (``content_layers``; None: the model family's, MixDQ's cross-attention and
+    feed-forward layers or their class-conditional counterparts) are also scored on final samples
+    against FP samples from the same noise: ``ssim`` (1 - SSIM, any model) or ``classifier_kl``
+    (the evaluation classifier's logits, digits models only); ``auto`` takes
+    :data:`diffquant.mixed_precision.content.REFERENCE_CONTENT_METRIC` where the classifier can
+    judge the model, else ``ssim``. The model family's full-precision layers stay in float unless
+    ``quantize_family_fp_layers`` (they count 32 bits toward the budget). ``content_metric`` and
+    ``quantize_family_fp_layers`` are left out of the serialized spec at their defaults.
     """
 
     weight_bits: list[int] = Field(default_factory=lambda: [2, 3, 4, 6, 8], min_length=1)
@@ -258,7 +267,15 @@ class AllocationSpec(_Strict):
         description="sqnr: denoiser output on calibration inputs (cheap); psnr: final samples vs FP "
         "(content_samples DDIM runs per option and layer)",
     )
-    content_layers: list[str] = Field(default_factory=list, description="globs scored by the content metric too")
+    content_layers: list[str] | None = Field(
+        None, description="globs scored by the content metric too; None: the model family's, [] none"
+    )
+    content_metric: Literal["auto", "ssim", "classifier_kl"] = Field(
+        "auto", description="content score of final samples vs FP: 1 - SSIM, or the classifier's logit KL"
+    )
+    quantize_family_fp_layers: bool = Field(
+        False, description="let the solver quantize the family's full-precision layers (else they stay float)"
+    )
     content_samples: int = Field(100, ge=10, le=MAX_COUNT)
     sensitivity_inputs: int = Field(
         128, ge=1, le=MAX_COUNT, description="calibration inputs (evenly spaced) used for SQNR"
@@ -294,10 +311,14 @@ class AllocationSpec(_Strict):
         return self
 
     @model_serializer(mode="wrap")
-    def _omit_default_cost(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+    def _omit_new_defaults(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         data = handler(self)
         if self.cost == "plan":
             data.pop("cost", None)
+        if self.content_metric == "auto":
+            data.pop("content_metric", None)
+        if not self.quantize_family_fp_layers:
+            data.pop("quantize_family_fp_layers", None)
         return data
 
 

@@ -153,14 +153,19 @@ def test_clip_sample_auto_turns_ddim_clipping_off_only_when_guided(digits):
     assert sampling_scheduler_config(SamplerSpec(guidance=2.0), clipping)["clip_sample"] is False
     assert sampling_scheduler_config(SamplerSpec(guidance=2.0, clip_sample=True), clipping)["clip_sample"] is True
     assert sampling_scheduler_config(SamplerSpec(clip_sample=False), clipping)["clip_sample"] is False
-    assert "clip_sample" not in SamplerSpec().model_dump() and SamplerSpec(clip_sample=False).model_dump()["clip_sample"] is False
+    assert (
+        "clip_sample" not in SamplerSpec().model_dump()
+        and SamplerSpec(clip_sample=False).model_dump()["clip_sample"] is False
+    )
 
     model = dataclasses.replace(digits, scheduler_config=clipping)
     noise = initial_noise(4, model.sample_shape, 0)
     labels, null = torch.arange(4), model.null_conditions(4)
 
     def sample(**kw):
-        return run_sampler(model.unet, model.scheduler_config, noise, labels, SamplerSpec(steps=STEPS, guidance=4.0, **kw), null=null)[0]
+        return run_sampler(
+            model.unet, model.scheduler_config, noise, labels, SamplerSpec(steps=STEPS, guidance=4.0, **kw), null=null
+        )[0]
 
     auto = sample()
     assert torch.equal(auto, sample(clip_sample=False))

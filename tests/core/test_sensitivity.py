@@ -122,7 +122,8 @@ def test_allocation_meets_budget_and_builds_plan(tiny):
     model, calib = tiny
     spec = load_spec(
         overrides=[
-            "allocation={weight_bits: [2, 4, 8], budget: {avg_weight_bits: 4.0}}",
+            "allocation={weight_bits: [2, 4, 8], budget: {avg_weight_bits: 4.0}, content_layers: [], "
+            "quantize_family_fp_layers: true}",
             "allocation.pinned={conv_in: w8a8}",
         ]
     )
@@ -135,7 +136,9 @@ def test_allocation_meets_budget_and_builds_plan(tiny):
     assert avg == pytest.approx(result.usage["avg_weight_bits"])
     for group in qkv_groups(list(plan)):
         assert len({plan[n].weight.bits for n in group}) == 1
-    impossible = load_spec(overrides=["allocation={weight_bits: [4, 8], budget: {avg_weight_bits: 3.0}}"])
+    impossible = load_spec(
+        overrides=["allocation={weight_bits: [4, 8], budget: {avg_weight_bits: 3.0}, content_layers: []}"]
+    )
     with pytest.raises(AllocationInfeasibleError, match="smallest feasible value is 4"):
         _alloc(model, calib, impossible, _sens(model, calib, impossible, None))
 
@@ -151,7 +154,8 @@ def test_latency_budget_from_lookup_table(tiny, tmp_path):
     path.write_text(json.dumps(table))
     spec = load_spec(
         overrides=[
-            f"allocation={{weight_bits: [4, 8], budget: {{latency_ms: {len(names) * 1.0}}}, latency_table: '{path}'}}"
+            f"allocation={{weight_bits: [4, 8], budget: {{latency_ms: {len(names) * 1.0}}}, latency_table: '{path}', "
+            "content_layers: [], quantize_family_fp_layers: true}"
         ]
     )
     plan, result = _alloc(model, calib, spec, _sens(model, calib, spec, None))
@@ -167,7 +171,8 @@ def test_group_options_measured_where_allowed_and_chosen_by_allocation(tiny):
     model, calib = tiny
     spec = load_spec(
         overrides=[
-            "allocation={weight_bits: [4], group_bits: [4], group_sizes: [8], budget: {avg_weight_bits: 8.0}}",
+            "allocation={weight_bits: [4], group_bits: [4], group_sizes: [8], budget: {avg_weight_bits: 8.0}, "
+            "content_layers: [], quantize_family_fp_layers: true}",
             "allocation.objective={quality: 1.0, content: 0.0}",
         ]
     )
@@ -276,7 +281,7 @@ def test_latency_table_gaps_are_listed_and_a_layer_without_options_is_refused(ti
     spec = load_spec(
         overrides=[
             f"allocation={{weight_bits: [4, 8], group_bits: [], tie_qkv: false, budget: {{latency_ms: {budget}}}, "
-            f"latency_table: '{path}'}}"
+            f"latency_table: '{path}', quantize_family_fp_layers: true}}"
         ]
     )
     plan, result = _alloc(model, calib, spec, sensitivity)

@@ -37,6 +37,7 @@ DEPENDS = {
         "allocation.content_samples",
         "allocation.sensitivity_inputs",
         "quantize.weight.observer",
+        "quantize.outlier_tokens",
         "calibration.observer",
         "evaluate.seed",
     ],
@@ -225,3 +226,22 @@ def test_allocation_cost_moves_the_spec_hash_and_no_cached_key():
     deployed = spec_from_dict(data)
     assert flatten(deployed.to_dict())["allocation.cost"] == "deployed" and "allocation.cost" not in dict(_leaves())
     assert deployed.spec_hash() != base.spec_hash() and _keys(deployed) == _keys(base)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "moves_sensitivity"),
+    [
+        ("quantize.weight.rounding", "gptq", True),
+        ("allocation.content_metric", "ssim", True),
+        ("allocation.quantize_family_fp_layers", True, False),
+    ],
+)
+def test_fields_left_out_at_their_default_move_the_right_keys(key, value, moves_sensitivity):
+    """Fields serialized only away from their default: absent from the default spec (its hash is unchanged)."""
+    base = _full_spec()
+    assert key not in flatten(base.to_dict())
+    changed = spec_from_dict(_set(base.to_dict(), key, value))
+    assert flatten(changed.to_dict())[key] == value and changed.spec_hash() != base.spec_hash()
+    before, after = _keys(base), _keys(changed)
+    assert (after["sensitivity"] != before["sensitivity"]) == moves_sensitivity
+    assert after["pool"] == before["pool"] and after["finetune"] == before["finetune"]

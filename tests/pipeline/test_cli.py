@@ -129,6 +129,17 @@ def test_deployed_cost_without_a_byte_or_bit_budget(isolated_home):
     assert_clean_failure(invoke("--set", spec), "cost: deployed counts stored bytes", isolated_home)
 
 
+def test_allocation_globs_and_content_metric_are_checked_before_the_run(isolated_home, tmp_path):
+    out = tmp_path / "out"
+    for setting, fragment in [
+        ("content_layers: ['nope*']", "allocation.content_layers: pattern 'nope*' matches no quantizable layer"),
+        ("pinned: {'nope*': w8a8}", "allocation.pinned: pattern 'nope*' matches no quantizable layer"),
+    ]:
+        result = invoke("--set", f"allocation={{budget: {{avg_weight_bits: 4}}, {setting}}}", "--out", str(out))
+        assert_clean_failure(result, fragment, isolated_home)
+    assert not mlflow_runs(isolated_home) and not out.exists()  # refused before any run started
+
+
 def test_unknown_runner(isolated_home):
     assert_clean_failure(invoke("--runner", "ray"), "runtime.runner", isolated_home)
 

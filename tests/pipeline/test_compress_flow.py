@@ -148,7 +148,8 @@ def test_deleted_or_truncated_cached_pool_is_collected_again(isolated_home, tmp_
 
 def test_mixed_precision_sensitivity_on_dask_then_cached_for_the_default_runner(isolated_home, tmp_path):
     mixed = [
-        "allocation={weight_bits: [4, 8], group_sizes: [32], budget: {avg_weight_bits: 6.0}, sensitivity_inputs: 16}"
+        "allocation={weight_bits: [4, 8], group_sizes: [32], budget: {avg_weight_bits: 6.0}, sensitivity_inputs: 16, "
+        "content_samples: 10}"
     ]
     first = run_flow(tmp_path / "a", [*mixed, "runtime={runner: dask, workers: 2, layers_per_task: 16}"])
     second = run_flow(tmp_path / "b", [*mixed, "runtime.layers_per_task=16"])  # same tasks, other runner
@@ -186,8 +187,12 @@ def test_mixed_precision_sensitivity_on_dask_then_cached_for_the_default_runner(
     # the default device class (orin) runs group-wise weights on Linear layers only: the record says so
     answer = json.loads(Path(first["allocation"]["allocation_path"]).read_text())
     assert answer["device_class"] == "orin" and "not on a conv" in answer["removed_options"]["w4g32a8"]
-    assert not any(cfg["weight"].get("group_size") for name, cfg in plan.items() if "conv" in name)
-    assert {cfg["weight"]["bits"] for cfg in plan.values()} == {4, 8}
+    assert not any((cfg["weight"] or {}).get("group_size") for name, cfg in plan.items() if "conv" in name)
+    assert {cfg["weight"]["bits"] for cfg in plan.values() if cfg["weight"]} == {4, 8}
+    family = {"conv_in", "conv_out", "time_embedding.linear_1", "time_embedding.linear_2"}  # pinned to float
+    assert {name for name, cfg in plan.items() if cfg["weight"] is None and cfg["activation"] is None} == family
+    # the family's content layers (every time_emb_proj) carry a content score of final samples
+    assert table.content("mid_block.resnets.0.time_emb_proj", "weight", 4) > 0
     assert "mixed precision" in first["plan"]["description"]
     from mlflow.tracking import MlflowClient
 

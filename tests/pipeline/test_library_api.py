@@ -46,7 +46,12 @@ def _library(spec: CompressionSpec, folder: Path) -> tuple[Path, Path]:
         ("digits-unet-w8a8.yaml", []),
         pytest.param(
             "digits-unet-mixed-w4a8.yaml",
-            ["allocation.weight_bits=[4, 8]", "allocation.group_sizes=[32]", "allocation.sensitivity_inputs=16"],
+            [
+                "allocation.weight_bits=[4, 8]",
+                "allocation.group_sizes=[32]",
+                "allocation.sensitivity_inputs=16",
+                "allocation.content_samples=10",
+            ],
             marks=pytest.mark.slow,  # a sensitivity sweep twice (minutes); run with -m slow
         ),
         ("digits-t2i-w8a8.yaml", ["quantize.outlier_tokens=1"]),

@@ -15,7 +15,8 @@ from tests.pipeline.conftest import SMALL
 ROOT = Path(__file__).resolve().parents[2]
 MIXED = [
     *SMALL,
-    "allocation={weight_bits: [4, 8], group_sizes: [], budget: {avg_weight_bits: 6.0}, sensitivity_inputs: 16}",
+    "allocation={weight_bits: [4, 8], group_sizes: [], budget: {avg_weight_bits: 6.0}, sensitivity_inputs: 16, "
+    "content_samples: 10}",
     "runtime.layers_per_task=4",
 ]
 

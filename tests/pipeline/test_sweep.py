@@ -22,7 +22,8 @@ def test_sweep_small(isolated_home, tmp_path):
         "--out",
         str(tmp_path / "sweep"),
     ]
-    for item in [*SMALL, "allocation.weight_bits=[4, 8]", "allocation.sensitivity_inputs=16", "export.onnx=false"]:
+    small = ["allocation.weight_bits=[4, 8]", "allocation.sensitivity_inputs=16", "allocation.content_samples=10"]
+    for item in [*SMALL, *small, "export.onnx=false"]:
         args += ["--set", item]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -12,7 +11,7 @@ from torch import nn
 from diffquant.devices import DeviceClass
 from diffquant.devices import device_class as lookup_device_class
 from diffquant.errors import ConfigError
-from diffquant.metrics import psnr
+from diffquant.mixed_precision.content import content_layers, content_metric, final_sample_probe
 from diffquant.mixed_precision.costs import (
     MixedPrecisionInputs,
     WeightChoice,
@@ -24,9 +23,13 @@ from diffquant.mixed_precision.costs import (
     qkv_groups,
 )
 from diffquant.mixed_precision.latency import LatencyTable, read_latency_file
-from diffquant.mixed_precision.sensitivity import SensitivityTable, measure_sensitivity
+from diffquant.mixed_precision.sensitivity import PlanForm, SensitivityTable, measure_sensitivity
 from diffquant.mixed_precision.solver import Allocation, AllocationInfeasibleError, solve_allocation
+from diffquant.models.families import matching_layers
 from diffquant.models.loading import DiffusionModel
+from diffquant.outlier_tokens import detect_outlier_tokens, fp_token_outputs
+from diffquant.quant.gptq import collect_hessians, gptq_supported, hessian_groups
+from diffquant.quant.modules import groups_allowed
 from diffquant.quant.plan import (
     ActivationConfig,
     LayerConfig,
@@ -35,74 +38,50 @@ from diffquant.quant.plan import (
     quantizable_layers,
     resolve_globs,
 )
-from diffquant.sampling import Trajectories, initial_noise, run_sampler
+from diffquant.sampling import Trajectories, denoiser_outputs
 from diffquant.spec import AllocationSpec, SamplerSpec
 
 logger = logging.getLogger(__name__)
 
+FLOAT_OPTION = option_name(None, None)
+"""The option that keeps a layer in float (weights and inputs): what the family's full-precision layers take."""
 
-def final_sample_probe(
-    model: DiffusionModel,
-    classifier: nn.Module | None,
-    samples: int,
-    steps: int | SamplerSpec,
-    seed: int,
-    content_layers: set[str],
-    psnr_all: bool,
-    batch_size: int = 1000,
-) -> Callable[[nn.Module, str], dict[str, float]]:
-    """Return ``(unet, layer) -> final-sample metrics`` against FP samples from the same noise.
 
-    For layers in ``content_layers`` the result has ``content`` (mean KL of the classifier's
-    logits, FP || quantized); with ``psnr_all`` every layer also gets ``psnr_db`` of the final
-    samples. Layers needing neither are not sampled (an empty dict). ``batch_size`` bounds a
-    forward of the sampling.
+def plan_fp_tokens(
+    model: DiffusionModel, conditions: torch.Tensor | None, mode: str | int
+) -> dict[str, tuple[int, torch.Tensor]]:
+    """The leading tokens the final plan serves in float, per layer, with their FP outputs.
+
+    The same detection :func:`diffquant.quantize` runs on the calibration conditions (MixDQ's
+    BOS-aware handling of the layers that read the text encoder's states); empty for models
+    without text conditions, with ``mode`` ``off``, or when no outlier token is found.
+
+    Raises:
+        ConfigError (``outlier_tokens``): A forced count larger than the constant leading positions.
     """
-    labels, _ = model.conditions(samples, "calibration")
-    noise = initial_noise(samples, model.sample_shape, seed)
-    clamp = not model.latent
-    null = model.null_conditions(samples)
-    fp_images, _ = run_sampler(
-        model.unet,
-        model.scheduler_config,
-        noise,
-        labels,
-        steps,
-        batch_size,
-        description="FP samples",
-        clamp=clamp,
-        null=null,
-    )
-    fp_logp = None
-    if classifier is not None:
-        with torch.no_grad():
-            fp_logp = torch.log_softmax(classifier(fp_images), dim=1)
+    if model.condition != "text" or mode == "off" or conditions is None:
+        return {}
+    try:
+        found = detect_outlier_tokens(model, conditions, mode)
+    except ValueError as error:
+        raise ConfigError("outlier_tokens", str(error)) from None
+    if not found.count:
+        return {}
+    readers = LayerPlan({name: LayerConfig(None, None, found.count) for name in found.layers})
+    outputs = fp_token_outputs(model.unet, readers, conditions)
+    return {name: (found.count, outputs[name]) for name in found.layers}
 
-    def probe(unet: nn.Module, layer: str) -> dict[str, float]:
-        want_content = layer in content_layers and fp_logp is not None
-        if not (want_content or psnr_all):
-            return {}
-        images, _ = run_sampler(
-            unet,
-            model.scheduler_config,
-            noise,
-            labels,
-            steps,
-            batch_size,
-            description="Final samples",
-            clamp=clamp,
-            null=null,
-        )
-        out: dict[str, float] = {}
-        if want_content:
-            with torch.no_grad():
-                logp = torch.log_softmax(classifier(images), dim=1)
-            out["content"] = float((fp_logp.exp() * (fp_logp - logp)).sum(1).mean())
-        if psnr_all:
-            out["psnr_db"] = psnr(fp_images, images)
-        return out
 
-    return probe
+def _gptq_orders(unet: nn.Module, names: list[str], config: AllocationSpec) -> dict[str, set[bool]]:
+    """Each GPTQ-able layer's Hessian column orders: plain, and grouped where a group option fits it."""
+    orders = {}
+    for name in names:
+        layer = unet.get_submodule(name)
+        if gptq_supported(layer):
+            orders[name] = {False} | {
+                True for g in config.group_sizes if config.group_bits and groups_allowed(layer, g)
+            }
+    return orders
 
 
 def measure_allocation_sensitivity(
@@ -117,66 +96,107 @@ def measure_allocation_sensitivity(
     classifier: nn.Module | None = None,
     layers: list[str] | None = None,
     description: str = "Measuring layer sensitivity",
+    weight_rounding: str = "nearest",
+    outlier_tokens: str | int = "auto",
     batch_size: int = 256,
     sample_batch_size: int = 1000,
 ) -> SensitivityTable:
     """Measure the sensitivity table that the allocation ``config`` needs.
 
+    Every layer is measured in the form the final plan gives it: with ``weight_rounding`` ``gptq``
+    the weight rows use GPTQ weights from Hessians of the float model on the whole calibration
+    set (one Hessian per layer, computed once and shared by every option: the same Hessians and
+    rounding :func:`diffquant.quantize` applies), and text models' outlier tokens are served in
+    float (``outlier_tokens``, as in the final plan) in the rows of the layers that read them.
+
     Args:
         model: The FP model.
-        calib: Calibration set (subsampled evenly to ``config.sensitivity_inputs``).
+        calib: Calibration set (SQNR on ``config.sensitivity_inputs`` evenly spaced inputs; GPTQ
+            Hessians and outlier-token detection on all of it).
         config: The allocation: its options and metrics.
         weight_observer: Range observer of the weight candidates (``quantize.weight.observer``).
         activation_observer: Range observer of the input candidates (``calibration.observer``).
         steps: Sampler (or DDIM step count) of the final-sample probes (content layers, PSNR).
         seed: Evaluation seed; the probes draw their noise from ``seed + 1``.
-        classifier: Evaluation classifier (needed for content layers).
+        classifier: Evaluation classifier (``content_metric`` ``classifier_kl`` needs it).
         layers: Measure only these layers (default: all), e.g. one chunk of a parallel map.
         description: Progress-bar label.
+        weight_rounding: ``nearest`` or ``gptq`` (``quantize.weight.rounding``).
+        outlier_tokens: ``quantize.outlier_tokens`` (``auto``, ``off`` or a count).
         batch_size: Calibration inputs per forward (``calibration.batch_size``).
         sample_batch_size: Denoiser inputs per forward of the final-sample probes (``evaluate.batch_size``).
 
     Raises:
-        ConfigError: Content layers that match nothing, or content layers without a classifier.
+        ConfigError: Content layers that match nothing, ``classifier_kl`` without a classifier
+            that can judge the model, a forced outlier-token count the prompts do not allow, or
+            too few calibration rows for a GPTQ layer's Hessian (``weight.rounding``).
     """
     alloc = config
-    names = quantizable_layers(model.unet)
-    try:
-        content_layers = set(resolve_globs(names, alloc.content_layers))
-    except ValueError as error:
-        raise ConfigError("content_layers", str(error)) from None
-    if content_layers and (classifier is None or not model.digits_compatible):
-        raise ConfigError("content_layers", "needs a model the evaluation classifier can judge")
-    wanted = names if layers is None else layers
+    scored = content_layers(model, alloc)
+    metric = content_metric(alloc, model, classifier is not None)
+    wanted = quantizable_layers(model.unet) if layers is None else list(layers)
     probe = None
-    if alloc.quality_metric == "psnr" or content_layers & set(wanted):
+    if alloc.quality_metric == "psnr" or scored & set(wanted):
         probe = final_sample_probe(
             model,
-            classifier if content_layers else None,
+            metric,
+            classifier,
             alloc.content_samples,
             steps,
             seed + 1,
-            content_layers,
+            scored,
             alloc.quality_metric == "psnr",
             sample_batch_size,
         )
+    fp_tokens = plan_fp_tokens(model, calib.labels if model.conditional else None, outlier_tokens)
+    inputs = calib
     if len(calib) > alloc.sensitivity_inputs:
         pick = torch.linspace(0, len(calib) - 1, alloc.sensitivity_inputs).round().long().unique()
-        calib = Trajectories(calib.x[pick], calib.t[pick], calib.labels[pick])
-    return measure_sensitivity(
-        model.unet,
-        calib,
-        model.conditional,
-        alloc.weight_bits,
-        alloc.activation_bits,
-        wanted,
-        weight_observer,
-        activation_observer,
-        [(b, g) for b in alloc.group_bits for g in alloc.group_sizes],
-        probe,
-        description,
-        batch_size,
-    )
+        inputs = Trajectories(calib.x[pick], calib.t[pick], calib.labels[pick])
+    gptq = weight_rounding == "gptq"
+    table = SensitivityTable()
+    for group in hessian_groups(model.unet, wanted) if gptq else [wanted]:
+        hessians = {}
+        if gptq:
+
+            def run(module: nn.Module) -> None:
+                denoiser_outputs(module, calib, model.conditional, batch_size)
+
+            hessians = collect_hessians(model.unet, _gptq_orders(model.unet, group, alloc), run)
+        table.rows += measure_sensitivity(
+            model.unet,
+            inputs,
+            model.conditional,
+            alloc.weight_bits,
+            alloc.activation_bits,
+            group,
+            weight_observer,
+            activation_observer,
+            [(b, g) for b in alloc.group_bits for g in alloc.group_sizes],
+            probe,
+            description,
+            PlanForm({name: fp_tokens[name] for name in group if name in fp_tokens}, hessians),
+            batch_size=batch_size,
+        ).rows
+    return table
+
+
+def check_allocation(model: DiffusionModel, config: AllocationSpec, classifier_fits: bool) -> None:
+    """Check the allocation's globs and content metric against ``model`` before any work (cheap).
+
+    Args:
+        model: The FP model.
+        config: The allocation.
+        classifier_fits: Whether the evaluation classifier will be given (the run loads it for
+            models it can judge).
+
+    Raises:
+        ConfigError: A content-layer or pin glob that matches no layer, an unknown pinned
+            option, or ``classifier_kl`` without a classifier.
+    """
+    content_layers(model, config)
+    content_metric(config, model, classifier_fits)
+    _pins(config, quantizable_layers(model.unet), set(candidate_options(config)))
 
 
 def read_latency_table(path: str) -> dict[str, dict[str, float]]:
@@ -315,6 +335,35 @@ def device_filter(
     return unavailable, removed
 
 
+def _pins(config: AllocationSpec, names: list[str], valid: set[str]) -> dict[str, str]:
+    """``config.pinned`` resolved: layer -> option.
+
+    Raises:
+        ConfigError (``pinned``): An option that is not a candidate, or a glob that matches no layer.
+    """
+    pinned: dict[str, str] = {}
+    for pattern, option in config.pinned.items():
+        if option not in valid:
+            raise ConfigError("pinned", f"option {option!r} is not a candidate ({', '.join(sorted(valid))})")
+        try:
+            for name in resolve_globs(names, [pattern]):
+                pinned[name] = option
+        except ValueError as error:
+            raise ConfigError("pinned", str(error)) from None
+    return pinned
+
+
+def family_float_layers(model: DiffusionModel, config: AllocationSpec, names: list[str]) -> set[str]:
+    """The model family's full-precision layers the allocated plan keeps in float.
+
+    Empty with ``quantize_family_fp_layers``; layers ``config.pinned`` names take their pin instead.
+    """
+    if config.quantize_family_fp_layers:
+        return set()
+    pinned = set(_pins(config, names, set(candidate_options(config))))
+    return matching_layers(model.family_info.keep_full_precision, names) - pinned
+
+
 def allocate_plan(
     model: DiffusionModel,
     calib: Trajectories,
@@ -324,8 +373,13 @@ def allocate_plan(
     weight_observer: str = "minmax",
     activation_observer: str = "minmax",
     device_class: str | DeviceClass | None = None,
+    weight_rounding: str = "nearest",
 ) -> tuple[LayerPlan, Allocation]:
     """Solve the allocation program and turn the answer into a LayerPlan.
+
+    The model family's full-precision layers stay in float (pinned to ``wfpafp``, 32 bits toward
+    every budget) unless ``config.quantize_family_fp_layers`` or a pin of ``config.pinned``
+    names them, so an allocated plan and a uniform plan keep the same layers in float.
 
     Args:
         model: The FP model.
@@ -339,6 +393,8 @@ def allocate_plan(
             why, its ``notes`` how the class runs chosen options that are not integer kernels there.
             With ``config.cost: deployed`` its storage types are what the budget counts. None
             offers every candidate (and cannot count deployed bytes).
+        weight_rounding: Rounding of the planned weights (``quantize.weight.rounding``: ``nearest``
+            or ``gptq``).
 
     Raises:
         ConfigError: Bad pins (unknown glob or option, or an option the device class cannot run
@@ -368,20 +424,16 @@ def allocate_plan(
     w_opts, a_bits = _candidates(alloc)
     choices = candidate_options(alloc)
     valid = set(choices)
+    keep_float = family_float_layers(model, alloc, names)
+    float_only = bool(keep_float) and FLOAT_OPTION not in choices  # an option only the family's layers take
+    if keep_float:
+        choices[FLOAT_OPTION] = (None, None, None)
     kinds = {name: _layer_kind(m) for name, m in modules.items()}
     entry = lookup_device_class(device_class) if device_class is not None else None
     unavailable, removed = (
         device_filter(entry, kinds, choices, inputs.group_channels) if entry is not None else ({}, {})
     )
-    pinned: dict[str, str] = {}
-    for pattern, option in alloc.pinned.items():
-        if option not in valid:
-            raise ConfigError("pinned", f"option {option!r} is not a candidate ({', '.join(sorted(valid))})")
-        try:
-            for name in resolve_globs(names, [pattern]):
-                pinned[name] = option
-        except ValueError as error:
-            raise ConfigError("pinned", str(error)) from None
+    pinned = _pins(alloc, names, valid) | dict.fromkeys(keep_float, FLOAT_OPTION)
     for name, option in pinned.items():
         if entry is not None and option in unavailable.get(name, ()):
             w, g, _ = choices[option]
@@ -396,7 +448,12 @@ def allocate_plan(
     gaps: list[dict[str, str]] = []
     if latency is not None:
         allowed = {
-            name: [o for o in options if o not in unavailable.get(name, ())]
+            name: [
+                o
+                for o in options
+                if o not in unavailable.get(name, ())
+                and not (float_only and o == FLOAT_OPTION and name not in keep_float)
+            ]
             for name, options in _allowed_options(modules, choices).items()
         }
         gaps = _latency_gaps(latency, alloc.latency_table, allowed, pinned)
@@ -414,6 +471,7 @@ def allocate_plan(
         unavailable,
         latency_overhead=latency.overhead_ms if latency is not None else 0.0,
         storage_bits=entry.storage_bits if entry is not None and alloc.cost == "deployed" else None,
+        float_layers=keep_float if float_only else None,
     )
     try:
         result = solve_allocation(problem)
@@ -428,7 +486,7 @@ def allocate_plan(
         w, g, a = choices[result.choice[name]]
         granularity = "per_group" if g is not None else "per_channel"
         plan[name] = LayerConfig(
-            WeightConfig(w, granularity, weight_observer, g) if w is not None else None,
+            WeightConfig(w, granularity, weight_observer, g, rounding=weight_rounding) if w is not None else None,
             ActivationConfig(a, activation_observer) if a is not None else None,
         )
     notes: dict[str, list[str]] = {}

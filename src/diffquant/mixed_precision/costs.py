@@ -107,6 +107,7 @@ def build_problem(
     unavailable: Mapping[str, Collection[str]] | None = None,
     latency_overhead: float = 0.0,
     storage_bits: Callable[[int], int] | None = None,
+    float_layers: Collection[str] | None = None,
 ) -> AllocationProblem:
     """Assemble the allocation program from sensitivities and costs.
 
@@ -131,8 +132,14 @@ def build_problem(
             stores them in (:meth:`diffquant.devices.DeviceClass.storage_bits`); ``avg_weight_bits``
             then counts the stored bits and ``bytes`` the stored integers, scales and zero points
             (:func:`diffquant.quant.plan.stored_weight_bytes`). None: the plan's bits.
+        float_layers: Layers that may take the float option ``wfpafp`` although it is not a
+            candidate (the family's full-precision layers, pinned to it); None: no such option.
     """
     options = [(w, g, a) for w, g in weight_options for a in act_bits]
+    if float_layers is not None and (None, None, None) not in options:
+        options.append((None, None, None))
+    else:
+        float_layers = None
     names = [option_name(w, a, g) for w, g, a in options]
     n_l, n_o = len(inputs.layers), len(options)
     quality = np.zeros((n_l, n_o))
@@ -145,6 +152,8 @@ def build_problem(
         n = inputs.weight_numel[layer]
         channels = inputs.group_channels.get(layer, 0)
         refused = set((unavailable or {}).get(layer, ()))
+        if float_layers is not None and layer not in float_layers:
+            refused.add(names[-1])
         for j, (w, g, a) in enumerate(options):
             if not group_fits(channels, g) or names[j] in refused:
                 quality[i, j] = semantic[i, j] = np.nan

@@ -6,9 +6,13 @@ activation effects are measured separately and added, so a (weight bits, activat
 option costs ``noise_w + noise_a`` where ``noise = 10 ** (-SQNR / 10)`` is the denoiser-output
 noise power relative to the signal on the calibration set (additive to first order).
 
-An optional content metric (KL divergence of the evaluation classifier's logits between FP and
-quantized final samples from the same noise) is measured for layers matching the content globs
-(the layers that carry the condition); both metrics are kept in the table.
+A content metric of final samples against FP samples from the same noise (1 - SSIM, or the
+evaluation classifier's logit KL; :mod:`diffquant.mixed_precision.content`) is measured for the
+content layers (the layers that carry the condition); both metrics are kept in the table.
+
+Each layer is measured in the form the final plan gives it (:class:`PlanForm`): with GPTQ-rounded
+weights when the plan rounds with GPTQ (one Hessian per layer, shared by every option), and with
+the leading outlier tokens served in float where the plan keeps them (MixDQ's BOS-aware handling).
 
 Costs per (layer, option): packed weight bytes (``ceil(n * bits / 8)`` plus fp32 scales, 4 bytes
 per weight in float), BitOps (MACs at the sampler's resolution x weight bits x activation bits,
@@ -29,12 +33,50 @@ from torch import nn
 
 from diffquant.metrics import sqnr_db
 from diffquant.progress import track
+from diffquant.quant.config import WeightConfig
+from diffquant.quant.gptq import LayerHessian, column_order, gptq_layer
 from diffquant.quant.modules import QuantConv2d, QuantLinear, groups_allowed
 from diffquant.quant.plan import QUANTIZABLE, quantizable_layers, set_module
 from diffquant.sampling import Trajectories, denoiser_outputs
 
-SENSITIVITY_CODE_VERSION = "2"
+SENSITIVITY_CODE_VERSION = "3"
 COLUMNS = ("layer", "kind", "bits", "group_size", "sqnr_db", "noise", "content", "psnr_db")
+
+
+@dataclass(frozen=True)
+class PlanForm:
+    """How the final plan treats layers beyond their bits, so sensitivity measures what it will run.
+
+    Attributes:
+        fp_tokens: Layer -> (leading token positions served in float, their FP outputs ``(count,
+            out)``): MixDQ's BOS-aware handling (:mod:`diffquant.outlier_tokens`).
+        hessians: ``(layer, grouped column order)`` -> input Hessian of the float model on the
+            calibration set: that layer's weights are rounded with GPTQ at every option (layers
+            without one round to nearest, as GPTQ plans do for convolutions it cannot take).
+    """
+
+    fp_tokens: dict[str, tuple[int, torch.Tensor]] = field(default_factory=dict)
+    hessians: dict[tuple[str, bool], LayerHessian] = field(default_factory=dict)
+
+
+def _apply_form(
+    original: nn.Module,
+    replacement: QuantLinear | QuantConv2d,
+    name: str,
+    weight: WeightConfig | None,
+    form: PlanForm,
+) -> None:
+    """Give ``replacement`` the final plan's GPTQ weight and float leading tokens (``original`` is untouched)."""
+    if weight is not None:
+        key = (name, column_order(original, weight.granularity == "per_group"))
+        if key in form.hessians:
+            values, scale = gptq_layer(original, name, form.hessians[key], weight)
+            replacement.weight = nn.Parameter(values, requires_grad=False)
+            replacement.weight_quantizer.scale.copy_(scale)
+    if name in form.fp_tokens:
+        count, outputs = form.fp_tokens[name]
+        replacement.keep_tokens_in_float(count)
+        replacement.fp_token_outputs.copy_(outputs)
 
 
 @contextmanager
@@ -48,6 +90,7 @@ def quantize_only(
     weight_observer: str = "minmax",
     act_observer: str = "minmax",
     group_size: int | None = None,
+    form: PlanForm | None = None,
     batch_size: int = 256,
 ) -> Iterator[nn.Module]:
     """Temporarily replace layer ``name`` by a fake-quantized copy; always restores the original.
@@ -62,7 +105,11 @@ def quantize_only(
         weight_observer: Weight observer.
         act_observer: Activation observer.
         group_size: Group-wise weight scales over this many input channels (None: per channel).
+        form: The final plan's GPTQ Hessians and float leading tokens (None: round to nearest, no tokens).
         batch_size: Inputs per forward of the activation calibration pass.
+
+    Raises:
+        ConfigError: If a GPTQ layer saw too few calibration rows for its Hessian (``weight.rounding``).
     """
     original = model.get_submodule(name)
     if not isinstance(original, QUANTIZABLE) or isinstance(original, (QuantLinear, QuantConv2d)):
@@ -71,6 +118,10 @@ def quantize_only(
     replacement = cls.from_float(
         original, weight_bits, act_bits, weight_observer, act_observer, per_channel=True, group_size=group_size
     )
+    if form is not None:
+        granularity = "per_group" if group_size else "per_channel"
+        weight = WeightConfig(weight_bits, granularity, weight_observer, group_size) if weight_bits else None
+        _apply_form(original, replacement, name, weight, form)
     set_module(model, name, replacement)
     try:
         if act_bits is not None:
@@ -205,6 +256,7 @@ def measure_sensitivity(
     group_options: Sequence[tuple[int, int]] = (),
     final_fn: Callable[[nn.Module, str], dict[str, float]] | None = None,
     description: str = "Measuring layer sensitivity",
+    form: PlanForm | None = None,
     batch_size: int = 256,
 ) -> SensitivityTable:
     """Measure every layer's weight and input sensitivity at each candidate option.
@@ -223,6 +275,8 @@ def measure_sensitivity(
         final_fn: ``(model, layer) -> {"content": ..., "psnr_db": ...}`` final-sample metrics
             for this measurement (an empty dict where none are wanted for the layer).
         description: Progress-bar label.
+        form: The final plan's GPTQ Hessians and float leading tokens, applied to every row of
+            the layers they name (weight and input rows alike).
         batch_size: Inputs per forward pass.
 
     Returns:
@@ -240,7 +294,9 @@ def measure_sensitivity(
     with torch.no_grad(), track(description, len(jobs)) as bar:
         for name, kind, bits, group in jobs:
             w, a = (bits, None) if kind == "weight" else (None, bits)
-            with quantize_only(unet, name, w, a, calib, conditional, weight_observer, act_observer, group, batch_size):
+            with quantize_only(
+                unet, name, w, a, calib, conditional, weight_observer, act_observer, group, form, batch_size
+            ):
                 sqnr = sqnr_db(reference, denoiser_outputs(unet, calib, conditional, batch_size))
                 extra = final_fn(unet, name) if final_fn is not None else {}
             table.rows.append(

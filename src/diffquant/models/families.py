@@ -4,7 +4,17 @@ The full-precision defaults follow what production tools keep in high precision 
 backbones (NVIDIA ModelOpt): the first and last layers (``conv_in``/``conv_out``, the patch
 embedding and output projection), the time embedding (and the added-condition embedding that is
 summed into it), and the position/context embedders (PixArt's caption projection).
-They apply when a spec leaves ``quantize.keep_full_precision`` unset.
+They apply when a spec leaves ``quantize.keep_full_precision`` unset, and allocated plans keep
+them in float unless ``allocation.quantize_family_fp_layers``.
+
+Content layers (``allocation.content_layers`` left unset) are the layers that carry the condition
+into the features, scored by a final-sample content metric besides SQNR (MixDQ's metric
+decoupling). MixDQ's own rule for text U-Nets and transformers is every layer named ``attn2``
+(cross-attention) or ``ff`` (feed-forward). A class-conditional U-Net has neither: its class
+embedding is summed into the time embedding and reaches the features only through each ResNet's
+``time_emb_proj``, so those are its content layers (the time embedding itself is a full-precision
+layer). A DiT has no cross-attention either: the class enters through each block's AdaLN-Zero
+modulation (``norm1.linear``), taken together with MixDQ's feed-forward layers.
 
 Text-conditioned families run their text encoder(s) inside the denoiser wrapper (see
 :mod:`diffquant.models.denoisers`), so the condition is always token ids ``(N, L)``; for SDXL it
@@ -13,6 +23,7 @@ is the two tokenizers' ids concatenated along dim 1 (``L = L1 + L2``).
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -77,6 +88,7 @@ class Family:
         classes: Denoiser class names (diffusers ``_class_name``) of the family.
         condition: ``class``, ``text`` or None (unconditional).
         keep_full_precision: Globs of layers kept in float by default.
+        content_layers: Globs of the layers a content metric scores by default (MixDQ).
         description: One line for reports.
         needs: Pipeline components the family needs besides the denoiser.
         text_components: (text encoder folder, tokenizer folder) pairs, in the order the
@@ -107,6 +119,7 @@ class Family:
     feature_module: str = "mid_block.resnets.0"
     max_tokens: int | None = None
     lowercase_prompts: bool = False
+    content_layers: tuple[str, ...] = ()
 
     def class_count(self, config: dict[str, Any]) -> int | None:
         """Number of classes from the denoiser config (None: unconditional)."""
@@ -116,6 +129,8 @@ class Family:
 
 
 SDXL_NEEDS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+MIXDQ_UNET_CONTENT = ("unet.*.attn2.*", "unet.*.ff.*")
+"""MixDQ's content group of a text U-Net: cross-attention (``attn2``) and feed-forward (``ff``) layers."""
 
 FAMILIES: dict[str, Family] = {
     family.name: family
@@ -127,6 +142,7 @@ FAMILIES: dict[str, Family] = {
             keep_full_precision=("conv_in", "conv_out", "time_embedding.*"),
             description="diffusers UNet2DModel (class-conditional or unconditional)",
             class_config_key="num_class_embeds",
+            content_layers=("*.time_emb_proj",),
         ),
         Family(
             name="dit",
@@ -136,6 +152,7 @@ FAMILIES: dict[str, Family] = {
             description="class-conditional diffusion transformer (DiT, AdaLN-Zero)",
             class_config_key="num_embeds_ada_norm",
             feature_module="norm_out",
+            content_layers=("transformer_blocks.*.norm1.linear", "transformer_blocks.*.ff.*"),
         ),
         Family(
             name="text-unet",
@@ -148,6 +165,7 @@ FAMILIES: dict[str, Family] = {
             wrap=_text_unet,
             denoiser_config=_unet_config,
             feature_module="unet.mid_block.resnets.0",
+            content_layers=MIXDQ_UNET_CONTENT,
         ),
         Family(
             name="sdxl",
@@ -165,6 +183,7 @@ FAMILIES: dict[str, Family] = {
             wrap=_sdxl,
             denoiser_config=_unet_config,
             feature_module="unet.mid_block.resnets.0",
+            content_layers=MIXDQ_UNET_CONTENT,
         ),
         Family(
             name="pixart",
@@ -184,9 +203,15 @@ FAMILIES: dict[str, Family] = {
             feature_module="transformer.norm_out",
             max_tokens=120,
             lowercase_prompts=True,
+            content_layers=("transformer.*.attn2.*", "transformer.*.ff.*"),
         ),
     )
 }
+
+
+def matching_layers(patterns: Sequence[str], names: Sequence[str]) -> set[str]:
+    """The ``names`` any of ``patterns`` matches (a family default may match nothing in a given model)."""
+    return {name for name in names if any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)}
 
 
 def _supported() -> str:

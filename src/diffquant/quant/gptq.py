@@ -244,20 +244,33 @@ class _HessianHook:
         self.rows += x.shape[0]
 
 
-def gptq_layers(plan: Any) -> list[str]:
-    """Names of the plan's layers whose weight rounding is GPTQ."""
-    return [name for name, cfg in plan.items() if cfg.weight is not None and cfg.weight.rounding == "gptq"]
+@dataclass(frozen=True)
+class LayerHessian:
+    """A layer's input Hessian for GPTQ.
+
+    Attributes:
+        hessian: ``2 X^T X / rows`` (float64) in :func:`layer_columns`' column order.
+        rows: Calibration input rows it was accumulated from.
+    """
+
+    hessian: torch.Tensor
+    rows: int
 
 
-def hessian_groups(unet: nn.Module, plan: Any) -> list[list[str]]:
-    """The plan's GPTQ layers in groups whose Hessians fit ``HESSIAN_BUDGET_BYTES``: one calibration pass each."""
-    names = []
-    for name in gptq_layers(plan):
-        layer = unet.get_submodule(name)
-        if isinstance(layer, nn.Conv2d) and not _conv_supported(layer):
-            logger.info("GPTQ skips %s (grouped or non-zero-padded convolution): round-to-nearest", name)
-            continue
-        names.append(name)
+def column_order(layer: nn.Module, grouped: bool) -> bool:
+    """Whether ``layer``'s GPTQ columns are in the grouped ``(ky, kx, channel)`` order (grouped convolutions only)."""
+    return grouped and isinstance(layer, nn.Conv2d)
+
+
+def gptq_supported(layer: nn.Module) -> bool:
+    """Whether GPTQ can round ``layer`` (Linear, or a Conv2d with ``groups == 1`` and numeric zero padding)."""
+    if isinstance(layer, nn.Conv2d):
+        return _conv_supported(layer)
+    return isinstance(layer, nn.Linear)
+
+
+def hessian_groups(unet: nn.Module, names: list[str]) -> list[list[str]]:
+    """``names`` in module order, split into groups whose float64 Hessians fit :data:`HESSIAN_BUDGET_BYTES`."""
     groups: list[list[str]] = []
     used = HESSIAN_BUDGET_BYTES + 1
     for name in names:
@@ -268,6 +281,100 @@ def hessian_groups(unet: nn.Module, plan: Any) -> list[list[str]]:
         groups[-1].append(name)
         used += size
     return groups
+
+
+def collect_hessians(
+    unet: nn.Module, wanted: dict[str, set[bool]], run: Callable[[nn.Module], Any]
+) -> dict[tuple[str, bool], LayerHessian]:
+    """The input Hessians of some layers of the FLOAT ``unet`` from one pass of ``run``.
+
+    Args:
+        unet: The float denoiser (not changed).
+        wanted: Layer -> the column orders it needs (``True``: grouped); both orders of one
+            layer come from the same pass.
+        run: Runs the calibration data through a module.
+
+    Returns:
+        ``{(layer, grouped order): LayerHessian}``; a Linear layer's grouped order is its plain one.
+    """
+    hooks: dict[tuple[str, bool], _HessianHook] = {}
+    handles = []
+    for name, orders in wanted.items():
+        layer = unet.get_submodule(name)
+        for grouped in {column_order(layer, g) for g in orders}:
+            hooks[(name, grouped)] = hook = _HessianHook(layer, grouped)
+            handles.append(layer.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            run(unet)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {key: LayerHessian(hook.sum / max(hook.rows, 1), hook.rows) for key, hook in hooks.items()}
+
+
+def gptq_layer(
+    layer: nn.Module,
+    name: str,
+    hessian: LayerHessian,
+    cfg: Any,
+    *,
+    act_order: bool = DEFAULT_ACT_ORDER,
+    percdamp: float = DEFAULT_PERCDAMP,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ weight (on the grid, the layer's shape and dtype) and scale (the quantizer's layout) of one layer.
+
+    Args:
+        layer: The float Linear/Conv2d.
+        name: Its name (for the error message).
+        hessian: Its input Hessian in the column order ``cfg``'s granularity needs.
+        cfg: The layer's :class:`~diffquant.quant.config.WeightConfig`.
+        act_order: Process columns by decreasing ``diag H``.
+        percdamp: Damping as a fraction of the mean Hessian diagonal.
+        block_size: Columns per lazy-update block.
+
+    Raises:
+        ConfigError: If the layer saw too few calibration input rows for its Hessian.
+    """
+    columns = hessian.hessian.shape[0]
+    if hessian.rows < MIN_ROWS_PER_COLUMN * columns:
+        raise ConfigError(
+            "weight.rounding",
+            f"GPTQ needs at least {int(MIN_ROWS_PER_COLUMN * columns + 0.999)} calibration input rows for "
+            f"layer {name} ({columns} input columns) and saw {hessian.rows}; use more calibration data or "
+            "rounding nearest",
+        )
+    grouped = cfg.granularity == "per_group"
+    result = gptq_quantize(
+        weight_2d(layer, grouped),
+        hessian.hessian,
+        IntFormat(cfg.bits),
+        cfg.observer,
+        cfg.granularity,
+        cfg.group_size,
+        act_order=act_order,
+        percdamp=percdamp,
+        block_size=block_size,
+    )
+    weight, scale = _unflatten(layer, dequantized(result, cfg.group_size), result.scale, grouped)
+    return weight.to(layer.weight.dtype), scale
+
+
+def gptq_layers(plan: Any) -> list[str]:
+    """Names of the plan's layers whose weight rounding is GPTQ."""
+    return [name for name, cfg in plan.items() if cfg.weight is not None and cfg.weight.rounding == "gptq"]
+
+
+def plan_gptq_layers(unet: nn.Module, plan: Any) -> list[str]:
+    """The plan's GPTQ layers that GPTQ can round (the others round to nearest), in plan order."""
+    names = []
+    for name in gptq_layers(plan):
+        if not gptq_supported(unet.get_submodule(name)):
+            logger.info("GPTQ skips %s (grouped or non-zero-padded convolution): round-to-nearest", name)
+            continue
+        names.append(name)
+    return names
 
 
 def gptq_solve(
@@ -295,47 +402,17 @@ def gptq_solve(
     Raises:
         ConfigError: If a layer sees too few calibration input rows for its Hessian.
     """
+    groups = hessian_groups(unet, plan_gptq_layers(unet, plan))
     solutions: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    groups = hessian_groups(unet, plan)
     for group in groups:
-        hooks = {}
-        handles = []
+        wanted = {name: {plan[name].weight.granularity == "per_group"} for name in group}
+        hessians = collect_hessians(unet, wanted, run)
         for name in group:
-            layer = unet.get_submodule(name)
-            hooks[name] = _HessianHook(layer, plan[name].weight.granularity == "per_group")
-            handles.append(layer.register_forward_hook(hooks[name]))
-        try:
-            with torch.no_grad():
-                run(unet)
-        finally:
-            for handle in handles:
-                handle.remove()
-        for name in group:
-            hook, cfg = hooks[name], plan[name].weight
-            columns = hook.sum.shape[0]
-            if hook.rows < MIN_ROWS_PER_COLUMN * columns:
-                raise ConfigError(
-                    "weight.rounding",
-                    f"GPTQ needs at least {int(MIN_ROWS_PER_COLUMN * columns + 0.999)} calibration input rows for "
-                    f"layer {name} ({columns} input columns) and saw {hook.rows}; use more calibration data or "
-                    "rounding nearest",
-                )
-            layer = unet.get_submodule(name)
-            grouped = cfg.granularity == "per_group"
-            result = gptq_quantize(
-                weight_2d(layer, grouped),
-                hook.sum / max(hook.rows, 1),
-                IntFormat(cfg.bits),
-                cfg.observer,
-                cfg.granularity,
-                cfg.group_size,
-                act_order=act_order,
-                percdamp=percdamp,
-                block_size=block_size,
+            layer, cfg = unet.get_submodule(name), plan[name].weight
+            key = (name, column_order(layer, cfg.granularity == "per_group"))
+            solutions[name] = gptq_layer(
+                layer, name, hessians.pop(key), cfg, act_order=act_order, percdamp=percdamp, block_size=block_size
             )
-            weight, scale = _unflatten(layer, dequantized(result, cfg.group_size), result.scale, grouped)
-            solutions[name] = (weight.to(layer.weight.dtype), scale)
-            hooks[name] = None  # free the Hessian
     logger.info("GPTQ rounded %d layers (%d calibration passes)", len(solutions), len(groups))
     return solutions
 
