@@ -4,7 +4,8 @@ Written from :class:`RunSummary` (``schema_version`` :data:`SCHEMA_VERSION`); su
 before the schema was versioned load too (``schema_version`` 0). Sections allow extra keys, so a
 reader of an older or newer file keeps what it does not know. Version 2 added ``memory`` (peak
 memory per stage), ``estimate`` (the cost estimated before the stages ran, :mod:`diffquant.cost`)
-and ``evaluation`` (whether the full-precision evaluation came from the cache).
+and ``evaluation`` (what each metric was computed on, which were not computed and why, and
+whether the full-precision evaluation came from the cache).
 """
 
 from __future__ import annotations
@@ -121,16 +122,19 @@ class RunSummary(_Section):
     timings: dict[str, float]
     memory: dict[str, dict[str, Any]] = Field(default_factory=dict)
     estimate: dict[str, Any] | None = None
-    evaluation: dict[str, Any] | None = None
     out_dir: str
     evaluation: EvaluationSection | None = None
-    """Absent in summaries written before it existed (and left out of :meth:`to_dict` then)."""
+    """Absent in summaries written before it existed (and left out of :meth:`to_dict` then); also
+    says whether the full-precision evaluation came from the cache (``fp_cache_hit``)."""
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready data with today's keys."""
+        """JSON-ready data with today's keys; sections a summary was written without stay absent."""
         data = self.model_dump(mode="json")
-        if self.evaluation is None:
-            data.pop("evaluation")
+        for key in ("evaluation", "estimate"):
+            if data[key] is None:
+                data.pop(key)
+        if not data["memory"]:
+            data.pop("memory")
         return data
 
     @classmethod
