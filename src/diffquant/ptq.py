@@ -42,7 +42,7 @@ from diffquant.outlier_tokens import (
     fp_token_outputs,
 )
 from diffquant.outliers.calibrate import calibrate_transforms, install_transforms, restore_transforms
-from diffquant.outliers.options import add_outlier_methods
+from diffquant.outliers.options import add_outlier_methods, wants_methods
 from diffquant.quant.gptq import gptq_layers, gptq_solve, gptq_weight_state, install_gptq, load_gptq_weight_state
 from diffquant.quant.modules import groups_allowed
 from diffquant.quant.plan import (
@@ -190,6 +190,21 @@ def for_target(unet: DiffusionModel | nn.Module, plan: LayerPlan, target: Export
     added = sum(1 for name, cfg in planned.items() if cfg.output is not None and plan[name].output is None)
     logger.info("export target onnxruntime: %d Conv2d layers get output quantizers", added)
     return planned
+
+
+def check_outlier_methods(model: DiffusionModel | nn.Module, config: QuantizeSpec, family: str | None = None) -> None:
+    """Refuse outlier-method settings the model cannot take (globs, ranks), without running it.
+
+    The CLI calls this before a run starts, so ``quantize.low_rank.rank`` larger than a layer's
+    ``min(out, in)`` fails in one line before anything is written.
+
+    Raises:
+        ConfigError: As :func:`diffquant.outliers.options.add_outlier_methods` (and bad globs).
+    """
+    if not wants_methods(config):
+        return
+    unet, _ = _denoiser(model, family)
+    add_outlier_methods(unet, plan_from_spec(model, config, family=family), config)
 
 
 class _ConditionRecorder:

@@ -38,7 +38,7 @@ FOLD_TOLERANCE = 1e-4
 """Largest change of the float denoiser's output a fold may make, relative to the output's max (float32)."""
 HALF_FOLD_TOLERANCE = 1e-2
 """The same for a model held in float16 / bfloat16."""
-CHECK_BATCH = 8
+CHECK_BATCH = 4
 """Inputs of the recorded calibration call on which a fold is checked."""
 ATTENTION_VALUE_OUTPUT = (("to_v", "to_out.0"), ("v_proj", "out_proj"))
 """(value projection, output projection) children of an attention block."""
