@@ -24,9 +24,11 @@ from torch import nn
 from diffquant.quant.transforms import channel_axis, explicit_padding
 
 SAMPLE_ROWS = 2048
-"""Linear inputs kept per layer for the alpha search (rows of ``[*, in]``)."""
+"""Linear inputs kept per layer for the alpha search (rows of ``[*, in]``), at most."""
 SAMPLE_ITEMS = 32
-"""Conv2d inputs kept per layer for the alpha search (whole ``[C, H, W]`` items)."""
+"""Conv2d inputs kept per layer for the alpha search (whole ``[C, H, W]`` items), at most."""
+SAMPLE_BYTES = 16 << 20
+"""Bytes of kept inputs per layer (fewer rows / items for wide layers; at least one)."""
 PRODUCER_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.Linear, nn.Conv2d)
 PRODUCER_CALLS = 4
 """Denoiser calls whose tensors are traced for producers (the graph is the same on every call)."""
@@ -149,7 +151,8 @@ class _Recorder:
 
     def sample(self, stats: InputStats, items: torch.Tensor) -> None:
         """Bottom-k sampling over everything seen: the kept set does not depend on batch order."""
-        limit = SAMPLE_ROWS if items.dim() == 2 else SAMPLE_ITEMS
+        per_item = items[0].numel() * 4
+        limit = max(1, min(SAMPLE_ROWS if items.dim() == 2 else SAMPLE_ITEMS, SAMPLE_BYTES // per_item))
         items = items.cpu()
         keys = torch.rand(items.shape[0], generator=self.generator)
         if stats.samples is not None:
