@@ -101,14 +101,14 @@ def test_saved_model_loads_back_bit_for_bit(tiny, quantized, tmp_path):
         assert torch.equal(loaded.unet.state_dict()[name], param), name
 
 
-def test_methods_help_w4a4_on_the_tiny_unet(tiny):
-    """Not a benchmark: the layer outputs get closer to float with all three methods at W4A4 (SQNR-like)."""
+def test_shift_helps_w8a4_on_the_tiny_unet(tiny):
+    """Not a benchmark: the denoiser output gets closer to float with the shift at 4-bit inputs."""
     model, calib = tiny
     fp = denoiser_outputs(model.unet, calib)
     errors = {}
     for label, config in {
-        "naive": QuantizeSpec(weight=WeightConfig(4), activation=ActivationQuantSpec(bits=4)),
-        "all": ALL.model_copy(update={"activation": ActivationQuantSpec(bits=4, shift="channel")}),
+        "naive": QuantizeSpec(activation=ActivationQuantSpec(bits=4)),
+        "all": QuantizeSpec(activation=ActivationQuantSpec(bits=4, shift="channel")),
     }.items():
         qmodel = copy.deepcopy(model)
         diffquant.quantize(qmodel, config, calib, calibration=CalibrationSpec(batch_size=12))

@@ -42,18 +42,25 @@ CONV = "down_blocks.0.resnets.0.conv1"  # 3x3, padding 1, after a SiLU: explicit
 LINEAR = "down_blocks.1.attentions.0.to_q"
 
 
-def _quantized(tiny, config: QuantizeSpec, target: str):
-    model, calib = tiny
-    qmodel = copy.deepcopy(model)
-    result = diffquant.quantize(qmodel, config, calib, calibration=CalibrationSpec(batch_size=12), target=target)
-    return qmodel, result.plan, result.packed_bytes
+_EXPORTS: dict[str, tuple] = {}
+
+
+def _exported(tiny, case: str, folder) -> tuple:
+    """``(quantized model, plan, packed bytes, ExportInfo)`` of a case, made once per session."""
+    if case not in _EXPORTS:
+        model, calib = tiny
+        config, target = CASES[case]
+        qmodel = copy.deepcopy(model)
+        result = diffquant.quantize(qmodel, config, calib, calibration=CalibrationSpec(batch_size=12), target=target)
+        info = export_onnx(qmodel, result.plan, folder / f"{case}.onnx")
+        _EXPORTS[case] = (qmodel, result.plan, result.packed_bytes, info)
+    return _EXPORTS[case]
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_export_matches_torch_and_passes_the_rules(tiny, tmp_path, case):
-    config, target = CASES[case]
-    qmodel, plan, packed = _quantized(tiny, config, target)
-    info = export_onnx(qmodel, plan, tmp_path / "m.onnx")
+def test_export_matches_torch_and_passes_the_rules(tiny, tmp_path_factory, case):
+    target = CASES[case][1]
+    qmodel, plan, packed, info = _exported(tiny, case, tmp_path_factory.mktemp("outliers"))
     assert check_rules(info.path, plan, device_class="orin" if target == "tensorrt" else "cpu") == []
     report = check_parity(info.path, qmodel, tiny[1])
     assert report.outputs.passed, report.to_dict()
@@ -77,8 +84,7 @@ def test_export_matches_torch_and_passes_the_rules(tiny, tmp_path, case):
 
 @pytest.fixture(scope="module")
 def exported(tiny, tmp_path_factory):
-    qmodel, plan, _ = _quantized(tiny, *CASES["w4a8_all_folded_fp16_branch"])
-    info = export_onnx(qmodel, plan, tmp_path_factory.mktemp("outliers") / "m.onnx")
+    qmodel, plan, _, info = _exported(tiny, "w4a8_all_folded_fp16_branch", tmp_path_factory.mktemp("outliers"))
     return qmodel, onnx.load(str(info.path)), plan
 
 

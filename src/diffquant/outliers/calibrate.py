@@ -29,7 +29,7 @@ from torch import nn
 from diffquant.outliers.folding import SmoothGroup, apply_weight_transforms, check_folds, smoothing_groups
 from diffquant.outliers.low_rank import low_rank_factors
 from diffquant.outliers.smoothing import group_scales, search_alpha
-from diffquant.outliers.stats import observe_inputs
+from diffquant.outliers.stats import InputStats, observe_inputs
 from diffquant.quant.modules import QuantConv2d, QuantLinear
 from diffquant.quant.plan import LayerPlan
 
@@ -52,7 +52,11 @@ class TransformTensors:
 
 
 def _decide_groups(
-    unet: nn.Module, plan: LayerPlan, groups: list[SmoothGroup], stats: dict, search_grid: int | None
+    unet: nn.Module,
+    plan: LayerPlan,
+    groups: list[SmoothGroup],
+    stats: dict[str, InputStats],
+    search_grid: int | None,
 ) -> tuple[LayerPlan, dict[str, torch.Tensor]]:
     """Alpha and ``s`` per group; a group whose search prefers no smoothing loses it."""
     plan = LayerPlan(plan)

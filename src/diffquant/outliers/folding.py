@@ -40,6 +40,7 @@ HALF_FOLD_TOLERANCE = 1e-2
 """The same for a model held in float16 / bfloat16."""
 CHECK_BATCH = 4
 """Inputs of the recorded calibration call on which a fold is checked."""
+NORMS = (nn.GroupNorm, nn.LayerNorm)
 ATTENTION_VALUE_OUTPUT = (("to_v", "to_out.0"), ("v_proj", "out_proj"))
 """(value projection, output projection) children of an attention block."""
 
@@ -228,10 +229,11 @@ def check_folds(
 ) -> list[SmoothGroup]:
     """Keep the folds that leave the float denoiser's output unchanged; the others multiply instead.
 
-    The folds are applied to ``unet`` (float) together and its output on the first
-    :data:`CHECK_BATCH` items of the recorded call compared with the unfolded output; where it
-    moved, the folds are split in halves until each bad fold is found. ``unet`` is restored before
-    returning.
+    The folds into norms and value projections are applied to ``unet`` (float) together and its
+    output on the first :data:`CHECK_BATCH` items of the recorded call compared with the unfolded
+    output; where it moved, they are split in halves until each bad fold is found. Folds into a
+    layer's output rows (which often also feed a residual) are checked one by one, then all kept
+    folds together. ``unet`` is restored before returning.
 
     Returns:
         ``groups`` with ``into`` set to None where the fold changed the output.
@@ -259,9 +261,12 @@ def check_folds(
         half = len(candidates) // 2
         return passing(candidates[:half]) + passing(candidates[half:])
 
+    # norms and value projections almost always fold; a layer's output often also feeds a residual
+    values = _value_projections(unet)
+    likely = [g for g in folds if isinstance(unet.get_submodule(g.into), NORMS) or values.get(g.members[0]) == g.into]
     try:
-        kept = passing(folds)
-        if len(kept) < len(folds) and kept and not unchanged(kept):
+        kept = (passing(likely) if likely else []) + [g for g in folds if g not in likely and passing([g])]
+        if len(kept) > 1 and kept != likely and not unchanged(kept):
             kept = []  # each fold alone is exact but not all of them together: fold nothing
     finally:
         _restore(unet, state)

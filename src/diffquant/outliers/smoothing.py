@@ -24,6 +24,7 @@ from diffquant.outliers.folding import SmoothGroup
 from diffquant.outliers.low_rank import low_rank_factors
 from diffquant.outliers.stats import InputStats
 from diffquant.quant.formats import scale_from_absmax
+from diffquant.quant.modules import QuantizerMode
 from diffquant.quant.plan import LayerConfig, LayerPlan, SmoothConfig, apply_plan
 from diffquant.quant.transforms import groups_of, scale_input_channels, weight_channel_absmax
 
@@ -100,7 +101,7 @@ def _calibrate_input(quantized: nn.Module, cfg: LayerConfig, stats: InputStats, 
             absmax = absmax / scale
         with torch.no_grad():
             quantizer.scale.copy_(scale_from_absmax(absmax.max(), quantizer.fmt).reshape(()))
-        quantizer.mode = type(quantizer.mode).QUANTIZE
+        quantizer.mode = QuantizerMode.QUANTIZE
         return
     assert stats.samples is not None
     quantizer.start_observing()
