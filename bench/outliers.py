@@ -235,7 +235,7 @@ def _header(args: argparse.Namespace, seconds: float, title: str) -> list[str]:
     options = " ".join(
         f"--{k.replace('_', '-')} {v}" if not isinstance(v, bool) else f"--{k.replace('_', '-')}"
         for k, v in vars(args).items()
-        if v and k not in ("no_write",)
+        if v and k != "no_write"
     )
     return [
         f"## {title}",
@@ -315,7 +315,8 @@ def _sampled_markdown(
 
 
 def _result_name(args: argparse.Namespace) -> str:
-    return "outliers_survey" if args.sqnr_only else "outliers"
+    name = "outliers_survey" if args.sqnr_only else "outliers"
+    return f"{name}_{args.tag}" if args.tag else name
 
 
 def main() -> None:
@@ -328,6 +329,7 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated: {', '.join(METHODS)}")
     parser.add_argument("--no-layers", action="store_true", help="skip part 1")
     parser.add_argument("--no-write", action="store_true", help="print only (exploring)")
+    parser.add_argument("--tag", default="", help="suffix of the result file and BENCHMARKS.md section (partial runs)")
     parser.add_argument(
         "--sqnr-only", action="store_true", help="score by denoiser-output SQNR only (no sampling; a quick survey)"
     )

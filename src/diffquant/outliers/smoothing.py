@@ -110,17 +110,27 @@ def _calibrate_input(quantized: nn.Module, cfg: LayerConfig, stats: InputStats, 
     quantizer.finish_observing()
 
 
-def output_error(layer: nn.Module, quantized: nn.Module, samples: torch.Tensor) -> float:
-    """Mean squared difference of the quantized and float layer's outputs on ``samples``."""
+def output_error(
+    layer: nn.Module, quantized: nn.Module, samples: torch.Tensor, reference: torch.Tensor | None = None
+) -> float:
+    """Mean squared difference of the quantized and float layer's outputs on ``samples`` (``reference``: the float ones)."""
     with torch.no_grad():
         x = samples.to(layer.weight.device, layer.weight.dtype)
-        return float((quantized(x).float() - layer(x).float()).pow(2).mean())
+        if reference is None:
+            reference = layer(x)
+        return float((quantized(x).float() - reference.float()).pow(2).mean())
 
 
 def search_alpha(
     unet: nn.Module, plan: LayerPlan, group: SmoothGroup, stats: dict[str, InputStats], grid: int
 ) -> float | None:
     """The alpha (or None: no smoothing) with the least summed output error over the group's layers."""
+    references = {}
+    for name in group.members:
+        layer, samples = unet.get_submodule(name), stats[name].samples
+        assert samples is not None
+        with torch.no_grad():
+            references[name] = layer(samples.to(layer.weight.device, layer.weight.dtype))
     best: tuple[float, float | None] = (float("inf"), None)
     for alpha in [None, *(k / grid for k in range(grid + 1))]:
         scale = None if alpha is None else group_scales(unet, plan, group, stats, alpha)
@@ -128,7 +138,8 @@ def search_alpha(
         for name in group.members:
             layer, samples = unet.get_submodule(name), stats[name].samples
             assert samples is not None
-            error += output_error(layer, trial_layer(layer, plan[name], stats[name], scale), samples)
+            trial = trial_layer(layer, plan[name], stats[name], scale)
+            error += output_error(layer, trial, samples, references[name])
         if error < best[0]:
             best = (error, alpha)
     return best[1]
