@@ -65,6 +65,10 @@ METHODS = {
         "SVDQuant (smooth 0.5 + rank RANK)",
         ["quantize.smooth={alpha: 0.5}", "quantize.low_rank={rank: RANK}"],
     ),
+    "combo": (
+        "shift + smooth 0.5 + rank RANK",
+        ["quantize.activation.shift=channel", "quantize.smooth={alpha: 0.5}", "quantize.low_rank={rank: RANK}"],
+    ),
     "all": (
         "all (shift + searched smooth + rank RANK)",
         ["quantize.activation.shift=channel", "quantize.smooth={search: true}", "quantize.low_rank={rank: RANK}"],
