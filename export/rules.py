@@ -12,6 +12,17 @@ outside the planned layers.
 Layers are found through the ``diffquant.layers`` metadata of :func:`export.onnx.export_onnx`
 (falling back to nodes named ``<fqn>/Conv``, ``<fqn>/MatMul`` or ``<fqn>/Gemm``).
 
+**Outlier transforms** (:mod:`diffquant.quant.transforms`): the float input of a layer the plan
+shifts or smooths (unfolded) must reach its input quantizer through ``[Pad ->] [Mul 1/s ->]
+[Sub c ->]``, each constant a float initializer with one value per input channel (``1 / s``
+positive) that broadcasts on the channel axis, so the Q/DQ itself stays symmetric with zero point
+0; a shifted convolution must not pad in the Conv (shift-then-zero-pad is not exact: the padding
+must be an explicit ``Pad`` before the ``Sub``). A layer with a low-rank branch must have its two
+factors as a MatMul (1x1/KxK Conv) pair reading the same float input as the input quantizer, with
+unquantized factor weights (a FLOAT16 initializer behind a ``Cast``, or FLOAT, as the plan's
+dtype says; never a ``DequantizeLinear``), the plan's rank, and the branch added to the layer's
+output; a branch the plan does not have is a violation too.
+
 **The onnxruntime form** (``diffquant.target`` metadata ``onnxruntime``, or a plan with output
 quantizers): activation Q/DQ must be ``UINT8`` with zero point 128 (symmetric INT8 shifted by
 128) instead of INT8 with 0; a layer whose plan has an ``output`` quantizer must have its Conv
@@ -126,7 +137,10 @@ class _Checker:
         self.claimed: set[str] = set()
         meta = {p.key: p.value for p in model.metadata_props}
         layers = json.loads(meta.get(LAYERS_METADATA_KEY, "{}"))
-        self.layer_nodes: dict[str, str] = {k: v["node"] for k, v in layers.items()}
+        self.layer_nodes: dict[str, str] = {k: v["node"] for k, v in layers.items() if "node" in v}
+        self.low_rank_nodes: dict[str, dict[str, str]] = {
+            k: v["low_rank"] for k, v in layers.items() if "low_rank" in v
+        }
         self.float_outputs: list[tuple[str, onnx.NodeProto]] = []
         self.output_computes: set[str] = set()
         for layer, cfg in plan.items():
@@ -524,6 +538,163 @@ class _Checker:
         if problem is not None:
             self.add(compute.name, "device_class", f"{layer} cannot run on {self.device.name}: {problem}", layer)
 
+    def quantizer_source(self, compute: onnx.NodeProto) -> str:
+        """The float tensor that enters the layer's input quantizer (its compute input when not quantized)."""
+        tensor = compute.input[0]
+        dq = self.producer.get(tensor)
+        if dq is None or dq.op_type != "DequantizeLinear":
+            return tensor
+        q = self.producer.get(dq.input[0])
+        if q is None or q.op_type != "QuantizeLinear":
+            return tensor
+        clip = self.producer.get(q.input[0])
+        return clip.input[0] if clip is not None and clip.op_type == "Clip" else q.input[0]
+
+    def input_channels(self, compute: onnx.NodeProto) -> int | None:
+        """Input channels of the layer's weight (from its initializer, through a DequantizeLinear)."""
+        weight = self.producer.get(compute.input[1]) if len(compute.input) > 1 else None
+        name = weight.input[0] if weight is not None and weight.op_type == "DequantizeLinear" else compute.input[1]
+        tensor = self.inits.get(name)
+        if tensor is None or len(tensor.dims) < 2:
+            return None
+        if compute.op_type == "Conv":
+            groups = next((a.i for a in compute.attribute if a.name == "group"), 1)
+            return int(tensor.dims[1]) * groups
+        return int(tensor.dims[-2])
+
+    def channel_constant(
+        self, node: onnx.NodeProto, layer: str, compute: onnx.NodeProto, what: str
+    ) -> np.ndarray | None:
+        """The per-channel constant (second input) of a transform node, checked for its shape."""
+        values = self.constant(node, 1, what, layer)
+        if values is None:
+            return None
+        channels = self.input_channels(compute)
+        expected = [channels] if compute.op_type != "Conv" else [1, channels, 1, 1]
+        if values.dtype.kind != "f" or (channels is not None and list(values.shape) != expected):
+            self.add(
+                node.name,
+                "transform_constant",
+                f"{what} of {layer} is {values.dtype} {list(values.shape)}, expected float {expected} (one per input channel)",
+                layer,
+            )
+            return None
+        return values
+
+    def check_transform(self, layer: str, cfg: LayerConfig, compute: onnx.NodeProto) -> None:
+        """``[Pad ->] [Mul 1/s ->] [Sub c ->]`` before the input quantizer of a shifted / smoothed layer."""
+        multiply = cfg.smooth is not None and cfg.smooth.into is None
+        if not (cfg.shift or multiply) or cfg.activation is None:
+            return
+        node = self.producer.get(self.quantizer_source(compute))
+        if cfg.shift:
+            if node is None or node.op_type != "Sub":
+                found = node.op_type if node is not None else "a graph input"
+                self.add(
+                    compute.name,
+                    "shift_missing",
+                    f"input of {layer} is not shifted by a Sub before its Q/DQ (found {found})",
+                    layer,
+                )
+                return
+            self.channel_constant(node, layer, compute, "shift")
+            node = self.producer.get(node.input[0])
+        if multiply:
+            if node is None or node.op_type != "Mul":
+                self.add(
+                    compute.name, "smooth_missing", f"input of {layer} is not multiplied by 1/s before its Q/DQ", layer
+                )
+                return
+            values = self.channel_constant(node, layer, compute, "smoothing 1/s")
+            if values is not None and not (np.isfinite(values).all() and (values > 0).all()):
+                self.add(node.name, "transform_constant", f"smoothing 1/s of {layer} is not positive and finite", layer)
+            node = self.producer.get(node.input[0])
+        if cfg.shift and compute.op_type == "Conv":
+            pads = next((list(a.ints) for a in compute.attribute if a.name == "pads"), [])
+            auto = next((a.s.decode() for a in compute.attribute if a.name == "auto_pad"), "NOTSET")
+            if any(pads) or auto not in ("NOTSET", "VALID"):
+                self.add(
+                    compute.name,
+                    "shift_padding",
+                    f"shifted convolution {layer} pads in the Conv (pads {pads}, auto_pad {auto}): shift-then-zero-pad "
+                    "is not exact; pad explicitly before the Sub",
+                    layer,
+                )
+            if node is not None and node.op_type == "Pad":
+                mode = next((a.s.decode() for a in node.attribute if a.name == "mode"), "constant")
+                value = self.constant(node, 2, "pad value", layer) if mode == "constant" else None
+                if value is not None and np.any(value != 0):
+                    self.add(node.name, "shift_padding", f"padding of {layer} is not zero", layer)
+
+    def low_rank_node(self, layer: str, part: str) -> onnx.NodeProto | None:
+        name = self.low_rank_nodes.get(layer, {}).get(part)
+        candidates = [name] + [f"{layer}/low_rank/{part}/{op}" for op in ("MatMul", "Conv")]
+        return next((self.by_name[n] for n in candidates if n and n in self.by_name), None)
+
+    def factor(self, node: onnx.NodeProto, layer: str, dtype: str, part: str) -> list[int] | None:
+        """Dims of a branch factor, checked to be an unquantized initializer of the plan's dtype."""
+        source = node.input[1] if len(node.input) > 1 else ""
+        producer = self.producer.get(source)
+        expected = TensorProto.FLOAT16 if dtype == "float16" else TensorProto.FLOAT
+        if producer is not None and producer.op_type in ("DequantizeLinear", "QuantizeLinear"):
+            self.add(producer.name, "low_rank_quantized", f"the low-rank {part} factor of {layer} is quantized", layer)
+            self.claimed.add(producer.name)
+            return None
+        if producer is not None and producer.op_type == "Cast":
+            source = producer.input[0]
+        tensor = self.inits.get(source)
+        if tensor is None or tensor.data_type != expected:
+            found = _type_name(tensor.data_type) if tensor is not None else "not an initializer"
+            self.add(
+                node.name,
+                "low_rank_factor",
+                f"the low-rank {part} factor of {layer} is {found}, expected a {_type_name(expected)} initializer",
+                layer,
+            )
+            return None
+        return list(tensor.dims)
+
+    def check_low_rank(self, layer: str, cfg: LayerConfig, compute: onnx.NodeProto) -> None:
+        """The branch ``up(down(x_hat))`` added to the layer's output, at the plan's rank, unquantized."""
+        down, up = self.low_rank_node(layer, "down"), self.low_rank_node(layer, "up")
+        if cfg.low_rank is None:
+            if down is not None or up is not None:
+                self.add(
+                    (down or up).name, "unplanned_low_rank", f"{layer} has a low-rank branch the plan does not", layer
+                )
+            return
+        if down is None or up is None:
+            self.add(compute.name, "missing_low_rank", f"the low-rank branch of {layer} is not in the graph", layer)
+            return
+        rank = cfg.low_rank.rank
+        dims = self.factor(down, layer, cfg.low_rank.dtype, "down"), self.factor(up, layer, cfg.low_rank.dtype, "up")
+        conv = down.op_type == "Conv"
+        found = None
+        if dims[0] is not None and dims[1] is not None:
+            found = (dims[0][0], dims[1][1]) if conv else (dims[0][-1], dims[1][0])
+        if found is not None and found != (rank, rank):
+            self.add(
+                down.name,
+                "low_rank_rank",
+                f"the low-rank branch of {layer} has rank {found}, the plan says {rank}",
+                layer,
+            )
+        if down.input[0] != self.quantizer_source(compute) or self.producer.get(up.input[0]) is not down:
+            self.add(
+                down.name,
+                "low_rank_input",
+                f"the low-rank branch of {layer} does not read the layer's float input",
+                layer,
+            )
+        sums = [u for u in self.consumers.get(up.output[0], []) if u.op_type == "Add"]
+        main = {compute.output[0]} | {
+            u.output[0] for u in self.consumers.get(compute.output[0], []) if u.op_type == "Add"
+        }
+        if not any(set(add.input) & main for add in sums):
+            self.add(
+                up.name, "low_rank_output", f"the low-rank branch of {layer} is not added to the layer's output", layer
+            )
+
     def run(self) -> list[Violation]:
         for layer, cfg in self.plan.items():
             compute = self.compute_node(layer)
@@ -537,9 +708,11 @@ class _Checker:
                     )
                 continue
             self.check_device(layer, cfg, compute)
+            self.check_low_rank(layer, cfg, compute)
             for call in self.repeated_calls(compute):
                 self.check_weight(layer, cfg, call)
                 self.check_activation(layer, cfg, call)
+                self.check_transform(layer, cfg, call)
                 self.check_output(layer, cfg, call)
                 self.check_bias(layer, cfg, call)
         self.check_float_outputs()

@@ -475,6 +475,15 @@ def _check_latency_table(spec: Any, unet: Any = None) -> None:
             latency_gaps(unet, spec.allocation)  # reads the table too
 
 
+def _check_quantize(spec: Any, model: Any) -> None:
+    """Outlier-method settings the model cannot take (a low-rank rank above a layer's size, bad globs) fail here."""
+    from diffquant.errors import spec_section
+    from diffquant.ptq import check_outlier_methods
+
+    with spec_section("quantize"):
+        check_outlier_methods(model, spec.quantize)
+
+
 def _runtime_overrides(runner: str | None, workers: int | None) -> list[str]:
     """``--runner``/``--workers`` as spec overrides (they win over ``--set``)."""
     items = [f"runtime.runner={runner}"] if runner is not None else []
@@ -535,6 +544,7 @@ def compress(
         _check_sampler(spec, model)
         _check_clip_model(spec, model)
         _check_latency_table(spec, model.unet)
+        _check_quantize(spec, model)
         if spec.calibration.labels_file:
             read_labels_file(Path(spec.calibration.labels_file), model.num_classes, model.condition)
     except DiffquantError as error:
@@ -589,6 +599,7 @@ def sweep(
         _check_sampler(spec, model)
         _check_clip_model(spec, model)
         _check_latency_table(spec)
+        _check_quantize(spec, model)
     except ValueError:
         _fail(ValueError("--budgets takes numbers like 3,3.5,4 and --baselines integers like 8,4"))
     except DiffquantError as error:

@@ -8,7 +8,9 @@ library call :func:`quantize` and the pipeline give byte-identical plans and sca
 - the group-size fallback: layers whose input channels the group size does not divide stay
   per-channel at the same bits;
 - output quantizers for ``target="onnxruntime"`` (integer convolutions in onnxruntime);
-- outlier tokens (MixDQ's BOS-aware quantization) for text-conditioned models.
+- outlier tokens (MixDQ's BOS-aware quantization) for text-conditioned models;
+- the outlier methods (per-channel input shift, SmoothQuant with its folds, SVDQuant's low-rank
+  branch; :mod:`diffquant.outliers`), calibrated on the float model before range calibration.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ from diffquant.outlier_tokens import (
     fill_fp_tokens,
     fp_token_outputs,
 )
+from diffquant.outliers.calibrate import calibrate_transforms, install_transforms, restore_transforms
+from diffquant.outliers.options import add_outlier_methods, wants_methods
 from diffquant.quant.gptq import gptq_layers, gptq_solve, gptq_weight_state, install_gptq, load_gptq_weight_state
 from diffquant.quant.modules import groups_allowed
 from diffquant.quant.plan import (
@@ -55,7 +59,7 @@ from diffquant.quant.plan import (
     with_output_quantizers,
 )
 from diffquant.sampling import Trajectories, denoiser_outputs
-from diffquant.spec import AllocationSpec, BudgetSpec, CalibrationSpec, QuantizeSpec, SamplerSpec
+from diffquant.spec import AllocationSpec, BudgetSpec, CalibrationSpec, QuantizeSpec, SamplerSpec, SmoothSpec
 from diffquant.storage import load_safetensors, save_safetensors
 
 logger = logging.getLogger(__name__)
@@ -188,6 +192,21 @@ def for_target(unet: DiffusionModel | nn.Module, plan: LayerPlan, target: Export
     return planned
 
 
+def check_outlier_methods(model: DiffusionModel | nn.Module, config: QuantizeSpec, family: str | None = None) -> None:
+    """Refuse outlier-method settings the model cannot take (globs, ranks), without running it.
+
+    The CLI calls this before a run starts, so ``quantize.low_rank.rank`` larger than a layer's
+    ``min(out, in)`` fails in one line before anything is written.
+
+    Raises:
+        ConfigError: As :func:`diffquant.outliers.options.add_outlier_methods` (and bad globs).
+    """
+    if not wants_methods(config):
+        return
+    unet, _ = _denoiser(model, family)
+    add_outlier_methods(unet, plan_from_spec(model, config, family=family), config)
+
+
 class _ConditionRecorder:
     """Records the condition (third positional argument) of every call of the wrapped denoiser."""
 
@@ -238,29 +257,44 @@ def apply_and_calibrate(
     conditional: bool = True,
     calibration: CalibrationSpec | None = None,
     conditions: torch.Tensor | None = None,
-) -> int:
+    smooth: SmoothSpec | None = None,
+) -> tuple[int, LayerPlan]:
     """Apply ``plan`` to ``unet`` in place and calibrate its activation scales on ``data``.
 
     Layers that keep leading tokens in float (``fp_tokens``) get their precomputed outputs from
     the float ``unet`` before the plan replaces its layers. Layers whose weight rounding is
     ``gptq`` get their GPTQ weights and scales from Hessians of the float ``unet`` on ``data``
-    (:mod:`diffquant.quant.gptq`), before activation calibration.
+    (:mod:`diffquant.quant.gptq`), before activation calibration. Layers with a shift, smoothing
+    or a low-rank branch get them from the float ``unet`` on ``data``
+    (:func:`diffquant.outliers.calibrate.calibrate_transforms`): with ``smooth`` given, fold
+    targets are found (``smooth.fold``) and alpha is searched (``smooth.search``); without it,
+    the plan's alpha and fold targets are used as they are.
 
     Raises:
         ConfigError: If a GPTQ layer sees too few calibration inputs for its Hessian.
 
     Returns:
-        The number of activation quantizers calibrated.
+        The number of activation quantizers calibrated, and the plan as applied (fold targets and
+        searched alphas decided).
     """
     calibration = calibration or CalibrationSpec()
     if conditions is None and isinstance(data, Trajectories):
         conditions = data.labels
-    solutions = gptq_solve(unet, plan, _runner(data, conditional, calibration.batch_size)) if gptq_layers(plan) else {}
+    run = _runner(data, conditional, calibration.batch_size)
+    solutions = gptq_solve(unet, plan, run) if gptq_layers(plan) else {}
     fp_outputs = fp_token_outputs(unet, plan, conditions) if conditions is not None else {}
+    tensors = None
+    if plan.has_transforms:
+        search = smooth.grid if smooth is not None and smooth.search else None
+        fold = smooth is not None and smooth.fold
+        plan, tensors = calibrate_transforms(unet, plan, run, fold=fold, search_grid=search, seed=calibration.seed)
     apply_plan(unet, plan)
+    if tensors is not None:
+        install_transforms(unet, tensors)
     install_gptq(unet, solutions)
     fill_fp_tokens(unet, fp_outputs)
-    return calibrate_activations(unet, data, conditional, calibration.batch_size, calibration.seed)
+    calibrated = calibrate_activations(unet, data, conditional, calibration.batch_size, calibration.seed)
+    return calibrated, plan
 
 
 def quantize(
@@ -332,10 +366,13 @@ def quantize(
     text = isinstance(model, DiffusionModel) and model.condition == "text"
     conditions = _conditions(unet, forward_loop) if text and config.outlier_tokens != "off" else None
     outliers = _outlier_tokens(model, config.outlier_tokens, conditions)
-    plan = apply_outlier_tokens(plan, outliers)
-    sizes = packed_weight_bytes(unet, plan)
-    calibrated = apply_and_calibrate(unet, plan, forward_loop, conditional, calibration, conditions)
-    return QuantizeResult(unet, plan, outliers, sizes["fp32"], sizes["packed"], calibrated)
+    plan = add_outlier_methods(unet, apply_outlier_tokens(plan, outliers), config)
+    fp32_bytes = packed_weight_bytes(unet, plan)["fp32"]
+    calibrated, plan = apply_and_calibrate(
+        unet, plan, forward_loop, conditional, calibration, conditions, smooth=config.smooth
+    )
+    packed = packed_weight_bytes(unet, plan)["packed"]
+    return QuantizeResult(unet, plan, outliers, fp32_bytes, packed, calibrated)
 
 
 @dataclass
@@ -424,7 +461,10 @@ def auto_quantize(
 def quantize_model(
     model: DiffusionModel, plan: LayerPlan, calib: Trajectories, calibration: CalibrationSpec
 ) -> DiffusionModel:
-    """Return a fake-quantized copy of ``model`` with ``plan`` applied and calibrated (``model`` is kept)."""
+    """Return a fake-quantized copy of ``model`` with ``plan`` applied and calibrated (``model`` is kept).
+
+    A plan with outlier methods is taken as it is (its alphas and fold targets).
+    """
     quantized = copy.deepcopy(model)
     apply_and_calibrate(quantized.unet, plan, calib, model.conditional, calibration)
     return quantized
@@ -433,7 +473,9 @@ def quantize_model(
 def save_quantized(model: DiffusionModel | nn.Module, plan: LayerPlan, out_dir: Path) -> tuple[Path, Path]:
     """Write ``plan.json`` and ``quantizer_scales.safetensors`` to ``out_dir``.
 
-    The scales file also holds ``<layer>.weight`` of the GPTQ layers (their float weights were replaced).
+    The scales file also holds ``<layer>.weight`` of the GPTQ layers (their float weights were
+    replaced) and the outlier methods' tensors (``s``, ``c``, ``L1``, ``L2``), from which
+    :func:`load_quantized` redoes the weight transforms.
 
     Example:
         >>> plan_path, scales_path = diffquant.save_quantized(model, result.plan, Path("out"))
@@ -465,6 +507,7 @@ def load_quantized(
     apply_plan(quantized.unet, plan)
     state = load_gptq_weight_state(quantized.unet, plan, load_safetensors(scales_path))
     load_quantizer_state(quantized.unet, state)
+    restore_transforms(quantized.unet, plan)
     if weights_path is not None:
         quantized.unet.load_state_dict(load_safetensors(Path(weights_path)), strict=True)
     return quantized

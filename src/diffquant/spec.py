@@ -153,9 +153,59 @@ class CalibrationSpec(_Strict):
 
 
 class ActivationQuantSpec(_Strict):
-    """Activation (layer input) format of the uniform plan; per-tensor, None keeps float."""
+    """Activation (layer input) format of the uniform plan; per-tensor, None keeps float.
+
+    ``shift`` ``channel`` subtracts a per-input-channel offset (the midpoint of each channel's
+    calibration range) before the symmetric input quantizer and adds it back through the bias
+    (``b + W c``), so zero points stay 0 (:mod:`diffquant.quant.transforms`). It is left out of the
+    serialized spec at its default ``none``, so existing spec hashes do not change.
+    """
 
     bits: int | None = Field(8, ge=MIN_BITS, le=MAX_BITS)
+    shift: Literal["none", "channel"] = "none"
+
+    @model_serializer(mode="wrap")
+    def _omit_default_shift(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if self.shift == "none":
+            data.pop("shift", None)
+        return data
+
+
+class SmoothSpec(_Strict):
+    """SmoothQuant channel balancing of layer inputs (:mod:`diffquant.outliers.smoothing`).
+
+    Per input channel ``s = max|X|^alpha / max|W|^(1 - alpha)`` (``X`` over every calibration
+    input, all timesteps); the layer computes ``(X / s) (s W)``. ``1 / s`` is folded into the
+    preceding norm's affine or the previous Linear where the graph allows it (checked on the float
+    model), else the layer multiplies its input by ``1 / s`` before its input quantizer; the plan
+    records which (``smooth.into``). ``search`` picks alpha per layer (per fold group) from
+    ``{0, 1/grid, ..., 1}``, or no smoothing, by the layer's output error on calibration inputs.
+    """
+
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="migration strength in [0, 1]")
+    layers: list[str] | None = Field(
+        None, description="globs of layers to smooth; None: every layer with a quantized input"
+    )
+    search: bool = Field(False, description="grid-search alpha per layer against the layer's output error")
+    grid: int = Field(20, ge=1, le=1000, description="search: alpha steps of 1/grid")
+    fold: bool = Field(True, description="fold 1/s into the preceding norm or Linear where possible")
+
+
+class LowRankSpec(_Strict):
+    """SVDQuant's low-rank branch (:mod:`diffquant.outliers.low_rank`).
+
+    After smoothing, ``W = L1 L2 + R`` with ``L1 L2`` the top ``rank`` singular directions, kept
+    unquantized in ``dtype`` beside the quantized GEMM of ``R``.
+    """
+
+    rank: int = Field(32, ge=1, le=65_536)
+    layers: list[str] | None = Field(
+        None, description="globs of layers with a branch; None: every Linear/Conv2d with a quantized weight"
+    )
+    dtype: Literal["float16", "float32"] = Field(
+        "float16", description="values of L1 and L2 (stored in this type; computed in the model's dtype)"
+    )
 
 
 class LayerOverride(_Strict):
@@ -174,6 +224,10 @@ class QuantizeSpec(_Strict):
     applied last and keeps its layers entirely in float. Left unset (None), it is the model
     family's default (first/last layers, time embedding, position/context embedders; see
     :mod:`diffquant.models.families`); ``[]`` quantizes every layer.
+
+    The outlier methods are off by default and apply to the quantized layers of the plan, uniform
+    or allocated: ``activation.shift`` (per-channel input offset), ``smooth`` (SmoothQuant) and
+    ``low_rank`` (SVDQuant's branch), in that order (:mod:`diffquant.outliers`).
     """
 
     weight: WeightConfig | None = WeightConfig(bits=8)
@@ -185,6 +239,12 @@ class QuantizeSpec(_Strict):
         description="text models: leading tokens whose cross-attention keys/values stay in float "
         "(MixDQ's BOS-aware quantization); auto detects them, off disables, N forces N; "
         "applies to allocated plans too",
+    )
+    smooth: SmoothSpec | None = Field(
+        None, description="SmoothQuant channel balancing (None: off); applies to allocated plans too"
+    )
+    low_rank: LowRankSpec | None = Field(
+        None, description="SVDQuant low-rank branch (None: off); applies to allocated plans too"
     )
 
     @field_validator("weight", mode="before")
@@ -208,6 +268,15 @@ class QuantizeSpec(_Strict):
         if isinstance(self.outlier_tokens, int) and not 0 <= self.outlier_tokens <= 4096:
             raise ValueError("outlier_tokens must be auto, off or a count from 0 to 4096")
         return self
+
+    @model_serializer(mode="wrap")
+    def _omit_off_methods(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # off (None) is the default and is left out: existing spec hashes do not change
+        data = handler(self)
+        for key in ("smooth", "low_rank"):
+            if getattr(self, key) is None:
+                data.pop(key, None)
+        return data
 
 
 class BudgetSpec(_Strict):

@@ -55,6 +55,10 @@ ALTERNATIVES: dict[str, list[Any]] = {
     "quantize.weight.granularity": ["per_tensor"],
     "quantize.weight.observer": ["mse"],
     "quantize.outlier_tokens": ["off"],
+    "quantize.activation.shift": ["none"],  # the quantize stage reads it (not cached); the finetune key hashes its plan
+    "quantize.smooth.layers": [["*"]],
+    "quantize.low_rank.layers": [["*"]],
+    "quantize.low_rank.dtype": ["float32"],
     "quantize.keep_full_precision": [["conv_out"]],
     "quantize.overrides": [[{"layers": ["conv_in"], "weight_bits": 4}]],
     "allocation.quality_metric": ["psnr"],
@@ -82,7 +86,10 @@ ALTERNATIVES: dict[str, list[Any]] = {
 
 def _full_spec() -> CompressionSpec:
     # evaluate.clip_model is left out of the spec at its default (None): set, it is a leaf to walk
-    return spec_from_dict({"allocation": {}, "finetune": {}, "evaluate": {"clip_model": "/some/clip"}})
+    outliers = {"activation": {"shift": "channel"}, "smooth": {}, "low_rank": {}}
+    return spec_from_dict(
+        {"allocation": {}, "finetune": {}, "quantize": outliers, "evaluate": {"clip_model": "/some/clip"}}
+    )
 
 
 def _candidates(key: str, value: Any) -> list[Any]:

@@ -11,6 +11,7 @@ from torch import nn
 from diffquant.quant.formats import IntFormat, broadcast_scale, fake_quant, fake_quant_grouped, group_view
 from diffquant.quant.lsq import lsq_fake_quant
 from diffquant.quant.observers import ActivationObserver, weight_scale
+from diffquant.quant.transforms import InputTransform, LowRankBranch, groups_of, shift_bias
 
 
 class QuantizerMode(str, Enum):
@@ -153,9 +154,12 @@ def groups_allowed(layer: nn.Module, group_size: int) -> bool:
 
 class _QuantMixin:
     weight: nn.Parameter
+    bias: nn.Parameter | None
     weight_quantizer: FakeQuantizer | None
     input_quantizer: FakeQuantizer | None
     output_quantizer: FakeQuantizer | None
+    input_transform: InputTransform | None
+    low_rank: LowRankBranch | None
 
     def _setup_quantizers(
         self,
@@ -176,6 +180,8 @@ class _QuantMixin:
         )
         self.input_quantizer = FakeQuantizer(act_bits, None, act_observer) if act_bits is not None else None
         self.output_quantizer = None
+        self.input_transform = None  # smoothing / shift (diffquant.quant.transforms), set by the plan
+        self.low_rank = None
         if self.weight_quantizer is not None:
             self.weight_quantizer.calibrate_from(self.weight.detach())
 
@@ -211,7 +217,25 @@ class _QuantMixin:
         self.lora_B = None
 
     def _float_weight(self) -> torch.Tensor:
-        return self.weight + self.adapter_delta() if self.has_adapter() else self.weight
+        weight = self.weight + self.adapter_delta() if self.has_adapter() else self.weight
+        if self.low_rank is not None:
+            weight = weight - self.low_rank.product().to(weight.dtype)
+        return weight
+
+    def weight_to_quantize(self) -> torch.Tensor:
+        """The float weight the weight quantizer sees: ``W`` (+ adapter), less the low-rank part ``L1 L2``."""
+        return self._float_weight()
+
+    def _cache_key(self) -> tuple:
+        quantizer = self.weight_quantizer
+        key: tuple = (self.weight._version, self.weight.data_ptr())
+        if quantizer is not None:
+            key += (quantizer.scale._version, quantizer.mode)
+        if self.has_adapter():
+            key += (self.lora_A._version, self.lora_B._version, self.lora_A.data_ptr(), self.lora_B.data_ptr())
+        if self.low_rank is not None:
+            key += (self.low_rank.up._version, self.low_rank.down._version)
+        return key
 
     def quantized_weight(self) -> torch.Tensor:
         """The weight as the quantized layer uses it (fake-quantized, or as is when FP).
@@ -224,14 +248,37 @@ class _QuantMixin:
             return self._float_weight()
         if torch.is_grad_enabled():
             return quantizer(self._float_weight())
-        key = (self.weight._version, quantizer.scale._version, quantizer.mode, self.weight.data_ptr())
-        if self.has_adapter():
-            key += (self.lora_A._version, self.lora_B._version, self.lora_A.data_ptr(), self.lora_B.data_ptr())
+        key = self._cache_key()
         cached = getattr(self, "_weight_cache", None)
         if cached is None or cached[0] != key:
             cached = (key, quantizer(self._float_weight()))
             self._weight_cache = cached
         return cached[1]
+
+    def effective_weight(self) -> torch.Tensor:
+        """The weight the layer applies: the (fake-)quantized weight plus the low-rank part."""
+        weight = self.quantized_weight()
+        return weight if self.low_rank is None else weight + self.low_rank.product().to(weight.dtype)
+
+    def effective_bias(self) -> torch.Tensor | None:
+        """The bias with the input shift added back: ``b + W_eff c`` (``b`` itself without a shift)."""
+        transform = self.input_transform
+        if transform is None or transform.shift is None:
+            return self.bias
+        if torch.is_grad_enabled():
+            extra = shift_bias(self.effective_weight(), transform.shift, groups_of(self))
+        else:
+            key = (*self._cache_key(), transform.shift._version)
+            cached = getattr(self, "_shift_cache", None)
+            if cached is None or cached[0] != key:
+                cached = (key, shift_bias(self.effective_weight(), transform.shift, groups_of(self)))
+                self._shift_cache = cached
+            extra = cached[1]
+        extra = extra.to(self.weight.dtype)
+        return extra if self.bias is None else self.bias + extra
+
+    def _transform(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.input_transform is None else self.input_transform(x)
 
     def _quant_input(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.input_quantizer is None else self.input_quantizer(x)
@@ -284,15 +331,24 @@ class QuantLinear(_QuantMixin, nn.Linear):
         self.fp_tokens = count
         self.register_buffer("fp_token_outputs", torch.zeros(count, self.out_features, dtype=self.weight.dtype))
 
+    def _linear(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._transform(x)
+        y = F.linear(self._quant_input(x), self.quantized_weight(), self.effective_bias())
+        return y if self.low_rank is None else y + self.low_rank(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Linear over the quantized input and weight (leading tokens from FP outputs if set)."""
+        """Linear over the quantized input and weight (leading tokens from FP outputs if set).
+
+        With an input transform the input is smoothed / shifted first; a low-rank branch adds
+        ``L1 L2 x`` on the unquantized (transformed) input.
+        """
         if not self.fp_tokens:
-            return F.linear(self._quant_input(x), self.quantized_weight(), self.bias)
+            return self._linear(x)
         if x.dim() != 3 or x.shape[1] <= self.fp_tokens:
             raise ValueError(
                 f"fp_tokens={self.fp_tokens} needs (N, L > {self.fp_tokens}, D) inputs, got {tuple(x.shape)}"
             )
-        rest = F.linear(self._quant_input(x[:, self.fp_tokens :]), self.quantized_weight(), self.bias)
+        rest = self._linear(x[:, self.fp_tokens :])
         head = self.fp_token_outputs.to(rest.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
         return torch.cat([head, rest], dim=1)
 
@@ -361,7 +417,7 @@ class QuantConv2d(_QuantMixin, nn.Conv2d):
         """
         return (
             self.output_quantizer is not None
-            and self.bias is not None
+            and self.effective_bias() is not None
             and self.input_quantizer is not None
             and self.weight_quantizer is not None
             and self.weight_quantizer.group_size is None
@@ -377,10 +433,14 @@ class QuantConv2d(_QuantMixin, nn.Conv2d):
         return self.input_quantizer.scale.float().reshape(()) * self.weight_quantizer.scale.float()
 
     def bias_integers(self) -> torch.Tensor:
-        """``round(b / (s_in * s_w))`` clamped to INT32, as float32 values (see :meth:`integer_bias`)."""
-        assert self.bias is not None
+        """``round(b / (s_in * s_w))`` clamped to INT32, as float32 values (see :meth:`integer_bias`).
+
+        ``b`` is the effective bias (with the input shift added back).
+        """
+        bias = self.effective_bias()
+        assert bias is not None
         limit = torch.iinfo(torch.int32)
-        return torch.clamp(torch.round(self.bias.float() / self.bias_scale()), limit.min, limit.max)
+        return torch.clamp(torch.round(bias.float() / self.bias_scale()), limit.min, limit.max)
 
     def quantized_bias(self) -> torch.Tensor | None:
         """The bias as the layer uses it: on the INT32 grid when :meth:`integer_bias`, else as is.
@@ -390,13 +450,26 @@ class QuantConv2d(_QuantMixin, nn.Conv2d):
 
         Under autograd the rounding passes gradients straight through to the float bias.
         """
+        bias = self.effective_bias()
         if not self._bias_on_grid():
-            return self.bias
-        assert self.bias is not None
-        rounded = (self.bias_integers() * self.bias_scale()).to(self.bias.dtype)
-        return self.bias + (rounded - self.bias).detach()
+            return bias
+        assert bias is not None
+        rounded = (self.bias_integers() * self.bias_scale()).to(bias.dtype)
+        return bias + (rounded - bias).detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Convolution over the quantized input, weight and bias; the output quantized when planned."""
-        y = self._conv_forward(self._quant_input(x), self.quantized_weight(), self.quantized_bias())
+        """Convolution over the quantized input, weight and bias; the output quantized when planned.
+
+        With an input transform the input is smoothed / shifted first (after an explicit pad when
+        shifted: the convolution then runs without padding); a low-rank branch adds its output.
+        """
+        x = self._transform(x)
+        padded = self.input_transform is not None and self.input_transform.pad is not None
+        weight, bias, quantized = self.quantized_weight(), self.quantized_bias(), self._quant_input(x)
+        if padded:
+            y = F.conv2d(quantized, weight, bias, self.stride, 0, self.dilation, self.groups)
+        else:
+            y = self._conv_forward(quantized, weight, bias)
+        if self.low_rank is not None:
+            y = y + self.low_rank(x, padded)
         return y if self.output_quantizer is None else self.output_quantizer(y)
