@@ -464,6 +464,18 @@ def _check_latency_table(spec: Any, unet: Any = None) -> None:
             latency_gaps(unet, spec.allocation)  # reads the table too
 
 
+def _check_uniform_plan(spec: Any, model: Any) -> None:
+    """Build the uniform plan now and refuse what its device class cannot run (NVFP4 blocks, FP4 on a convolution)."""
+    if spec.allocation is not None:
+        return
+    from diffquant.errors import spec_section
+    from diffquant.ptq import check_device_plan, plan_from_spec
+
+    with spec_section("quantize"):
+        plan = plan_from_spec(model, spec.quantize, spec.calibration.observer, spec.export.target)
+        check_device_plan(model.unet, plan, spec.export.device_class, spec.export.target)
+
+
 def _runtime_overrides(runner: str | None, workers: int | None) -> list[str]:
     """``--runner``/``--workers`` as spec overrides (they win over ``--set``)."""
     items = [f"runtime.runner={runner}"] if runner is not None else []
@@ -523,6 +535,7 @@ def compress(
         check_memory(spec, model.sample_shape)
         _check_sampler(spec, model)
         _check_latency_table(spec, model.unet)
+        _check_uniform_plan(spec, model)
         if spec.calibration.labels_file:
             read_labels_file(Path(spec.calibration.labels_file), model.num_classes, model.condition)
     except DiffquantError as error:
