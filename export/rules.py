@@ -21,11 +21,18 @@ output feed only its ``[Clip ->] QuantizeLinear -> DequantizeLinear`` (so onnxru
 with output quantizers checked against a TensorRT-form graph is a violation, and so is a Q/DQ
 after a layer whose plan has no output quantizer.
 
+**Floating-point formats** (:mod:`export.onnx_float`): a float weight must be stored in its
+container type (FP8, or ``FLOAT4E2M1`` from opset 23 for NVFP4) with every value on the format's
+grid, FP8 zero points 0, NVFP4 block scales a ``DequantizeLinear`` of positive FP8 E4M3 codes by a
+per-tensor float32 scale in the plan's block layout; an FP8 input's ``QuantizeLinear`` must
+saturate and its zero points be FP8 zeros of the format's type.
+
 **Device classes** (:mod:`diffquant.devices`): given a ``device_class`` (the pipeline always passes
 ``export.device_class``, whose default is the target's: ``tensorrt`` -> ``orin``), every planned
 layer must also be one the class runs. A layer the class
-cannot run (group-wise weights on a convolution or above 4 bits on a TensorRT class, output
-quantizers on a GPU class, which the form rules also catch) is a ``device_class`` violation at its compute node naming the layer and
+cannot run (group-wise weights on a convolution or above 4 bits on a TensorRT class, FP8 below
+compute capability 8.9, FP4 below 10.0 or on a convolution, output quantizers on a GPU class,
+which the form rules also catch) is a ``device_class`` violation at its compute node naming the layer and
 the class.
 """
 

@@ -113,7 +113,8 @@ class FloatFormat:
     def fake_quant_broadcast(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         """``s * round(clamp(x / s))`` with ``s`` broadcast against ``x``; clipped straight-through gradient."""
         if not (torch.is_grad_enabled() and (x.requires_grad or s.requires_grad)):
-            return self.round(x / s) * s
+            v = x.div(s).clamp_(-self.max_value, self.max_value)  # inference: fewer temporaries
+            return self.round(v).mul_(s)
         limit = self.max_value * s
         clipped = torch.maximum(torch.minimum(x, limit), -limit)
         rounded = self.round(clipped / s) * s
