@@ -102,7 +102,10 @@ class FloatFormat:
         Float32 and float64 inputs are exact: the binade's step is a power of two, so
         ``v / step`` and the product back are exact and ``torch.round`` rounds half to even.
         """
-        v = v.clamp(-self.max_value, self.max_value)
+        return self._round_saturated(v.clamp(-self.max_value, self.max_value))
+
+    def _round_saturated(self, v: torch.Tensor) -> torch.Tensor:
+        """:meth:`round` of values already clamped to the format's range."""
         if self.torch_dtype is not None and v.dtype == torch.float32:
             return v.to(getattr(torch, self.torch_dtype)).to(torch.float32)
         _, exponent = torch.frexp(v)  # |v| = m * 2**exponent with m in [0.5, 1)
@@ -114,7 +117,7 @@ class FloatFormat:
         """``s * round(clamp(x / s))`` with ``s`` broadcast against ``x``; clipped straight-through gradient."""
         if not (torch.is_grad_enabled() and (x.requires_grad or s.requires_grad)):
             v = x.div(s).clamp_(-self.max_value, self.max_value)  # inference: fewer temporaries
-            return self.round(v).mul_(s)
+            return self._round_saturated(v).mul_(s)
         limit = self.max_value * s
         clipped = torch.maximum(torch.minimum(x, limit), -limit)
         rounded = self.round(clipped / s) * s
