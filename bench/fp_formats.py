@@ -15,21 +15,35 @@ Every row samples ``--samples`` images with DDIM ``--steps`` from the same noise
 calibration set and metrics of ``bench/zoo.py`` / ``bench/quality.py``. Writes
 ``bench/results/fp_formats.json`` and the ``fp_formats`` section of BENCHMARKS.md.
 
-Run: ``.venv/bin/python bench/fp_formats.py`` (about 30 minutes on 2 idle cores).
+Run: ``.venv/bin/python bench/fp_formats.py`` (about 30 minutes on 2 idle cores). The FP rows of each model
+run first (pool, calibration set, FP reference, saved to a temporary folder), then every quantized row
+against them; ``--processes N`` runs both stages over N worker processes (rows are independent, so the
+numbers do not depend on N; on a shared machine it takes a larger share of the cores).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import multiprocessing
+import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from functools import partial
+from pathlib import Path
 
+import torch
 from common import cell, machine, replace_section, write_results
 from zoo import Bench
 
+from diffquant.data import load_digits_split
+from diffquant.evaluation import EvalResult
 from diffquant.models.loading import load_model
+from diffquant.models.reference import load_classifier
 from diffquant.ptq import plan_from_spec
+from diffquant.sampling import Trajectories
 from diffquant.spec import load_spec
+from diffquant.storage import load_safetensors, save_safetensors
 
 W8A8 = ["quantize.weight.bits=8", "quantize.activation.bits=8"]
 FP8 = ["quantize.weight.format=fp8_e4m3", "quantize.activation.format=fp8_e4m3", "export.device_class=ada"]
@@ -80,19 +94,73 @@ def spec_for(model_name: str, overrides: list[str], steps: int):
     return spec
 
 
-def model_rows(name: str, args: argparse.Namespace, configs: dict[str, list[str]]) -> list[dict]:
+class SavedBench(Bench):
+    """A :class:`Bench` whose calibration set, SQNR inputs and FP reference come from :func:`prepare`'s folder."""
+
+    def __init__(self, model, args: argparse.Namespace, folder: Path) -> None:
+        self.model, self.args = model, args
+        self.classifier = load_classifier()
+        self.real = load_digits_split().held_out_images
+        self.base = load_spec(overrides=[f"model.name={model.name}", f"sampler.steps={args.steps}"])
+        data = load_safetensors(folder / f"{model.name}.safetensors")
+        self.calib = Trajectories(data["calib_x"], data["calib_t"], data["calib_labels"])
+        self.sqnr_in = Trajectories(data["sqnr_x"], data["sqnr_t"], data["sqnr_labels"])
+        self.fp_out = data["fp_out"]
+        self.fp_bytes = sum(p.numel() * 4 for p in model.unet.parameters())
+        metrics = json.loads((folder / f"{model.name}.json").read_text())
+        self.fp = EvalResult(data["fp_samples"], data.get("fp_labels"), metrics)
+
+
+def prepare(name: str, args: argparse.Namespace, folder: Path) -> list[dict]:
+    """Stage 1 for one model: calibration set, SQNR inputs, FP outputs and the FP rows, saved to ``folder``."""
+    torch.set_num_threads(args.threads)
     bench = Bench(load_model(name), args)
     rows = bench.fp_rows(name)
-    fp_accuracy = rows[0]["accuracy"]
-    rows[1]["accuracy_points_vs_fp"] = 100 * (rows[1]["accuracy"] - fp_accuracy)
-    for label, overrides in configs.items():
-        start = time.perf_counter()
-        spec = spec_for(name, overrides, args.steps)
-        plan = plan_from_spec(bench.model, spec.quantize, spec.calibration.observer)
-        row = bench.quantized_row(f"{name} {label}", spec, plan, start)
-        row["accuracy_points_vs_fp"] = 100 * (row["accuracy"] - fp_accuracy)
-        rows.append(row)
+    rows[1]["accuracy_points_vs_fp"] = 100 * (rows[1]["accuracy"] - rows[0]["accuracy"])
+    assert bench.fp is not None
+    tensors = {
+        **{f"calib_{k}": v for k, v in bench.calib.to_tensors().items()},
+        **{f"sqnr_{k}": v for k, v in bench.sqnr_in.to_tensors().items()},
+        "fp_out": bench.fp_out,
+        "fp_samples": bench.fp.samples,
+    }
+    if bench.fp.labels is not None:
+        tensors["fp_labels"] = bench.fp.labels
+    save_safetensors({k: v.contiguous() for k, v in tensors.items()}, folder / f"{name}.safetensors")
+    (folder / f"{name}.json").write_text(json.dumps(bench.fp.metrics))
     return rows
+
+
+def quantized_row(name: str, label: str, overrides: list[str], args: argparse.Namespace, folder: Path) -> dict:
+    """Stage 2: one quantized row of ``name``, evaluated against the FP reference :func:`prepare` saved."""
+    torch.set_num_threads(args.threads)
+    bench = SavedBench(load_model(name), args, folder)
+    start = time.perf_counter()
+    spec = spec_for(name, overrides, args.steps)
+    plan = plan_from_spec(bench.model, spec.quantize, spec.calibration.observer)
+    row = bench.quantized_row(f"{name} {label}", spec, plan, start)
+    row["accuracy_points_vs_fp"] = 100 * (row["accuracy"] - bench.fp.metrics["accuracy"])
+    return row
+
+
+def run_all(args: argparse.Namespace, folder: Path) -> list[dict]:
+    """Both stages over ``args.processes`` worker processes; rows in model order, FP rows first."""
+    names = args.models.split(",")
+    jobs = [(name, label, overrides) for name in names for label, overrides in configs_for(name, args).items()]
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=args.processes, mp_context=context) as pool:
+        fp_rows = dict(zip(names, pool.map(prepare, names, [args] * len(names), [folder] * len(names)), strict=True))
+        futures = [pool.submit(quantized_row, name, label, overrides, args, folder) for name, label, overrides in jobs]
+        done = [future.result() for future in futures]
+    rows: list[dict] = []
+    for name in names:
+        rows += fp_rows[name] + [row for (model, _, _), row in zip(jobs, done, strict=True) if model == name]
+    return rows
+
+
+def configs_for(name: str, args: argparse.Namespace) -> dict[str, list[str]]:
+    """The quantized rows of ``name``: the required ones, and the format study on ``--study-model``."""
+    return REQUIRED | (STUDY if name == args.study_model else {})
 
 
 def main() -> None:
@@ -101,12 +169,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--models", default="digits-unet,digits-dit,digits-t2i")
     parser.add_argument("--study-model", default="digits-unet", help="model that also gets the FP6/FP4/E5M2 rows")
+    parser.add_argument("--processes", type=int, default=1, help="worker processes (rows run in parallel)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads per worker")
     args = parser.parse_args()
     total = time.perf_counter()
-    rows: list[dict] = []
-    for name in args.models.split(","):
-        configs = REQUIRED | (STUDY if name == args.study_model else {})
-        rows += model_rows(name, args, configs)
+    with tempfile.TemporaryDirectory(prefix="fp-formats-") as tmp:
+        rows = run_all(args, Path(tmp))
     seconds = time.perf_counter() - total
     write_results("fp_formats", {"machine": machine(), "seconds": seconds, "samples": args.samples, "rows": rows})
     lines = [
@@ -114,8 +182,8 @@ def main() -> None:
         "",
         f"Command: `.venv/bin/python bench/fp_formats.py` ({args.samples} samples, DDIM {args.steps}, noise seed 0; "
         f"calibration: 256 inputs chosen by density_diversity from 64 FP trajectories, min-max ranges; the family's "
-        f"full-precision layers; outlier tokens off; {seconds / 60:.0f} min in all, timings noisy: shared machine). "
-        f"Machine: {machine()}.",
+        f"full-precision layers; outlier tokens off; {seconds / 60:.0f} min in all over {args.processes} worker "
+        f"process(es) of {args.threads} thread(s); timings noisy: shared machine). Machine: {machine()}.",
         "Weights per output channel (NVFP4 and INT4-g16: blocks of 16 input channels), inputs per tensor. "
         "'pts vs FP' is the accuracy difference to the model's FP32 row in percentage points (target for FP8 "
         "W8A8: within 0.5). The NVFP4 rows on digits-unet quantize its convolutions too (a format study: "
