@@ -40,7 +40,7 @@ What the table says, and where it comes from:
   TensorRT 10.8 release notes). TensorRT's FP8 type is E4M3 ("FP8E4M3", same guide): E5M2 runs on
   no class. FP6 weights (E3M2, E2M3) are stored as FP8 E4M3 values (every FP6 value is one), so
   they need FP8. FP4 (NVFP4) weights are refused on convolutions (GEMM only; NVIDIA's Model
-  Optimizer also leaves convolutions out of NVFP4). An FP8 convolution is accepted with a note:
+  Optimizer also leaves convolutions out of NVFP4). An FP8 convolution is accepted, but
   TensorRT-RTX documents FP8 for GEMMs only, so it may run in higher precision (not measured, no
   GPU here). The onnxruntime CPU provider runs FP8 Q/DQ only as float emulation (no FP8 kernels),
   so ``cpu`` takes no float formats.
@@ -143,15 +143,8 @@ class DeviceClass:
             return f"FP8 needs compute capability 8.9 (Ada) or later; {where} has no FP8 ({', '.join(sorted(formats))})"
         return None
 
-    def weight_note(self, kind: str, bits: int | None, weight_format: str = "int") -> str | None:
+    def weight_note(self, kind: str, bits: int | None) -> str | None:
         """What happens to a runnable ``bits``-bit weight on a ``kind`` layer when it is not an integer kernel."""
-        if weight_format != "int":
-            if kind == "conv" and self.runtime == "tensorrt":
-                return (
-                    f"TensorRT-RTX documents FP8 for GEMMs only: a {weight_format} convolution on {self.name} may run "
-                    "in higher precision (not measured here)"
-                )
-            return None
         if bits is None or bits > 4:
             return None
         if kind == "conv" and not self.int4_conv:
