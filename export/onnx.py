@@ -57,6 +57,10 @@ FP32). In this form:
 - weights are written as in the TensorRT form.
 
 The model's ``metadata_props`` hold ``diffquant.target`` (``tensorrt`` or ``onnxruntime``).
+
+**Floating-point formats** (FP8 / FP6 / FP4 weights, FP8 activations) are lowered by
+:mod:`export.onnx_float`: FP8 initializers and Q/DQ (opset 19+), FP4 weights in TensorRT's NVFP4
+two-DQ form (``FLOAT4E2M1`` from opset 23, E2M1 values in ``FLOAT8E4M3FN`` below it).
 """
 
 from __future__ import annotations
@@ -79,6 +83,13 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from diffquant.errors import ExportError
+from diffquant.export.onnx_float import (
+    FP4_TYPE_OPSET,
+    FP8_OPSET,
+    float4_type,
+    lower_float_activation,
+    lower_float_weight,
+)
 from diffquant.models.loading import DiffusionModel
 from diffquant.quant.formats import IntFormat, group_view
 from diffquant.quant.modules import FakeQuantizer, QuantConv2d, QuantizerMode, QuantLinear
@@ -318,11 +329,21 @@ class _Denoiser(nn.Module):
 
 
 def _weight_config(quantizer: FakeQuantizer) -> WeightConfig:
+    fmt = quantizer.format_name
     if quantizer.group_size is not None:
-        return WeightConfig(quantizer.bits, "per_group", quantizer.observer_name, quantizer.group_size)
+        return WeightConfig(quantizer.bits, "per_group", quantizer.observer_name, quantizer.group_size, format=fmt)
     return WeightConfig(
-        quantizer.bits, "per_channel" if quantizer.axis is not None else "per_tensor", quantizer.observer_name
+        quantizer.bits,
+        "per_channel" if quantizer.axis is not None else "per_tensor",
+        quantizer.observer_name,
+        format=fmt,
     )
+
+
+def _activation_config(quantizer: FakeQuantizer | None) -> ActivationConfig | None:
+    if quantizer is None:
+        return None
+    return ActivationConfig(quantizer.bits, quantizer.observer_name, quantizer.format_name)
 
 
 def plan_from_model(unet: nn.Module) -> LayerPlan:
@@ -341,8 +362,8 @@ def plan_from_model(unet: nn.Module) -> LayerPlan:
                 smooth = SmoothConfig(transform.alpha if transform.alpha is not None else 0.0, transform.into)
             plan[name] = LayerConfig(
                 _weight_config(wq) if wq is not None else None,
-                ActivationConfig(aq.bits, aq.observer_name) if aq is not None else None,
-                output=ActivationConfig(oq.bits, oq.observer_name) if oq is not None else None,
+                _activation_config(aq),
+                output=_activation_config(oq),
                 shift=transform is not None and transform.shift is not None,
                 smooth=smooth,
                 low_rank=LowRankConfig(branch.rank, branch.dtype) if branch is not None else None,
@@ -361,10 +382,10 @@ def _check_matches(unet: nn.Module, plan: LayerPlan) -> None:
                 f"plan layer {name!r} is not a Linear/Conv2d of the model; export with the plan it was quantized with"
             )
         own = carried[name]
-        w_own = own.weight and (own.weight.bits, own.weight.granularity, own.weight.group_size)
-        w_plan = cfg.weight and (cfg.weight.bits, cfg.weight.granularity, cfg.weight.group_size)
-        a_own = own.activation and own.activation.bits
-        a_plan = cfg.activation and cfg.activation.bits
+        w_own = own.weight and (own.weight.bits, own.weight.granularity, own.weight.group_size, own.weight.format)
+        w_plan = cfg.weight and (cfg.weight.bits, cfg.weight.granularity, cfg.weight.group_size, cfg.weight.format)
+        a_own = own.activation and (own.activation.bits, own.activation.format)
+        a_plan = cfg.activation and (cfg.activation.bits, cfg.activation.format)
         o_own = own.output and own.output.bits
         o_plan = cfg.output and cfg.output.bits
         if w_own != w_plan or a_own != a_plan or o_own != o_plan:
@@ -454,8 +475,8 @@ def _quantized_weight(layer: QuantLinear | QuantConv2d) -> tuple[np.ndarray, np.
 class _Graph:
     """Index of a graph's producers, consumers and initializers for rewriting."""
 
-    def __init__(self, graph: onnx.GraphProto) -> None:
-        self.graph = graph
+    def __init__(self, graph: onnx.GraphProto, opset: int = DEFAULT_OPSET) -> None:
+        self.graph, self.opset = graph, opset
         self.inits = {t.name: t for t in graph.initializer}
         self.consumers: dict[str, list[onnx.NodeProto]] = {}
         self.removed: set[tuple[str, ...]] = set()
@@ -493,6 +514,10 @@ def _activation_qdq(
 ) -> list[onnx.NodeProto]:
     """``[Clip ->] QuantizeLinear -> DequantizeLinear`` for the ``role`` (input/output) quantizer of ``name``."""
     _quantizer_ready(name, quantizer, role)
+    if quantizer.format_name != "int":
+        return lower_float_activation(
+            index.add_init, index.inits.__contains__, quantizer, name, role, source, out, suffix
+        )
     scale = float(quantizer.scale.reshape(-1)[0])
     fmt = quantizer.fmt
     prefix = f"{name}/{role}_quantizer"
@@ -559,6 +584,9 @@ def _lower_weight(
         return []
     assert isinstance(module, (QuantLinear, QuantConv2d)) and module.weight_quantizer is not None
     _quantizer_ready(name, module.weight_quantizer, "weight")
+    if cfg.weight.is_float:
+        index.drop_init_if_unused(source, node)
+        return lower_float_weight(index.add_init, module, name, out, suffix, not call, index.opset)
     q, scale, axis, block = _quantized_weight(module)
     data_type = storage_type(cfg.weight.bits)
     q_name, s_name, z_name = f"{name}.weight_quantized", f"{name}.weight_scale", f"{name}.weight_zero_point"
@@ -715,7 +743,8 @@ def _lower_marks(
         ``{layer_fqn: {"node": compute node name, "kind": "conv" | "linear"}}``.
     """
     graph = model.graph
-    index = _Graph(graph)
+    opset = next((e.version for e in model.opset_import if e.domain in ("", "ai.onnx")), DEFAULT_OPSET)
+    index = _Graph(graph, opset)
     layers: dict[str, dict[str, Any]] = {}
     calls: dict[tuple[str, str], int] = {}
     new_nodes: list[onnx.NodeProto] = []
@@ -830,7 +859,7 @@ def initializer_bytes(model: onnx.ModelProto) -> int:
     total = 0
     for tensor in model.graph.initializer:
         numel = int(np.prod(tensor.dims, dtype=np.int64)) if tensor.dims else 1
-        if tensor.data_type in (TensorProto.INT4, TensorProto.UINT4):
+        if tensor.data_type in (TensorProto.INT4, TensorProto.UINT4, getattr(TensorProto, "FLOAT4E2M1", -1)):
             total += (numel + 1) // 2
         elif tensor.data_type == TensorProto.STRING:
             total += sum(len(s) for s in tensor.string_data)
@@ -981,11 +1010,7 @@ def export_onnx(
     else:
         _check_matches(unet, plan)
     target = export_target(plan, target)
-    needs_21 = [n for n, c in plan.items() if c.weight is not None and (c.weight.bits <= 4 or c.weight.group_size)]
-    if opset < MIN_OPSET or (needs_21 and opset < BLOCKED_OPSET):
-        raise ExportError(
-            f"opset {opset} cannot hold this plan (layer {needs_21[0] if needs_21 else '-'!r}); use opset {BLOCKED_OPSET}"
-        )
+    check_opset(plan, opset)
     proto = _trace(model, _Denoiser(_wrap_layers(unet, plan, target), model.conditional).eval(), opset, example_batch)
     _lower_and_label(proto, unet, plan, target, opset)
     proto, data, weight_bytes = _check_and_save(proto, path, external_data_threshold)
@@ -994,6 +1019,29 @@ def export_onnx(
         "exported %s (%s form, %d quantized layers, %d initializer bytes)", path, target, quantized, weight_bytes
     )
     return ExportInfo(path, data, opset, quantized, weight_bytes)
+
+
+def check_opset(plan: LayerPlan, opset: int) -> None:
+    """Refuse an opset that cannot hold ``plan``: INT4 and block-wise weights need 21, FP8 needs 19.
+
+    FP4 weights are ``FLOAT4E2M1`` from opset 23 and E2M1 values in ``FLOAT8E4M3FN`` at 21-22.
+
+    Raises:
+        ExportError: Naming the first layer that needs a newer opset.
+    """
+    needs: list[tuple[int, str]] = []
+    for name, cfg in plan.items():
+        w, a = cfg.weight, cfg.activation
+        if w is not None and (w.group_size or (w.bits <= 4 and not w.is_float)):
+            needs.append((BLOCKED_OPSET, name))
+        if (w is not None and w.is_float) or (a is not None and a.is_float):
+            needs.append((FP8_OPSET, name))
+    needs.append((MIN_OPSET, "-"))
+    for required, layer in sorted(needs, key=lambda item: -item[0]):
+        if opset < required:
+            raise ExportError(f"opset {opset} cannot hold this plan (layer {layer!r}); use opset {BLOCKED_OPSET}")
+    if opset >= FP4_TYPE_OPSET and any(c.weight is not None and c.weight.format == "fp4_e2m1" for c in plan.values()):
+        float4_type()
 
 
 def _lower_and_label(proto: onnx.ModelProto, module: nn.Module, plan: LayerPlan, target: str, opset: int) -> None:
@@ -1035,6 +1083,7 @@ def export_module(
     """
     _check_matches(module, plan)
     target = export_target(plan, target)
+    check_opset(plan, opset)
     wrapped = _wrap_layers(module, plan, target).eval()
     proto = _trace_module(wrapped, (example,), ["x"], ["y"], opset)
     _lower_and_label(proto, module, plan, target, opset)

@@ -32,11 +32,18 @@ output feed only its ``[Clip ->] QuantizeLinear -> DequantizeLinear`` (so onnxru
 with output quantizers checked against a TensorRT-form graph is a violation, and so is a Q/DQ
 after a layer whose plan has no output quantizer.
 
+**Floating-point formats** (:mod:`export.onnx_float`): a float weight must be stored in its
+container type (FP8, or ``FLOAT4E2M1`` from opset 23 for NVFP4) with every value on the format's
+grid, FP8 zero points 0, NVFP4 block scales a ``DequantizeLinear`` of positive FP8 E4M3 codes by a
+per-tensor float32 scale in the plan's block layout; an FP8 input's ``QuantizeLinear`` must
+saturate and its zero points be FP8 zeros of the format's type.
+
 **Device classes** (:mod:`diffquant.devices`): given a ``device_class`` (the pipeline always passes
 ``export.device_class``, whose default is the target's: ``tensorrt`` -> ``orin``), every planned
 layer must also be one the class runs. A layer the class
-cannot run (group-wise weights on a convolution or above 4 bits on a TensorRT class, output
-quantizers on a GPU class, which the form rules also catch) is a ``device_class`` violation at its compute node naming the layer and
+cannot run (group-wise weights on a convolution or above 4 bits on a TensorRT class, FP8 below
+compute capability 8.9, FP4 below 10.0 or on a convolution, output quantizers on a GPU class,
+which the form rules also catch) is a ``device_class`` violation at its compute node naming the layer and
 the class.
 """
 
@@ -59,10 +66,14 @@ from diffquant.export.onnx import (
     TARGETS,
     storage_type,
 )
+from diffquant.export.onnx_float import activation_type, container_type, float_values
+from diffquant.quant.float_formats import E4M3, FLOAT_FORMATS
 from diffquant.quant.formats import IntFormat
 from diffquant.quant.plan import LayerConfig, LayerPlan, WeightConfig
 
 _INT_TYPES = {
+    TensorProto.FLOAT8E4M3FN: "FLOAT8E4M3FN",
+    TensorProto.FLOAT8E5M2: "FLOAT8E5M2",
     TensorProto.INT4: "INT4",
     TensorProto.INT8: "INT8",
     TensorProto.UINT8: "UINT8",
@@ -133,6 +144,7 @@ class _Checker:
         self.inits = {t.name: t for t in graph.initializer}
         self.producer = {o: n for n in graph.node for o in n.output}
         self.by_name = {n.name: n for n in graph.node}
+        self.opset = next((e.version for e in model.opset_import if e.domain in ("", "ai.onnx")), 0)
         self.violations: list[Violation] = []
         self.claimed: set[str] = set()
         meta = {p.key: p.value for p in model.metadata_props}
@@ -240,11 +252,76 @@ class _Checker:
             )
             return
         self.claimed.add(producer.name)
+        if cfg.weight.is_float:
+            self.check_float_weight(producer, compute, layer, cfg.weight)
+            return
         q = self.weight_integers(producer, layer, cfg.weight.bits)
         scale = self.scale(producer, layer, "weight")
         self.zero_point(producer, layer, "weight", storage_type(cfg.weight.bits))
         if q is not None and scale is not None:
             self.weight_layout(producer, compute, layer, cfg.weight, q, scale)
+
+    def check_float_weight(self, dq: onnx.NodeProto, compute: onnx.NodeProto, layer: str, w: WeightConfig) -> None:
+        """A float weight: its container type, values on the format's grid, zero point and scales."""
+        expected = container_type(w.format, self.opset)
+        source = dq.input[0]
+        if source not in self.inits:
+            self.add(dq.name, "weight_initializer", f"{w.format} weight is not stored as an initializer", layer)
+            return
+        tensor = self.inits[source]
+        if tensor.data_type != expected:
+            self.add(
+                dq.name,
+                "float_type",
+                f"{w.format} weight stored as {_type_name(tensor.data_type)}, expected {_type_name(expected)} "
+                f"at opset {self.opset}",
+                layer,
+            )
+            return
+        values = float_values(tensor)
+        grid = FLOAT_FORMATS[w.format].values().numpy()
+        off = ~np.isin(values, grid)
+        if off.any():
+            self.add(
+                dq.name,
+                "weight_range",
+                f"{int(off.sum())} weight values are not {w.format} values (e.g. {values[off][0]:g})",
+                layer,
+            )
+        if len(dq.input) > 2 and dq.input[2]:
+            zero = self.inits.get(dq.input[2])
+            if zero is None or zero.data_type != tensor.data_type or np.any(float_values(zero) != 0):
+                self.add(dq.name, "zero_point", f"{w.format} weight zero point is not a constant 0 of its type", layer)
+        if FLOAT_FORMATS[w.format].block_size is not None:
+            self.check_block_scales(dq, compute, layer, w, values)
+            return
+        scale = self.scale(dq, layer, "weight")
+        if scale is not None:
+            self.weight_layout(dq, compute, layer, w, values, scale)
+
+    def check_block_scales(
+        self, dq: onnx.NodeProto, compute: onnx.NodeProto, layer: str, w: WeightConfig, values: np.ndarray
+    ) -> None:
+        """NVFP4: the block scales are a DequantizeLinear of FP8 E4M3 codes by a positive float32 global scale."""
+        scale_dq = self.producer.get(dq.input[1]) if len(dq.input) > 1 else None
+        if scale_dq is None or scale_dq.op_type != "DequantizeLinear":
+            self.add(
+                dq.name, "block_scale", f"NVFP4 block scales of {layer} are not a DequantizeLinear of FP8 codes", layer
+            )
+            return
+        self.claimed.add(scale_dq.name)
+        codes = self.inits.get(scale_dq.input[0])
+        if codes is None or codes.data_type != TensorProto.FLOAT8E4M3FN:
+            kind = _type_name(codes.data_type) if codes is not None else "not an initializer"
+            self.add(scale_dq.name, "block_scale", f"NVFP4 block codes of {layer} are {kind}, not FLOAT8E4M3FN", layer)
+            return
+        code_values = float_values(codes)
+        if not (code_values > 0).all() or not np.isin(code_values, E4M3.values().numpy()).all():
+            self.add(scale_dq.name, "block_scale", f"NVFP4 block codes of {layer} are not positive E4M3 values", layer)
+        global_scale = self.scale(scale_dq, layer, "NVFP4 global")
+        if global_scale is not None and global_scale.size != 1:
+            self.add(scale_dq.name, "block_scale", f"NVFP4 global scale of {layer} is not per tensor", layer)
+        self.weight_layout(dq, compute, layer, w, values, code_values)
 
     def weight_integers(self, dq: onnx.NodeProto, layer: str, bits: int) -> np.ndarray | None:
         """The stored integer weight of ``dq``, checked for its storage type and range (None: not stored)."""
@@ -360,6 +437,9 @@ class _Checker:
             )
             return
         self.claimed.add(q.name)
+        if cfg.activation.is_float:
+            self.check_float_qdq_pair(layer, cfg.activation.format, q, dq, "activation")
+            return
         self.check_qdq_pair(layer, cfg.activation.bits, q, dq, "activation")
 
     def is_output_dq(self, dq: onnx.NodeProto) -> bool:
@@ -377,6 +457,29 @@ class _Checker:
         if self.target == "onnxruntime":
             return TensorProto.UINT8, ORT_ACTIVATION_ZERO_POINT
         return TensorProto.INT8, 0
+
+    def check_float_qdq_pair(self, layer: str, fmt: str, q: onnx.NodeProto, dq: onnx.NodeProto, what: str) -> None:
+        """An FP8 activation Q/DQ: FP8 zero point 0 of the format's type, per-tensor equal scales, saturating Q."""
+        expected = activation_type(fmt)
+        scales = []
+        for node in (q, dq):
+            scale = self.scale(node, layer, what)
+            zero = self.inits.get(node.input[2]) if len(node.input) > 2 else None
+            if zero is None or zero.data_type != expected or np.any(float_values(zero) != 0):
+                self.add(
+                    node.name, "zero_point", f"{fmt} {what} needs a constant {_type_name(expected)} zero point 0", layer
+                )
+            if scale is not None and scale.size != 1:
+                self.add(node.name, "activation_per_tensor", f"{what} scale has shape {list(scale.shape)}", layer)
+            scales.append(scale)
+        if all(s is not None and s.size == 1 for s in scales) and not np.array_equal(
+            scales[0].reshape(()), scales[1].reshape(())
+        ):
+            self.add(dq.name, "scale_mismatch", "QuantizeLinear and DequantizeLinear scales differ", layer)
+        if next((a.i for a in q.attribute if a.name == "saturate"), 1) != 1:
+            self.add(
+                q.name, "saturate", f"{fmt} {what} QuantizeLinear must saturate (TensorRT clips to the range)", layer
+            )
 
     def check_qdq_pair(self, layer: str, bits: int, q: onnx.NodeProto, dq: onnx.NodeProto, what: str) -> None:
         """Scales, zero points and the b-bit Clip of one activation ``QuantizeLinear -> DequantizeLinear``."""
@@ -531,10 +634,14 @@ class _Checker:
 
     def check_device(self, layer: str, cfg: LayerConfig, compute: onnx.NodeProto) -> None:
         """The layer's weight format against its device class's table entry (the form rules cover outputs)."""
-        if self.device is None or cfg.weight is None:
+        if self.device is None:
             return
         kind = "conv" if compute.op_type == "Conv" else "linear"
-        problem = self.device.weight_problem(kind, cfg.weight.bits, cfg.weight.group_size)
+        weight_format = cfg.weight.format if cfg.weight is not None else "int"
+        act_format = cfg.activation.format if cfg.activation is not None else "int"
+        problem = self.device.format_problem(kind, weight_format, act_format)
+        if problem is None and cfg.weight is not None:
+            problem = self.device.weight_problem(kind, cfg.weight.bits, cfg.weight.group_size)
         if problem is not None:
             self.add(compute.name, "device_class", f"{layer} cannot run on {self.device.name}: {problem}", layer)
 

@@ -484,6 +484,18 @@ def _check_quantize(spec: Any, model: Any) -> None:
         check_outlier_methods(model, spec.quantize)
 
 
+def _check_uniform_plan(spec: Any, model: Any) -> None:
+    """Build the uniform plan now and refuse what its device class cannot run (NVFP4 blocks, FP4 on a convolution)."""
+    if spec.allocation is not None:
+        return
+    from diffquant.errors import spec_section
+    from diffquant.ptq import check_device_plan, plan_from_spec
+
+    with spec_section("quantize"):
+        plan = plan_from_spec(model, spec.quantize, spec.calibration.observer, spec.export.target)
+        check_device_plan(model.unet, plan, spec.export.device_class, spec.export.target)
+
+
 def _runtime_overrides(runner: str | None, workers: int | None) -> list[str]:
     """``--runner``/``--workers`` as spec overrides (they win over ``--set``)."""
     items = [f"runtime.runner={runner}"] if runner is not None else []
@@ -544,6 +556,7 @@ def compress(
         _check_sampler(spec, model)
         _check_clip_model(spec, model)
         _check_latency_table(spec, model.unet)
+        _check_uniform_plan(spec, model)
         _check_quantize(spec, model)
         if spec.calibration.labels_file:
             read_labels_file(Path(spec.calibration.labels_file), model.num_classes, model.condition)

@@ -254,6 +254,13 @@ def _plan_description(spec: CompressionSpec) -> str:
     text = f"W{w.bits if w else 'fp'}A{a or 'fp'} uniform, {w.granularity if w else 'float weights'}"
     if w is not None and w.group_size:
         text += f" (groups of {w.group_size})"
+    formats = [
+        f"{part} {fmt}"
+        for part, fmt in (("weights", w and w.format), ("inputs", a and spec.quantize.activation.format))
+        if fmt and fmt != "int"
+    ]
+    if formats:
+        text += f", {', '.join(formats)}"
     if spec.quantize.keep_full_precision is None:
         text += ", FP: the model family's defaults"
     elif spec.quantize.keep_full_precision:

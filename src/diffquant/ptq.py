@@ -43,6 +43,8 @@ from diffquant.outlier_tokens import (
 )
 from diffquant.outliers.calibrate import calibrate_transforms, install_transforms, restore_transforms
 from diffquant.outliers.options import add_outlier_methods, wants_methods
+from diffquant.quant.config import format_problem
+from diffquant.quant.float_formats import FLOAT_FORMATS, NVFP4_BLOCK
 from diffquant.quant.gptq import gptq_layers, gptq_solve, gptq_weight_state, install_gptq, load_gptq_weight_state
 from diffquant.quant.modules import groups_allowed
 from diffquant.quant.plan import (
@@ -59,7 +61,15 @@ from diffquant.quant.plan import (
     with_output_quantizers,
 )
 from diffquant.sampling import Trajectories, denoiser_outputs
-from diffquant.spec import AllocationSpec, BudgetSpec, CalibrationSpec, QuantizeSpec, SamplerSpec, SmoothSpec
+from diffquant.spec import (
+    AllocationSpec,
+    BudgetSpec,
+    CalibrationSpec,
+    LayerOverride,
+    QuantizeSpec,
+    SamplerSpec,
+    SmoothSpec,
+)
 from diffquant.storage import load_safetensors, save_safetensors
 
 logger = logging.getLogger(__name__)
@@ -139,23 +149,25 @@ def plan_from_spec(
     """
     unet, family_info = _denoiser(model, family)
     w = quantize.weight
+    a_format = quantize.activation.format
     fallback: list[str] = []
 
     def formats(
         name: str, w_bits: int | None, a_bits: int | None
     ) -> tuple[WeightConfig | None, ActivationConfig | None]:
-        act = ActivationConfig(a_bits, act_observer) if a_bits is not None else None
+        act = ActivationConfig(a_bits, act_observer, a_format) if a_bits is not None else None
         if w_bits is None or w is None:
             return None, act
         if w.group_size is not None and not groups_allowed(unet.get_submodule(name), w.group_size):
             fallback.append(name)
             return WeightConfig(w_bits, "per_channel", w.observer, rounding=w.rounding), act
-        return WeightConfig(w_bits, w.granularity, w.observer, w.group_size, rounding=w.rounding), act
+        return WeightConfig(w_bits, w.granularity, w.observer, w.group_size, rounding=w.rounding, format=w.format), act
 
     plan = LayerPlan()
     for name in quantizable_layers(unet):
         plan[name] = LayerConfig(*formats(name, w.bits if w else None, quantize.activation.bits))
     for i, override in enumerate(quantize.overrides):
+        _check_override_formats(i, override, quantize)
         try:
             names = resolve_globs(plan, override.layers)
         except ValueError as error:
@@ -169,9 +181,47 @@ def plan_from_spec(
         raise ConfigError("keep_full_precision", str(error)) from None
     for name in keep:
         plan[name] = LayerConfig(None, None)
+    if w is not None and w.is_float:
+        _check_float_blocks(unet, plan, fallback)
     if fallback:
         logger.info("%d layers cannot take groups of %s and stay per-channel", len(set(fallback)), w and w.group_size)
     return for_target(unet, plan, target)
+
+
+def _check_override_formats(index: int, override: LayerOverride, quantize: QuantizeSpec) -> None:
+    """An override's bits must fit the uniform plan's float formats, which its layers keep.
+
+    Raises:
+        ConfigError (``overrides.N.weight_bits`` / ``overrides.N.activation_bits``).
+    """
+    parts = (
+        ("weight_bits", override.weight_bits, quantize.weight.format if quantize.weight else "int"),
+        ("activation_bits", override.activation_bits, quantize.activation.format),
+    )
+    for key, bits, fmt in parts:
+        if format_problem(fmt, bits) is not None:
+            width = FLOAT_FORMATS[fmt].bits
+            raise ConfigError(
+                f"overrides.{index}.{key}",
+                f"its layers keep the uniform format {fmt}, which stores {width} bits; set {key} to {width} or null",
+            )
+
+
+def _check_float_blocks(unet: nn.Module, plan: LayerPlan, fallback: list[str]) -> None:
+    """NVFP4 weights need whole blocks: a planned layer whose input count the block does not divide is refused.
+
+    Raises:
+        ConfigError (``weight``): Naming the first such layer, its input count and what to do.
+    """
+    for name in dict.fromkeys(fallback):
+        if not plan[name].is_full_precision and plan[name].weight is not None:
+            layer = unet.get_submodule(name)
+            inputs = layer.in_channels if isinstance(layer, nn.Conv2d) else layer.in_features
+            raise ConfigError(
+                "weight",
+                f"layer {name} has {inputs} input channels, not a multiple of {NVFP4_BLOCK}: format fp4_e2m1 "
+                "(NVFP4) stores whole blocks of 16; keep the layer in float (keep_full_precision) or pick another format",
+            )
 
 
 def for_target(unet: DiffusionModel | nn.Module, plan: LayerPlan, target: ExportTarget) -> LayerPlan:
@@ -355,14 +405,7 @@ def quantize(
         plan = plan_from_spec(model, config, calibration.observer, target, family)
     else:
         plan = for_target(unet, plan, target)
-    device = resolve_device_class(device_class, target)
-    modules = dict(unet.named_modules())
-    kinds = {name: "conv" if isinstance(modules[name], nn.Conv2d) else "linear" for name in plan if name in modules}
-    problems = plan_problems(device, plan, kinds)
-    if problems:
-        layer, reason = problems[0]
-        more = f" (and {len(problems) - 1} more layers)" if len(problems) > 1 else ""
-        raise ConfigError("weight", f"layer {layer} cannot run on {device.name}: {reason}{more}")
+    check_device_plan(unet, plan, device_class, target)
     text = isinstance(model, DiffusionModel) and model.condition == "text"
     conditions = _conditions(unet, forward_loop) if text and config.outlier_tokens != "off" else None
     outliers = _outlier_tokens(model, config.outlier_tokens, conditions)
@@ -373,6 +416,24 @@ def quantize(
     )
     packed = packed_weight_bytes(unet, plan)["packed"]
     return QuantizeResult(unet, plan, outliers, fp32_bytes, packed, calibrated)
+
+
+def check_device_plan(
+    unet: nn.Module, plan: LayerPlan, device_class: str | None = None, target: ExportTarget = "tensorrt"
+) -> None:
+    """Refuse a plan the device class (None: the target's default) cannot run, naming the first layer.
+
+    Raises:
+        ConfigError (``weight``): A layer the class cannot run (formats, groups, FP4 on a convolution).
+    """
+    device = resolve_device_class(device_class, target)
+    modules = dict(unet.named_modules())
+    kinds = {name: "conv" if isinstance(modules[name], nn.Conv2d) else "linear" for name in plan if name in modules}
+    problems = plan_problems(device, plan, kinds)
+    if problems:
+        layer, reason = problems[0]
+        more = f" (and {len(problems) - 1} more layers)" if len(problems) > 1 else ""
+        raise ConfigError("weight", f"layer {layer} cannot run on {device.name}: {reason}{more}")
 
 
 @dataclass

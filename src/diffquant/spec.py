@@ -35,9 +35,15 @@ from pydantic import (
     model_validator,
 )
 
-from diffquant.devices import DEFAULT_DEVICE_CLASS, DeviceClass, DeviceClassName, resolve_device_class
+from diffquant.devices import (
+    DEFAULT_DEVICE_CLASS,
+    DEVICE_CLASSES,
+    DeviceClass,
+    DeviceClassName,
+    resolve_device_class,
+)
 from diffquant.errors import ConfigError, SpecError
-from diffquant.quant.config import WeightConfig
+from diffquant.quant.config import ActivationFormat, WeightConfig, format_problem
 from diffquant.quant.formats import MAX_BITS, MIN_BITS
 
 MAX_SPEC_BYTES = 1_000_000
@@ -155,18 +161,32 @@ class CalibrationSpec(_Strict):
 class ActivationQuantSpec(_Strict):
     """Activation (layer input) format of the uniform plan; per-tensor, None keeps float.
 
-    ``shift`` ``channel`` subtracts a per-input-channel offset (the midpoint of each channel's
-    calibration range) before the symmetric input quantizer and adds it back through the bias
-    (``b + W c``), so zero points stay 0 (:mod:`diffquant.quant.transforms`). It is left out of the
-    serialized spec at its default ``none``, so existing spec hashes do not change.
+    ``format`` is ``int`` (signed integers of ``bits``; the default) or ``fp8_e4m3`` / ``fp8_e5m2``
+    with ``bits: 8``. ``shift`` ``channel`` subtracts a per-input-channel offset (the midpoint of
+    each channel's calibration range) before the symmetric input quantizer and adds it back through
+    the bias (``b + W c``), so zero points stay 0 (:mod:`diffquant.quant.transforms`). Both are left
+    out of the serialized spec at their defaults (``int``, ``none``), so existing spec hashes do not
+    change.
     """
 
     bits: int | None = Field(8, ge=MIN_BITS, le=MAX_BITS)
+    format: ActivationFormat = "int"
     shift: Literal["none", "channel"] = "none"
 
+    @model_validator(mode="after")
+    def _format_fits_bits(self) -> ActivationQuantSpec:
+        if self.format != "int" and self.bits is None:
+            raise ValueError(f"format {self.format} quantizes activations; set bits: 8 or format: int")
+        problem = format_problem(self.format, self.bits)
+        if problem is not None:
+            raise ValueError(problem)
+        return self
+
     @model_serializer(mode="wrap")
-    def _omit_default_shift(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+    def _omit_defaults(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         data = handler(self)
+        if self.format == "int":
+            data.pop("format", None)
         if self.shift == "none":
             data.pop("shift", None)
         return data
@@ -560,6 +580,38 @@ class CompressionSpec(_Strict):
                 f"(calibration.trajectories {self.calibration.trajectories} x sampler.steps "
                 f"{self.sampler.steps}{guided}); lower the size or add trajectories"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _float_formats(self) -> CompressionSpec:
+        weight = self.quantize.weight
+        w_format = weight.format if weight is not None else "int"
+        a_format = self.quantize.activation.format if self.quantize.activation.bits is not None else "int"
+        if w_format == "int" and a_format == "int":
+            return self
+        key = "quantize.weight.format" if w_format != "int" else "quantize.activation.format"
+        fmt = w_format if w_format != "int" else a_format
+        if self.allocation is not None:
+            raise ValueError(
+                f"{key} {fmt}: mixed precision (allocation) offers integer formats only so far; "
+                "set the format to int or allocation to null"
+            )
+        if self.finetune is not None and self.finetune.learn_weight_scales and w_format == "fp4_e2m1":
+            raise ValueError(
+                "finetune.learn_weight_scales: NVFP4 (fp4_e2m1) block scales are FP8 codes and are not learned; "
+                "set it to false"
+            )
+        device = self.export.device
+        problem = device.format_problem("linear", w_format, a_format)
+        if problem is not None:
+            runs = [
+                name
+                for name, entry in DEVICE_CLASSES.items()
+                if entry.format_problem("linear", w_format, a_format) is None
+            ]
+            hint = f"; set export.device_class to {', '.join(runs[:-1])} or {runs[-1]}" if len(runs) > 1 else ""
+            hint = f"; set export.device_class to {runs[0]}" if len(runs) == 1 else hint
+            raise ValueError(f"{key} {fmt} cannot run on device class {device.name}: {problem}{hint}")
         return self
 
     def registered_model_name(self) -> str:

@@ -8,10 +8,32 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
-from diffquant.quant.formats import IntFormat, broadcast_scale, fake_quant, fake_quant_grouped, group_view
+from diffquant.quant.float_formats import float_format, nvfp4_scales
+from diffquant.quant.formats import (
+    IntFormat,
+    QuantFormat,
+    broadcast_scale,
+    fake_quant,
+    fake_quant_grouped,
+    group_view,
+)
 from diffquant.quant.lsq import lsq_fake_quant
 from diffquant.quant.observers import ActivationObserver, weight_scale
 from diffquant.quant.transforms import InputTransform, LowRankBranch, groups_of, shift_bias
+
+
+def make_format(name: str, bits: int) -> QuantFormat:
+    """The value grid of format ``name`` (``int`` at ``bits``, or a float format of that width).
+
+    Raises:
+        ValueError: Unknown format, or ``bits`` other than a float format's width.
+    """
+    if name == "int":
+        return IntFormat(bits)
+    fmt = float_format(name)
+    if fmt.bits != bits:
+        raise ValueError(f"format {name} stores {fmt.bits} bits per value, not {bits}")
+    return fmt
 
 
 class QuantizerMode(str, Enum):
@@ -25,7 +47,9 @@ class QuantizerMode(str, Enum):
 class FakeQuantizer(nn.Module):
     """Fake-quantizes a tensor with a stored scale; can also observe ranges for calibration.
 
-    The scale is a buffer, so it is saved with the model's state dict (as safetensors).
+    The scale is a buffer, so it is saved with the model's state dict (as safetensors). An NVFP4
+    weight quantizer (format ``fp4_e2m1``) keeps its FP8 block codes in ``scale`` and its float32
+    global scale in the buffer ``global_scale``; a block's scale is ``scale * global_scale``.
     """
 
     keeps_float32 = True
@@ -39,19 +63,22 @@ class FakeQuantizer(nn.Module):
         channels: int = 1,
         group_size: int | None = None,
         weight_shape: tuple[int, ...] | None = None,
+        fmt: str = "int",
     ) -> None:
         """Create an uncalibrated quantizer.
 
         Args:
-            bits: Integer bit-width (2-8).
+            bits: Bit-width (2-8; a float format's own width).
             axis: Channel axis for per-channel scales, None for per-tensor.
             observer: Observer used by :meth:`calibrate_from` / observe mode.
             channels: Number of scales when per-channel.
             group_size: Group-wise weight scales over this many input channels (needs ``weight_shape``).
             weight_shape: Shape of the weight, for the group-wise scale shape ``[O, I // g, *k]``.
+            fmt: ``int`` or a float format name (:mod:`diffquant.quant.float_formats`).
         """
         super().__init__()
-        self.fmt = IntFormat(bits)
+        self.fmt = make_format(fmt, bits)
+        self.format_name = fmt
         self.axis = axis
         self.observer_name = observer
         self.group_size = group_size
@@ -62,6 +89,10 @@ class FakeQuantizer(nn.Module):
         else:
             shape = (channels,) if axis is not None else ()
         self.register_buffer("scale", torch.ones(shape))
+        if self.two_level:
+            if group_size != self.fmt.block_size:
+                raise ValueError(f"format {fmt} takes blocks of {self.fmt.block_size} input channels, not {group_size}")
+            self.register_buffer("global_scale", torch.ones(()))
         self.learnable = False
         self.mode = QuantizerMode.OFF
         self._observer: ActivationObserver | None = None
@@ -71,9 +102,24 @@ class FakeQuantizer(nn.Module):
         """Bit-width of the format."""
         return self.fmt.bits
 
+    @property
+    def two_level(self) -> bool:
+        """Whether the scales are NVFP4's FP8 block codes times a float32 global scale."""
+        return getattr(self.fmt, "block_size", None) is not None
+
+    def effective_scale(self) -> torch.Tensor:
+        """The scale the values are multiplied by (NVFP4: ``codes * global_scale``, in float32)."""
+        return self.scale * self.global_scale if self.two_level else self.scale
+
     def calibrate_from(self, tensor: torch.Tensor) -> None:
         """Set the scale from a whole tensor at once (weights) and switch to quantize mode."""
-        self.scale.copy_(weight_scale(tensor, self.fmt, self.observer_name, self.axis, group_size=self.group_size))
+        if self.two_level:
+            assert self.group_size is not None
+            codes, global_scale = nvfp4_scales(tensor, self.group_size)
+            self.scale.copy_(codes)
+            self.global_scale.copy_(global_scale)
+        else:
+            self.scale.copy_(weight_scale(tensor, self.fmt, self.observer_name, self.axis, group_size=self.group_size))
         self.mode = QuantizerMode.QUANTIZE
 
     def start_observing(self, seed: int = 0) -> None:
@@ -92,7 +138,13 @@ class FakeQuantizer(nn.Module):
         self.mode = QuantizerMode.QUANTIZE
 
     def make_learnable(self) -> nn.Parameter:
-        """Turn the scale into a trainable parameter (LSQ); the state-dict key stays ``scale``."""
+        """Turn the scale into a trainable parameter (LSQ); the state-dict key stays ``scale``.
+
+        Raises:
+            ValueError: For NVFP4 weights, whose block scales are FP8 codes.
+        """
+        if self.two_level:
+            raise ValueError(f"{self.format_name} block scales are FP8 codes and cannot be learned")
         if not self.learnable:
             value = self.scale.detach().clone()
             del self._buffers["scale"]
@@ -127,7 +179,7 @@ class FakeQuantizer(nn.Module):
             return lsq_fake_quant(view, step.to(x.dtype), self.fmt, view.numel() // self.scale.numel()).reshape(x.shape)
         if self.mode is QuantizerMode.QUANTIZE:
             if self.group_size is not None:
-                return fake_quant_grouped(x, self.scale.to(x.dtype), self.fmt, self.group_size)
+                return fake_quant_grouped(x, self.effective_scale().to(x.dtype), self.fmt, self.group_size)
             return fake_quant(x, self.scale.to(x.dtype), self.fmt, self.axis)
         if self.mode is QuantizerMode.OBSERVE and self._observer is not None:
             self._observer.update(x)
@@ -136,7 +188,8 @@ class FakeQuantizer(nn.Module):
     def extra_repr(self) -> str:
         """Describe the format for ``print(model)``."""
         group = f", group_size={self.group_size}" if self.group_size is not None else ""
-        return f"bits={self.bits}, axis={self.axis}{group}, observer={self.observer_name}, mode={self.mode.value}"
+        fmt = f", format={self.format_name}" if self.format_name != "int" else ""
+        return f"bits={self.bits}{fmt}, axis={self.axis}{group}, observer={self.observer_name}, mode={self.mode.value}"
 
 
 def groups_allowed(layer: nn.Module, group_size: int) -> bool:
@@ -169,16 +222,22 @@ class _QuantMixin:
         act_bits: int | None,
         act_observer: str,
         group_size: int | None = None,
+        weight_format: str = "int",
+        act_format: str = "int",
     ) -> None:
         shape = tuple(self.weight.shape)
         if group_size is not None and not groups_allowed(self, group_size):
             raise ValueError(f"{type(self).__name__} with weight {shape} cannot take groups of {group_size}")
         self.weight_quantizer = (
-            FakeQuantizer(weight_bits, 0 if per_channel else None, weight_observer, shape[0], group_size, shape)
+            FakeQuantizer(
+                weight_bits, 0 if per_channel else None, weight_observer, shape[0], group_size, shape, weight_format
+            )
             if weight_bits is not None
             else None
         )
-        self.input_quantizer = FakeQuantizer(act_bits, None, act_observer) if act_bits is not None else None
+        self.input_quantizer = (
+            FakeQuantizer(act_bits, None, act_observer, fmt=act_format) if act_bits is not None else None
+        )
         self.output_quantizer = None
         self.input_transform = None  # smoothing / shift (diffquant.quant.transforms), set by the plan
         self.low_rank = None
@@ -231,6 +290,8 @@ class _QuantMixin:
         key: tuple = (self.weight._version, self.weight.data_ptr())
         if quantizer is not None:
             key += (quantizer.scale._version, quantizer.mode)
+            if quantizer.two_level:
+                key += (quantizer.global_scale._version,)
         if self.has_adapter():
             key += (self.lora_A._version, self.lora_B._version, self.lora_A.data_ptr(), self.lora_B.data_ptr())
         if self.low_rank is not None:
@@ -297,6 +358,8 @@ class QuantLinear(_QuantMixin, nn.Linear):
         act_observer: str = "minmax",
         per_channel: bool = True,
         group_size: int | None = None,
+        weight_format: str = "int",
+        act_format: str = "int",
     ) -> QuantLinear:
         """Build from a float ``nn.Linear``, sharing its parameters.
 
@@ -308,12 +371,16 @@ class QuantLinear(_QuantMixin, nn.Linear):
             act_observer: Observer for the input scale (set during calibration).
             per_channel: Per-output-channel weight scales (else one per tensor).
             group_size: Group-wise weight scales over this many input features instead.
+            weight_format: ``int`` or a float format of the weight.
+            act_format: ``int`` or an FP8 format of the input.
         """
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.in_features, new.out_features = layer.in_features, layer.out_features
         new.weight, new.bias = layer.weight, layer.bias
-        new._setup_quantizers(weight_bits, weight_observer, per_channel, act_bits, act_observer, group_size)
+        new._setup_quantizers(
+            weight_bits, weight_observer, per_channel, act_bits, act_observer, group_size, weight_format, act_format
+        )
         return new
 
     fp_tokens: int = 0
@@ -373,6 +440,8 @@ class QuantConv2d(_QuantMixin, nn.Conv2d):
         group_size: int | None = None,
         out_bits: int | None = None,
         out_observer: str = "minmax",
+        weight_format: str = "int",
+        act_format: str = "int",
     ) -> QuantConv2d:
         """Build from a float ``nn.Conv2d``, sharing its parameters.
 
@@ -386,6 +455,8 @@ class QuantConv2d(_QuantMixin, nn.Conv2d):
             group_size: Group-wise weight scales over this many input channels instead.
             out_bits: Output activation bit-width, or None to keep the output in float.
             out_observer: Observer for the output scale (set during calibration).
+            weight_format: ``int`` or a float format of the weight.
+            act_format: ``int`` or an FP8 format of the input.
         """
         new = cls.__new__(cls)
         nn.Module.__init__(new)
@@ -404,7 +475,9 @@ class QuantConv2d(_QuantMixin, nn.Conv2d):
             setattr(new, attr, getattr(layer, attr))
         new._reversed_padding_repeated_twice = layer._reversed_padding_repeated_twice
         new.weight, new.bias = layer.weight, layer.bias
-        new._setup_quantizers(weight_bits, weight_observer, per_channel, act_bits, act_observer, group_size)
+        new._setup_quantizers(
+            weight_bits, weight_observer, per_channel, act_bits, act_observer, group_size, weight_format, act_format
+        )
         new.output_quantizer = FakeQuantizer(out_bits, None, out_observer) if out_bits is not None else None
         return new
 

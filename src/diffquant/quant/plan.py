@@ -21,13 +21,13 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from pydantic import ValidationError
 from torch import nn
 
-from diffquant.quant.config import WeightConfig, one_line
+from diffquant.quant.config import ActivationFormat, WeightConfig, format_problem, one_line
 from diffquant.quant.formats import MAX_BITS, MIN_BITS
 from diffquant.quant.modules import FakeQuantizer, QuantConv2d, QuantLinear, groups_allowed
 from diffquant.quant.transforms import (
@@ -40,6 +40,7 @@ from diffquant.quant.transforms import (
 )
 
 QUANTIZABLE = (nn.Linear, nn.Conv2d)
+ACTIVATION_FORMATS: tuple[str, ...] = get_args(ActivationFormat)
 PLAN_VERSION = 1
 PLAN_VERSION_OUTPUTS = 2
 PLAN_VERSION_TRANSFORMS = 3
@@ -48,10 +49,19 @@ SUPPORTED_PLAN_VERSIONS = (PLAN_VERSION, PLAN_VERSION_OUTPUTS, PLAN_VERSION_TRAN
 
 @dataclass(frozen=True)
 class ActivationConfig:
-    """Activation quantization of one layer's input or output (per tensor)."""
+    """Activation quantization of one layer's input or output (per tensor).
+
+    ``format`` is ``int`` or an FP8 format (``fp8_e4m3``, ``fp8_e5m2``; ``bits`` 8).
+    """
 
     bits: int
     observer: str = "minmax"
+    format: str = "int"
+
+    @property
+    def is_float(self) -> bool:
+        """Whether the activation takes a floating-point format."""
+        return self.format != "int"
 
 
 @dataclass(frozen=True)
@@ -119,8 +129,9 @@ class LayerPlan(dict[str, LayerConfig]):
             data = dict(cfg.__dict__)
             if data.get("group_size", 0) is None:
                 del data["group_size"]
-            if data.get("rounding") == "nearest":  # the default is left out: plan files stay as before
-                del data["rounding"]
+            for key, default in (("rounding", "nearest"), ("format", "int")):
+                if data.get(key) == default:  # defaults are left out: plan files stay as before
+                    del data[key]
             return data
 
         def layer(cfg: LayerConfig) -> dict[str, Any]:
@@ -173,8 +184,8 @@ class LayerPlan(dict[str, LayerConfig]):
                     if isinstance(bits, int) and not MIN_BITS <= bits <= MAX_BITS:
                         raise ValueError(f"bits {bits} outside {MIN_BITS}-{MAX_BITS}")
                 weight = WeightConfig(**cfg["weight"]) if cfg.get("weight") else None
-                act = ActivationConfig(**cfg["activation"]) if cfg.get("activation") else None
-                output = ActivationConfig(**cfg["output"]) if cfg.get("output") else None
+                act = _activation(cfg.get("activation"))
+                output = _activation(cfg.get("output"))
             except ValidationError as error:
                 raise ValueError(f"layer {name!r}: {one_line(error)}") from None
             except (TypeError, ValueError) as error:
@@ -236,6 +247,19 @@ def _parse_transforms(cfg: dict[str, Any]) -> tuple[bool, SmoothConfig | None, L
     return shift is not None, smooth, low_rank
 
 
+def _activation(data: dict[str, Any] | None) -> ActivationConfig | None:
+    """An activation entry of a plan file, its format checked (unknown formats and widths are refused)."""
+    if not data:
+        return None
+    act = ActivationConfig(**data)
+    if act.format not in ACTIVATION_FORMATS:
+        raise ValueError(f"unknown activation format {act.format!r}; choose one of {', '.join(ACTIVATION_FORMATS)}")
+    problem = format_problem(act.format, act.bits)
+    if problem is not None:
+        raise ValueError(problem)
+    return act
+
+
 def quantizable_layers(model: nn.Module) -> list[str]:
     """FQNs of the Linear / Conv2d layers of ``model``, in module order."""
     return [name for name, module in model.named_modules() if isinstance(module, QUANTIZABLE)]
@@ -283,8 +307,8 @@ def output_quantizer_allowed(name: str, layer: nn.Module, cfg: LayerConfig) -> b
     """Whether the onnxruntime form gives layer ``name`` an output quantizer.
 
     Only a Conv2d whose input is quantized and whose weight is quantized at 5-8 bits per channel
-    or per tensor can become an integer ``QLinearConv`` in onnxruntime (INT8 weights; block-wise
-    and INT4 weights do not fuse), and the network's output convolution (``conv_out``) is left
+    or per tensor can become an integer ``QLinearConv`` in onnxruntime (INT8 weights; block-wise,
+    INT4 and floating-point weights or inputs do not fuse), and the network's output convolution (``conv_out``) is left
     alone: quantizing the noise prediction itself only costs accuracy.
     """
     if not isinstance(layer, nn.Conv2d) or name.rsplit(".", 1)[-1] == "conv_out":
@@ -292,7 +316,9 @@ def output_quantizer_allowed(name: str, layer: nn.Module, cfg: LayerConfig) -> b
     weight = cfg.weight
     return (
         cfg.activation is not None
+        and not cfg.activation.is_float
         and weight is not None
+        and not weight.is_float
         and weight.bits > 4
         and weight.granularity in ("per_channel", "per_tensor")
     )
@@ -360,6 +386,8 @@ def apply_plan(model: nn.Module, plan: LayerPlan) -> nn.Module:
             act_observer=cfg.activation.observer if cfg.activation else "minmax",
             per_channel=(w.granularity != "per_tensor") if w else True,
             group_size=w.group_size if w else None,
+            weight_format=w.format if w else "int",
+            act_format=cfg.activation.format if cfg.activation else "int",
             **({"out_bits": cfg.output.bits, "out_observer": cfg.output.observer} if cfg.output is not None else {}),
         )
         if cfg.fp_tokens:
@@ -431,6 +459,7 @@ def activation_quantizers(model: nn.Module) -> dict[str, FakeQuantizer]:
 
 QUANTIZER_STATE_SUFFIXES = (
     "_quantizer.scale",
+    "_quantizer.global_scale",
     ".fp_token_outputs",
     ".input_transform.smooth",
     ".input_transform.shift",
@@ -442,7 +471,8 @@ QUANTIZER_STATE_SUFFIXES = (
 def quantizer_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Quantizer scales, precomputed full-precision token outputs and outlier-transform tensors of ``model``.
 
-    Keys are ``<layer>.<weight|input|output>_quantizer.scale``, ``<layer>.fp_token_outputs``,
+    Keys are ``<layer>.<weight|input|output>_quantizer.scale`` (NVFP4 weights also
+    ``<layer>.weight_quantizer.global_scale``), ``<layer>.fp_token_outputs``,
     ``<layer>.input_transform.<smooth|shift>`` and ``<layer>.low_rank.<up|down>``.
     """
     return {k: v for k, v in model.state_dict().items() if k.endswith(QUANTIZER_STATE_SUFFIXES)}
@@ -477,11 +507,27 @@ def weight_scale_count(shape: tuple[int, ...], weight: WeightConfig) -> int:
     return 1
 
 
+def quantized_weight_bytes(shape: tuple[int, ...], weight: WeightConfig) -> int:
+    """Bytes a weight of ``shape`` takes quantized under ``weight``: bit-packed values plus scales.
+
+    Values take ``ceil(numel * bits / 8)`` bytes (FP6 6 bits, FP4 4 bits per value), scales 4
+    bytes (float32) each, except NVFP4 (``fp4_e2m1``): one FP8 byte per block of 16 plus one
+    float32 global scale.
+    """
+    numel = math.prod(shape)
+    values = -(-numel * weight.bits // 8)
+    scales = weight_scale_count(shape, weight)
+    if weight.is_float and weight.group_size is not None:  # NVFP4: FP8 block codes + a float32 global scale
+        return values + scales + 4
+    return values + 4 * scales
+
+
 def packed_weight_bytes(model: nn.Module, plan: LayerPlan) -> dict[str, int]:
     """Bytes of all parameters once quantized weights are bit-packed.
 
-    Quantized weights count ``ceil(numel * bits / 8)`` plus one fp32 scale per channel, per
-    tensor or per group; every other parameter (biases, norms, embeddings, FP layers) counts 4 bytes
+    Quantized weights count :func:`quantized_weight_bytes` (``ceil(numel * bits / 8)`` plus one fp32
+    scale per channel, per tensor or per group; NVFP4: one FP8 code per block of 16 and one fp32
+    global scale); every other parameter (biases, norms, embeddings, FP layers) counts 4 bytes
     each, and precomputed full-precision token outputs 4 bytes per value. Outlier transforms add
     what the export stores (:func:`transform_bytes`).
 
@@ -497,8 +543,7 @@ def packed_weight_bytes(model: nn.Module, plan: LayerPlan) -> dict[str, int]:
             continue
         layer = model.get_submodule(name)
         weight = layer.weight
-        scales = weight_scale_count(tuple(weight.shape), cfg.weight)
-        packed += -(-weight.numel() * cfg.weight.bits // 8) + 4 * scales - weight.numel() * 4
+        packed += quantized_weight_bytes(tuple(weight.shape), cfg.weight) - weight.numel() * 4
         packed += transform_bytes(layer, cfg)
     return {"fp32": int(fp32), "packed": int(packed)}
 
