@@ -61,6 +61,10 @@ FP32). In this form:
 - weights are written as in the TensorRT form.
 
 The model's ``metadata_props`` hold ``diffquant.target`` (``tensorrt`` or ``onnxruntime``).
+
+**Floating-point formats** (FP8 / FP6 / FP4 weights, FP8 activations) are lowered by
+:mod:`export.onnx_float`: FP8 initializers and Q/DQ (opset 19+), FP4 weights in TensorRT's NVFP4
+two-DQ form (``FLOAT4E2M1`` from opset 23, E2M1 values in ``FLOAT8E4M3FN`` below it).
 """
 
 from __future__ import annotations
@@ -84,10 +88,26 @@ from torch import nn
 
 from diffquant.devices import DeviceClass, resolve_device_class
 from diffquant.errors import ExportError
+from diffquant.export.onnx_float import (
+    FP4_TYPE_OPSET,
+    FP8_OPSET,
+    float4_type,
+    lower_float_activation,
+    lower_float_weight,
+)
 from diffquant.models.loading import DiffusionModel
 from diffquant.quant.formats import IntFormat, group_view
 from diffquant.quant.modules import FakeQuantizer, QuantConv2d, QuantizerMode, QuantLinear
-from diffquant.quant.plan import QUANTIZABLE, ActivationConfig, LayerConfig, LayerPlan, WeightConfig
+from diffquant.quant.plan import (
+    QUANTIZABLE,
+    ActivationConfig,
+    LayerConfig,
+    LayerPlan,
+    LowRankConfig,
+    SmoothConfig,
+    WeightConfig,
+)
+from diffquant.quant.transforms import InputTransform, LowRankBranch
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +122,10 @@ ONNXRUNTIME_FORM_REASON = (
     "the export is in the onnxruntime form (UINT8 activations, zero point 128), which TensorRT does not take; "
     "use export.target: tensorrt for an engine"
 )
+TRANSFORM_ROLES = {"pad": "Pad", "smooth": "Mul", "shift": "Sub"}
+"""Marks of a layer's input transform and the operator each constant feeds."""
+LOW_RANK_ROLES = {"lowrank_down": "down", "lowrank_up": "up"}
+"""Marks of a low-rank branch's factors (``L2`` down to ``rank`` channels, ``L1`` back up)."""
 DEFAULT_OPSET = 21
 MIN_OPSET = 13
 BLOCKED_OPSET = 21
@@ -129,7 +153,10 @@ def storage_type(bits: int, device: DeviceClass | None = None) -> int:
 
 def export_opset(plan: LayerPlan, device: DeviceClass, opset: int) -> int:
     """The opset an export of ``plan`` for ``device`` declares: ``opset``, raised to 25 when a weight is stored as INT2."""
-    int2 = any(c.weight is not None and device.storage_bits(c.weight.bits) == 2 for c in plan.values())
+    int2 = any(
+        c.weight is not None and not c.weight.is_float and device.storage_bits(c.weight.bits) == 2
+        for c in plan.values()
+    )
     return max(opset, INT2_OPSET) if int2 else opset
 
 
@@ -170,10 +197,77 @@ def _mark(x: torch.Tensor, layer: str, role: str) -> torch.Tensor:
     return _Mark.apply(x, layer, role)
 
 
+class _ExportTransform(nn.Module):
+    """A layer's input transform with export marks: explicit ``Pad``, ``Mul`` by ``1 / s``, ``Sub`` of ``c``.
+
+    The constants are computed as the PyTorch layer computes them (``1 / s`` by ``torch.reciprocal``
+    in float32), so onnxruntime multiplies and subtracts the same numbers.
+    """
+
+    def __init__(self, transform: InputTransform, name: str) -> None:
+        super().__init__()
+        self.name = name
+        self.pad, self.pad_mode = transform.pad, transform.pad_mode
+        shape = (-1,) if transform.axis == -1 else (1, -1, 1, 1)
+        self.inv = None
+        if transform.multiply:
+            assert transform.smooth is not None
+            inv = torch.reciprocal(transform.smooth.detach().float()).reshape(shape)
+            self.inv = nn.Parameter(inv, requires_grad=False)
+        self.shift = None
+        if transform.shift is not None:
+            self.shift = nn.Parameter(transform.shift.detach().float().reshape(shape).clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pad is not None:
+            x = _mark(F.pad(x, self.pad, mode=self.pad_mode), self.name, "pad")
+        if self.inv is not None:
+            x = x * _mark(self.inv, self.name, "smooth")
+        if self.shift is not None:
+            x = x - _mark(self.shift, self.name, "shift")
+        return x
+
+
+class _ExportLowRank(nn.Module):
+    """A low-rank branch with export marks on its two factors (lowered to FLOAT16 initializers + Cast)."""
+
+    def __init__(self, branch: LowRankBranch, name: str) -> None:
+        super().__init__()
+        self.name, self.conv = name, branch.conv
+        down, up = branch.down.detach().float().clone(), branch.up.detach().float().clone()
+        if self.conv:
+            self.stride, self.padding, self.dilation = branch.stride, branch.padding, branch.dilation
+        else:
+            down, up = down.t().contiguous(), up.t().contiguous()
+        self.down = nn.Parameter(down, requires_grad=False)
+        self.up = nn.Parameter(up, requires_grad=False)
+
+    def forward(self, x: torch.Tensor, padded: bool = False) -> torch.Tensor:
+        down, up = _mark(self.down, self.name, "lowrank_down"), _mark(self.up, self.name, "lowrank_up")
+        if not self.conv:
+            return torch.matmul(torch.matmul(x, down), up)
+        padding = 0 if padded else self.padding
+        return F.conv2d(F.conv2d(x, down, None, self.stride, padding, self.dilation), up)
+
+
+def _export_parts(layer: nn.Module, name: str) -> tuple[_ExportTransform | None, _ExportLowRank | None, Any]:
+    """The layer's marked input transform and low-rank branch (None: absent), and its bias with the shift added back."""
+    transform = getattr(layer, "input_transform", None)
+    branch = getattr(layer, "low_rank", None)
+    bias = layer.effective_bias() if isinstance(layer, (QuantLinear, QuantConv2d)) else layer.bias
+    return (
+        _ExportTransform(transform, name) if transform is not None else None,
+        _ExportLowRank(branch, name) if branch is not None else None,
+        None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False),
+    )
+
+
 class _ExportConv(nn.Module):
     """A Conv2d whose input, weight (and, in the onnxruntime form, bias and output) carry export marks.
 
-    Numerically the float layer: marks are identities in PyTorch.
+    Numerically the float layer: marks are identities in PyTorch. An input transform (pad,
+    smoothing, shift) runs before the input mark, a low-rank branch reads the transformed input
+    beside the quantized convolution, and the bias includes the shift's ``W c``.
     """
 
     def __init__(
@@ -181,9 +275,9 @@ class _ExportConv(nn.Module):
     ) -> None:
         super().__init__()
         self.name, self.mark_input = name, mark_input
-        self.mark_output, self.mark_bias = mark_output, mark_bias and layer.bias is not None
         self.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
-        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+        self.transform, self.low_rank, self.bias = _export_parts(layer, name)
+        self.mark_output, self.mark_bias = mark_output, mark_bias and self.bias is not None
         self.stride, self.padding, self.dilation, self.groups = (
             layer.stride,
             layer.padding,
@@ -194,15 +288,23 @@ class _ExportConv(nn.Module):
         self.pad = layer._reversed_padding_repeated_twice
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        padded = self.transform is not None and self.transform.pad is not None
+        if self.transform is not None:
+            x = self.transform(x)
+        branch_input = x
         if self.mark_input:
             x = _mark(x, self.name, "input")
         w = _mark(self.weight, self.name, "weight")
         b = _mark(self.bias, self.name, "bias") if self.mark_bias else self.bias
-        if self.padding_mode != "zeros":
+        if padded:
+            y = F.conv2d(x, w, b, self.stride, 0, self.dilation, self.groups)
+        elif self.padding_mode != "zeros":
             x = F.pad(x, self.pad, mode=self.padding_mode)
             y = F.conv2d(x, w, b, self.stride, 0, self.dilation, self.groups)
         else:
             y = F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+        if self.low_rank is not None:
+            y = y + self.low_rank(branch_input, padded)
         return _mark(y, self.name, "output") if self.mark_output else y
 
 
@@ -210,14 +312,15 @@ class _ExportLinear(nn.Module):
     """A Linear exported as ``MatMul(x, W^T) + b`` with the transposed weight as the initializer.
 
     A layer that keeps leading tokens in float (``fp_tokens``) becomes
-    ``Concat(Expand(FP outputs), MatMul(Q/DQ(x[:, k:]), W^T) + b)`` along the token axis.
+    ``Concat(Expand(FP outputs), MatMul(Q/DQ(x[:, k:]), W^T) + b)`` along the token axis. An input
+    transform and a low-rank branch are written as for :class:`_ExportConv`.
     """
 
     def __init__(self, layer: nn.Linear, name: str, mark_input: bool) -> None:
         super().__init__()
         self.name, self.mark_input = name, mark_input
         self.weight_t = nn.Parameter(layer.weight.detach().t().contiguous(), requires_grad=False)
-        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+        self.transform, self.low_rank, self.bias = _export_parts(layer, name)
         self.fp_tokens = int(getattr(layer, "fp_tokens", 0))
         if self.fp_tokens:
             self.register_buffer("fp_token_outputs", layer.fp_token_outputs.detach().clone())
@@ -227,10 +330,15 @@ class _ExportLinear(nn.Module):
         if self.fp_tokens:
             head = self.fp_token_outputs.unsqueeze(0).expand(x.shape[0], -1, -1)
             x = x[:, self.fp_tokens :]
+        if self.transform is not None:
+            x = self.transform(x)
+        branch_input = x
         if self.mark_input:
             x = _mark(x, self.name, "input")
         y = torch.matmul(x, _mark(self.weight_t, self.name, "weight"))
         y = y if self.bias is None else y + self.bias
+        if self.low_rank is not None:
+            y = y + self.low_rank(branch_input)
         return y if head is None else torch.cat([head, y], dim=1)
 
 
@@ -246,11 +354,21 @@ class _Denoiser(nn.Module):
 
 
 def _weight_config(quantizer: FakeQuantizer) -> WeightConfig:
+    fmt = quantizer.format_name
     if quantizer.group_size is not None:
-        return WeightConfig(quantizer.bits, "per_group", quantizer.observer_name, quantizer.group_size)
+        return WeightConfig(quantizer.bits, "per_group", quantizer.observer_name, quantizer.group_size, format=fmt)
     return WeightConfig(
-        quantizer.bits, "per_channel" if quantizer.axis is not None else "per_tensor", quantizer.observer_name
+        quantizer.bits,
+        "per_channel" if quantizer.axis is not None else "per_tensor",
+        quantizer.observer_name,
+        format=fmt,
     )
+
+
+def _activation_config(quantizer: FakeQuantizer | None) -> ActivationConfig | None:
+    if quantizer is None:
+        return None
+    return ActivationConfig(quantizer.bits, quantizer.observer_name, quantizer.format_name)
 
 
 def plan_from_model(unet: nn.Module) -> LayerPlan:
@@ -263,10 +381,17 @@ def plan_from_model(unet: nn.Module) -> LayerPlan:
     for name, module in unet.named_modules():
         if isinstance(module, (QuantLinear, QuantConv2d)):
             wq, aq, oq = module.weight_quantizer, module.input_quantizer, module.output_quantizer
+            transform, branch = module.input_transform, module.low_rank
+            smooth = None
+            if transform is not None and transform.smooth is not None:
+                smooth = SmoothConfig(transform.alpha if transform.alpha is not None else 0.0, transform.into)
             plan[name] = LayerConfig(
                 _weight_config(wq) if wq is not None else None,
-                ActivationConfig(aq.bits, aq.observer_name) if aq is not None else None,
-                output=ActivationConfig(oq.bits, oq.observer_name) if oq is not None else None,
+                _activation_config(aq),
+                output=_activation_config(oq),
+                shift=transform is not None and transform.shift is not None,
+                smooth=smooth,
+                low_rank=LowRankConfig(branch.rank, branch.dtype) if branch is not None else None,
             )
         elif isinstance(module, QUANTIZABLE):
             plan[name] = LayerConfig(None, None)
@@ -282,10 +407,10 @@ def _check_matches(unet: nn.Module, plan: LayerPlan) -> None:
                 f"plan layer {name!r} is not a Linear/Conv2d of the model; export with the plan it was quantized with"
             )
         own = carried[name]
-        w_own = own.weight and (own.weight.bits, own.weight.granularity, own.weight.group_size)
-        w_plan = cfg.weight and (cfg.weight.bits, cfg.weight.granularity, cfg.weight.group_size)
-        a_own = own.activation and own.activation.bits
-        a_plan = cfg.activation and cfg.activation.bits
+        w_own = own.weight and (own.weight.bits, own.weight.granularity, own.weight.group_size, own.weight.format)
+        w_plan = cfg.weight and (cfg.weight.bits, cfg.weight.granularity, cfg.weight.group_size, cfg.weight.format)
+        a_own = own.activation and (own.activation.bits, own.activation.format)
+        a_plan = cfg.activation and (cfg.activation.bits, cfg.activation.format)
         o_own = own.output and own.output.bits
         o_plan = cfg.output and cfg.output.bits
         if w_own != w_plan or a_own != a_plan or o_own != o_plan:
@@ -295,11 +420,29 @@ def _check_matches(unet: nn.Module, plan: LayerPlan) -> None:
                 f"layer {name!r}: the model has weight {w_own}, activation {a_own}{output} but the plan says weight "
                 f"{w_plan}, activation {a_plan}{output_plan}; export the model quantized with this plan"
             )
+        t_own, t_plan = _transform_key(own), _transform_key(cfg)
+        if t_own != t_plan:
+            raise ExportError(
+                f"layer {name!r}: the model has outlier transforms {t_own} but the plan says {t_plan}; "
+                "export the model quantized with this plan"
+            )
     extra = [n for n, c in carried.items() if n not in plan and not c.is_full_precision]
     if extra:
         raise ExportError(
             f"layer {extra[0]!r} is quantized in the model but not in the plan; pass the model's own plan"
         )
+
+
+def _transform_key(cfg: LayerConfig) -> dict[str, Any]:
+    """What export needs to agree on about a layer's outlier transforms."""
+    key: dict[str, Any] = {}
+    if cfg.shift:
+        key["shift"] = "channel"
+    if cfg.smooth is not None:
+        key["smooth"] = "folded" if cfg.smooth.into is not None else "multiply"
+    if cfg.low_rank is not None:
+        key["low_rank"] = (cfg.low_rank.rank, cfg.low_rank.dtype)
+    return key
 
 
 def _quantizer_ready(name: str, quantizer: FakeQuantizer, role: str) -> None:
@@ -342,7 +485,7 @@ def _quantized_weight(layer: QuantLinear | QuantConv2d) -> tuple[np.ndarray, np.
     """
     quantizer = layer.weight_quantizer
     assert quantizer is not None
-    w = layer.weight.detach().float()
+    w = layer.weight_to_quantize().detach().float()
     scale = quantizer.scale.detach().float()
     fmt = quantizer.fmt
     linear = isinstance(layer, QuantLinear)
@@ -365,8 +508,8 @@ def _quantized_weight(layer: QuantLinear | QuantConv2d) -> tuple[np.ndarray, np.
 class _Graph:
     """Index of a graph's producers, consumers and initializers for rewriting."""
 
-    def __init__(self, graph: onnx.GraphProto) -> None:
-        self.graph = graph
+    def __init__(self, graph: onnx.GraphProto, opset: int = DEFAULT_OPSET) -> None:
+        self.graph, self.opset = graph, opset
         self.inits = {t.name: t for t in graph.initializer}
         self.consumers: dict[str, list[onnx.NodeProto]] = {}
         self.removed: set[tuple[str, ...]] = set()
@@ -404,6 +547,10 @@ def _activation_qdq(
 ) -> list[onnx.NodeProto]:
     """``[Clip ->] QuantizeLinear -> DequantizeLinear`` for the ``role`` (input/output) quantizer of ``name``."""
     _quantizer_ready(name, quantizer, role)
+    if quantizer.format_name != "int":
+        return lower_float_activation(
+            index.add_init, index.inits.__contains__, quantizer, name, role, source, out, suffix
+        )
     scale = float(quantizer.scale.reshape(-1)[0])
     fmt = quantizer.fmt
     prefix = f"{name}/{role}_quantizer"
@@ -453,7 +600,7 @@ def _lower_weight(
     name: str,
     suffix: str,
     call: int,
-    layers: dict[str, dict[str, str]],
+    layers: dict[str, dict[str, Any]],
     device: DeviceClass,
 ) -> list[onnx.NodeProto]:
     """Lower a weight Mark: name the compute node, then a DequantizeLinear of the stored integers (or nothing)."""
@@ -463,12 +610,17 @@ def _lower_weight(
         raise ExportError(f"layer {name!r}: its weight feeds {[u.op_type for u in users]}, not one Conv/MatMul")
     compute = users[0]
     compute.name = f"{name}/{compute.op_type}{suffix}"
-    layers.setdefault(name, {"node": compute.name, "kind": "conv" if compute.op_type == "Conv" else "linear"})
+    entry = layers.setdefault(name, {})
+    entry.setdefault("node", compute.name)
+    entry.setdefault("kind", "conv" if compute.op_type == "Conv" else "linear")
     if cfg.weight is None:
         compute.input[1] = source
         return []
     assert isinstance(module, (QuantLinear, QuantConv2d)) and module.weight_quantizer is not None
     _quantizer_ready(name, module.weight_quantizer, "weight")
+    if cfg.weight.is_float:
+        index.drop_init_if_unused(source, node)
+        return lower_float_weight(index.add_init, module, name, out, suffix, not call, index.opset)
     q, scale, axis, block = _quantized_weight(module)
     data_type = storage_type(cfg.weight.bits, device)
     q_name, s_name, z_name = f"{name}.weight_quantized", f"{name}.weight_scale", f"{name}.weight_zero_point"
@@ -515,9 +667,107 @@ def _lower_bias(
     )
 
 
+def _rewire(index: _Graph, old: str, new: str) -> None:
+    """Make every consumer of tensor ``old`` read ``new`` instead (a removed identity)."""
+    for user in index.consumers.get(old, []):
+        for i, name in enumerate(user.input):
+            if name == old:
+                user.input[i] = new
+    index.consumers.setdefault(new, []).extend(index.consumers.pop(old, []))
+
+
+def _constant(index: _Graph, source: str, name: str, what: str) -> np.ndarray:
+    """The value of a traced constant: an initializer, or an ``Identity`` of one (the exporter shares equal values)."""
+    seen = 0
+    while source not in index.inits and seen < 8:
+        producer = next((n for n in index.graph.node if source in n.output), None)
+        if producer is None or producer.op_type != "Identity":
+            break
+        source, seen = producer.input[0], seen + 1
+    if source not in index.inits:
+        raise ExportError(f"layer {name!r}: its {what} constant was not traced as an initializer")
+    return numpy_helper.to_array(index.inits[source])
+
+
+def _prune_identities(graph: onnx.GraphProto) -> None:
+    """Drop ``Identity`` nodes nothing reads any more (shared constants whose readers were lowered), then unread initializers."""
+    outputs = {o.name for o in graph.output} | {i.name for i in graph.input}
+    while True:
+        used = {name for node in graph.node for name in node.input} | outputs
+        dead = [n for n in graph.node if n.op_type == "Identity" and not any(o in used for o in n.output)]
+        if not dead:
+            break
+        for node in dead:
+            graph.node.remove(node)
+    used = {name for node in graph.node for name in node.input} | outputs
+    for tensor in [t for t in graph.initializer if t.name not in used]:
+        graph.initializer.remove(tensor)
+
+
+def _lower_transform(index: _Graph, node: onnx.NodeProto, name: str, role: str, suffix: str, call: int) -> None:
+    """Lower a transform Mark: name its ``Pad`` / ``Mul`` / ``Sub`` ``<fqn>/input_transform/<Op>``, store its constant.
+
+    ``smooth`` and ``shift`` constants become the initializers ``<fqn>.input_smooth`` (``1 / s``) and
+    ``<fqn>.input_shift`` (``c``), in float32.
+    """
+    source, out = node.input[0], node.output[0]
+    prefix = f"{name}/input_transform"
+    if role == "pad":
+        producer = next((n for n in index.graph.node if source in n.output), None)
+        if producer is not None:
+            producer.name = f"{prefix}/{producer.op_type}{suffix}"
+        _rewire(index, out, source)
+        return
+    users = index.consumers.get(out, [])
+    expected = TRANSFORM_ROLES[role]
+    if len(users) != 1 or users[0].op_type != expected:
+        raise ExportError(f"layer {name!r}: its {role} constant feeds {[u.op_type for u in users]}, not one {expected}")
+    constant = f"{name}.input_{role}"
+    if not call:
+        index.add_init(numpy_helper.from_array(_constant(index, source, name, role), constant))
+    index.drop_init_if_unused(source, node)
+    users[0].name = f"{prefix}/{expected}{suffix}"
+    _rewire(index, out, constant)
+
+
+def _lower_low_rank(
+    index: _Graph,
+    node: onnx.NodeProto,
+    branch: LowRankBranch,
+    name: str,
+    role: str,
+    suffix: str,
+    call: int,
+    layers: dict[str, dict[str, Any]],
+) -> list[onnx.NodeProto]:
+    """Lower a low-rank factor Mark: the factor as a FLOAT16 initializer and a ``Cast`` (FLOAT: the initializer).
+
+    The factor's MatMul / Conv is named ``<fqn>/low_rank/<down|up>/<Op>`` and listed in the
+    layer's ``low_rank`` metadata.
+    """
+    source, out = node.input[0], node.output[0]
+    part = LOW_RANK_ROLES[role]
+    users = index.consumers.get(out, [])
+    if len(users) != 1 or users[0].op_type not in ("Conv", "MatMul"):
+        raise ExportError(f"layer {name!r}: its low-rank {part} factor feeds {[u.op_type for u in users]}")
+    prefix = f"{name}/low_rank/{part}"
+    users[0].name = f"{prefix}/{users[0].op_type}{suffix}"
+    layers.setdefault(name, {}).setdefault("low_rank", {}).setdefault(part, users[0].name)
+    stored = f"{name}.low_rank_{part}"
+    half = branch.dtype == "float16"
+    if not call:
+        values = _constant(index, source, name, part)
+        index.add_init(numpy_helper.from_array(values.astype(np.float16 if half else np.float32), stored))
+    index.drop_init_if_unused(source, node)
+    if not half:
+        _rewire(index, out, stored)
+        return []
+    return [helper.make_node("Cast", [stored], [out], name=f"{prefix}/Cast{suffix}", to=TensorProto.FLOAT)]
+
+
 def _lower_marks(
     model: onnx.ModelProto, unet: nn.Module, plan: LayerPlan, target: str, device: DeviceClass
-) -> dict[str, dict[str, str]]:
+) -> dict[str, dict[str, Any]]:
     """Replace every Mark node by its Q/DQ lowering (or by nothing); name the compute nodes.
 
     Weights are stored in ``device``'s storage type (:func:`storage_type`).
@@ -529,8 +779,9 @@ def _lower_marks(
         ``{layer_fqn: {"node": compute node name, "kind": "conv" | "linear"}}``.
     """
     graph = model.graph
-    index = _Graph(graph)
-    layers: dict[str, dict[str, str]] = {}
+    opset = next((e.version for e in model.opset_import if e.domain in ("", "ai.onnx")), DEFAULT_OPSET)
+    index = _Graph(graph, opset)
+    layers: dict[str, dict[str, Any]] = {}
     calls: dict[tuple[str, str], int] = {}
     new_nodes: list[onnx.NodeProto] = []
     for node in list(graph.node):
@@ -548,6 +799,11 @@ def _lower_marks(
             new_nodes.extend(_lower_weight(index, node, module, cfg, name, suffix, call, layers, device))
         elif role == "bias":
             new_nodes.append(_lower_bias(index, node, module, name, suffix, call))
+        elif role in TRANSFORM_ROLES:
+            _lower_transform(index, node, name, role, suffix, call)
+        elif role in LOW_RANK_ROLES:
+            assert isinstance(module, (QuantLinear, QuantConv2d)) and module.low_rank is not None
+            new_nodes.extend(_lower_low_rank(index, node, module.low_rank, name, role, suffix, call, layers))
         else:
             assert isinstance(module, (QuantLinear, QuantConv2d))
             quantizer = module.input_quantizer if role == "input" else module.output_quantizer
@@ -555,6 +811,7 @@ def _lower_marks(
             new_nodes.extend(_activation_qdq(index, name, role, quantizer, source, out, suffix, target))
     del graph.node[:]
     graph.node.extend(new_nodes)
+    _prune_identities(graph)
     for i, opset in enumerate(model.opset_import):
         if opset.domain == _MARK_DOMAIN:
             del model.opset_import[i]
@@ -639,9 +896,9 @@ def initializer_bytes(model: onnx.ModelProto) -> int:
 
 
 def tensor_bytes(tensor: TensorProto) -> int:
-    """Bytes one stored tensor takes (INT4/UINT4 packed two per byte, INT2/UINT2 four), from its type and shape."""
+    """Bytes one stored tensor takes (INT4/UINT4/FLOAT4E2M1 packed two per byte, INT2/UINT2 four), from its type and shape."""
     numel = int(np.prod(tensor.dims, dtype=np.int64)) if tensor.dims else 1
-    if tensor.data_type in (TensorProto.INT4, TensorProto.UINT4):
+    if tensor.data_type in (TensorProto.INT4, TensorProto.UINT4, getattr(TensorProto, "FLOAT4E2M1", -1)):
         return (numel + 1) // 2
     if tensor.data_type in (TensorProto.INT2, TensorProto.UINT2):
         return (numel + 3) // 4
@@ -800,11 +1057,7 @@ def export_onnx(
         _check_matches(unet, plan)
     target = export_target(plan, target)
     device = resolve_device_class(device_class, target)
-    needs_21 = [n for n, c in plan.items() if c.weight is not None and (c.weight.bits <= 4 or c.weight.group_size)]
-    if opset < MIN_OPSET or (needs_21 and opset < BLOCKED_OPSET):
-        raise ExportError(
-            f"opset {opset} cannot hold this plan (layer {needs_21[0] if needs_21 else '-'!r}); use opset {BLOCKED_OPSET}"
-        )
+    check_opset(plan, opset)
     opset = export_opset(plan, device, opset)
     proto = _trace(model, _Denoiser(_wrap_layers(unet, plan, target), model.conditional).eval(), opset, example_batch)
     _lower_and_label(proto, unet, plan, target, opset, device)
@@ -814,6 +1067,29 @@ def export_onnx(
         "exported %s (%s form, %d quantized layers, %d initializer bytes)", path, target, quantized, weight_bytes
     )
     return ExportInfo(path, data, opset, quantized, weight_bytes)
+
+
+def check_opset(plan: LayerPlan, opset: int) -> None:
+    """Refuse an opset that cannot hold ``plan``: INT4 and block-wise weights need 21, FP8 needs 19.
+
+    FP4 weights are ``FLOAT4E2M1`` from opset 23 and E2M1 values in ``FLOAT8E4M3FN`` at 21-22.
+
+    Raises:
+        ExportError: Naming the first layer that needs a newer opset.
+    """
+    needs: list[tuple[int, str]] = []
+    for name, cfg in plan.items():
+        w, a = cfg.weight, cfg.activation
+        if w is not None and (w.group_size or (w.bits <= 4 and not w.is_float)):
+            needs.append((BLOCKED_OPSET, name))
+        if (w is not None and w.is_float) or (a is not None and a.is_float):
+            needs.append((FP8_OPSET, name))
+    needs.append((MIN_OPSET, "-"))
+    for required, layer in sorted(needs, key=lambda item: -item[0]):
+        if opset < required:
+            raise ExportError(f"opset {opset} cannot hold this plan (layer {layer!r}); use opset {BLOCKED_OPSET}")
+    if opset >= FP4_TYPE_OPSET and any(c.weight is not None and c.weight.format == "fp4_e2m1" for c in plan.values()):
+        float4_type()
 
 
 def _lower_and_label(
@@ -862,6 +1138,7 @@ def export_module(
     _check_matches(module, plan)
     target = export_target(plan, target)
     device = resolve_device_class(device_class, target)
+    check_opset(plan, opset)
     opset = export_opset(plan, device, opset)
     wrapped = _wrap_layers(module, plan, target).eval()
     proto = _trace_module(wrapped, (example,), ["x"], ["y"], opset)

@@ -40,20 +40,24 @@ Two checks:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import torch
 from torch import nn
 
 from diffquant.errors import ExportError, ParityError
 from diffquant.evaluation import generate
+from diffquant.export.onnx_float import ORT_FP4_NOTE, float4_as_float8, has_float4
 from diffquant.metrics import condition_accuracy, frechet_distance, psnr
 from diffquant.models.denoisers import DenoiserOutput
 from diffquant.models.loading import DiffusionModel
@@ -133,7 +137,26 @@ def ort_session(
         # default quantizes the float input to int8 (accuracy level 4); level 1 keeps it float
         options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
     chosen = list(providers) if providers is not None else parity_providers(ort.get_available_providers())
-    return ort.InferenceSession(str(path), options, providers=chosen)
+    with onnxruntime_model(path) as runnable:
+        return ort.InferenceSession(runnable, options, providers=chosen)
+
+
+@contextlib.contextmanager
+def onnxruntime_model(path: str | Path) -> Iterator[str]:
+    """The path of a model onnxruntime can load: ``path`` itself, or a temporary copy with FP4 as FP8.
+
+    onnxruntime (1.32) has no ``FLOAT4E2M1`` kernel, so an export with FP4 weights at opset 23+ is
+    run as :func:`~diffquant.export.onnx_float.float4_as_float8` of it (the same values; see
+    :data:`~diffquant.export.onnx_float.ORT_FP4_NOTE`).
+    """
+    if not has_float4(onnx.load(str(path), load_external_data=False)):
+        yield str(path)
+        return
+    with tempfile.TemporaryDirectory(prefix=".ort-fp8-") as tmp:
+        copy = float4_as_float8(onnx.load(str(path)))
+        target = Path(tmp) / "model.onnx"
+        onnx.save_model(copy, str(target), save_as_external_data=copy.ByteSize() > 1 << 30, location="model.onnx.data")
+        yield str(target)
 
 
 class OrtDenoiser(nn.Module):
@@ -410,6 +433,7 @@ class ParityReport:
     sampling: SamplingParity | None
     seconds: float
     provider: str = "CPUExecutionProvider"
+    notes: list[str] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -440,6 +464,8 @@ class ParityReport:
             "outputs": dataclasses.asdict(self.outputs) | {"passed": self.outputs.passed},
             "seconds": self.seconds,
         }
+        if self.notes:
+            data["notes"] = self.notes
         if self.sampling is not None:
             data["sampling"] = dataclasses.asdict(self.sampling) | {"passed": self.sampling.passed}
         return data
@@ -540,7 +566,10 @@ def check_parity(
             fd_absolute_epsilon=config.fd_absolute_epsilon,
             torch_samples=torch_samples,
         )
-    report = ParityReport(str(onnx_path), outputs, sampling, time.perf_counter() - start, session.get_providers()[0])
+    notes = [ORT_FP4_NOTE] if has_float4(onnx.load(str(onnx_path), load_external_data=False)) else []
+    report = ParityReport(
+        str(onnx_path), outputs, sampling, time.perf_counter() - start, session.get_providers()[0], notes
+    )
     logger.info(
         "parity %s: max %.3g, p99.9 %.3g, %.2e over %g",
         "passed" if report.passed else "FAILED",

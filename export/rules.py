@@ -13,6 +13,17 @@ outside the planned layers.
 Layers are found through the ``diffquant.layers`` metadata of :func:`export.onnx.export_onnx`
 (falling back to nodes named ``<fqn>/Conv``, ``<fqn>/MatMul`` or ``<fqn>/Gemm``).
 
+**Outlier transforms** (:mod:`diffquant.quant.transforms`): the float input of a layer the plan
+shifts or smooths (unfolded) must reach its input quantizer through ``[Pad ->] [Mul 1/s ->]
+[Sub c ->]``, each constant a float initializer with one value per input channel (``1 / s``
+positive) that broadcasts on the channel axis, so the Q/DQ itself stays symmetric with zero point
+0; a shifted convolution must not pad in the Conv (shift-then-zero-pad is not exact: the padding
+must be an explicit ``Pad`` before the ``Sub``). A layer with a low-rank branch must have its two
+factors as a MatMul (1x1/KxK Conv) pair reading the same float input as the input quantizer, with
+unquantized factor weights (a FLOAT16 initializer behind a ``Cast``, or FLOAT, as the plan's
+dtype says; never a ``DequantizeLinear``), the plan's rank, and the branch added to the layer's
+output; a branch the plan does not have is a violation too.
+
 **The onnxruntime form** (``diffquant.target`` metadata ``onnxruntime``, or a plan with output
 quantizers): activation Q/DQ must be ``UINT8`` with zero point 128 (symmetric INT8 shifted by
 128) instead of INT8 with 0; a layer whose plan has an ``output`` quantizer must have its Conv
@@ -22,11 +33,18 @@ output feed only its ``[Clip ->] QuantizeLinear -> DequantizeLinear`` (so onnxru
 with output quantizers checked against a TensorRT-form graph is a violation, and so is a Q/DQ
 after a layer whose plan has no output quantizer.
 
+**Floating-point formats** (:mod:`export.onnx_float`): a float weight must be stored in its
+container type (FP8, or ``FLOAT4E2M1`` from opset 23 for NVFP4) with every value on the format's
+grid, FP8 zero points 0, NVFP4 block scales a ``DequantizeLinear`` of positive FP8 E4M3 codes by a
+per-tensor float32 scale in the plan's block layout; an FP8 input's ``QuantizeLinear`` must
+saturate and its zero points be FP8 zeros of the format's type.
+
 **Device classes** (:mod:`diffquant.devices`): given a ``device_class`` (the pipeline always passes
 ``export.device_class``, whose default is the target's: ``tensorrt`` -> ``orin``), every planned
 layer must also be one the class runs. A layer the class
-cannot run (group-wise weights on a convolution or above 4 bits on a TensorRT class, output
-quantizers on a GPU class, which the form rules also catch) is a ``device_class`` violation at its compute node naming the layer and
+cannot run (group-wise weights on a convolution or above 4 bits on a TensorRT class, FP8 below
+compute capability 8.9, FP4 below 10.0 or on a convolution, output quantizers on a GPU class,
+which the form rules also catch) is a ``device_class`` violation at its compute node naming the layer and
 the class.
 """
 
@@ -49,12 +67,16 @@ from diffquant.export.onnx import (
     TARGETS,
     storage_type,
 )
+from diffquant.export.onnx_float import activation_type, container_type, float_values
+from diffquant.quant.float_formats import E4M3, FLOAT_FORMATS
 from diffquant.quant.formats import IntFormat
 from diffquant.quant.plan import LayerConfig, LayerPlan, WeightConfig
 
 _INT_TYPES = {
     TensorProto.INT2: "INT2",
     TensorProto.UINT2: "UINT2",
+    TensorProto.FLOAT8E4M3FN: "FLOAT8E4M3FN",
+    TensorProto.FLOAT8E5M2: "FLOAT8E5M2",
     TensorProto.INT4: "INT4",
     TensorProto.INT8: "INT8",
     TensorProto.UINT8: "UINT8",
@@ -126,11 +148,15 @@ class _Checker:
         self.inits = {t.name: t for t in graph.initializer}
         self.producer = {o: n for n in graph.node for o in n.output}
         self.by_name = {n.name: n for n in graph.node}
+        self.opset = next((e.version for e in model.opset_import if e.domain in ("", "ai.onnx")), 0)
         self.violations: list[Violation] = []
         self.claimed: set[str] = set()
         meta = {p.key: p.value for p in model.metadata_props}
         layers = json.loads(meta.get(LAYERS_METADATA_KEY, "{}"))
-        self.layer_nodes: dict[str, str] = {k: v["node"] for k, v in layers.items()}
+        self.layer_nodes: dict[str, str] = {k: v["node"] for k, v in layers.items() if "node" in v}
+        self.low_rank_nodes: dict[str, dict[str, str]] = {
+            k: v["low_rank"] for k, v in layers.items() if "low_rank" in v
+        }
         self.float_outputs: list[tuple[str, onnx.NodeProto]] = []
         self.output_computes: set[str] = set()
         for layer, cfg in plan.items():
@@ -230,11 +256,76 @@ class _Checker:
             )
             return
         self.claimed.add(producer.name)
+        if cfg.weight.is_float:
+            self.check_float_weight(producer, compute, layer, cfg.weight)
+            return
         q = self.weight_integers(producer, layer, cfg.weight.bits)
         scale = self.scale(producer, layer, "weight")
         self.zero_point(producer, layer, "weight", storage_type(cfg.weight.bits, self.storage))
         if q is not None and scale is not None:
             self.weight_layout(producer, compute, layer, cfg.weight, q, scale)
+
+    def check_float_weight(self, dq: onnx.NodeProto, compute: onnx.NodeProto, layer: str, w: WeightConfig) -> None:
+        """A float weight: its container type, values on the format's grid, zero point and scales."""
+        expected = container_type(w.format, self.opset)
+        source = dq.input[0]
+        if source not in self.inits:
+            self.add(dq.name, "weight_initializer", f"{w.format} weight is not stored as an initializer", layer)
+            return
+        tensor = self.inits[source]
+        if tensor.data_type != expected:
+            self.add(
+                dq.name,
+                "float_type",
+                f"{w.format} weight stored as {_type_name(tensor.data_type)}, expected {_type_name(expected)} "
+                f"at opset {self.opset}",
+                layer,
+            )
+            return
+        values = float_values(tensor)
+        grid = FLOAT_FORMATS[w.format].values().numpy()
+        off = ~np.isin(values, grid)
+        if off.any():
+            self.add(
+                dq.name,
+                "weight_range",
+                f"{int(off.sum())} weight values are not {w.format} values (e.g. {values[off][0]:g})",
+                layer,
+            )
+        if len(dq.input) > 2 and dq.input[2]:
+            zero = self.inits.get(dq.input[2])
+            if zero is None or zero.data_type != tensor.data_type or np.any(float_values(zero) != 0):
+                self.add(dq.name, "zero_point", f"{w.format} weight zero point is not a constant 0 of its type", layer)
+        if FLOAT_FORMATS[w.format].block_size is not None:
+            self.check_block_scales(dq, compute, layer, w, values)
+            return
+        scale = self.scale(dq, layer, "weight")
+        if scale is not None:
+            self.weight_layout(dq, compute, layer, w, values, scale)
+
+    def check_block_scales(
+        self, dq: onnx.NodeProto, compute: onnx.NodeProto, layer: str, w: WeightConfig, values: np.ndarray
+    ) -> None:
+        """NVFP4: the block scales are a DequantizeLinear of FP8 E4M3 codes by a positive float32 global scale."""
+        scale_dq = self.producer.get(dq.input[1]) if len(dq.input) > 1 else None
+        if scale_dq is None or scale_dq.op_type != "DequantizeLinear":
+            self.add(
+                dq.name, "block_scale", f"NVFP4 block scales of {layer} are not a DequantizeLinear of FP8 codes", layer
+            )
+            return
+        self.claimed.add(scale_dq.name)
+        codes = self.inits.get(scale_dq.input[0])
+        if codes is None or codes.data_type != TensorProto.FLOAT8E4M3FN:
+            kind = _type_name(codes.data_type) if codes is not None else "not an initializer"
+            self.add(scale_dq.name, "block_scale", f"NVFP4 block codes of {layer} are {kind}, not FLOAT8E4M3FN", layer)
+            return
+        code_values = float_values(codes)
+        if not (code_values > 0).all() or not np.isin(code_values, E4M3.values().numpy()).all():
+            self.add(scale_dq.name, "block_scale", f"NVFP4 block codes of {layer} are not positive E4M3 values", layer)
+        global_scale = self.scale(scale_dq, layer, "NVFP4 global")
+        if global_scale is not None and global_scale.size != 1:
+            self.add(scale_dq.name, "block_scale", f"NVFP4 global scale of {layer} is not per tensor", layer)
+        self.weight_layout(dq, compute, layer, w, values, code_values)
 
     def weight_integers(self, dq: onnx.NodeProto, layer: str, bits: int) -> np.ndarray | None:
         """The stored integer weight of ``dq``, checked for its storage type and range (None: not stored)."""
@@ -350,6 +441,9 @@ class _Checker:
             )
             return
         self.claimed.add(q.name)
+        if cfg.activation.is_float:
+            self.check_float_qdq_pair(layer, cfg.activation.format, q, dq, "activation")
+            return
         self.check_qdq_pair(layer, cfg.activation.bits, q, dq, "activation")
 
     def is_output_dq(self, dq: onnx.NodeProto) -> bool:
@@ -367,6 +461,29 @@ class _Checker:
         if self.target == "onnxruntime":
             return TensorProto.UINT8, ORT_ACTIVATION_ZERO_POINT
         return TensorProto.INT8, 0
+
+    def check_float_qdq_pair(self, layer: str, fmt: str, q: onnx.NodeProto, dq: onnx.NodeProto, what: str) -> None:
+        """An FP8 activation Q/DQ: FP8 zero point 0 of the format's type, per-tensor equal scales, saturating Q."""
+        expected = activation_type(fmt)
+        scales = []
+        for node in (q, dq):
+            scale = self.scale(node, layer, what)
+            zero = self.inits.get(node.input[2]) if len(node.input) > 2 else None
+            if zero is None or zero.data_type != expected or np.any(float_values(zero) != 0):
+                self.add(
+                    node.name, "zero_point", f"{fmt} {what} needs a constant {_type_name(expected)} zero point 0", layer
+                )
+            if scale is not None and scale.size != 1:
+                self.add(node.name, "activation_per_tensor", f"{what} scale has shape {list(scale.shape)}", layer)
+            scales.append(scale)
+        if all(s is not None and s.size == 1 for s in scales) and not np.array_equal(
+            scales[0].reshape(()), scales[1].reshape(())
+        ):
+            self.add(dq.name, "scale_mismatch", "QuantizeLinear and DequantizeLinear scales differ", layer)
+        if next((a.i for a in q.attribute if a.name == "saturate"), 1) != 1:
+            self.add(
+                q.name, "saturate", f"{fmt} {what} QuantizeLinear must saturate (TensorRT clips to the range)", layer
+            )
 
     def check_qdq_pair(self, layer: str, bits: int, q: onnx.NodeProto, dq: onnx.NodeProto, what: str) -> None:
         """Scales, zero points and the b-bit Clip of one activation ``QuantizeLinear -> DequantizeLinear``."""
@@ -521,12 +638,173 @@ class _Checker:
 
     def check_device(self, layer: str, cfg: LayerConfig, compute: onnx.NodeProto) -> None:
         """The layer's weight format against its device class's table entry (the form rules cover outputs)."""
-        if self.device is None or cfg.weight is None:
+        if self.device is None:
             return
         kind = "conv" if compute.op_type == "Conv" else "linear"
-        problem = self.device.weight_problem(kind, cfg.weight.bits, cfg.weight.group_size)
+        weight_format = cfg.weight.format if cfg.weight is not None else "int"
+        act_format = cfg.activation.format if cfg.activation is not None else "int"
+        problem = self.device.format_problem(kind, weight_format, act_format)
+        if problem is None and cfg.weight is not None:
+            problem = self.device.weight_problem(kind, cfg.weight.bits, cfg.weight.group_size)
         if problem is not None:
             self.add(compute.name, "device_class", f"{layer} cannot run on {self.device.name}: {problem}", layer)
+
+    def quantizer_source(self, compute: onnx.NodeProto) -> str:
+        """The float tensor that enters the layer's input quantizer (its compute input when not quantized)."""
+        tensor = compute.input[0]
+        dq = self.producer.get(tensor)
+        if dq is None or dq.op_type != "DequantizeLinear":
+            return tensor
+        q = self.producer.get(dq.input[0])
+        if q is None or q.op_type != "QuantizeLinear":
+            return tensor
+        clip = self.producer.get(q.input[0])
+        return clip.input[0] if clip is not None and clip.op_type == "Clip" else q.input[0]
+
+    def input_channels(self, compute: onnx.NodeProto) -> int | None:
+        """Input channels of the layer's weight (from its initializer, through a DequantizeLinear)."""
+        weight = self.producer.get(compute.input[1]) if len(compute.input) > 1 else None
+        name = weight.input[0] if weight is not None and weight.op_type == "DequantizeLinear" else compute.input[1]
+        tensor = self.inits.get(name)
+        if tensor is None or len(tensor.dims) < 2:
+            return None
+        if compute.op_type == "Conv":
+            groups = next((a.i for a in compute.attribute if a.name == "group"), 1)
+            return int(tensor.dims[1]) * groups
+        return int(tensor.dims[-2])
+
+    def channel_constant(
+        self, node: onnx.NodeProto, layer: str, compute: onnx.NodeProto, what: str
+    ) -> np.ndarray | None:
+        """The per-channel constant (second input) of a transform node, checked for its shape."""
+        values = self.constant(node, 1, what, layer)
+        if values is None:
+            return None
+        channels = self.input_channels(compute)
+        expected = [channels] if compute.op_type != "Conv" else [1, channels, 1, 1]
+        if values.dtype.kind != "f" or (channels is not None and list(values.shape) != expected):
+            self.add(
+                node.name,
+                "transform_constant",
+                f"{what} of {layer} is {values.dtype} {list(values.shape)}, expected float {expected} (one per input channel)",
+                layer,
+            )
+            return None
+        return values
+
+    def check_transform(self, layer: str, cfg: LayerConfig, compute: onnx.NodeProto) -> None:
+        """``[Pad ->] [Mul 1/s ->] [Sub c ->]`` before the input quantizer of a shifted / smoothed layer."""
+        multiply = cfg.smooth is not None and cfg.smooth.into is None
+        if not (cfg.shift or multiply) or cfg.activation is None:
+            return
+        node = self.producer.get(self.quantizer_source(compute))
+        if cfg.shift:
+            if node is None or node.op_type != "Sub":
+                found = node.op_type if node is not None else "a graph input"
+                self.add(
+                    compute.name,
+                    "shift_missing",
+                    f"input of {layer} is not shifted by a Sub before its Q/DQ (found {found})",
+                    layer,
+                )
+                return
+            self.channel_constant(node, layer, compute, "shift")
+            node = self.producer.get(node.input[0])
+        if multiply:
+            if node is None or node.op_type != "Mul":
+                self.add(
+                    compute.name, "smooth_missing", f"input of {layer} is not multiplied by 1/s before its Q/DQ", layer
+                )
+                return
+            values = self.channel_constant(node, layer, compute, "smoothing 1/s")
+            if values is not None and not (np.isfinite(values).all() and (values > 0).all()):
+                self.add(node.name, "transform_constant", f"smoothing 1/s of {layer} is not positive and finite", layer)
+            node = self.producer.get(node.input[0])
+        if cfg.shift and compute.op_type == "Conv":
+            pads = next((list(a.ints) for a in compute.attribute if a.name == "pads"), [])
+            auto = next((a.s.decode() for a in compute.attribute if a.name == "auto_pad"), "NOTSET")
+            if any(pads) or auto not in ("NOTSET", "VALID"):
+                self.add(
+                    compute.name,
+                    "shift_padding",
+                    f"shifted convolution {layer} pads in the Conv (pads {pads}, auto_pad {auto}): shift-then-zero-pad "
+                    "is not exact; pad explicitly before the Sub",
+                    layer,
+                )
+            if node is not None and node.op_type == "Pad":
+                mode = next((a.s.decode() for a in node.attribute if a.name == "mode"), "constant")
+                value = self.constant(node, 2, "pad value", layer) if mode == "constant" else None
+                if value is not None and np.any(value != 0):
+                    self.add(node.name, "shift_padding", f"padding of {layer} is not zero", layer)
+
+    def low_rank_node(self, layer: str, part: str) -> onnx.NodeProto | None:
+        name = self.low_rank_nodes.get(layer, {}).get(part)
+        candidates = [name] + [f"{layer}/low_rank/{part}/{op}" for op in ("MatMul", "Conv")]
+        return next((self.by_name[n] for n in candidates if n and n in self.by_name), None)
+
+    def factor(self, node: onnx.NodeProto, layer: str, dtype: str, part: str) -> list[int] | None:
+        """Dims of a branch factor, checked to be an unquantized initializer of the plan's dtype."""
+        source = node.input[1] if len(node.input) > 1 else ""
+        producer = self.producer.get(source)
+        expected = TensorProto.FLOAT16 if dtype == "float16" else TensorProto.FLOAT
+        if producer is not None and producer.op_type in ("DequantizeLinear", "QuantizeLinear"):
+            self.add(producer.name, "low_rank_quantized", f"the low-rank {part} factor of {layer} is quantized", layer)
+            self.claimed.add(producer.name)
+            return None
+        if producer is not None and producer.op_type == "Cast":
+            source = producer.input[0]
+        tensor = self.inits.get(source)
+        if tensor is None or tensor.data_type != expected:
+            found = _type_name(tensor.data_type) if tensor is not None else "not an initializer"
+            self.add(
+                node.name,
+                "low_rank_factor",
+                f"the low-rank {part} factor of {layer} is {found}, expected a {_type_name(expected)} initializer",
+                layer,
+            )
+            return None
+        return list(tensor.dims)
+
+    def check_low_rank(self, layer: str, cfg: LayerConfig, compute: onnx.NodeProto) -> None:
+        """The branch ``up(down(x_hat))`` added to the layer's output, at the plan's rank, unquantized."""
+        down, up = self.low_rank_node(layer, "down"), self.low_rank_node(layer, "up")
+        if cfg.low_rank is None:
+            if down is not None or up is not None:
+                self.add(
+                    (down or up).name, "unplanned_low_rank", f"{layer} has a low-rank branch the plan does not", layer
+                )
+            return
+        if down is None or up is None:
+            self.add(compute.name, "missing_low_rank", f"the low-rank branch of {layer} is not in the graph", layer)
+            return
+        rank = cfg.low_rank.rank
+        dims = self.factor(down, layer, cfg.low_rank.dtype, "down"), self.factor(up, layer, cfg.low_rank.dtype, "up")
+        conv = down.op_type == "Conv"
+        found = None
+        if dims[0] is not None and dims[1] is not None:
+            found = (dims[0][0], dims[1][1]) if conv else (dims[0][-1], dims[1][0])
+        if found is not None and found != (rank, rank):
+            self.add(
+                down.name,
+                "low_rank_rank",
+                f"the low-rank branch of {layer} has rank {found}, the plan says {rank}",
+                layer,
+            )
+        if down.input[0] != self.quantizer_source(compute) or self.producer.get(up.input[0]) is not down:
+            self.add(
+                down.name,
+                "low_rank_input",
+                f"the low-rank branch of {layer} does not read the layer's float input",
+                layer,
+            )
+        sums = [u for u in self.consumers.get(up.output[0], []) if u.op_type == "Add"]
+        main = {compute.output[0]} | {
+            u.output[0] for u in self.consumers.get(compute.output[0], []) if u.op_type == "Add"
+        }
+        if not any(set(add.input) & main for add in sums):
+            self.add(
+                up.name, "low_rank_output", f"the low-rank branch of {layer} is not added to the layer's output", layer
+            )
 
     def run(self) -> list[Violation]:
         for layer, cfg in self.plan.items():
@@ -541,9 +819,11 @@ class _Checker:
                     )
                 continue
             self.check_device(layer, cfg, compute)
+            self.check_low_rank(layer, cfg, compute)
             for call in self.repeated_calls(compute):
                 self.check_weight(layer, cfg, call)
                 self.check_activation(layer, cfg, call)
+                self.check_transform(layer, cfg, call)
                 self.check_output(layer, cfg, call)
                 self.check_bias(layer, cfg, call)
         self.check_float_outputs()

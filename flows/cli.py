@@ -486,6 +486,27 @@ def _check_allocation(spec: Any, model: Any) -> None:
         check_allocation(model, spec.allocation, classifier_fits=model.digits_compatible)
 
 
+def _check_quantize(spec: Any, model: Any) -> None:
+    """Outlier-method settings the model cannot take (a low-rank rank above a layer's size, bad globs) fail here."""
+    from diffquant.errors import spec_section
+    from diffquant.ptq import check_outlier_methods
+
+    with spec_section("quantize"):
+        check_outlier_methods(model, spec.quantize)
+
+
+def _check_uniform_plan(spec: Any, model: Any) -> None:
+    """Build the uniform plan now and refuse what its device class cannot run (NVFP4 blocks, FP4 on a convolution)."""
+    if spec.allocation is not None:
+        return
+    from diffquant.errors import spec_section
+    from diffquant.ptq import check_device_plan, plan_from_spec
+
+    with spec_section("quantize"):
+        plan = plan_from_spec(model, spec.quantize, spec.calibration.observer, spec.export.target)
+        check_device_plan(model.unet, plan, spec.export.device_class, spec.export.target)
+
+
 def _runtime_overrides(runner: str | None, workers: int | None) -> list[str]:
     """``--runner``/``--workers`` as spec overrides (they win over ``--set``)."""
     items = [f"runtime.runner={runner}"] if runner is not None else []
@@ -594,6 +615,8 @@ def compress(
         _check_clip_model(spec, model)
         _check_latency_table(spec, model.unet)
         _check_allocation(spec, model)
+        _check_uniform_plan(spec, model)
+        _check_quantize(spec, model)
         if spec.calibration.labels_file:
             read_labels_file(Path(spec.calibration.labels_file), model.num_classes, model.condition)
         if dry_run:
@@ -652,6 +675,7 @@ def sweep(
         _check_clip_model(spec, model)
         _check_latency_table(spec)
         _check_allocation(spec, model)
+        _check_quantize(spec, model)
     except ValueError:
         _fail(ValueError("--budgets takes numbers like 3,3.5,4 and --baselines integers like 8,4"))
     except DiffquantError as error:

@@ -282,19 +282,39 @@ def _register(
     return run.stage("register", register_task, run.tracking, name, str(folder), tags, candidate, cfg.promote.gates)
 
 
+def _methods_description(quantize: Any) -> str:
+    parts = []
+    if quantize.activation.shift != "none":
+        parts.append("per-channel input shift")
+    if quantize.smooth is not None:
+        alpha = "alpha searched per layer" if quantize.smooth.search else f"alpha {quantize.smooth.alpha:g}"
+        parts.append(f"SmoothQuant ({alpha})")
+    if quantize.low_rank is not None:
+        parts.append(f"low-rank branch rank {quantize.low_rank.rank} ({quantize.low_rank.dtype})")
+    return f"; {', '.join(parts)}" if parts else ""
+
+
 def _plan_description(spec: CompressionSpec) -> str:
     if spec.allocation is not None:
         budget = ", ".join(f"{k} <= {v:g}" for k, v in spec.allocation.budget.as_dict().items())
-        return f"mixed precision, W{spec.allocation.weight_bits} A{spec.allocation.activation_bits}, {budget}"
+        text = f"mixed precision, W{spec.allocation.weight_bits} A{spec.allocation.activation_bits}, {budget}"
+        return text + _methods_description(spec.quantize)
     w, a = spec.quantize.weight, spec.quantize.activation.bits
     text = f"W{w.bits if w else 'fp'}A{a or 'fp'} uniform, {w.granularity if w else 'float weights'}"
     if w is not None and w.group_size:
         text += f" (groups of {w.group_size})"
+    formats = [
+        f"{part} {fmt}"
+        for part, fmt in (("weights", w and w.format), ("inputs", a and spec.quantize.activation.format))
+        if fmt and fmt != "int"
+    ]
+    if formats:
+        text += f", {', '.join(formats)}"
     if spec.quantize.keep_full_precision is None:
         text += ", FP: the model family's defaults"
     elif spec.quantize.keep_full_precision:
         text += f", FP: {', '.join(spec.quantize.keep_full_precision)}"
-    return text
+    return text + _methods_description(spec.quantize)
 
 
 def _export_section(exported: ExportArtifact | None) -> dict[str, Any]:

@@ -55,6 +55,9 @@ _EXPORTS: dict[str, str] = {
     # configs: the spec's sections
     "CompressionSpec": "diffquant.spec",
     "QuantizeSpec": "diffquant.spec",
+    "ActivationQuantSpec": "diffquant.spec",
+    "SmoothSpec": "diffquant.spec",
+    "LowRankSpec": "diffquant.spec",
     "CalibrationSpec": "diffquant.spec",
     "AllocationSpec": "diffquant.spec",
     "BudgetSpec": "diffquant.spec",
@@ -68,6 +71,7 @@ _EXPORTS: dict[str, str] = {
 }
 
 __all__ = [
+    "ActivationQuantSpec",
     "AllocationSpec",
     "AutoQuantizeResult",
     "BudgetSpec",
@@ -81,9 +85,11 @@ __all__ = [
     "ExportSpec",
     "FinetuneSpec",
     "LayerPlan",
+    "LowRankSpec",
     "ParityConfig",
     "QuantizeResult",
     "QuantizeSpec",
+    "SmoothSpec",
     "SpecError",
     "Trajectories",
     "WeightConfig",
@@ -141,12 +147,15 @@ if TYPE_CHECKING:
     from diffquant.quant.plan import LayerPlan
     from diffquant.sampling import Trajectories
     from diffquant.spec import (
+        ActivationQuantSpec,
         AllocationSpec,
         BudgetSpec,
         CalibrationSpec,
         CompressionSpec,
         ExportSpec,
         FinetuneSpec,
+        LowRankSpec,
         QuantizeSpec,
+        SmoothSpec,
         load_spec,
     )

@@ -46,8 +46,14 @@ What the table says, and where it comes from:
   "FP8 is only supported for matrix multiplications (GEMM) on Ada and later architectures (compute
   capability 8.9 or later), while FP4 is only supported ... on Blackwell or later (compute
   capability 10.0 or later)" (TensorRT-RTX "Working with Quantized Types"); FP4 needs TensorRT
-  10.8 or later. diffquant has no FP formats yet: the flags are in the table so that the rules and
-  the allocator read them when the formats arrive.
+  10.8 or later ("Added support for the E2M1 FP4 data type ... on NVIDIA Blackwell GPUs",
+  TensorRT 10.8 release notes). TensorRT's FP8 type is E4M3 ("FP8E4M3", same guide): E5M2 runs on
+  no class. FP6 weights (E3M2, E2M3) are stored as FP8 E4M3 values (every FP6 value is one), so
+  they need FP8. FP4 (NVFP4) weights are refused on convolutions (GEMM only; NVIDIA's Model
+  Optimizer also leaves convolutions out of NVFP4). An FP8 convolution is accepted, but
+  TensorRT-RTX documents FP8 for GEMMs only, so it may run in higher precision (not measured, no
+  GPU here). The onnxruntime CPU provider runs FP8 Q/DQ only as float emulation (no FP8 kernels),
+  so ``cpu`` takes no float formats.
 - **Orin** is sm 8.7 with JetPack 6's TensorRT 10.3: INT8 and INT4 weight-only GEMM, no FP8, no
   FP4 (TensorRT's support matrices list sm 8.7 with INT8 tensor cores; FP8 needs sm 8.9).
 - The **output quantizers** of the onnxruntime form (UINT8 activations, INT32 biases) run only on
@@ -93,8 +99,8 @@ class DeviceClass:
             stored as INT2 instead of INT4 (:meth:`storage_bits`).
         block_kinds: Layer kinds that take group-wise (block) weights.
         block_max_bits: Most bits of a group-wise weight.
-        fp8: FP8 (E4M3) weights and activations.
-        fp4: FP4 (E2M1) weights and activations.
+        fp8: FP8 (E4M3) weights and activations (and FP6 weights, stored as FP8).
+        fp4: FP4 (E2M1, NVFP4) weights on GEMM layers.
         output_quantizers: The onnxruntime form's output Q/DQ and INT32 biases.
     """
 
@@ -136,6 +142,28 @@ class DeviceClass:
                 f"group-wise weights of {bits} bits: {self.runtime} on {self.name} takes block-wise weights of at "
                 f"most {self.block_max_bits} bits"
             )
+        return None
+
+    def format_problem(self, kind: str, weight_format: str = "int", act_format: str = "int") -> str | None:
+        """Why this class cannot run a ``kind`` layer with these weight and input formats; None if it can.
+
+        ``int`` formats are :meth:`weight_problem`'s business; this checks the float ones.
+        """
+        formats = {f for f in (weight_format, act_format) if f != "int"}
+        if not formats:
+            return None
+        where = (
+            f"{self.name} (sm {'.'.join(map(str, self.compute_capability))})" if self.compute_capability else self.name
+        )
+        if "fp8_e5m2" in formats:
+            return f"FP8 E5M2 runs on no device class ({self.runtime}'s FP8 is E4M3 only); use fp8_e4m3"
+        if weight_format == "fp4_e2m1":
+            if not self.fp4:
+                return f"FP4 (NVFP4) needs compute capability 10.0 (Blackwell) or later; {where} has no FP4"
+            if kind == "conv":
+                return f"FP4 (NVFP4) weights run only on GEMM (Linear) layers on {self.name}, not on a convolution"
+        if not self.fp8:
+            return f"FP8 needs compute capability 8.9 (Ada) or later; {where} has no FP8 ({', '.join(sorted(formats))})"
         return None
 
     def weight_note(self, kind: str, bits: int | None) -> str | None:
@@ -276,6 +304,13 @@ def machine_device_class() -> str | None:
 def layer_problem(device: DeviceClass, kind: str, config: LayerConfig) -> str | None:
     """Why ``device`` cannot run one layer's plan entry (a ``kind`` layer); None when it can."""
     weight = config.weight
+    problem = device.format_problem(
+        kind,
+        weight.format if weight is not None else "int",
+        config.activation.format if config.activation is not None else "int",
+    )
+    if problem is not None:
+        return problem
     if weight is not None:
         problem = device.weight_problem(kind, weight.bits, weight.group_size)
         if problem is not None:

@@ -8,7 +8,9 @@ library call :func:`quantize` and the pipeline give byte-identical plans and sca
 - the group-size fallback: layers whose input channels the group size does not divide stay
   per-channel at the same bits;
 - output quantizers for ``target="onnxruntime"`` (integer convolutions in onnxruntime);
-- outlier tokens (MixDQ's BOS-aware quantization) for text-conditioned models.
+- outlier tokens (MixDQ's BOS-aware quantization) for text-conditioned models;
+- the outlier methods (per-channel input shift, SmoothQuant with its folds, SVDQuant's low-rank
+  branch; :mod:`diffquant.outliers`), calibrated on the float model before range calibration.
 """
 
 from __future__ import annotations
@@ -38,6 +40,10 @@ from diffquant.outlier_tokens import (
     fill_fp_tokens,
     fp_token_outputs,
 )
+from diffquant.outliers.calibrate import calibrate_transforms, install_transforms, restore_transforms
+from diffquant.outliers.options import add_outlier_methods, wants_methods
+from diffquant.quant.config import format_problem
+from diffquant.quant.float_formats import FLOAT_FORMATS, NVFP4_BLOCK
 from diffquant.quant.gptq import gptq_layers, gptq_solve, gptq_weight_state, install_gptq, load_gptq_weight_state
 from diffquant.quant.modules import groups_allowed
 from diffquant.quant.plan import (
@@ -55,7 +61,15 @@ from diffquant.quant.plan import (
     with_output_quantizers,
 )
 from diffquant.sampling import Trajectories, denoiser_outputs
-from diffquant.spec import AllocationSpec, BudgetSpec, CalibrationSpec, QuantizeSpec, SamplerSpec
+from diffquant.spec import (
+    AllocationSpec,
+    BudgetSpec,
+    CalibrationSpec,
+    LayerOverride,
+    QuantizeSpec,
+    SamplerSpec,
+    SmoothSpec,
+)
 from diffquant.storage import load_safetensors, save_safetensors
 
 logger = logging.getLogger(__name__)
@@ -134,23 +148,25 @@ def plan_from_spec(
     """
     unet, family_info = _denoiser(model, family)
     w = quantize.weight
+    a_format = quantize.activation.format
     fallback: list[str] = []
 
     def formats(
         name: str, w_bits: int | None, a_bits: int | None
     ) -> tuple[WeightConfig | None, ActivationConfig | None]:
-        act = ActivationConfig(a_bits, act_observer) if a_bits is not None else None
+        act = ActivationConfig(a_bits, act_observer, a_format) if a_bits is not None else None
         if w_bits is None or w is None:
             return None, act
         if w.group_size is not None and not groups_allowed(unet.get_submodule(name), w.group_size):
             fallback.append(name)
             return WeightConfig(w_bits, "per_channel", w.observer, rounding=w.rounding), act
-        return WeightConfig(w_bits, w.granularity, w.observer, w.group_size, rounding=w.rounding), act
+        return WeightConfig(w_bits, w.granularity, w.observer, w.group_size, rounding=w.rounding, format=w.format), act
 
     plan = LayerPlan()
     for name in quantizable_layers(unet):
         plan[name] = LayerConfig(*formats(name, w.bits if w else None, quantize.activation.bits))
     for i, override in enumerate(quantize.overrides):
+        _check_override_formats(i, override, quantize)
         try:
             names = resolve_globs(plan, override.layers)
         except ValueError as error:
@@ -164,9 +180,47 @@ def plan_from_spec(
         raise ConfigError("keep_full_precision", str(error)) from None
     for name in keep:
         plan[name] = LayerConfig(None, None)
+    if w is not None and w.is_float:
+        _check_float_blocks(unet, plan, fallback)
     if fallback:
         logger.info("%d layers cannot take groups of %s and stay per-channel", len(set(fallback)), w and w.group_size)
     return for_target(unet, plan, target)
+
+
+def _check_override_formats(index: int, override: LayerOverride, quantize: QuantizeSpec) -> None:
+    """An override's bits must fit the uniform plan's float formats, which its layers keep.
+
+    Raises:
+        ConfigError (``overrides.N.weight_bits`` / ``overrides.N.activation_bits``).
+    """
+    parts = (
+        ("weight_bits", override.weight_bits, quantize.weight.format if quantize.weight else "int"),
+        ("activation_bits", override.activation_bits, quantize.activation.format),
+    )
+    for key, bits, fmt in parts:
+        if format_problem(fmt, bits) is not None:
+            width = FLOAT_FORMATS[fmt].bits
+            raise ConfigError(
+                f"overrides.{index}.{key}",
+                f"its layers keep the uniform format {fmt}, which stores {width} bits; set {key} to {width} or null",
+            )
+
+
+def _check_float_blocks(unet: nn.Module, plan: LayerPlan, fallback: list[str]) -> None:
+    """NVFP4 weights need whole blocks: a planned layer whose input count the block does not divide is refused.
+
+    Raises:
+        ConfigError (``weight``): Naming the first such layer, its input count and what to do.
+    """
+    for name in dict.fromkeys(fallback):
+        if not plan[name].is_full_precision and plan[name].weight is not None:
+            layer = unet.get_submodule(name)
+            inputs = layer.in_channels if isinstance(layer, nn.Conv2d) else layer.in_features
+            raise ConfigError(
+                "weight",
+                f"layer {name} has {inputs} input channels, not a multiple of {NVFP4_BLOCK}: format fp4_e2m1 "
+                "(NVFP4) stores whole blocks of 16; keep the layer in float (keep_full_precision) or pick another format",
+            )
 
 
 def for_target(unet: DiffusionModel | nn.Module, plan: LayerPlan, target: ExportTarget) -> LayerPlan:
@@ -185,6 +239,21 @@ def for_target(unet: DiffusionModel | nn.Module, plan: LayerPlan, target: Export
     added = sum(1 for name, cfg in planned.items() if cfg.output is not None and plan[name].output is None)
     logger.info("export target onnxruntime: %d Conv2d layers get output quantizers", added)
     return planned
+
+
+def check_outlier_methods(model: DiffusionModel | nn.Module, config: QuantizeSpec, family: str | None = None) -> None:
+    """Refuse outlier-method settings the model cannot take (globs, ranks), without running it.
+
+    The CLI calls this before a run starts, so ``quantize.low_rank.rank`` larger than a layer's
+    ``min(out, in)`` fails in one line before anything is written.
+
+    Raises:
+        ConfigError: As :func:`diffquant.outliers.options.add_outlier_methods` (and bad globs).
+    """
+    if not wants_methods(config):
+        return
+    unet, _ = _denoiser(model, family)
+    add_outlier_methods(unet, plan_from_spec(model, config, family=family), config)
 
 
 class _ConditionRecorder:
@@ -237,29 +306,44 @@ def apply_and_calibrate(
     conditional: bool = True,
     calibration: CalibrationSpec | None = None,
     conditions: torch.Tensor | None = None,
-) -> int:
+    smooth: SmoothSpec | None = None,
+) -> tuple[int, LayerPlan]:
     """Apply ``plan`` to ``unet`` in place and calibrate its activation scales on ``data``.
 
     Layers that keep leading tokens in float (``fp_tokens``) get their precomputed outputs from
     the float ``unet`` before the plan replaces its layers. Layers whose weight rounding is
     ``gptq`` get their GPTQ weights and scales from Hessians of the float ``unet`` on ``data``
-    (:mod:`diffquant.quant.gptq`), before activation calibration.
+    (:mod:`diffquant.quant.gptq`), before activation calibration. Layers with a shift, smoothing
+    or a low-rank branch get them from the float ``unet`` on ``data``
+    (:func:`diffquant.outliers.calibrate.calibrate_transforms`): with ``smooth`` given, fold
+    targets are found (``smooth.fold``) and alpha is searched (``smooth.search``); without it,
+    the plan's alpha and fold targets are used as they are.
 
     Raises:
         ConfigError: If a GPTQ layer sees too few calibration inputs for its Hessian.
 
     Returns:
-        The number of activation quantizers calibrated.
+        The number of activation quantizers calibrated, and the plan as applied (fold targets and
+        searched alphas decided).
     """
     calibration = calibration or CalibrationSpec()
     if conditions is None and isinstance(data, Trajectories):
         conditions = data.labels
-    solutions = gptq_solve(unet, plan, _runner(data, conditional, calibration.batch_size)) if gptq_layers(plan) else {}
+    run = _runner(data, conditional, calibration.batch_size)
+    solutions = gptq_solve(unet, plan, run) if gptq_layers(plan) else {}
     fp_outputs = fp_token_outputs(unet, plan, conditions) if conditions is not None else {}
+    tensors = None
+    if plan.has_transforms:
+        search = smooth.grid if smooth is not None and smooth.search else None
+        fold = smooth is not None and smooth.fold
+        plan, tensors = calibrate_transforms(unet, plan, run, fold=fold, search_grid=search, seed=calibration.seed)
     apply_plan(unet, plan)
+    if tensors is not None:
+        install_transforms(unet, tensors)
     install_gptq(unet, solutions)
     fill_fp_tokens(unet, fp_outputs)
-    return calibrate_activations(unet, data, conditional, calibration.batch_size, calibration.seed)
+    calibrated = calibrate_activations(unet, data, conditional, calibration.batch_size, calibration.seed)
+    return calibrated, plan
 
 
 def quantize(
@@ -320,6 +404,31 @@ def quantize(
         plan = plan_from_spec(model, config, calibration.observer, target, family)
     else:
         plan = for_target(unet, plan, target)
+    device = check_device_plan(unet, plan, device_class, target)
+    text = isinstance(model, DiffusionModel) and model.condition == "text"
+    conditions = _conditions(unet, forward_loop) if text and config.outlier_tokens != "off" else None
+    outliers = _outlier_tokens(model, config.outlier_tokens, conditions, calibration.batch_size)
+    plan = add_outlier_methods(unet, apply_outlier_tokens(plan, outliers), config)
+    fp32_bytes = packed_weight_bytes(unet, plan)["fp32"]
+    calibrated, plan = apply_and_calibrate(
+        unet, plan, forward_loop, conditional, calibration, conditions, smooth=config.smooth
+    )
+    packed = packed_weight_bytes(unet, plan)["packed"]
+    deployed = deployed_weight_bytes(unet, plan, device)
+    return QuantizeResult(unet, plan, outliers, fp32_bytes, packed, calibrated, deployed)
+
+
+def check_device_plan(
+    unet: nn.Module, plan: LayerPlan, device_class: str | DeviceClass | None = None, target: ExportTarget = "tensorrt"
+) -> DeviceClass:
+    """Refuse a plan the device class (None: the target's default) cannot run, naming the first layer.
+
+    Returns:
+        The device class, resolved.
+
+    Raises:
+        ConfigError (``weight``): A layer the class cannot run (formats, groups, FP4 on a convolution).
+    """
     device = resolve_device_class(device_class, target)
     modules = dict(unet.named_modules())
     kinds = {name: "conv" if isinstance(modules[name], nn.Conv2d) else "linear" for name in plan if name in modules}
@@ -328,14 +437,7 @@ def quantize(
         layer, reason = problems[0]
         more = f" (and {len(problems) - 1} more layers)" if len(problems) > 1 else ""
         raise ConfigError("weight", f"layer {layer} cannot run on {device.name}: {reason}{more}")
-    text = isinstance(model, DiffusionModel) and model.condition == "text"
-    conditions = _conditions(unet, forward_loop) if text and config.outlier_tokens != "off" else None
-    outliers = _outlier_tokens(model, config.outlier_tokens, conditions, calibration.batch_size)
-    plan = apply_outlier_tokens(plan, outliers)
-    sizes = packed_weight_bytes(unet, plan)
-    deployed = deployed_weight_bytes(unet, plan, device)
-    calibrated = apply_and_calibrate(unet, plan, forward_loop, conditional, calibration, conditions)
-    return QuantizeResult(unet, plan, outliers, sizes["fp32"], sizes["packed"], calibrated, deployed)
+    return device
 
 
 @dataclass
@@ -448,7 +550,10 @@ def auto_quantize(
 def quantize_model(
     model: DiffusionModel, plan: LayerPlan, calib: Trajectories, calibration: CalibrationSpec
 ) -> DiffusionModel:
-    """Return a fake-quantized copy of ``model`` with ``plan`` applied and calibrated (``model`` is kept)."""
+    """Return a fake-quantized copy of ``model`` with ``plan`` applied and calibrated (``model`` is kept).
+
+    A plan with outlier methods is taken as it is (its alphas and fold targets).
+    """
     quantized = copy.deepcopy(model)
     apply_and_calibrate(quantized.unet, plan, calib, model.conditional, calibration)
     return quantized
@@ -457,7 +562,9 @@ def quantize_model(
 def save_quantized(model: DiffusionModel | nn.Module, plan: LayerPlan, out_dir: Path) -> tuple[Path, Path]:
     """Write ``plan.json`` and ``quantizer_scales.safetensors`` to ``out_dir``.
 
-    The scales file also holds ``<layer>.weight`` of the GPTQ layers (their float weights were replaced).
+    The scales file also holds ``<layer>.weight`` of the GPTQ layers (their float weights were
+    replaced) and the outlier methods' tensors (``s``, ``c``, ``L1``, ``L2``), from which
+    :func:`load_quantized` redoes the weight transforms.
 
     Example:
         >>> plan_path, scales_path = diffquant.save_quantized(model, result.plan, Path("out"))
@@ -496,6 +603,7 @@ def load_quantized(
     apply_plan(quantized.unet, plan)
     state = load_gptq_weight_state(quantized.unet, plan, load_safetensors(scales_path))
     load_quantizer_state(quantized.unet, state)
+    restore_transforms(quantized.unet, plan)
     if weights_path is not None:
         quantized.unet.load_state_dict(load_safetensors(Path(weights_path)), strict=True)
     return quantized

@@ -35,9 +35,15 @@ from pydantic import (
     model_validator,
 )
 
-from diffquant.devices import DEFAULT_DEVICE_CLASS, DeviceClass, DeviceClassName, resolve_device_class
+from diffquant.devices import (
+    DEFAULT_DEVICE_CLASS,
+    DEVICE_CLASSES,
+    DeviceClass,
+    DeviceClassName,
+    resolve_device_class,
+)
 from diffquant.errors import ConfigError, SpecError
-from diffquant.quant.config import WeightConfig
+from diffquant.quant.config import ActivationFormat, WeightConfig, format_problem
 from diffquant.quant.formats import MAX_BITS, MIN_BITS
 
 MAX_SPEC_BYTES = 1_000_000
@@ -153,9 +159,73 @@ class CalibrationSpec(_Strict):
 
 
 class ActivationQuantSpec(_Strict):
-    """Activation (layer input) format of the uniform plan; per-tensor, None keeps float."""
+    """Activation (layer input) format of the uniform plan; per-tensor, None keeps float.
+
+    ``format`` is ``int`` (signed integers of ``bits``; the default) or ``fp8_e4m3`` / ``fp8_e5m2``
+    with ``bits: 8``. ``shift`` ``channel`` subtracts a per-input-channel offset (the midpoint of
+    each channel's calibration range) before the symmetric input quantizer and adds it back through
+    the bias (``b + W c``), so zero points stay 0 (:mod:`diffquant.quant.transforms`). Both are left
+    out of the serialized spec at their defaults (``int``, ``none``), so existing spec hashes do not
+    change.
+    """
 
     bits: int | None = Field(8, ge=MIN_BITS, le=MAX_BITS)
+    format: ActivationFormat = "int"
+    shift: Literal["none", "channel"] = "none"
+
+    @model_validator(mode="after")
+    def _format_fits_bits(self) -> ActivationQuantSpec:
+        if self.format != "int" and self.bits is None:
+            raise ValueError(f"format {self.format} quantizes activations; set bits: 8 or format: int")
+        problem = format_problem(self.format, self.bits)
+        if problem is not None:
+            raise ValueError(problem)
+        return self
+
+    @model_serializer(mode="wrap")
+    def _omit_defaults(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if self.format == "int":
+            data.pop("format", None)
+        if self.shift == "none":
+            data.pop("shift", None)
+        return data
+
+
+class SmoothSpec(_Strict):
+    """SmoothQuant channel balancing of layer inputs (:mod:`diffquant.outliers.smoothing`).
+
+    Per input channel ``s = max|X|^alpha / max|W|^(1 - alpha)`` (``X`` over every calibration
+    input, all timesteps); the layer computes ``(X / s) (s W)``. ``1 / s`` is folded into the
+    preceding norm's affine or the previous Linear where the graph allows it (checked on the float
+    model), else the layer multiplies its input by ``1 / s`` before its input quantizer; the plan
+    records which (``smooth.into``). ``search`` picks alpha per layer (per fold group) from
+    ``{0, 1/grid, ..., 1}``, or no smoothing, by the layer's output error on calibration inputs.
+    """
+
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="migration strength in [0, 1]")
+    layers: list[str] | None = Field(
+        None, description="globs of layers to smooth; None: every layer with a quantized input"
+    )
+    search: bool = Field(False, description="grid-search alpha per layer against the layer's output error")
+    grid: int = Field(20, ge=1, le=1000, description="search: alpha steps of 1/grid")
+    fold: bool = Field(True, description="fold 1/s into the preceding norm or Linear where possible")
+
+
+class LowRankSpec(_Strict):
+    """SVDQuant's low-rank branch (:mod:`diffquant.outliers.low_rank`).
+
+    After smoothing, ``W = L1 L2 + R`` with ``L1 L2`` the top ``rank`` singular directions, kept
+    unquantized in ``dtype`` beside the quantized GEMM of ``R``.
+    """
+
+    rank: int = Field(32, ge=1, le=65_536)
+    layers: list[str] | None = Field(
+        None, description="globs of layers with a branch; None: every Linear/Conv2d with a quantized weight"
+    )
+    dtype: Literal["float16", "float32"] = Field(
+        "float16", description="values of L1 and L2 (stored in this type; computed in the model's dtype)"
+    )
 
 
 class LayerOverride(_Strict):
@@ -174,6 +244,10 @@ class QuantizeSpec(_Strict):
     applied last and keeps its layers entirely in float. Left unset (None), it is the model
     family's default (first/last layers, time embedding, position/context embedders; see
     :mod:`diffquant.models.families`); ``[]`` quantizes every layer.
+
+    The outlier methods are off by default and apply to the quantized layers of the plan, uniform
+    or allocated: ``activation.shift`` (per-channel input offset), ``smooth`` (SmoothQuant) and
+    ``low_rank`` (SVDQuant's branch), in that order (:mod:`diffquant.outliers`).
     """
 
     weight: WeightConfig | None = WeightConfig(bits=8)
@@ -185,6 +259,12 @@ class QuantizeSpec(_Strict):
         description="text models: leading tokens whose cross-attention keys/values stay in float "
         "(MixDQ's BOS-aware quantization); auto detects them, off disables, N forces N; "
         "applies to allocated plans too",
+    )
+    smooth: SmoothSpec | None = Field(
+        None, description="SmoothQuant channel balancing (None: off); applies to allocated plans too"
+    )
+    low_rank: LowRankSpec | None = Field(
+        None, description="SVDQuant low-rank branch (None: off); applies to allocated plans too"
     )
 
     @field_validator("weight", mode="before")
@@ -208,6 +288,15 @@ class QuantizeSpec(_Strict):
         if isinstance(self.outlier_tokens, int) and not 0 <= self.outlier_tokens <= 4096:
             raise ValueError("outlier_tokens must be auto, off or a count from 0 to 4096")
         return self
+
+    @model_serializer(mode="wrap")
+    def _omit_off_methods(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # off (None) is the default and is left out: existing spec hashes do not change
+        data = handler(self)
+        for key in ("smooth", "low_rank"):
+            if getattr(self, key) is None:
+                data.pop(key, None)
+        return data
 
 
 class BudgetSpec(_Strict):
@@ -559,6 +648,38 @@ class CompressionSpec(_Strict):
                 f"(calibration.trajectories {self.calibration.trajectories} x sampler.steps "
                 f"{self.sampler.steps}{guided}); lower the size or add trajectories"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _float_formats(self) -> CompressionSpec:
+        weight = self.quantize.weight
+        w_format = weight.format if weight is not None else "int"
+        a_format = self.quantize.activation.format if self.quantize.activation.bits is not None else "int"
+        if w_format == "int" and a_format == "int":
+            return self
+        key = "quantize.weight.format" if w_format != "int" else "quantize.activation.format"
+        fmt = w_format if w_format != "int" else a_format
+        if self.allocation is not None:
+            raise ValueError(
+                f"{key} {fmt}: mixed precision (allocation) offers integer formats only so far; "
+                "set the format to int or allocation to null"
+            )
+        if self.finetune is not None and self.finetune.learn_weight_scales and w_format == "fp4_e2m1":
+            raise ValueError(
+                "finetune.learn_weight_scales: NVFP4 (fp4_e2m1) block scales are FP8 codes and are not learned; "
+                "set it to false"
+            )
+        device = self.export.device
+        problem = device.format_problem("linear", w_format, a_format)
+        if problem is not None:
+            runs = [
+                name
+                for name, entry in DEVICE_CLASSES.items()
+                if entry.format_problem("linear", w_format, a_format) is None
+            ]
+            hint = f"; set export.device_class to {', '.join(runs[:-1])} or {runs[-1]}" if len(runs) > 1 else ""
+            hint = f"; set export.device_class to {runs[0]}" if len(runs) == 1 else hint
+            raise ValueError(f"{key} {fmt} cannot run on device class {device.name}: {problem}{hint}")
         return self
 
     @model_validator(mode="after")

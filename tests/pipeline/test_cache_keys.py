@@ -68,6 +68,10 @@ ALTERNATIVES: dict[str, list[Any]] = {
     "quantize.weight.granularity": ["per_tensor"],
     "quantize.weight.observer": ["mse"],
     "quantize.outlier_tokens": ["off"],
+    "quantize.activation.shift": ["none"],  # the quantize stage reads it (not cached); the finetune key hashes its plan
+    "quantize.smooth.layers": [["*"]],
+    "quantize.low_rank.layers": [["*"]],
+    "quantize.low_rank.dtype": ["float32"],
     "quantize.keep_full_precision": [["conv_out"]],
     "quantize.overrides": [[{"layers": ["conv_in"], "weight_bits": 4}]],
     "allocation.quality_metric": ["psnr"],
@@ -95,7 +99,10 @@ ALTERNATIVES: dict[str, list[Any]] = {
 
 def _full_spec() -> CompressionSpec:
     # evaluate.clip_model is left out of the spec at its default (None): set, it is a leaf to walk
-    return spec_from_dict({"allocation": {}, "finetune": {}, "evaluate": {"clip_model": "/some/clip"}})
+    outliers = {"activation": {"shift": "channel"}, "smooth": {}, "low_rank": {}}
+    return spec_from_dict(
+        {"allocation": {}, "finetune": {}, "quantize": outliers, "evaluate": {"clip_model": "/some/clip"}}
+    )
 
 
 def _candidates(key: str, value: Any) -> list[Any]:
@@ -245,3 +252,59 @@ def test_fields_left_out_at_their_default_move_the_right_keys(key, value, moves_
     before, after = _keys(base), _keys(changed)
     assert (after["sensitivity"] != before["sensitivity"]) == moves_sensitivity
     assert after["pool"] == before["pool"] and after["finetune"] == before["finetune"]
+
+
+@pytest.mark.parametrize(
+    "formats",
+    [
+        {"weight": {"format": "fp8_e4m3"}, "activation": {"format": "fp8_e4m3"}},
+        {"weight": {"bits": 6, "format": "fp6_e2m3"}},
+        {"weight": {"bits": 4, "format": "fp4_e2m1", "granularity": "per_group", "group_size": 16}},
+    ],
+    ids=["fp8", "fp6", "nvfp4"],
+)
+def test_float_formats_change_the_spec_hash_and_no_cache_key(formats):
+    """``quantize.*.format`` is left out at its default (so not a leaf above): the plan reads it, no cached stage does.
+
+    Float formats refuse ``allocation`` (integer options only), so the spec here has no sensitivity stage.
+    """
+    data = _full_spec().to_dict()
+    data["allocation"] = None
+    data["export"]["device_class"] = "blackwell"
+    data["finetune"]["learn_weight_scales"] = False
+    base = spec_from_dict(data)
+    changed = json_copy(data)
+    for part, values in formats.items():
+        changed["quantize"][part].update(values)
+    spec = spec_from_dict(changed)
+    assert spec.spec_hash() != base.spec_hash()
+    before, after = _keys_without_sensitivity(base), _keys_without_sensitivity(spec)
+    assert before == after
+
+
+def json_copy(data: dict[str, Any]) -> dict[str, Any]:
+    import copy
+
+    return copy.deepcopy(data)
+
+
+def _keys_without_sensitivity(spec: CompressionSpec) -> dict[str, str]:
+    info = ModelInfo(
+        name="m",
+        family="unet2d",
+        condition="class",
+        weights_sha256="w" * 64,
+        prompts_sha256=None,
+        sample_shape=[1, 8, 8],
+        num_classes=10,
+        latent=False,
+        layer_names=["conv_in"],
+        source_dir="/m",
+    )
+    ref = FileRef(path="/x", sha256="c" * 64)
+    quant = QuantizeArtifact(plan=ref, scales=ref, layers=1, quantized_layers=1, fp32_bytes=4, packed_bytes=1)
+    pool = PoolArtifact(pool=ref, size=1)
+    return {
+        "pool": PoolRequest.from_spec(spec, info, None).key(),
+        "finetune": FinetuneRequest.from_spec(spec, info, quant, pool).key(),
+    }

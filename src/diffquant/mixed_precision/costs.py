@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,6 +47,45 @@ def layer_macs(unet: nn.Module, sample: tuple[torch.Tensor, torch.Tensor, torch.
         for handle in handles:
             handle.remove()
     return macs
+
+
+LOW_RANK_BITS = 16
+"""Bits of a low-rank branch's weights and inputs: it runs in 16-bit float beside the quantized GEMM."""
+
+
+def low_rank_costs(fan_in: int, out: int, macs: int, rank: int, bits: int = LOW_RANK_BITS) -> tuple[int, float]:
+    """``(bytes, BitOps)`` a rank-``rank`` branch adds to a layer with ``macs`` multiply-accumulates per call.
+
+    The branch stores ``rank * (fan_in + out)`` values of ``bits`` bits and computes
+    ``macs * rank * (fan_in + out) / (fan_in * out)`` MACs (``L2``: ``fan_in -> rank``, ``L1``:
+    ``rank -> out``, at every output position), charged at ``bits x bits``. A later (bits, rank)
+    allocation option adds these to its weight option's costs.
+    """
+    values = rank * (fan_in + out)
+    branch_macs = macs * values / (fan_in * out)
+    return -(-values * bits // 8), branch_macs * bits * bits
+
+
+def plan_bitops(unet: nn.Module, plan: Mapping[str, Any], macs: Mapping[str, int]) -> float:
+    """BitOps of one call under ``plan``: MACs x weight bits x input bits per layer (32 for float), plus low-rank branches.
+
+    Args:
+        unet: The denoiser (float or quantized; only layer shapes are read).
+        plan: Layer -> :class:`~diffquant.quant.plan.LayerConfig`; layers not in it count as float.
+        macs: MACs per layer and call (:func:`layer_macs`).
+    """
+    total = 0.0
+    for name, count in macs.items():
+        cfg = plan.get(name)
+        w_bits = cfg.weight.bits if cfg is not None and cfg.weight is not None else FLOAT_BITS
+        a_bits = cfg.activation.bits if cfg is not None and cfg.activation is not None else FLOAT_BITS
+        total += count * w_bits * a_bits
+        low_rank = getattr(cfg, "low_rank", None)
+        if low_rank is not None:
+            layer = unet.get_submodule(name)
+            bits = 32 if low_rank.dtype == "float32" else LOW_RANK_BITS
+            total += low_rank_costs(layer.weight[0].numel(), layer.weight.shape[0], count, low_rank.rank, bits)[1]
+    return total
 
 
 def option_name(weight_bits: int | None, act_bits: int | None, group_size: int | None = None) -> str:

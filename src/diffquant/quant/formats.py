@@ -3,13 +3,20 @@
 A ``b``-bit signed symmetric format has zero point 0 and integer range
 ``[-2**(b-1), 2**(b-1) - 1]`` (TensorRT's INT8 and INT4 ranges). Scales are chosen so that
 ``absmax`` maps to ``qmax``; values outside ``[qmin * s, qmax * s]`` are clamped.
+
+The fake-quant functions also take a :class:`~diffquant.quant.float_formats.FloatFormat` (FP8,
+FP6, FP4), whose grid replaces the integers (:mod:`diffquant.quant.float_formats`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Union
 
 import torch
+
+if TYPE_CHECKING:
+    from diffquant.quant.float_formats import FloatFormat
 
 MIN_BITS = 2
 MAX_BITS = 8
@@ -36,6 +43,15 @@ class IntFormat:
     def qmax(self) -> int:
         """Largest representable integer."""
         return 2 ** (self.bits - 1) - 1
+
+    @property
+    def positive_levels(self) -> int:
+        """Number of positive values (LSQ's ``Q_P``)."""
+        return self.qmax
+
+
+QuantFormat = Union[IntFormat, "FloatFormat"]
+"""A value grid: signed integers or a floating-point format."""
 
 
 def broadcast_scale(scale: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
@@ -64,7 +80,7 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, axis: int | None = None) ->
     return q * broadcast_scale(scale, q, axis)
 
 
-def fake_quant(x: torch.Tensor, scale: torch.Tensor, fmt: IntFormat, axis: int | None = None) -> torch.Tensor:
+def fake_quant(x: torch.Tensor, scale: torch.Tensor, fmt: QuantFormat, axis: int | None = None) -> torch.Tensor:
     """Quantize-dequantize with a straight-through estimator.
 
     The forward value is ``dequantize(quantize(x))``. The gradient with respect to ``x`` is 1
@@ -73,7 +89,9 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor, fmt: IntFormat, axis: int |
     return _fake_quant_broadcast(x, broadcast_scale(scale, x, axis), fmt)
 
 
-def _fake_quant_broadcast(x: torch.Tensor, s: torch.Tensor, fmt: IntFormat) -> torch.Tensor:
+def _fake_quant_broadcast(x: torch.Tensor, s: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
+    if not isinstance(fmt, IntFormat):
+        return fmt.fake_quant_broadcast(x, s)
     if not (torch.is_grad_enabled() and (x.requires_grad or s.requires_grad)):
         # inference: three in-place passes (about 5x faster on CPU than PyTorch's fused kernel)
         return x.div(s).round_().clamp_(fmt.qmin, fmt.qmax).mul_(s)
@@ -93,7 +111,7 @@ def group_view(x: torch.Tensor, group_size: int) -> torch.Tensor:
     return x.reshape(x.shape[0], x.shape[1] // group_size, group_size, *x.shape[2:])
 
 
-def fake_quant_grouped(x: torch.Tensor, scale: torch.Tensor, fmt: IntFormat, group_size: int) -> torch.Tensor:
+def fake_quant_grouped(x: torch.Tensor, scale: torch.Tensor, fmt: QuantFormat, group_size: int) -> torch.Tensor:
     """Fake-quantize a weight with one scale per group of ``group_size`` input channels.
 
     This is ONNX's block-wise layout (``DequantizeLinear`` with ``axis=1, block_size=g``): for a
@@ -103,6 +121,6 @@ def fake_quant_grouped(x: torch.Tensor, scale: torch.Tensor, fmt: IntFormat, gro
     return out.reshape(x.shape)
 
 
-def scale_from_absmax(absmax: torch.Tensor, fmt: IntFormat) -> torch.Tensor:
+def scale_from_absmax(absmax: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
     """Return the scale mapping ``absmax`` to ``qmax``, floored at a tiny positive value."""
     return torch.clamp(absmax.float() / fmt.qmax, min=SCALE_EPS)

@@ -3,7 +3,9 @@
 The forward value equals :func:`diffquant.quant.formats.fake_quant` with the same scale; the
 backward pass gives the input the straight-through gradient inside the range (0 where clamped)
 and gives the step size LSQ's gradient ``round(x/s) - x/s`` inside and ``qmin``/``qmax`` outside,
-multiplied by the gradient scale ``g = 1 / sqrt(N * qmax)`` (N: elements per scale).
+multiplied by the gradient scale ``g = 1 / sqrt(N * Q_P)`` (N: elements per scale, Q_P the
+format's positive levels: ``qmax`` for integers). For a floating-point format the rounding is onto
+its grid (:meth:`~diffquant.quant.float_formats.FloatFormat.round`), with the same gradients.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any
 
 import torch
 
-from diffquant.quant.formats import IntFormat
+from diffquant.quant.formats import IntFormat, QuantFormat
 
 
 class _GradScale(torch.autograd.Function):
@@ -50,16 +52,33 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return _RoundSTE.apply(x)
 
 
-def lsq_fake_quant(x: torch.Tensor, step: torch.Tensor, fmt: IntFormat, elements_per_scale: int) -> torch.Tensor:
+class _GridRoundSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, fmt: Any) -> torch.Tensor:
+        return fmt.round(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+def _round_to_grid_ste(x: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
+    """Exactly ``x`` rounded onto ``fmt``'s grid (integers or float values), with an identity gradient."""
+    if isinstance(fmt, IntFormat):
+        return round_ste(x)
+    return _GridRoundSTE.apply(x, fmt)
+
+
+def lsq_fake_quant(x: torch.Tensor, step: torch.Tensor, fmt: QuantFormat, elements_per_scale: int) -> torch.Tensor:
     """Fake-quantize ``x`` with a learnable step (``step`` must already broadcast against ``x``).
 
     Args:
         x: Values to quantize.
         step: Positive step sizes, broadcastable to ``x``.
-        fmt: Integer format.
-        elements_per_scale: N in LSQ's gradient scale ``1 / sqrt(N * qmax)``.
+        fmt: Integer or floating-point format.
+        elements_per_scale: N in LSQ's gradient scale ``1 / sqrt(N * Q_P)``.
     """
-    g = 1.0 / math.sqrt(max(elements_per_scale, 1) * fmt.qmax)
+    g = 1.0 / math.sqrt(max(elements_per_scale, 1) * fmt.positive_levels)
     s = grad_scale(step, g)
     q = torch.clamp(x / s, fmt.qmin, fmt.qmax)
-    return round_ste(q) * s
+    return _round_to_grid_ste(q, fmt) * s

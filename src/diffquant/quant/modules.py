@@ -8,9 +8,32 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
-from diffquant.quant.formats import IntFormat, broadcast_scale, fake_quant, fake_quant_grouped, group_view
+from diffquant.quant.float_formats import float_format, nvfp4_scales
+from diffquant.quant.formats import (
+    IntFormat,
+    QuantFormat,
+    broadcast_scale,
+    fake_quant,
+    fake_quant_grouped,
+    group_view,
+)
 from diffquant.quant.lsq import lsq_fake_quant
 from diffquant.quant.observers import ActivationObserver, weight_scale
+from diffquant.quant.transforms import InputTransform, LowRankBranch, groups_of, shift_bias
+
+
+def make_format(name: str, bits: int) -> QuantFormat:
+    """The value grid of format ``name`` (``int`` at ``bits``, or a float format of that width).
+
+    Raises:
+        ValueError: Unknown format, or ``bits`` other than a float format's width.
+    """
+    if name == "int":
+        return IntFormat(bits)
+    fmt = float_format(name)
+    if fmt.bits != bits:
+        raise ValueError(f"format {name} stores {fmt.bits} bits per value, not {bits}")
+    return fmt
 
 
 class QuantizerMode(str, Enum):
@@ -24,7 +47,9 @@ class QuantizerMode(str, Enum):
 class FakeQuantizer(nn.Module):
     """Fake-quantizes a tensor with a stored scale; can also observe ranges for calibration.
 
-    The scale is a buffer, so it is saved with the model's state dict (as safetensors).
+    The scale is a buffer, so it is saved with the model's state dict (as safetensors). An NVFP4
+    weight quantizer (format ``fp4_e2m1``) keeps its FP8 block codes in ``scale`` and its float32
+    global scale in the buffer ``global_scale``; a block's scale is ``scale * global_scale``.
     """
 
     keeps_float32 = True
@@ -38,19 +63,22 @@ class FakeQuantizer(nn.Module):
         channels: int = 1,
         group_size: int | None = None,
         weight_shape: tuple[int, ...] | None = None,
+        fmt: str = "int",
     ) -> None:
         """Create an uncalibrated quantizer.
 
         Args:
-            bits: Integer bit-width (2-8).
+            bits: Bit-width (2-8; a float format's own width).
             axis: Channel axis for per-channel scales, None for per-tensor.
             observer: Observer used by :meth:`calibrate_from` / observe mode.
             channels: Number of scales when per-channel.
             group_size: Group-wise weight scales over this many input channels (needs ``weight_shape``).
             weight_shape: Shape of the weight, for the group-wise scale shape ``[O, I // g, *k]``.
+            fmt: ``int`` or a float format name (:mod:`diffquant.quant.float_formats`).
         """
         super().__init__()
-        self.fmt = IntFormat(bits)
+        self.fmt = make_format(fmt, bits)
+        self.format_name = fmt
         self.axis = axis
         self.observer_name = observer
         self.group_size = group_size
@@ -61,6 +89,10 @@ class FakeQuantizer(nn.Module):
         else:
             shape = (channels,) if axis is not None else ()
         self.register_buffer("scale", torch.ones(shape))
+        if self.two_level:
+            if group_size != self.fmt.block_size:
+                raise ValueError(f"format {fmt} takes blocks of {self.fmt.block_size} input channels, not {group_size}")
+            self.register_buffer("global_scale", torch.ones(()))
         self.learnable = False
         # the share of the whole batch one call holds (fine-tuning micro-batches set it): LSQ's gradient
         # scale then counts the whole batch's elements, so micro-batch gradients add up to the batch's
@@ -73,9 +105,24 @@ class FakeQuantizer(nn.Module):
         """Bit-width of the format."""
         return self.fmt.bits
 
+    @property
+    def two_level(self) -> bool:
+        """Whether the scales are NVFP4's FP8 block codes times a float32 global scale."""
+        return getattr(self.fmt, "block_size", None) is not None
+
+    def effective_scale(self) -> torch.Tensor:
+        """The scale the values are multiplied by (NVFP4: ``codes * global_scale``, in float32)."""
+        return self.scale * self.global_scale if self.two_level else self.scale
+
     def calibrate_from(self, tensor: torch.Tensor) -> None:
         """Set the scale from a whole tensor at once (weights) and switch to quantize mode."""
-        self.scale.copy_(weight_scale(tensor, self.fmt, self.observer_name, self.axis, group_size=self.group_size))
+        if self.two_level:
+            assert self.group_size is not None
+            codes, global_scale = nvfp4_scales(tensor, self.group_size)
+            self.scale.copy_(codes)
+            self.global_scale.copy_(global_scale)
+        else:
+            self.scale.copy_(weight_scale(tensor, self.fmt, self.observer_name, self.axis, group_size=self.group_size))
         self.mode = QuantizerMode.QUANTIZE
 
     def start_observing(self, seed: int = 0) -> None:
@@ -94,7 +141,13 @@ class FakeQuantizer(nn.Module):
         self.mode = QuantizerMode.QUANTIZE
 
     def make_learnable(self) -> nn.Parameter:
-        """Turn the scale into a trainable parameter (LSQ); the state-dict key stays ``scale``."""
+        """Turn the scale into a trainable parameter (LSQ); the state-dict key stays ``scale``.
+
+        Raises:
+            ValueError: For NVFP4 weights, whose block scales are FP8 codes.
+        """
+        if self.two_level:
+            raise ValueError(f"{self.format_name} block scales are FP8 codes and cannot be learned")
         if not self.learnable:
             value = self.scale.detach().clone()
             del self._buffers["scale"]
@@ -130,7 +183,7 @@ class FakeQuantizer(nn.Module):
             return lsq_fake_quant(view, step.to(x.dtype), self.fmt, elements).reshape(x.shape)
         if self.mode is QuantizerMode.QUANTIZE:
             if self.group_size is not None:
-                return fake_quant_grouped(x, self.scale.to(x.dtype), self.fmt, self.group_size)
+                return fake_quant_grouped(x, self.effective_scale().to(x.dtype), self.fmt, self.group_size)
             return fake_quant(x, self.scale.to(x.dtype), self.fmt, self.axis)
         if self.mode is QuantizerMode.OBSERVE and self._observer is not None:
             self._observer.update(x)
@@ -139,7 +192,8 @@ class FakeQuantizer(nn.Module):
     def extra_repr(self) -> str:
         """Describe the format for ``print(model)``."""
         group = f", group_size={self.group_size}" if self.group_size is not None else ""
-        return f"bits={self.bits}, axis={self.axis}{group}, observer={self.observer_name}, mode={self.mode.value}"
+        fmt = f", format={self.format_name}" if self.format_name != "int" else ""
+        return f"bits={self.bits}{fmt}, axis={self.axis}{group}, observer={self.observer_name}, mode={self.mode.value}"
 
 
 def groups_allowed(layer: nn.Module, group_size: int) -> bool:
@@ -157,9 +211,12 @@ def groups_allowed(layer: nn.Module, group_size: int) -> bool:
 
 class _QuantMixin:
     weight: nn.Parameter
+    bias: nn.Parameter | None
     weight_quantizer: FakeQuantizer | None
     input_quantizer: FakeQuantizer | None
     output_quantizer: FakeQuantizer | None
+    input_transform: InputTransform | None
+    low_rank: LowRankBranch | None
 
     def _setup_quantizers(
         self,
@@ -169,17 +226,25 @@ class _QuantMixin:
         act_bits: int | None,
         act_observer: str,
         group_size: int | None = None,
+        weight_format: str = "int",
+        act_format: str = "int",
     ) -> None:
         shape = tuple(self.weight.shape)
         if group_size is not None and not groups_allowed(self, group_size):
             raise ValueError(f"{type(self).__name__} with weight {shape} cannot take groups of {group_size}")
         self.weight_quantizer = (
-            FakeQuantizer(weight_bits, 0 if per_channel else None, weight_observer, shape[0], group_size, shape)
+            FakeQuantizer(
+                weight_bits, 0 if per_channel else None, weight_observer, shape[0], group_size, shape, weight_format
+            )
             if weight_bits is not None
             else None
         )
-        self.input_quantizer = FakeQuantizer(act_bits, None, act_observer) if act_bits is not None else None
+        self.input_quantizer = (
+            FakeQuantizer(act_bits, None, act_observer, fmt=act_format) if act_bits is not None else None
+        )
         self.output_quantizer = None
+        self.input_transform = None  # smoothing / shift (diffquant.quant.transforms), set by the plan
+        self.low_rank = None
         if self.weight_quantizer is not None:
             self.weight_quantizer.calibrate_from(self.weight.detach())
 
@@ -215,7 +280,27 @@ class _QuantMixin:
         self.lora_B = None
 
     def _float_weight(self) -> torch.Tensor:
-        return self.weight + self.adapter_delta() if self.has_adapter() else self.weight
+        weight = self.weight + self.adapter_delta() if self.has_adapter() else self.weight
+        if self.low_rank is not None:
+            weight = weight - self.low_rank.product().to(weight.dtype)
+        return weight
+
+    def weight_to_quantize(self) -> torch.Tensor:
+        """The float weight the weight quantizer sees: ``W`` (+ adapter), less the low-rank part ``L1 L2``."""
+        return self._float_weight()
+
+    def _cache_key(self) -> tuple:
+        quantizer = self.weight_quantizer
+        key: tuple = (self.weight._version, self.weight.data_ptr())
+        if quantizer is not None:
+            key += (quantizer.scale._version, quantizer.mode)
+            if quantizer.two_level:
+                key += (quantizer.global_scale._version,)
+        if self.has_adapter():
+            key += (self.lora_A._version, self.lora_B._version, self.lora_A.data_ptr(), self.lora_B.data_ptr())
+        if self.low_rank is not None:
+            key += (self.low_rank.up._version, self.low_rank.down._version)
+        return key
 
     def quantized_weight(self) -> torch.Tensor:
         """The weight as the quantized layer uses it (fake-quantized, or as is when FP).
@@ -228,14 +313,37 @@ class _QuantMixin:
             return self._float_weight()
         if torch.is_grad_enabled():
             return quantizer(self._float_weight())
-        key = (self.weight._version, quantizer.scale._version, quantizer.mode, self.weight.data_ptr())
-        if self.has_adapter():
-            key += (self.lora_A._version, self.lora_B._version, self.lora_A.data_ptr(), self.lora_B.data_ptr())
+        key = self._cache_key()
         cached = getattr(self, "_weight_cache", None)
         if cached is None or cached[0] != key:
             cached = (key, quantizer(self._float_weight()))
             self._weight_cache = cached
         return cached[1]
+
+    def effective_weight(self) -> torch.Tensor:
+        """The weight the layer applies: the (fake-)quantized weight plus the low-rank part."""
+        weight = self.quantized_weight()
+        return weight if self.low_rank is None else weight + self.low_rank.product().to(weight.dtype)
+
+    def effective_bias(self) -> torch.Tensor | None:
+        """The bias with the input shift added back: ``b + W_eff c`` (``b`` itself without a shift)."""
+        transform = self.input_transform
+        if transform is None or transform.shift is None:
+            return self.bias
+        if torch.is_grad_enabled():
+            extra = shift_bias(self.effective_weight(), transform.shift, groups_of(self))
+        else:
+            key = (*self._cache_key(), transform.shift._version)
+            cached = getattr(self, "_shift_cache", None)
+            if cached is None or cached[0] != key:
+                cached = (key, shift_bias(self.effective_weight(), transform.shift, groups_of(self)))
+                self._shift_cache = cached
+            extra = cached[1]
+        extra = extra.to(self.weight.dtype)
+        return extra if self.bias is None else self.bias + extra
+
+    def _transform(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.input_transform is None else self.input_transform(x)
 
     def _quant_input(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.input_quantizer is None else self.input_quantizer(x)
@@ -254,6 +362,8 @@ class QuantLinear(_QuantMixin, nn.Linear):
         act_observer: str = "minmax",
         per_channel: bool = True,
         group_size: int | None = None,
+        weight_format: str = "int",
+        act_format: str = "int",
     ) -> QuantLinear:
         """Build from a float ``nn.Linear``, sharing its parameters.
 
@@ -265,12 +375,16 @@ class QuantLinear(_QuantMixin, nn.Linear):
             act_observer: Observer for the input scale (set during calibration).
             per_channel: Per-output-channel weight scales (else one per tensor).
             group_size: Group-wise weight scales over this many input features instead.
+            weight_format: ``int`` or a float format of the weight.
+            act_format: ``int`` or an FP8 format of the input.
         """
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.in_features, new.out_features = layer.in_features, layer.out_features
         new.weight, new.bias = layer.weight, layer.bias
-        new._setup_quantizers(weight_bits, weight_observer, per_channel, act_bits, act_observer, group_size)
+        new._setup_quantizers(
+            weight_bits, weight_observer, per_channel, act_bits, act_observer, group_size, weight_format, act_format
+        )
         return new
 
     fp_tokens: int = 0
@@ -288,15 +402,24 @@ class QuantLinear(_QuantMixin, nn.Linear):
         self.fp_tokens = count
         self.register_buffer("fp_token_outputs", torch.zeros(count, self.out_features, dtype=self.weight.dtype))
 
+    def _linear(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._transform(x)
+        y = F.linear(self._quant_input(x), self.quantized_weight(), self.effective_bias())
+        return y if self.low_rank is None else y + self.low_rank(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Linear over the quantized input and weight (leading tokens from FP outputs if set)."""
+        """Linear over the quantized input and weight (leading tokens from FP outputs if set).
+
+        With an input transform the input is smoothed / shifted first; a low-rank branch adds
+        ``L1 L2 x`` on the unquantized (transformed) input.
+        """
         if not self.fp_tokens:
-            return F.linear(self._quant_input(x), self.quantized_weight(), self.bias)
+            return self._linear(x)
         if x.dim() != 3 or x.shape[1] <= self.fp_tokens:
             raise ValueError(
                 f"fp_tokens={self.fp_tokens} needs (N, L > {self.fp_tokens}, D) inputs, got {tuple(x.shape)}"
             )
-        rest = F.linear(self._quant_input(x[:, self.fp_tokens :]), self.quantized_weight(), self.bias)
+        rest = self._linear(x[:, self.fp_tokens :])
         head = self.fp_token_outputs.to(rest.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
         return torch.cat([head, rest], dim=1)
 
@@ -321,6 +444,8 @@ class QuantConv2d(_QuantMixin, nn.Conv2d):
         group_size: int | None = None,
         out_bits: int | None = None,
         out_observer: str = "minmax",
+        weight_format: str = "int",
+        act_format: str = "int",
     ) -> QuantConv2d:
         """Build from a float ``nn.Conv2d``, sharing its parameters.
 
@@ -334,6 +459,8 @@ class QuantConv2d(_QuantMixin, nn.Conv2d):
             group_size: Group-wise weight scales over this many input channels instead.
             out_bits: Output activation bit-width, or None to keep the output in float.
             out_observer: Observer for the output scale (set during calibration).
+            weight_format: ``int`` or a float format of the weight.
+            act_format: ``int`` or an FP8 format of the input.
         """
         new = cls.__new__(cls)
         nn.Module.__init__(new)
@@ -352,7 +479,9 @@ class QuantConv2d(_QuantMixin, nn.Conv2d):
             setattr(new, attr, getattr(layer, attr))
         new._reversed_padding_repeated_twice = layer._reversed_padding_repeated_twice
         new.weight, new.bias = layer.weight, layer.bias
-        new._setup_quantizers(weight_bits, weight_observer, per_channel, act_bits, act_observer, group_size)
+        new._setup_quantizers(
+            weight_bits, weight_observer, per_channel, act_bits, act_observer, group_size, weight_format, act_format
+        )
         new.output_quantizer = FakeQuantizer(out_bits, None, out_observer) if out_bits is not None else None
         return new
 
@@ -365,7 +494,7 @@ class QuantConv2d(_QuantMixin, nn.Conv2d):
         """
         return (
             self.output_quantizer is not None
-            and self.bias is not None
+            and self.effective_bias() is not None
             and self.input_quantizer is not None
             and self.weight_quantizer is not None
             and self.weight_quantizer.group_size is None
@@ -381,10 +510,14 @@ class QuantConv2d(_QuantMixin, nn.Conv2d):
         return self.input_quantizer.scale.float().reshape(()) * self.weight_quantizer.scale.float()
 
     def bias_integers(self) -> torch.Tensor:
-        """``round(b / (s_in * s_w))`` clamped to INT32, as float32 values (see :meth:`integer_bias`)."""
-        assert self.bias is not None
+        """``round(b / (s_in * s_w))`` clamped to INT32, as float32 values (see :meth:`integer_bias`).
+
+        ``b`` is the effective bias (with the input shift added back).
+        """
+        bias = self.effective_bias()
+        assert bias is not None
         limit = torch.iinfo(torch.int32)
-        return torch.clamp(torch.round(self.bias.float() / self.bias_scale()), limit.min, limit.max)
+        return torch.clamp(torch.round(bias.float() / self.bias_scale()), limit.min, limit.max)
 
     def quantized_bias(self) -> torch.Tensor | None:
         """The bias as the layer uses it: on the INT32 grid when :meth:`integer_bias`, else as is.
@@ -394,13 +527,26 @@ class QuantConv2d(_QuantMixin, nn.Conv2d):
 
         Under autograd the rounding passes gradients straight through to the float bias.
         """
+        bias = self.effective_bias()
         if not self._bias_on_grid():
-            return self.bias
-        assert self.bias is not None
-        rounded = (self.bias_integers() * self.bias_scale()).to(self.bias.dtype)
-        return self.bias + (rounded - self.bias).detach()
+            return bias
+        assert bias is not None
+        rounded = (self.bias_integers() * self.bias_scale()).to(bias.dtype)
+        return bias + (rounded - bias).detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Convolution over the quantized input, weight and bias; the output quantized when planned."""
-        y = self._conv_forward(self._quant_input(x), self.quantized_weight(), self.quantized_bias())
+        """Convolution over the quantized input, weight and bias; the output quantized when planned.
+
+        With an input transform the input is smoothed / shifted first (after an explicit pad when
+        shifted: the convolution then runs without padding); a low-rank branch adds its output.
+        """
+        x = self._transform(x)
+        padded = self.input_transform is not None and self.input_transform.pad is not None
+        weight, bias, quantized = self.quantized_weight(), self.quantized_bias(), self._quant_input(x)
+        if padded:
+            y = F.conv2d(quantized, weight, bias, self.stride, 0, self.dilation, self.groups)
+        else:
+            y = self._conv_forward(quantized, weight, bias)
+        if self.low_rank is not None:
+            y = y + self.low_rank(x, padded)
         return y if self.output_quantizer is None else self.output_quantizer(y)

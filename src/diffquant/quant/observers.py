@@ -15,7 +15,7 @@ from typing import Literal
 
 import torch
 
-from diffquant.quant.formats import IntFormat, fake_quant, group_view, scale_from_absmax
+from diffquant.quant.formats import QuantFormat, fake_quant, group_view, scale_from_absmax
 
 ObserverName = Literal["minmax", "percentile", "mse"]
 OBSERVERS: tuple[str, ...] = ("minmax", "percentile", "mse")
@@ -31,7 +31,7 @@ def _check_name(name: str) -> None:
         raise ValueError(f"unknown observer {name!r}; choose one of {', '.join(OBSERVERS)}")
 
 
-def mse_scale(x: torch.Tensor, fmt: IntFormat, axis: int | None = None) -> torch.Tensor:
+def mse_scale(x: torch.Tensor, fmt: QuantFormat, axis: int | None = None) -> torch.Tensor:
     """Return the MSE-optimal scale of ``x`` over clipping ratios in ``MSE_GRID``.
 
     Args:
@@ -58,7 +58,7 @@ def mse_scale(x: torch.Tensor, fmt: IntFormat, axis: int | None = None) -> torch
 
 def weight_scale(
     weight: torch.Tensor,
-    fmt: IntFormat,
+    fmt: QuantFormat,
     observer: str = "minmax",
     axis: int | None = 0,
     percentile: float = DEFAULT_PERCENTILE,
@@ -147,7 +147,7 @@ class ActivationObserver:
                 values = values[order]
             self._keys, self._values = keys, values
 
-    def scale(self, fmt: IntFormat) -> torch.Tensor:
+    def scale(self, fmt: QuantFormat) -> torch.Tensor:
         """Return the per-tensor scale for ``fmt`` from what was observed."""
         if self.observer == "minmax" or not self._values.numel():
             return scale_from_absmax(self.absmax, fmt).reshape(())
