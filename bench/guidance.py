@@ -57,6 +57,30 @@ def quantized_variants(model, calibration, sampler: SamplerSpec, classifier):
     yield "mixed W4A8 (avg 4.0 weight bits)", quantized, result.quantized.packed_bytes
 
 
+def publish(rows: list[dict], args: argparse.Namespace, seconds: float, planned: int) -> None:
+    """Write the JSON and the BENCHMARKS section from the rows measured so far (called after each guidance)."""
+    write_results("guidance", {"machine": machine(), "args": vars(args), "seconds": seconds, "rows": rows})
+    lines = [
+        "## Classifier-free guidance on the reference models",
+        "",
+        f"`.venv/bin/python bench/guidance.py` ({args.samples} samples, DDIM {args.steps} steps, noise seed 0; "
+        f"quantized rows calibrated on 256 inputs from {args.trajectories} trajectories sampled at the same "
+        "guidance, both halves, and sampled with `clip_sample: auto`: the config's clipping at guidance 1, "
+        f"off when guided; FD to FP and PSNR against FP with the same sampler). {machine()}; {seconds:.0f} s"
+        + ("." if len(rows) == planned else f"; a partial run: {len(rows)} of {planned} rows."),
+        "",
+        "| model | guidance | variant | weight bytes | accuracy | FD to real | FD to FP | PSNR (dB) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['model']} | {row['guidance']:g} | {row['variant']} | {cell(row, 'bytes', '{:,}')} | "
+            f"{cell(row, 'accuracy')} | {cell(row, 'fd_real', '{:.2f}')} | {cell(row, 'fd_fp')} | "
+            f"{cell(row, 'psnr', '{:.1f}')} |"
+        )
+    replace_section("guidance", "\n".join(lines))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--samples", type=int, default=500)
@@ -69,6 +93,7 @@ def main() -> None:
     real = load_digits_split().held_out_images
     rows: list[dict] = []
     began = time.perf_counter()
+    planned = len(args.models) * len(GUIDANCE) * 5
     for name in args.models:
         model = diffquant.load_model(name)
         for guidance in GUIDANCE:
@@ -95,26 +120,7 @@ def main() -> None:
                     f"fd_real {row['fd_real']:.2f} fd_fp {row.get('fd_fp', float('nan')):.3f}",
                     flush=True,
                 )
-    seconds = time.perf_counter() - began
-    write_results("guidance", {"machine": machine(), "args": vars(args), "seconds": seconds, "rows": rows})
-    lines = [
-        "## Classifier-free guidance on the reference models",
-        "",
-        f"`.venv/bin/python bench/guidance.py` ({args.samples} samples, DDIM {args.steps} steps, noise seed 0; "
-        f"quantized rows calibrated on 256 inputs from {args.trajectories} trajectories sampled at the same "
-        "guidance, both halves, and sampled with `clip_sample: auto`: the config's clipping at guidance 1, "
-        f"off when guided; FD to FP and PSNR against FP with the same sampler). {machine()}; {seconds:.0f} s.",
-        "",
-        "| model | guidance | variant | weight bytes | accuracy | FD to real | FD to FP | PSNR (dB) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for row in rows:
-        lines.append(
-            f"| {row['model']} | {row['guidance']:g} | {row['variant']} | {cell(row, 'bytes', '{:,}')} | "
-            f"{cell(row, 'accuracy')} | {cell(row, 'fd_real', '{:.2f}')} | {cell(row, 'fd_fp')} | "
-            f"{cell(row, 'psnr', '{:.1f}')} |"
-        )
-    replace_section("guidance", "\n".join(lines))
+            publish(rows, args, time.perf_counter() - began, planned)
 
 
 if __name__ == "__main__":
