@@ -44,6 +44,8 @@ def test_wheel_has_one_top_level_package_and_no_bare_registry_or_export(tmp_path
     for package in ("flows", "tasks", "export", "registry"):
         assert f"diffquant/{package}/__init__.py" in names
     assert "diffquant/flows/compress.py" in names and "diffquant/models/weights/digits-unet/config.json" in names
+    for init in (ROOT / "src").rglob("__init__.py"):  # every subpackage of the core is in the wheel
+        assert init.relative_to(ROOT / "src").as_posix() in names, init
     target = tmp_path / "site"
     with zipfile.ZipFile(wheel) as archive:
         archive.extractall(target)
