@@ -540,10 +540,11 @@ def _dry_run(spec: Any, model: Any, home: Path) -> None:
 
     estimate = run_estimate(spec, *cached_stages(spec, home, load_model_task.fn(spec.model)))
     costs = estimate.costs
-    where = "GPU memory (torch)" if costs.device.startswith("cuda") else "process RSS"
+    where = "GPU memory" if costs.device.startswith("cuda") else "RSS"
     table = Table(title=f"diffquant compress --dry-run: {model.name} on {costs.device}, {costs.dtype}")
-    for column in ("stage", "denoiser evaluations", "forward calls", "estimated s", f"peak {where}", "note"):
-        table.add_column(column, justify="left" if column in ("stage", "note") else "right")
+    for column in ("stage", "evaluations", "calls", "seconds", f"peak {where}", "note"):
+        # every column but the note keeps its cells whole on an 80-column terminal (the note wraps)
+        table.add_column(column, justify="left" if column in ("stage", "note") else "right", no_wrap=column != "note")
     for stage in estimate.stages:
         table.add_row(
             stage.stage,
@@ -564,6 +565,8 @@ def _dry_run(spec: Any, model: Any, home: Path) -> None:
             soft_wrap=True,
         )
     console.print(
+        "Evaluations: denoiser inputs; calls: forward calls; peak GPU memory is torch's CUDA allocations, "
+        "RSS the process's. "
         f"Not estimated: start-up, MLflow logging, ONNX tracing{''.join(f'; {n}' for n in costs.notes)}. "
         f"Measured in {costs.measure_s:.1f} s. Dry run: no run was written.",
         highlight=False,

@@ -58,7 +58,14 @@ def test_storage_rule_and_stored_bytes():
 
 def _allocate(tiny, device, cost, **budget):
     model, calib, table = tiny
-    config = AllocationSpec(weight_bits=BITS, group_bits=[], budget=BudgetSpec(**budget), cost=cost, tie_qkv=False)
+    config = AllocationSpec(
+        weight_bits=BITS,
+        group_bits=[],
+        budget=BudgetSpec(**budget),
+        cost=cost,
+        tie_qkv=False,
+        quantize_family_fp_layers=True,  # every layer takes a weight option, as in _uniform
+    )
     return allocate_plan(model, calib, config, table, device_class=device)
 
 

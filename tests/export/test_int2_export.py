@@ -64,7 +64,9 @@ def test_cpu_export_stores_int2_and_matches_torch(exports):
             assert q.min() >= -(2 ** (cfg.weight.bits - 1)) and q.max() < 2 ** (cfg.weight.bits - 1)
     assert check_rules(cpu.path, plan, device_class="cpu") == []
     report = check_parity(cpu.path, qmodel, calib)  # MatMulNBits and DequantizeLinear on INT2, CPU provider
-    assert report.passed and report.outputs.max_abs < 1e-4, report.to_dict()
+    # onnxruntime's CPU kernels sum in a thread-count-dependent order: max |diff| was below 1e-4 with two
+    # threads and 2.2e-4 with one (OMP_NUM_THREADS=1, as under the test runner's workers)
+    assert report.passed and report.outputs.max_abs < 5e-4, report.to_dict()
 
 
 def test_tensorrt_export_keeps_int4_and_the_rules_refuse_int2_there(exports):

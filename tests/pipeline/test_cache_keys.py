@@ -48,6 +48,7 @@ DEPENDS = {
         "evaluate.samples",
         "evaluate.seed",
         "evaluate.batch_size",
+        "evaluate.clip_model",  # the CLIP score is one of the FP evaluation's metrics
         "runtime.dtype",
         *(["runtime.device"] if torch.cuda.is_available() else []),  # auto is the CPU here, as cpu is
     ],

@@ -550,6 +550,7 @@ def _assemble(
             null_class = (
                 meta.null_class if meta.null_class is not None else _spare_class_embedding(denoiser, num_classes)
             )
+    _own_storage(denoiser)
     model = DiffusionModel(
         name=name or meta.name or path.name,
         unet=denoiser,
@@ -566,6 +567,24 @@ def _assemble(
     )
     logger.debug("loaded %s (%s family, %s condition) from %s", model.name, family.name, condition, path)
     return model
+
+
+@torch.no_grad()
+def _own_storage(module: nn.Module) -> None:
+    """Give every parameter and buffer of ``module`` freshly allocated storage (one tensor at a time).
+
+    CPU kernels gave a model as loaded and a copy of it (``copy.deepcopy``, what
+    :func:`diffquant.models.cache.model_copy` hands out) outputs about 1e-7 apart on the same
+    inputs, which moved calibrated scales in the last bits: the library API and ``diffquant
+    compress`` then wrote different scales. With their own storage, a loaded model and every copy
+    of it compute bit for bit the same.
+    """
+    for parameter in module.parameters():
+        parameter.data = parameter.data.clone()
+    for child in module.modules():
+        for key, buffer in list(child._buffers.items()):
+            if buffer is not None:
+                child._buffers[key] = buffer.clone()
 
 
 def load_model(
