@@ -159,8 +159,16 @@ def _ephemeral_server_class(log: Path) -> type:
             }
             log.parent.mkdir(parents=True, exist_ok=True)
             with log.open("ab") as out:  # the server's tracebacks stay out of the one-line CLI output
+                # a session of its own: Ctrl-C in a terminal signals the whole foreground group, and a
+                # server killed with it left the interrupted run retrying Prefect's API for about 70 s
+                # before it could exit; the server ends with this process (the parent-death signal)
                 return subprocess.Popen(
-                    args=args, env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent()
+                    args=args,
+                    env=env,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    preexec_fn=_die_with_parent(),
+                    start_new_session=True,
                 )
 
     return ChildASGIServer

@@ -242,7 +242,7 @@ def test_interrupted_run_is_marked_killed_with_one_line(tmp_path, reaper, sig, c
     proc = start_compress(home, tmp_path / "out", "evaluate.samples=2000")  # a stage that lasts seconds
     run_id = wait_for_stage(proc, home, "evaluate_fp")
     if sig == signal.SIGINT:
-        os.killpg(proc.pid, sig)  # Ctrl-C: the whole foreground group, the Prefect server too
+        os.killpg(proc.pid, sig)  # Ctrl-C: the whole foreground group (the Prefect server has a session of its own)
     else:
         os.kill(proc.pid, sig)  # a supervisor stopping the command
     result = finished(proc, timeout=120)
