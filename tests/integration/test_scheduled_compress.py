@@ -1,10 +1,12 @@
 """The unattended loop against real servers: Prefect server + process worker, MLflow tracking server.
 
-For each tracking backend (SQLite, PostgreSQL): deploy every deployment of prefect.yaml with
-``prefect deploy --all``, trigger ``compress/compress-nightly`` with a fast spec, let a process
-worker run it, and check through the MLflow client that a version was registered and the
-``champion`` alias moved to it. On SQLite, headless Chromium also renders the MLflow run page
-(screenshot) and the registered-model page (which must list the version and its aliases).
+With MLflow on SQLite: deploy every deployment of prefect.yaml with ``prefect deploy --all``,
+trigger ``compress/compress-nightly`` with a fast spec, let a process worker run it, and check
+through the MLflow client that a version was registered and the ``champion`` alias moved to it;
+headless Chromium also renders the MLflow run page (screenshot) and the registered-model page
+(which must list the version and its aliases). With MLflow on PostgreSQL: ``diffquant compress``
+against that tracking server (the deployment path is the SQLite test's; this one is about the
+database) registers and promotes the same way.
 Everything listens on 127.0.0.1 with free ports and is stopped at the end.
 
 Triggered compression: ``diffquant watch --once`` emits ``diffquant.checkpoint.landed`` for a new
@@ -113,22 +115,54 @@ def chromium(args: list[str], profile: Path, program: str) -> subprocess.Complet
     )
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
-def test_deployed_compress_registers_and_promotes(backend, request, tmp_path):
-    # system packages first: a machine without them skips (with the reason) before any server starts
-    browser = require_chromium() if backend == "sqlite" else None
-    if backend == "postgresql":
-        require_postgres()
-    prefect_api = request.getfixturevalue("prefect_api")
+def _assert_registered_and_promoted(mlflow_url: str):
+    """Version 1 of digits-unet is champion and challenger; its run FINISHED with the artifacts logged. Returns the run."""
     from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlflow_url)
+    versions = client.search_model_versions("name='digits-unet'")
+    assert [v.version for v in versions] in (["1"], [1])
+    model = client.get_registered_model("digits-unet")
+    assert str(model.aliases["champion"]) == "1" and str(model.aliases["challenger"]) == "1"
+    run = client.get_run(versions[0].run_id)
+    assert run.info.status == "FINISHED"
+    logged = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"samples", "plan", "report.md", "model", "summary.json"} <= logged
+    return run
+
+
+def test_compress_registers_and_promotes_on_mlflow_over_postgresql(request, tmp_path):
+    require_postgres()  # a machine without it skips (with the reason) before any server starts
+    prefect_api = request.getfixturevalue("prefect_api")
+    with ExitStack() as stack:
+        backend_uri = stack.enter_context(postgres_server(tmp_path / "pg"))
+        mlflow_url = stack.enter_context(mlflow_server(tmp_path / "mlflow", backend_uri))
+        env = client_env(tmp_path, prefect_api, mlflow_url, PREFECT_LOGGING_LEVEL="WARNING")
+        args = [sys.executable, "-m", "diffquant.flows.cli", "compress", "--out", str(tmp_path / "out")]
+        result = subprocess.run(
+            [*args, *(a for item in SMALL for a in ("--set", item))],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=RUN_TIMEOUT_S,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        _assert_registered_and_promoted(mlflow_url)
+
+
+def test_deployed_compress_registers_and_promotes(request, tmp_path):
+    # system packages first: a machine without them skips (with the reason) before any server starts
+    browser = require_chromium()
+    prefect_api = request.getfixturevalue("prefect_api")
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from diffquant.spec import load_spec
 
     with ExitStack() as stack:
-        backend_uri = stack.enter_context(postgres_server(tmp_path / "pg")) if backend == "postgresql" else None
-        mlflow_url = stack.enter_context(mlflow_server(tmp_path / "mlflow", backend_uri))
+        mlflow_url = stack.enter_context(mlflow_server(tmp_path / "mlflow"))
         env = client_env(tmp_path, prefect_api, mlflow_url, PREFECT_LOGGING_LEVEL="WARNING")
         deployments = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
         for pool in sorted({d["work_pool"]["name"] for d in deployments}):  # one per device class, and the CPU's
@@ -151,16 +185,7 @@ def test_deployed_compress_registers_and_promotes(backend, request, tmp_path):
         log = (tmp_path / "worker.log").read_text()[-4000:]
         assert finished.state.is_completed(), f"{finished.state}\n{log}"
 
-        client = MlflowClient(tracking_uri=mlflow_url)
-        versions = client.search_model_versions("name='digits-unet'")
-        assert [v.version for v in versions] in (["1"], [1])
-        model = client.get_registered_model("digits-unet")
-        assert str(model.aliases["champion"]) == "1" and str(model.aliases["challenger"]) == "1"
-        run = client.get_run(versions[0].run_id)
-        assert run.info.status == "FINISHED"
-        logged = {a.path for a in client.list_artifacts(run.info.run_id)}
-        assert {"samples", "plan", "report.md", "model", "summary.json"} <= logged
-
+        run = _assert_registered_and_promoted(mlflow_url)
         if browser is not None:
             shot = tmp_path / "run-page.png"
             page = f"{mlflow_url}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
