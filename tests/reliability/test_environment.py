@@ -21,9 +21,7 @@ from tests import servers
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV_PYTHON = ROOT / ".venv" / "bin" / "python"
-INTEGRATION_SQLITE = (
-    "tests/integration/test_scheduled_compress.py::test_deployed_compress_registers_and_promotes[sqlite]"
-)
+INTEGRATION_SQLITE = "tests/integration/test_scheduled_compress.py::test_deployed_compress_registers_and_promotes"
 
 
 def bare_path(tmp_path: Path, **programs: str) -> str:
