@@ -18,7 +18,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
@@ -538,17 +538,25 @@ def packed_weight_bytes(model: nn.Module, plan: LayerPlan) -> dict[str, int]:
         ``{"fp32": ..., "packed": ...}`` in bytes.
     """
     fp32 = sum(p.numel() * 4 for p in model.parameters())
-    packed = fp32
+    packed = _plan_bytes(model, plan, lambda weight, cfg: quantized_weight_bytes(tuple(weight.shape), cfg))
+    return {"fp32": int(fp32), "packed": int(packed)}
+
+
+def _plan_bytes(model: nn.Module, plan: LayerPlan, weight_bytes: Callable[[torch.Tensor, WeightConfig], int]) -> int:
+    """Bytes of all parameters, each quantized weight counted by ``weight_bytes(weight, config)``.
+
+    Other parameters count 4 bytes each; precomputed full-precision token outputs 4 bytes per
+    value; outlier transforms what the export stores (:func:`transform_bytes`).
+    """
+    total = sum(p.numel() * 4 for p in model.parameters())
     for name, cfg in plan.items():
         if cfg.fp_tokens:
-            packed += 4 * cfg.fp_tokens * model.get_submodule(name).weight.shape[0]
+            total += 4 * cfg.fp_tokens * model.get_submodule(name).weight.shape[0]
         if cfg.weight is None:
             continue
         layer = model.get_submodule(name)
-        weight = layer.weight
-        packed += quantized_weight_bytes(tuple(weight.shape), cfg.weight) - weight.numel() * 4
-        packed += transform_bytes(layer, cfg)
-    return {"fp32": int(fp32), "packed": int(packed)}
+        total += weight_bytes(layer.weight, cfg.weight) - layer.weight.numel() * 4 + transform_bytes(layer, cfg)
+    return int(total)
 
 
 def transform_bytes(layer: nn.Module, cfg: LayerConfig) -> int:
@@ -592,18 +600,11 @@ def deployed_weight_bytes(model: nn.Module, plan: LayerPlan, device: DeviceClass
     each activation quantizer's scale, zero point and clip bounds, the onnxruntime form's bias
     scales and the tracer's shape constants, which this does not count.
     """
-    total = sum(p.numel() * 4 for p in model.parameters())
-    for name, cfg in plan.items():
-        if cfg.fp_tokens:
-            total += 4 * cfg.fp_tokens * model.get_submodule(name).weight.shape[0]
-        if cfg.weight is None:
-            continue
-        layer = model.get_submodule(name)
-        weight = layer.weight
-        total += transform_bytes(layer, cfg) - weight.numel() * 4
-        if cfg.weight.is_float:  # float formats are stored in their own 8- or 4-bit types, as planned
-            total += quantized_weight_bytes(tuple(weight.shape), cfg.weight)
-            continue
-        scales = weight_scale_count(tuple(weight.shape), cfg.weight)
-        total += stored_weight_bytes(weight.numel(), scales, device.storage_bits(cfg.weight.bits))
-    return int(total)
+
+    def stored(weight: torch.Tensor, cfg: WeightConfig) -> int:
+        if cfg.is_float:  # float formats are stored in their own 8- or 4-bit types, as planned
+            return quantized_weight_bytes(tuple(weight.shape), cfg)
+        scales = weight_scale_count(tuple(weight.shape), cfg)
+        return stored_weight_bytes(weight.numel(), scales, device.storage_bits(cfg.bits))
+
+    return _plan_bytes(model, plan, stored)
