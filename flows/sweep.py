@@ -44,6 +44,20 @@ def _point(label: str, kind: str, summary: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def baseline_spec(base: dict[str, Any], bits: int, activation_bits: int) -> dict[str, Any]:
+    """The spec of a sweep's uniform baseline: ``base`` without its allocation, every weight at ``bits``.
+
+    Inputs are quantized at ``activation_bits`` (the allocation's first activation option) with the
+    activation section's defaults otherwise; the weight section keeps its format and observer.
+    """
+    quantize = {
+        **base["quantize"],
+        "weight": {**base["quantize"]["weight"], "bits": bits},
+        "activation": {"bits": activation_bits},
+    }
+    return {**base, "allocation": None, "quantize": quantize}
+
+
 @flow(name="sweep", log_prints=False)
 def sweep_flow(
     spec: dict[str, Any], budgets: list[float], baselines: list[int], out_dir: str | None = None
@@ -81,13 +95,7 @@ def sweep_flow(
         experiment = summary["experiment"]
     act = cfg.allocation.activation_bits[0]
     for bits in baselines:
-        quantize = {
-            **base["quantize"],
-            "weight": {**base["quantize"]["weight"], "bits": bits},
-            "activation": {"bits": act},
-        }
-        data = {**base, "allocation": None, "quantize": quantize}
-        summary = compress_flow(spec=data, out_dir=str(out / f"uniform-w{bits}"))
+        summary = compress_flow(spec=baseline_spec(base, bits, act), out_dir=str(out / f"uniform-w{bits}"))
         point = _point(f"uniform W{bits}A{act}", "uniform", summary)
         point["avg_weight_bits"] = float(bits)
         points.append(point)

@@ -63,6 +63,8 @@ class Work:
     calls: int
     batch: int
     what: str
+    batches: int = 1
+    """Sampling only: batches of samples, which a CPU runs side by side (:func:`~diffquant.sampling.batch_workers`)."""
 
 
 @dataclass(frozen=True)
@@ -94,9 +96,13 @@ class KindCost:
     per_input_s: float
     activation_bytes_per_input: float
     timed_batches: tuple[int, ...]
+    single_thread_per_input_s: float | None = None
+    """CPU only: the per-input time on one intra-op thread (what each of the side-by-side sampling batches gets)."""
 
-    def seconds(self, calls: int, inputs: int) -> float:
-        """Wall time of ``calls`` forwards over ``inputs`` inputs in all."""
+    def seconds(self, calls: int, inputs: int, side_by_side: int = 1) -> float:
+        """Wall time of ``calls`` forwards over ``inputs`` inputs in all, ``side_by_side`` batches at a time on one thread each."""
+        if side_by_side > 1 and self.single_thread_per_input_s is not None:
+            return (calls * self.overhead_s + inputs * self.single_thread_per_input_s) / side_by_side
         return calls * self.overhead_s + inputs * self.per_input_s
 
 
@@ -160,12 +166,23 @@ def _steps(spec: CompressionSpec, model: DiffusionModel) -> int:
     return len(make_scheduler(model.scheduler_config, spec.sampler.steps, spec.sampler.name).timesteps)
 
 
-def _sampling(kind: Kind, samples: int, spec: CompressionSpec, steps: int, what: str) -> Work:
-    """Sampling ``samples`` with the spec's sampler at the sampling batch."""
+def _sampling(kind: Kind, samples: int, spec: CompressionSpec, steps: int, what: str, parallel: bool = True) -> Work:
+    """Sampling ``samples`` with the spec's sampler at the sampling batch.
+
+    ``parallel``: whether a CPU may run the batches side by side (not a recording pass, nor one in a
+    worker thread of a parallel stage; see :func:`diffquant.sampling.batch_workers`).
+    """
     halves = spec.sampler.halves
     per_call = max(1, spec.sampling_batch // halves) if halves > 1 else spec.sampling_batch
-    calls = math.ceil(samples / per_call) * steps
-    return Work(kind, samples * steps * halves, calls, min(per_call, samples) * halves, what)
+    batches = math.ceil(samples / per_call)
+    return Work(
+        kind,
+        samples * steps * halves,
+        batches * steps,
+        min(per_call, samples) * halves,
+        what,
+        batches if parallel else 1,
+    )
 
 
 def _passes(kind: Kind, inputs: int, batch: int, what: str, times: int = 1) -> Work:
@@ -201,7 +218,7 @@ def _sensitivity(spec: CompressionSpec, model: DiffusionModel, steps: int) -> St
     content = set(resolve_globs(names, alloc.content_layers)) if alloc.content_layers else set()
     probed = set(names) if alloc.quality_metric == "psnr" else content
     if probed:
-        probe = _sampling("fp", alloc.content_samples, spec, steps, "final-sample probes")
+        probe = _sampling("fp", alloc.content_samples, spec, steps, "final-sample probes", parallel=False)
         runs = sum(options[name] for name in probed) + sum(1 for part in chunks if probed & set(part))
         parts.append(Work("fp", probe.inputs * runs, probe.calls * runs, probe.batch, probe.what))
     note = f"{len(names)} layers, {sum(options.values())} (layer, option) measurements in {len(chunks)} tasks"
@@ -234,7 +251,7 @@ def stage_work(
     stages = [
         StageWork(
             "collect_trajectories",
-            [] if pool_cached else [_sampling("fp", cal.trajectories, spec, steps, "FP trajectories")],
+            [] if pool_cached else [_sampling("fp", cal.trajectories, spec, steps, "FP trajectories", parallel=False)],
             copies=0 if pool_cached else 1,
             note="cached" if pool_cached else f"pool of {pool} inputs, streamed to disk",
         ),
@@ -359,7 +376,18 @@ def _kind_cost(unet: nn.Module, model: DiffusionModel, batch: int, budget_s: flo
         rise = use.peak_cuda_bytes if use.peak_cuda_bytes is not None else use.peak_rss_bytes - use.start_rss_bytes
     per_input = max((seconds - one) / (large - 1), 0.0) if large > 1 else one
     overhead = max(one - per_input, 0.0) if large > 1 else 0.0
-    return KindCost(overhead, per_input, max(rise, 0) / large, (1, large))
+    single = None
+    threads = torch.get_num_threads()
+    if device.type == "cpu" and threads > 1 and large > 1 and not train:
+        torch.set_num_threads(1)  # the thread each side-by-side sampling batch gets (diffquant.sampling.batch_workers)
+        try:
+            alone = _time(
+                _forward(unet, _random_inputs(model, large), model.conditional, train), device, 1, budget_s / 8
+            )
+        finally:
+            torch.set_num_threads(threads)
+        single = max((alone - overhead) / large, 0.0)
+    return KindCost(overhead, per_input, max(rise, 0) / large, (1, large), single)
 
 
 def _quantized_copy(model: DiffusionModel, spec: CompressionSpec) -> DiffusionModel:
@@ -425,14 +453,26 @@ def measure_forward(
     )
 
 
+def _side_by_side(work: Work) -> int:
+    """Batches a CPU holds at once for ``work`` (sampling of a PyTorch model: one per torch thread)."""
+    if work.batches < 2 or work.kind == "onnx":
+        return 1
+    return min(torch.get_num_threads(), work.batches)
+
+
 def _peak(stage: StageWork, costs: ForwardCosts) -> int:
     """Estimated peak of a stage: RSS on a CPU (the process so far, the stage's model, activations, arrays), CUDA allocations on a GPU."""
+    cpu = not costs.device.startswith("cuda")
     activations = max(
-        (costs.kinds[p.kind].activation_bytes_per_input * p.batch for p in stage.parts if p.kind in costs.kinds),
+        (
+            costs.kinds[p.kind].activation_bytes_per_input * p.batch * (_side_by_side(p) if cpu else 1)
+            for p in stage.parts
+            if p.kind in costs.kinds
+        ),
         default=0.0,
     )
     models = costs.model_bytes * min(stage.copies, 1)
-    if costs.device.startswith("cuda"):
+    if not cpu:
         return int(models + activations)
     return int(costs.base_rss_bytes + models + activations + stage.held_bytes)
 
@@ -467,7 +507,10 @@ def estimate_cost(
     feature = _feature_bytes(model, spec)
     estimates = []
     for stage in stage_work(spec, model, pool_cached=pool_cached, fp_cached=fp_cached, feature_bytes=feature):
-        seconds = sum(costs.kinds[p.kind].seconds(p.calls, p.inputs) for p in stage.parts)
+        cpu = not costs.device.startswith("cuda")
+        seconds = sum(
+            costs.kinds[p.kind].seconds(p.calls, p.inputs, _side_by_side(p) if cpu else 1) for p in stage.parts
+        )
         seconds += stage.copies * costs.copy_s
         estimates.append(
             StageEstimate(stage.stage, stage.evaluations, stage.calls, seconds, _peak(stage, costs), stage.note)

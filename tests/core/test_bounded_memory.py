@@ -183,7 +183,7 @@ def test_runtime_batch_size_caps_every_pass_and_stays_out_of_the_hash():
     capped = spec_from_dict({"runtime": {"batch_size": 8}})
     assert "batch_size" not in base.to_dict()["runtime"] and capped.to_dict()["runtime"]["batch_size"] == 8
     assert capped.spec_hash() == base.spec_hash()
-    assert (base.forward_batch, base.sampling_batch) == (256, 1000)
+    assert (base.forward_batch, base.sampling_batch) == (256, 256)
     assert (capped.forward_batch, capped.sampling_batch) == (8, 8)
     with pytest.raises(SpecError, match=r"runtime\.batch_size 1 cannot hold a guided"):
         spec_from_dict({"runtime": {"batch_size": 1}, "sampler": {"guidance": 2.0}})

@@ -42,3 +42,15 @@ def test_sweep_needs_allocation(isolated_home):
     result = CliRunner().invoke(app, ["sweep", str(ROOT / "configs" / "digits-unet-w8a8.yaml")])
     assert result.exit_code == 2
     assert "allocation" in result.output.strip().splitlines()[-1]
+
+
+def test_a_baseline_that_is_no_valid_spec_fails_before_any_work(isolated_home, tmp_path):
+    out = tmp_path / "sweep"
+    args = ["sweep", str(ROOT / "configs" / "digits-unet-mixed-w4a8.yaml"), "--baselines", "8,1", "--out", str(out)]
+    for item in SMALL:
+        args += ["--set", item]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    last = result.output.strip().splitlines()[-1]
+    assert "--baselines 1" in last and "quantize.weight.bits" in last, last  # not after the mixed runs
+    assert not out.exists() and mlflow_runs(isolated_home) == []
