@@ -16,8 +16,9 @@ measured so far, each row naming the command that produced it:
   logit KL, or not at all (SQNR only).
 - ``mixed``: the allocated plans of configs/digits-unet-mixed-w2.5a8.yaml at each of ``--budgets``.
 - ``finetune``: configs/digits-unet-mixed-w2a8.yaml (<= 2.0 bits), before and after its fine-tuning.
-- ``zoo``: digits-dit and digits-t2i: uniform W4A8 with the family's float layers, and the mixed W4A8
-  plan with the same float layers (family pins) under a bytes budget equal to the uniform plan's bytes.
+- ``zoo``: digits-dit and digits-t2i (``--zoo-models``): uniform W4A8 with the family's float layers, and the mixed W4A8
+  plan with the same float layers (family pins) under a bytes budget equal to the uniform plan's bytes,
+  its content layers scored by each metric of ``--zoo-content`` (default ``ssim``).
 
 Sensitivity tables (the long part: GPTQ per layer and option, final-sample content probes) are cached
 under ``$DIFFQUANT_HOME/cache/bench-low-bits`` (default ``.diffquant``): per layer group, keyed on what
@@ -66,6 +67,7 @@ TARGETS = {
     "mixed <= 2.5 bits": "accuracy >= 0.975, FD to real <= 1.5x FP",
     "mixed <= 2.0 bits, fine-tuned": "accuracy >= 0.95",
 }
+ZOO_MODELS = "digits-dit,digits-t2i"
 ZOO_MIXED = "allocation={{weight_bits: [2, 3, 4, 6, 8], activation_bits: [8], budget: {{bytes: {bytes}}}}}"
 
 
@@ -300,6 +302,10 @@ def command(part: str, args: argparse.Namespace) -> str:
         extra += f" --budgets {args.budgets}"
     if part == "content":
         extra += f" --content-budget {args.content_budget}"
+    if part == "zoo" and args.zoo_content != "ssim":
+        extra += f" --zoo-content {args.zoo_content}"
+    if part == "zoo" and args.zoo_models != ZOO_MODELS:
+        extra += f" --zoo-models {args.zoo_models}"
     return f".venv/bin/python bench/low_bits.py --part {part}{extra}"
 
 
@@ -365,7 +371,7 @@ def part_finetune(args: argparse.Namespace) -> Iterator[dict]:
 
 def part_zoo(args: argparse.Namespace) -> Iterator[dict]:
     cmd = command("zoo", args)
-    for name in ("digits-dit", "digits-t2i"):
+    for name in args.zoo_models.split(","):
         bench = Bench(name, args)
         yield from bench.fp_rows("zoo", cmd, noise_floor=False)  # BENCHMARKS.md's zoo table has the noise floor
         common = [f"model.name={name}", "quantize.weight.observer=mse"]
@@ -378,10 +384,14 @@ def part_zoo(args: argparse.Namespace) -> Iterator[dict]:
         bits = sum((cfg.weight.bits if cfg.weight else 32) * numel[n] for n, cfg in plan.items()) / sum(numel.values())
         extra = {"avg_weight_bits": bits, "quantize_seconds": time.perf_counter() - start}
         yield bench.row("uniform W4A8 (family float layers)", "zoo", cmd, quantized, plan, extra)
-        mixed_spec = load_spec(overrides=[*common, ZOO_MIXED.format(bytes=size)])
-        student, result, seconds = bench.mixed(mixed_spec)
-        extra = allocation_extra(bench, result, mixed_spec, seconds)
-        yield bench.row("mixed W4A8 at the uniform plan's bytes (family pins)", "zoo", cmd, student, result.plan, extra)
+        for metric in args.zoo_content.split(","):
+            content = [f"allocation.content_metric={metric}"]
+            mixed_spec = load_spec(overrides=[*common, ZOO_MIXED.format(bytes=size), *content])
+            student, result, seconds = bench.mixed(mixed_spec)
+            extra = allocation_extra(bench, result, mixed_spec, seconds)
+            label = "mixed W4A8 at the uniform plan's bytes (family pins)"
+            label += "" if metric == "ssim" else f", content: {metric.replace('_', ' ')}"
+            yield bench.row(label, "zoo", cmd, student, result.plan, extra)
 
 
 PARTS = {
@@ -437,6 +447,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--budgets", default="3.0,2.5,2.0", help="mixed: average weight bits budgets")
     parser.add_argument("--content-budget", type=float, default=2.5, help="content: the budget compared")
+    parser.add_argument("--zoo-models", default=ZOO_MODELS, help="zoo: reference models, comma-separated")
+    parser.add_argument(
+        "--zoo-content",
+        default="ssim",
+        help="zoo: content metrics of the mixed rows, comma-separated (ssim, classifier_kl)",
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     for name in PARTS if args.part == "all" else [args.part]:
