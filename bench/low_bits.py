@@ -385,12 +385,14 @@ def part_zoo(args: argparse.Namespace) -> Iterator[dict]:
         extra = {"avg_weight_bits": bits, "quantize_seconds": time.perf_counter() - start}
         yield bench.row("uniform W4A8 (family float layers)", "zoo", cmd, quantized, plan, extra)
         for metric in args.zoo_content.split(","):
-            content = [f"allocation.content_metric={metric}"]
+            content = ["allocation.content_layers=[]"] if metric == "none" else [f"allocation.content_metric={metric}"]
             mixed_spec = load_spec(overrides=[*common, ZOO_MIXED.format(bytes=size), *content])
             student, result, seconds = bench.mixed(mixed_spec)
             extra = allocation_extra(bench, result, mixed_spec, seconds)
             label = "mixed W4A8 at the uniform plan's bytes (family pins)"
-            label += "" if metric == "ssim" else f", content: {metric.replace('_', ' ')}"
+            label += {"ssim": "", "none": ", content: none (SQNR only)"}.get(
+                metric, f", content: {metric.replace('_', ' ')}"
+            )
             yield bench.row(label, "zoo", cmd, student, result.plan, extra)
 
 
@@ -451,7 +453,7 @@ def main() -> None:
     parser.add_argument(
         "--zoo-content",
         default="ssim",
-        help="zoo: content metrics of the mixed rows, comma-separated (ssim, classifier_kl)",
+        help="zoo: content metrics of the mixed rows, comma-separated (ssim, classifier_kl, none: SQNR only)",
     )
     args = parser.parse_args()
     torch.manual_seed(0)

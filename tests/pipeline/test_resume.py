@@ -42,11 +42,11 @@ def test_killed_run_resumes_and_registers_one_version(tmp_path):
     done: list[Path] = []
     while time.monotonic() < deadline and first.poll() is None:
         done = list((home / "cache" / "sensitivity").glob("*/layers/*.csv"))
-        if len(done) >= 3:
+        if len(done) >= 4:  # a task writes its table before Prefect persists its result: the last may be unsaved
             break
         time.sleep(0.2)
     assert first.poll() is None, first.stdout.read()[-3000:]
-    assert len(done) >= 3, "sensitivity never started"
+    assert len(done) >= 4, "sensitivity never started"
     os.killpg(first.pid, signal.SIGKILL)  # the whole process group, ephemeral Prefect server included
     first.wait(timeout=30)
     assert not (tmp_path / "a" / "summary.json").exists()
