@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import IO, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -203,24 +203,12 @@ def _launch_prefect_api(home: Path) -> None:
     Does nothing when no server is wanted or another command of this home holds the start-up
     lock (that command's server is then waited for in :func:`_start_prefect_api`, as before).
     """
-    import fcntl
-
-    from prefect.server.api.server import SubprocessASGIServer
-
-    from diffquant.registry.home import locks_dir
-
     if not _ephemeral_api_wanted():
         return
-    path = locks_dir(home) / "prefect-api.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock = path.open("a")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.close()
+    lock = _api_lock(home, wait=False)
+    if lock is None:
         return
-    SubprocessASGIServer._instances.pop(None, None)
-    server = _ephemeral_server_class(_server_log(home))()
+    server = _new_server(home)
     server.port = server.find_available_port()
     server.launched = server._run_uvicorn_command()
     _EARLY.update(server=server, lock=lock)
@@ -257,32 +245,45 @@ def _start_prefect_api(home: Path) -> None:
     migrating one SQLite database at once fail. A server launched ahead
     (:func:`_early_prefect_api`) is adopted and waited for.
     """
-    import fcntl
-
-    from prefect.server.api.server import SubprocessASGIServer
-
-    from diffquant.registry.home import locks_dir
-
     if not _ephemeral_api_wanted():
         return
     server, lock = _EARLY.pop("server", None), _EARLY.pop("lock", None)
-    if server is not None and lock is not None:
-        try:
-            _wait_started(server, home)
-        finally:
-            lock.close()
-        return
-    SubprocessASGIServer._instances.pop(None, None)
-    server = _ephemeral_server_class(_server_log(home))()
+    if lock is None:  # nothing launched ahead
+        lock = _api_lock(home, wait=True)
+        assert lock is not None  # waited for
+        server = _new_server(home)
+    try:
+        _wait_started(server, home)
+    finally:
+        lock.close()
+
+
+def _api_lock(home: Path, wait: bool) -> IO[str] | None:
+    """This home's Prefect API start-up lock, held; None if another command holds it and ``wait`` is False."""
+    import fcntl
+
+    from diffquant.registry.home import locks_dir
+
     path = locks_dir(home) / "prefect-api.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            console.print(f"waiting for another diffquant command to start its Prefect API in {home} ...")
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        _wait_started(server, home)
+    handle = path.open("a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        if not wait:
+            handle.close()
+            return None
+        console.print(f"waiting for another diffquant command to start its Prefect API in {home} ...")
+        fcntl.flock(handle, fcntl.LOCK_EX)
+    return handle
+
+
+def _new_server(home: Path) -> Any:
+    """A fresh ephemeral server object for ``home`` (the one Prefect's client finds), not started."""
+    from prefect.server.api.server import SubprocessASGIServer
+
+    SubprocessASGIServer._instances.pop(None, None)
+    return _ephemeral_server_class(_server_log(home))()
 
 
 def _wait_started(server: Any, home: Path) -> None:

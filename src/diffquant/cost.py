@@ -45,7 +45,7 @@ from diffquant.ptq import plan_from_spec, quantize
 from diffquant.quant.gptq import hessian_groups, plan_gptq_layers
 from diffquant.quant.modules import groups_allowed
 from diffquant.quant.plan import quantizable_layers, resolve_globs
-from diffquant.sampling import Trajectories, initial_noise, make_scheduler
+from diffquant.sampling import Trajectories, initial_noise, make_scheduler, side_by_side
 from diffquant.spec import CompressionSpec
 
 Kind = Literal["fp", "quantized", "onnx", "train"]
@@ -453,26 +453,25 @@ def measure_forward(
     )
 
 
-def _side_by_side(work: Work) -> int:
-    """Batches a CPU holds at once for ``work`` (sampling of a PyTorch model: one per torch thread)."""
-    if work.batches < 2 or work.kind == "onnx":
+def _side_by_side(work: Work, costs: ForwardCosts) -> int:
+    """Batches held at once for ``work``: on a CPU, a PyTorch model's sampling batches side by side; else 1."""
+    if costs.device.startswith("cuda") or work.kind == "onnx":
         return 1
-    return min(torch.get_num_threads(), work.batches)
+    return side_by_side(work.batches)
 
 
 def _peak(stage: StageWork, costs: ForwardCosts) -> int:
     """Estimated peak of a stage: RSS on a CPU (the process so far, the stage's model, activations, arrays), CUDA allocations on a GPU."""
-    cpu = not costs.device.startswith("cuda")
     activations = max(
         (
-            costs.kinds[p.kind].activation_bytes_per_input * p.batch * (_side_by_side(p) if cpu else 1)
+            costs.kinds[p.kind].activation_bytes_per_input * p.batch * _side_by_side(p, costs)
             for p in stage.parts
             if p.kind in costs.kinds
         ),
         default=0.0,
     )
     models = costs.model_bytes * min(stage.copies, 1)
-    if not cpu:
+    if costs.device.startswith("cuda"):
         return int(models + activations)
     return int(costs.base_rss_bytes + models + activations + stage.held_bytes)
 
@@ -507,10 +506,7 @@ def estimate_cost(
     feature = _feature_bytes(model, spec)
     estimates = []
     for stage in stage_work(spec, model, pool_cached=pool_cached, fp_cached=fp_cached, feature_bytes=feature):
-        cpu = not costs.device.startswith("cuda")
-        seconds = sum(
-            costs.kinds[p.kind].seconds(p.calls, p.inputs, _side_by_side(p) if cpu else 1) for p in stage.parts
-        )
+        seconds = sum(costs.kinds[p.kind].seconds(p.calls, p.inputs, _side_by_side(p, costs)) for p in stage.parts)
         seconds += stage.copies * costs.copy_s
         estimates.append(
             StageEstimate(stage.stage, stage.evaluations, stage.calls, seconds, _peak(stage, costs), stage.note)

@@ -35,13 +35,15 @@ class Reporter(Protocol):
 class _LogHandle:
     def __init__(self, description: str, total: int) -> None:
         self.description, self.total, self.done, self._next = description, max(total, 1), 0, 0.25
+        self._lock = threading.Lock()  # side-by-side sampling batches advance one bar from several threads
 
     def advance(self, amount: int = 1) -> None:
-        self.done += amount
-        if self.done / self.total >= self._next:
-            logger.info("%s: %d/%d", self.description, self.done, self.total)
-            while self._next <= self.done / self.total:
-                self._next += 0.25
+        with self._lock:
+            self.done += amount
+            if self.done / self.total >= self._next:
+                logger.info("%s: %d/%d", self.description, self.done, self.total)
+                while self._next <= self.done / self.total:
+                    self._next += 0.25
 
 
 class LogReporter:

@@ -194,6 +194,11 @@ def batch_workers(unet: nn.Module, device: torch.device, batches: int) -> int:
         return 1
     if threading.current_thread() is not threading.main_thread():
         return 1
+    return side_by_side(batches)
+
+
+def side_by_side(batches: int) -> int:
+    """Batches a CPU sampling pass holds at once where it may run them side by side: one per torch thread."""
     return max(1, min(torch.get_num_threads(), batches))
 
 

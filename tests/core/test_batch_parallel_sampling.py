@@ -104,13 +104,14 @@ def test_the_cost_estimate_counts_side_by_side_batches(two_threads):
     assert kind.seconds(10, 1000, side_by_side=2) == pytest.approx((10 * 0.01 + 1000 * 0.003) / 2)
     assert KindCost(0.01, 0.002, 1000.0, (1, 64)).seconds(10, 1000, 2) == pytest.approx(2.1)  # not timed: serial
 
-    sampling = Work("quantized", 1000, 40, 256, "samples", batches=4)
-    assert _side_by_side(sampling) == 2
-    assert _side_by_side(Work("onnx", 1000, 40, 256, "onnx samples", batches=4)) == 1  # its own threads
-    assert _side_by_side(Work("fp", 1000, 40, 256, "recorded", batches=1)) == 1
-
     def costs(device: str) -> ForwardCosts:
         return ForwardCosts(device, "float32", {"quantized": kind}, 0, 0.0, 0, 0.0)
+
+    sampling = Work("quantized", 1000, 40, 256, "samples", batches=4)
+    assert _side_by_side(sampling, costs("cpu")) == 2
+    assert _side_by_side(sampling, costs("cuda:0")) == 1
+    assert _side_by_side(Work("onnx", 1000, 40, 256, "onnx samples", batches=4), costs("cpu")) == 1  # its own threads
+    assert _side_by_side(Work("fp", 1000, 40, 256, "recorded", batches=1), costs("cpu")) == 1
 
     stage = StageWork("evaluate_quantized", [sampling])
     assert _peak(stage, costs("cpu")) == 2 * 256 * 1000  # two batches' activations at once

@@ -67,9 +67,9 @@ def client_env(tmp_path: Path, prefect_api: str, mlflow_url: str, **extra: str) 
     }
 
 
-def run_ok(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+def run_ok(args: list[str], env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess:
     """Run a command in the repository; fail the test with its output unless it exits 0."""
-    result = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180, check=False)
+    result = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False)
     assert result.returncode == 0, f"{' '.join(args)}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result
 
@@ -139,16 +139,7 @@ def test_compress_registers_and_promotes_on_mlflow_over_postgresql(request, tmp_
         mlflow_url = stack.enter_context(mlflow_server(tmp_path / "mlflow", backend_uri))
         env = client_env(tmp_path, prefect_api, mlflow_url, PREFECT_LOGGING_LEVEL="WARNING")
         args = [sys.executable, "-m", "diffquant.flows.cli", "compress", "--out", str(tmp_path / "out")]
-        result = subprocess.run(
-            [*args, *(a for item in SMALL for a in ("--set", item))],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=RUN_TIMEOUT_S,
-            check=False,
-        )
-        assert result.returncode == 0, result.stderr[-3000:]
+        run_ok([*args, *(a for item in SMALL for a in ("--set", item))], env, timeout=RUN_TIMEOUT_S)
         _assert_registered_and_promoted(mlflow_url)
 
 
