@@ -297,8 +297,13 @@ def _methods_description(quantize: Any) -> str:
 def _plan_description(spec: CompressionSpec) -> str:
     if spec.allocation is not None:
         budget = ", ".join(f"{k} <= {v:g}" for k, v in spec.allocation.budget.as_dict().items())
-        text = f"mixed precision, W{spec.allocation.weight_bits} A{spec.allocation.activation_bits}, {budget}"
-        return text + _methods_description(spec.quantize)
+        alloc = spec.allocation
+        text = f"mixed precision, W{alloc.weight_bits} A{alloc.activation_bits}"
+        if alloc.weight_formats or alloc.activation_formats:
+            text += f", float formats {', '.join([*alloc.weight_formats, *alloc.activation_formats])}"
+        if any(alloc.ranks):
+            text += f", low-rank branch ranks {[r for r in alloc.ranks if r]}"
+        return f"{text}, {budget}" + _methods_description(spec.quantize)
     w, a = spec.quantize.weight, spec.quantize.activation.bits
     text = f"W{w.bits if w else 'fp'}A{a or 'fp'} uniform, {w.granularity if w else 'float weights'}"
     if w is not None and w.group_size:

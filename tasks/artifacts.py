@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from prefect.cache_policies import TASK_SOURCE, CacheKeyFnPolicy, CachePolicy
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, SerializerFunctionWrapHandler, model_serializer
 
 import diffquant
 from diffquant.calibration.pool import POOL_CODE_VERSION
@@ -294,6 +294,20 @@ class SensitivityRequest(CacheRequest):
     activation_observer: str
     seed: int
     calibration_sha256: str
+    ranks: list[int] = [0]
+    weight_formats: list[str] = []
+    activation_formats: list[str] = []
+
+    @model_serializer(mode="wrap")
+    def _omit_new_defaults(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # fields added later are left out at their defaults: the keys of tables measured before they existed hold
+        data = handler(self)
+        if self.ranks == [0]:
+            data.pop("ranks", None)
+        for key in ("weight_formats", "activation_formats"):
+            if not data.get(key):
+                data.pop(key, None)
+        return data
 
     @classmethod
     def from_spec(cls, spec: CompressionSpec, model: ModelInfo, calibration: CalibrationArtifact) -> SensitivityRequest:
@@ -313,6 +327,9 @@ class SensitivityRequest(CacheRequest):
                     "content_layers",
                     "content_samples",
                     "sensitivity_inputs",
+                    "ranks",
+                    "weight_formats",
+                    "activation_formats",
                 }
             ),
             content_metric=alloc.content_metric,  # left out of the serialized spec at its default

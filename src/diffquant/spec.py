@@ -337,6 +337,24 @@ class AllocationSpec(_Strict):
     judge the model, else ``ssim``. The model family's full-precision layers stay in float unless
     ``quantize_family_fp_layers`` (they count 32 bits toward the budget). ``content_metric`` and
     ``quantize_family_fp_layers`` are left out of the serialized spec at their defaults.
+
+    ``weight_formats`` and ``activation_formats`` offer floating-point formats as options beside
+    the integer bits (issue 15): ``fp8_e4m3``, ``fp8_e5m2``, ``fp6_e3m2``, ``fp6_e2m3`` weights
+    per output channel and ``fp4_e2m1`` as NVFP4 (blocks of 16 input channels, FP8 block scales;
+    only layers whose input channels 16 divides), FP8 inputs per tensor; each is measured like
+    the integer options and costs its exact bytes (option names ``wfp8e4m3a8``,
+    ``w4afp8e4m3``). ``export.device_class`` must run each of them on some layer kind; layers it
+    cannot run them on (FP4 convolutions) lose those options. Empty (the default, left out of the
+    serialized spec): integer options only.
+
+    ``ranks`` offers SVDQuant low-rank branches as options (issue 15): every quantized weight
+    candidate is also offered with a float16 branch of each nonzero rank (``w4a8r16``), its
+    sensitivity measured with the branch (only the residual ``W - L1 L2`` quantized) and its
+    bytes, average bits and BitOps counting the branch, so the solver buys a branch where it is
+    cheaper than more bits. ``[0]`` (the default, left out of the serialized spec) offers none.
+    A branch is taken only by a layer with ``min(out, in)`` at least its rank. It excludes
+    ``quantize.low_rank`` (one place sets the branches) and GPTQ rounding (not combined with
+    branches yet).
     """
 
     weight_bits: list[int] = Field(default_factory=lambda: [2, 3, 4, 6, 8], min_length=1)
@@ -375,6 +393,18 @@ class AllocationSpec(_Strict):
         description="JSON {layer: {option: ms}}, or the table diffquant profile writes; needed for budget.latency_ms",
     )
     pinned: dict[str, str] = Field(default_factory=dict, description="glob -> option name, e.g. conv_out: w8a8")
+    weight_formats: list[Literal["fp8_e4m3", "fp8_e5m2", "fp6_e3m2", "fp6_e2m3", "fp4_e2m1"]] = Field(
+        default_factory=list,
+        description="float weight formats offered beside the integer bits (each at its own width; fp4_e2m1: NVFP4)",
+    )
+    activation_formats: list[Literal["fp8_e4m3", "fp8_e5m2"]] = Field(
+        default_factory=list, description="FP8 input formats offered beside activation_bits"
+    )
+    ranks: list[int] = Field(
+        default_factory=lambda: [0],
+        min_length=1,
+        description="low-rank branch ranks offered with each weight candidate (0: no branch)",
+    )
     cost: Literal["plan", "deployed"] = Field(
         "plan",
         description="what avg_weight_bits and bytes count: plan = the plan's bits; deployed = the export's "
@@ -385,6 +415,8 @@ class AllocationSpec(_Strict):
     def _valid(self) -> AllocationSpec:
         if any(size < 2 for size in self.group_sizes):
             raise ValueError("group sizes must be at least 2")
+        if any(rank < 0 or rank > 65_536 for rank in self.ranks):
+            raise ValueError("ranks must be from 0 (no branch) to 65536")
         for bits in [*self.weight_bits, *self.group_bits, *self.activation_bits]:
             if not MIN_BITS <= bits <= MAX_BITS:
                 raise ValueError(f"candidate bits {bits} outside {MIN_BITS}-{MAX_BITS}")
@@ -404,6 +436,11 @@ class AllocationSpec(_Strict):
         data = handler(self)
         if self.cost == "plan":
             data.pop("cost", None)
+        if self.ranks == [0]:
+            data.pop("ranks", None)
+        for key in ("weight_formats", "activation_formats"):
+            if not getattr(self, key):
+                data.pop(key, None)
         if self.content_metric == "auto":
             data.pop("content_metric", None)
         if not self.quantize_family_fp_layers:
@@ -657,6 +694,44 @@ class CompressionSpec(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _format_options_run_on_the_device(self) -> CompressionSpec:
+        if self.allocation is None:
+            return self
+        device = self.export.device
+        offered = [("weight", f, f, "int") for f in self.allocation.weight_formats]
+        offered += [("activation", f, "int", f) for f in self.allocation.activation_formats]
+        for part, fmt, w_format, a_format in offered:
+            problems = [device.format_problem(kind, w_format, a_format) for kind in ("linear", "conv")]
+            if all(problem is not None for problem in problems):
+                runs = [
+                    name
+                    for name, entry in DEVICE_CLASSES.items()
+                    if entry.format_problem("linear", w_format, a_format) is None
+                ]
+                hint = f"; set export.device_class to one of {', '.join(runs)}" if runs else ""
+                raise ValueError(
+                    f"allocation.{part}_formats {fmt} cannot run on device class {device.name}: {problems[0]}{hint}"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _branch_options(self) -> CompressionSpec:
+        if self.allocation is None or not any(self.allocation.ranks):
+            return self
+        if self.quantize.low_rank is not None:
+            raise ValueError(
+                "allocation.ranks offers low-rank branches per layer, quantize.low_rank gives every layer one; "
+                "set one of them"
+            )
+        weight = self.quantize.weight
+        if weight is not None and weight.rounding == "gptq":
+            raise ValueError(
+                "allocation.ranks: low-rank branches are not combined with gptq rounding yet; "
+                "set quantize.weight.rounding to nearest or ranks to [0]"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _float_formats(self) -> CompressionSpec:
         weight = self.quantize.weight
         w_format = weight.format if weight is not None else "int"
@@ -666,9 +741,10 @@ class CompressionSpec(_Strict):
         key = "quantize.weight.format" if w_format != "int" else "quantize.activation.format"
         fmt = w_format if w_format != "int" else a_format
         if self.allocation is not None:
+            where = "allocation.weight_formats" if w_format != "int" else "allocation.activation_formats"
             raise ValueError(
-                f"{key} {fmt}: mixed precision (allocation) offers integer formats only so far; "
-                "set the format to int or allocation to null"
+                f"{key} {fmt}: with mixed precision (allocation) the options choose each layer's format; "
+                f"offer {fmt} in {where} and leave the format at int"
             )
         if self.finetune is not None and self.finetune.learn_weight_scales and w_format == "fp4_e2m1":
             raise ValueError(

@@ -78,7 +78,7 @@ def test_fewer_bits_more_noise(tiny):
 
 
 def test_table_csv_round_trip(tmp_path):
-    row = {"layer": "a", "kind": "weight", "bits": 4, "sqnr_db": 20.0, "noise": 0.01}
+    row = {"layer": "a", "kind": "weight", "bits": 4, "sqnr_db": 20.0, "noise": 0.01, "rank": 0, "format": "int"}
     table = SensitivityTable(
         [
             {**row, "group_size": None, "content": None, "psnr_db": None},

@@ -256,6 +256,30 @@ def test_fields_left_out_at_their_default_move_the_right_keys(key, value, moves_
 
 
 @pytest.mark.parametrize(
+    ("key", "value"),
+    [("ranks", [0, 8]), ("weight_formats", ["fp8_e4m3"]), ("activation_formats", ["fp8_e4m3"])],
+)
+def test_allocation_option_kinds_move_the_spec_hash_and_only_the_sensitivity_key(key, value):
+    """Branch and float-format options are left out at their defaults and measured, so they move sensitivity.
+
+    The spec drops ``quantize.low_rank`` (one place sets the branches) and targets a device class with FP8.
+    """
+    data = _full_spec().to_dict()
+    del data["quantize"]["low_rank"]
+    data["export"]["device_class"] = "ada"
+    base = spec_from_dict(data)
+    assert f"allocation.{key}" not in flatten(base.to_dict())
+    data["allocation"][key] = value
+    ranked = spec_from_dict(data)
+    assert flatten(ranked.to_dict())[f"allocation.{key}"] == value and ranked.spec_hash() != base.spec_hash()
+    before, after = _keys(base), _keys(ranked)
+    assert after["sensitivity"] != before["sensitivity"]
+    assert {k: v for k, v in after.items() if k != "sensitivity"} == {
+        k: v for k, v in before.items() if k != "sensitivity"
+    }
+
+
+@pytest.mark.parametrize(
     "formats",
     [
         {"weight": {"format": "fp8_e4m3"}, "activation": {"format": "fp8_e4m3"}},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -14,6 +15,7 @@ from diffquant.errors import ConfigError
 from diffquant.mixed_precision.content import content_layers, content_metric, final_sample_probe
 from diffquant.mixed_precision.costs import (
     MixedPrecisionInputs,
+    Option,
     WeightChoice,
     build_problem,
     cross_attention_blocks,
@@ -23,21 +25,23 @@ from diffquant.mixed_precision.costs import (
     qkv_groups,
 )
 from diffquant.mixed_precision.latency import LatencyTable, read_latency_file
-from diffquant.mixed_precision.sensitivity import PlanForm, SensitivityTable, measure_sensitivity
+from diffquant.mixed_precision.sensitivity import PlanForm, SensitivityTable, branch_ranks, measure_sensitivity
 from diffquant.mixed_precision.solver import Allocation, AllocationInfeasibleError, solve_allocation
 from diffquant.models.families import matching_layers
 from diffquant.models.loading import DiffusionModel
 from diffquant.outlier_tokens import detect_outlier_tokens, fp_token_outputs
+from diffquant.quant.float_formats import FLOAT_FORMATS
 from diffquant.quant.gptq import collect_hessians, gptq_supported, hessian_groups
 from diffquant.quant.modules import groups_allowed
 from diffquant.quant.plan import (
     ActivationConfig,
     LayerConfig,
     LayerPlan,
-    WeightConfig,
+    LowRankConfig,
     quantizable_layers,
     resolve_globs,
 )
+from diffquant.quant.transforms import max_rank
 from diffquant.sampling import Trajectories, denoiser_outputs
 from diffquant.spec import AllocationSpec, SamplerSpec
 
@@ -177,6 +181,9 @@ def measure_allocation_sensitivity(
             description,
             PlanForm({name: fp_tokens[name] for name in group if name in fp_tokens}, hessians),
             batch_size=batch_size,
+            ranks=alloc.ranks,
+            weight_formats=alloc.weight_formats,
+            act_formats=alloc.activation_formats,
         ).rows
     return table
 
@@ -226,6 +233,29 @@ def candidate_options(config: AllocationSpec) -> dict[str, tuple[int | None, int
     return {option_name(w, a, g): (w, g, a) for w, g in w_opts for a in a_bits}
 
 
+def allocation_options(config: AllocationSpec) -> dict[str, Option]:
+    """Every option the allocation offers, by name, in the program's column order.
+
+    The integer grid of :func:`candidate_options` (each per-channel weight also with a float16
+    low-rank branch of every nonzero rank in ``config.ranks``: ``w4a8r16``), then the float
+    weight formats of ``config.weight_formats`` at their own widths (NVFP4 in its blocks of 16);
+    every weight candidate pairs with every input candidate: the integer ``activation_bits`` and
+    the FP8 ``activation_formats`` (8 bits).
+    """
+    w_opts, a_bits = _candidates(config)
+    acts: list[tuple[int | None, str]] = [(a, "int") for a in a_bits]
+    acts += [(8, fmt) for fmt in config.activation_formats]
+    ranks = list(dict.fromkeys(config.ranks)) or [0]
+    weights: list[tuple[int | None, int | None, int, str]] = [
+        (w, g, r, "int") for w, g in w_opts for r in (ranks if w is not None and g is None else [0])
+    ]
+    for fmt in config.weight_formats:
+        spec = FLOAT_FORMATS[fmt]
+        weights.append((spec.bits, spec.block_size, 0, fmt))
+    options = [Option(w, g, a, r, wf, af) for w, g, r, wf in weights for a, af in acts]
+    return {option.name: option for option in options}
+
+
 def _latency_gaps(
     table: LatencyTable, path: str, allowed: dict[str, list[str]], pinned: dict[str, str]
 ) -> list[dict[str, str]]:
@@ -263,13 +293,14 @@ def _latency_gaps(
 
 
 def _allowed_options(
-    modules: dict[str, nn.Module], choices: dict[str, tuple[int | None, int | None, int | None]]
+    modules: dict[str, nn.Module], choices: Mapping[str, Option | tuple[int | None, int | None, int | None]]
 ) -> dict[str, list[str]]:
     """Each layer's options before latency is consulted (group sizes must divide its input channels)."""
+    groups = {o: c.group_size if isinstance(c, Option) else c[1] for o, c in choices.items()}
     allowed = {}
     for name, module in modules.items():
         channels = _group_channels(module)
-        allowed[name] = [o for o, (_, g, _) in choices.items() if group_fits(channels, g)]
+        allowed[name] = [o for o, g in groups.items() if group_fits(channels, g)]
     return allowed
 
 
@@ -301,7 +332,7 @@ def _layer_kind(layer: nn.Module) -> str:
 def device_filter(
     device: DeviceClass,
     kinds: dict[str, str],
-    choices: dict[str, tuple[int | None, int | None, int | None]],
+    choices: Mapping[str, Option | tuple[int | None, int | None, int | None]],
     group_channels: dict[str, int] | None = None,
 ) -> tuple[dict[str, set[str]], dict[str, str]]:
     """The options each layer's device class cannot run, and why (option -> reason, with a layer count).
@@ -309,7 +340,8 @@ def device_filter(
     Args:
         device: The class the plan is for.
         kinds: Layer -> ``conv`` or ``linear``.
-        choices: Option name -> ``(weight bits, group size, activation bits)``.
+        choices: Option name -> :class:`~diffquant.mixed_precision.costs.Option` (or an integer
+            ``(weight bits, group size, activation bits)``).
         group_channels: Layer -> input channels groups may split; a group-wise option a layer
             cannot take anyway (the size does not divide them) is not counted as removed.
 
@@ -318,16 +350,20 @@ def device_filter(
     """
     unavailable: dict[str, set[str]] = {}
     why: dict[str, tuple[str, int]] = {}
+    options = {name: c if isinstance(c, Option) else Option(*c) for name, c in choices.items()}
     for layer, kind in kinds.items():
         channels = (group_channels or {}).get(layer)
-        for option, (w, g, _) in choices.items():
+        for name, option in options.items():
+            w, g = option.weight_bits, option.group_size
             if channels is not None and not group_fits(channels, g):
                 continue
-            problem = device.weight_problem(kind, w, g) if w is not None else None
+            problem = device.format_problem(kind, option.weight_format, option.act_format)
+            if problem is None and w is not None and option.weight_format == "int":
+                problem = device.weight_problem(kind, w, g)
             if problem is not None:
-                unavailable.setdefault(layer, set()).add(option)
-                count = why.get(option, (problem, 0))[1]
-                why[option] = (problem, count + 1)
+                unavailable.setdefault(layer, set()).add(name)
+                count = why.get(name, (problem, 0))[1]
+                why[name] = (problem, count + 1)
     total = len(kinds)
     removed = {
         option: f"{reason} (removed for {count} of {total} layers)" for option, (reason, count) in sorted(why.items())
@@ -342,6 +378,7 @@ def _pins(config: AllocationSpec, names: list[str], valid: set[str]) -> dict[str
         ConfigError (``pinned``): An option that is not a candidate, or a glob that matches no layer.
     """
     pinned: dict[str, str] = {}
+    valid = valid | set(allocation_options(config))
     for pattern, option in config.pinned.items():
         if option not in valid:
             raise ConfigError("pinned", f"option {option!r} is not a candidate ({', '.join(sorted(valid))})")
@@ -420,14 +457,15 @@ def allocate_plan(
         macs=layer_macs(unet, (calib.x, calib.t, calib.labels if model.conditional else None)),
         other_params=int(other),
         group_channels={name: _group_channels(m) for name, m in modules.items()},
+        max_ranks={name: max(branch_ranks(m, [max_rank(m)]), default=0) for name, m in modules.items()},
     )
-    w_opts, a_bits = _candidates(alloc)
-    choices = candidate_options(alloc)
+    offered = allocation_options(alloc)
+    choices = dict(offered)
     valid = set(choices)
     keep_float = family_float_layers(model, alloc, names)
     float_only = bool(keep_float) and FLOAT_OPTION not in choices  # an option only the family's layers take
     if keep_float:
-        choices[FLOAT_OPTION] = (None, None, None)
+        choices[FLOAT_OPTION] = Option(None, None, None)
     kinds = {name: _layer_kind(m) for name, m in modules.items()}
     entry = lookup_device_class(device_class) if device_class is not None else None
     unavailable, removed = (
@@ -436,13 +474,15 @@ def allocate_plan(
     pinned = _pins(alloc, names, valid) | dict.fromkeys(keep_float, FLOAT_OPTION)
     for name, option in pinned.items():
         if entry is not None and option in unavailable.get(name, ()):
-            w, g, _ = choices[option]
-            reason = entry.weight_problem(kinds[name], w, g) if w is not None else None
-            raise ConfigError("pinned", f"{name} is pinned to {option}, which {entry.name} cannot run: {reason}")
+            raise ConfigError(
+                "pinned",
+                f"{name} is pinned to {option}, which {entry.name} cannot run: "
+                f"{device_filter(entry, {name: kinds[name]}, {option: choices[option]})[1][option]}",
+            )
     metric = alloc.quality_metric
 
-    def noise(layer: str, kind: str, bits: int | None, group: int | None) -> float:
-        return table.noise(layer, kind, bits, group, metric)
+    def noise(layer: str, kind: str, bits: int | None, group: int | None, rank: int = 0, fmt: str = "int") -> float:
+        return table.noise(layer, kind, bits, group, metric, rank, fmt)
 
     latency = read_latency_file(alloc.latency_table) if alloc.latency_table else None
     gaps: list[dict[str, str]] = []
@@ -461,8 +501,7 @@ def allocate_plan(
         inputs,
         noise,
         table.content,
-        w_opts,
-        a_bits,
+        list(offered.values()),
         alloc.budget.as_dict(),
         alloc.objective,
         qkv_groups(names, cross_attention_blocks(unet)) if alloc.tie_qkv else [],
@@ -483,15 +522,17 @@ def allocate_plan(
         ) from None
     plan = LayerPlan()
     for name in names:
-        w, g, a = choices[result.choice[name]]
-        granularity = "per_group" if g is not None else "per_channel"
+        option = choices[result.choice[name]]
+        a = option.act_bits
         plan[name] = LayerConfig(
-            WeightConfig(w, granularity, weight_observer, g, rounding=weight_rounding) if w is not None else None,
-            ActivationConfig(a, activation_observer) if a is not None else None,
+            option.weight_config(weight_observer, weight_rounding),
+            ActivationConfig(a, activation_observer, option.act_format) if a is not None else None,
+            low_rank=LowRankConfig(option.rank) if option.rank else None,
         )
     notes: dict[str, list[str]] = {}
     for name in names if entry is not None else ():
-        note = entry.weight_note(kinds[name], choices[result.choice[name]][0])
+        option = choices[result.choice[name]]
+        note = entry.weight_note(kinds[name], option.weight_bits) if option.weight_format == "int" else None
         if note is not None:
             notes.setdefault(note, []).append(name)
     result = dataclasses.replace(result, removed=removed, notes=notes, unavailable=gaps)

@@ -12,7 +12,8 @@ from torch import nn
 
 from diffquant.mixed_precision.solver import AllocationProblem
 from diffquant.placement import module_placement, to_module
-from diffquant.quant.plan import QUANTIZABLE, stored_weight_bytes
+from diffquant.quant.config import WeightConfig
+from diffquant.quant.plan import QUANTIZABLE, quantized_weight_bytes, stored_weight_bytes
 
 FLOAT_BITS = 32
 """Bits charged for a weight or input kept in float32."""
@@ -58,8 +59,8 @@ def low_rank_costs(fan_in: int, out: int, macs: int, rank: int, bits: int = LOW_
 
     The branch stores ``rank * (fan_in + out)`` values of ``bits`` bits and computes
     ``macs * rank * (fan_in + out) / (fan_in * out)`` MACs (``L2``: ``fan_in -> rank``, ``L1``:
-    ``rank -> out``, at every output position), charged at ``bits x bits``. A later (bits, rank)
-    allocation option adds these to its weight option's costs.
+    ``rank -> out``, at every output position), charged at ``bits x bits``. A (bits, rank)
+    allocation option (``allocation.ranks``) adds these to its weight option's costs.
     """
     values = rank * (fan_in + out)
     branch_macs = macs * values / (fan_in * out)
@@ -88,10 +89,86 @@ def plan_bitops(unet: nn.Module, plan: Mapping[str, Any], macs: Mapping[str, int
     return total
 
 
-def option_name(weight_bits: int | None, act_bits: int | None, group_size: int | None = None) -> str:
-    """Name of a (weight, activation) option, e.g. ``w4a8``, ``w4g32a8`` (group-wise) or ``wfpa8``."""
-    group = f"g{group_size}" if group_size else ""
-    return f"w{weight_bits or 'fp'}{group}a{act_bits or 'fp'}"
+def _short(fmt: str) -> str:
+    return fmt.replace("_", "")
+
+
+def option_name(
+    weight_bits: int | None,
+    act_bits: int | None,
+    group_size: int | None = None,
+    rank: int = 0,
+    weight_format: str = "int",
+    act_format: str = "int",
+) -> str:
+    """Name of an option, e.g. ``w4a8``, ``w4g32a8`` (group-wise), ``wfpa8``, ``w4a8r16``, ``wfp8e4m3afp8e4m3``.
+
+    ``rank`` > 0 adds an SVDQuant low-rank branch of that rank beside the quantized weight (``r16``);
+    a float format replaces the bits of its part by the format (``fp8e4m3``, ``fp6e3m2``,
+    ``fp4e2m1``: NVFP4, whose blocks of 16 the name leaves implicit).
+    """
+    if weight_format != "int":
+        weight = _short(weight_format)
+    else:
+        weight = f"{weight_bits or 'fp'}{f'g{group_size}' if group_size else ''}"
+    act = _short(act_format) if act_format != "int" else f"{act_bits or 'fp'}"
+    branch = f"r{rank}" if rank else ""
+    return f"w{weight}a{act}{branch}"
+
+
+@dataclass(frozen=True)
+class Option:
+    """One precision option of a layer in the allocation program.
+
+    Attributes:
+        weight_bits: Weight bits (None: float weight); a float format's own width.
+        group_size: Weight scales per this many input channels (None: per output channel).
+        act_bits: Input bits (None: float input).
+        rank: Rank of a float16 low-rank branch beside the quantized weight (0: none).
+        weight_format: ``int`` or a float weight format (:mod:`diffquant.quant.float_formats`).
+        act_format: ``int`` or an FP8 input format.
+    """
+
+    weight_bits: int | None
+    group_size: int | None
+    act_bits: int | None
+    rank: int = 0
+    weight_format: str = "int"
+    act_format: str = "int"
+
+    @property
+    def name(self) -> str:
+        """The option's name (:func:`option_name`)."""
+        return option_name(
+            self.weight_bits, self.act_bits, self.group_size, self.rank, self.weight_format, self.act_format
+        )
+
+    def weight_config(self, observer: str = "minmax", rounding: str = "nearest") -> WeightConfig | None:
+        """The plan's weight entry for this option (float formats always round to nearest)."""
+        if self.weight_bits is None:
+            return None
+        granularity = "per_group" if self.group_size is not None else "per_channel"
+        return WeightConfig(
+            self.weight_bits,
+            granularity,
+            observer,
+            self.group_size,
+            rounding=rounding if self.weight_format == "int" else "nearest",
+            format=self.weight_format,
+        )
+
+
+def grid_options(
+    weight_options: Sequence[WeightChoice], act_bits: Sequence[int | None], ranks: Sequence[int] = (0,)
+) -> list[Option]:
+    """Every integer (weight, input) pair, per-channel weights also with each branch rank, in program order."""
+    ranks = list(dict.fromkeys(ranks)) or [0]
+    return [
+        Option(w, g, a, r)
+        for w, g in weight_options
+        for r in (ranks if w is not None and g is None else [0])
+        for a in act_bits
+    ]
 
 
 def qkv_groups(layers: Sequence[str], cross_attention: Collection[str] = ()) -> list[list[str]]:
@@ -131,14 +208,15 @@ class MixedPrecisionInputs:
     other_params: int
     group_channels: dict[str, int] = field(default_factory=dict)
     """Input channels that weight groups may split (0 or absent: the layer takes no groups)."""
+    max_ranks: dict[str, int] = field(default_factory=dict)
+    """Largest low-rank branch each layer takes, ``min(out, fan_in)`` (0 or absent: none, e.g. grouped convolutions)."""
 
 
 def build_problem(
     inputs: MixedPrecisionInputs,
-    noise: Callable[[str, str, int | None, int | None], float],
-    content: Callable[[str, str, int | None, int | None], float],
-    weight_options: Sequence[WeightChoice],
-    act_bits: Sequence[int | None],
+    noise: Callable[..., float],
+    content: Callable[..., float],
+    options: Sequence[Option],
     budgets: Mapping[str, float],
     objective_weights: Mapping[str, float],
     groups: Sequence[Sequence[str]] = (),
@@ -153,12 +231,17 @@ def build_problem(
 
     Args:
         inputs: Layers, weight sizes, MACs and the parameter count outside the layers.
-        noise: ``(layer, kind, bits, group_size) -> noise power`` (kind ``weight`` or ``activation``).
-        content: ``(layer, kind, bits, group_size) -> content metric``.
-        weight_options: Candidate ``(bits, group_size)`` weights (``(None, None)``: float). A
-            group-wise option costs ``bits + 32 / g`` average bits (its fp32 scales) and is
-            unavailable to layers whose ``group_channels`` it does not divide.
-        act_bits: Candidate input bits (None: float).
+        noise: ``(layer, kind, bits, group_size, rank, format) -> noise power`` (kind ``weight``
+            or ``activation``; ``rank`` 0 and ``format`` ``int`` for plain integer parts).
+        content: The content metric, same arguments.
+        options: The candidate options (:func:`grid_options` for the integer grid, plus float
+            formats). A group-wise integer option costs ``bits + 32 / g`` average bits (its fp32
+            scales) and is unavailable to layers whose ``group_channels`` it does not divide; a
+            float format counts its width (NVFP4 ``4 + 8 / 16``: its FP8 block scales) and its
+            exact bytes (:func:`diffquant.quant.plan.quantized_weight_bytes`). A branch option
+            (``w4a8r16``) is unavailable to layers whose ``max_ranks`` is below its rank and adds
+            its float16 values to ``avg_weight_bits`` and ``bytes`` and its MACs at 16 x 16 bits
+            to ``bitops`` (:func:`low_rank_costs`).
         budgets: Any of ``avg_weight_bits``, ``bytes`` (all parameters), ``bitops``.
         objective_weights: ``quality`` and ``content`` weights of the normalised metrics.
         groups: Tied layer groups.
@@ -171,16 +254,18 @@ def build_problem(
         storage_bits: ``allocation.cost: deployed``: weight bits -> bits of the type the export
             stores them in (:meth:`diffquant.devices.DeviceClass.storage_bits`); ``avg_weight_bits``
             then counts the stored bits and ``bytes`` the stored integers, scales and zero points
-            (:func:`diffquant.quant.plan.stored_weight_bytes`). None: the plan's bits.
+            (:func:`diffquant.quant.plan.stored_weight_bytes`); float formats are stored as
+            planned. None: the plan's bits.
         float_layers: Layers that may take the float option ``wfpafp`` although it is not a
             candidate (the family's full-precision layers, pinned to it); None: no such option.
     """
-    options = [(w, g, a) for w, g in weight_options for a in act_bits]
-    if float_layers is not None and (None, None, None) not in options:
-        options.append((None, None, None))
+    options = list(options)
+    float_option = Option(None, None, None)
+    if float_layers is not None and float_option not in options:
+        options.append(float_option)
     else:
         float_layers = None
-    names = [option_name(w, a, g) for w, g, a in options]
+    names = [option.name for option in options]
     n_l, n_o = len(inputs.layers), len(options)
     quality = np.zeros((n_l, n_o))
     semantic = np.zeros((n_l, n_o))
@@ -194,23 +279,39 @@ def build_problem(
         refused = set((unavailable or {}).get(layer, ()))
         if float_layers is not None and layer not in float_layers:
             refused.add(names[-1])
-        for j, (w, g, a) in enumerate(options):
-            if not group_fits(channels, g) or names[j] in refused:
+        for j, option in enumerate(options):
+            w, g, r, a = option.weight_bits, option.group_size, option.rank, option.act_bits
+            if not group_fits(channels, g) or names[j] in refused or r > inputs.max_ranks.get(layer, 0):
                 quality[i, j] = semantic[i, j] = np.nan
                 continue
-            quality[i, j] = noise(layer, "weight", w, g) + noise(layer, "activation", a, None)
-            semantic[i, j] = content(layer, "weight", w, g) + content(layer, "activation", a, None)
-            bits = w or FLOAT_BITS
-            stored = storage_bits(w) if w is not None and storage_bits is not None else bits
-            avg_bits[i, j] = (stored + (FLOAT_BITS / g if g else 0.0)) * n / total_weights
-            scales = n // g if g else inputs.out_channels[layer]
+            weight_part = (layer, "weight", w, g, r, option.weight_format)
+            act_part = (layer, "activation", a, None, 0, option.act_format)
+            quality[i, j] = noise(*weight_part) + noise(*act_part)
+            semantic[i, j] = content(*weight_part) + content(*act_part)
+            out = inputs.out_channels[layer]
             if w is None:
+                avg_bits[i, j] = FLOAT_BITS * n / total_weights
                 size[i, j] = n * 4
-            elif storage_bits is not None:
-                size[i, j] = stored_weight_bytes(n, scales, stored)
+            elif option.weight_format != "int":
+                config = option.weight_config()
+                assert config is not None
+                per_value = w + (8 / g if g else 0.0)  # NVFP4: one FP8 block scale per g values
+                avg_bits[i, j] = per_value * n / total_weights
+                size[i, j] = quantized_weight_bytes((out, n // out), config)
             else:
-                size[i, j] = -(-n * w // 8) + 4 * scales
-            bitops[i, j] = inputs.macs.get(layer, 0) * bits * (a or FLOAT_BITS)
+                stored = storage_bits(w) if storage_bits is not None else w
+                avg_bits[i, j] = (stored + (FLOAT_BITS / g if g else 0.0)) * n / total_weights
+                scales = n // g if g else out
+                if storage_bits is not None:
+                    size[i, j] = stored_weight_bytes(n, scales, stored)
+                else:
+                    size[i, j] = -(-n * w // 8) + 4 * scales
+            bitops[i, j] = inputs.macs.get(layer, 0) * (w or FLOAT_BITS) * (a or FLOAT_BITS)
+            if r:
+                branch_bytes, branch_bitops = low_rank_costs(n // out, out, inputs.macs.get(layer, 0), r)
+                avg_bits[i, j] += branch_bytes * 8 / total_weights
+                size[i, j] += branch_bytes
+                bitops[i, j] += branch_bitops
     size[0, :] += inputs.other_params * 4
 
     def normalised(matrix: np.ndarray) -> np.ndarray:

@@ -32,15 +32,20 @@ import torch
 from torch import nn
 
 from diffquant.metrics import sqnr_db
+from diffquant.outliers.low_rank import low_rank_factors
 from diffquant.progress import track
 from diffquant.quant.config import WeightConfig
+from diffquant.quant.float_formats import FLOAT_FORMATS
 from diffquant.quant.gptq import LayerHessian, column_order, gptq_layer
 from diffquant.quant.modules import QuantConv2d, QuantLinear, groups_allowed
 from diffquant.quant.plan import QUANTIZABLE, quantizable_layers, set_module
+from diffquant.quant.transforms import LowRankBranch, max_rank
 from diffquant.sampling import Trajectories, denoiser_outputs
 
 SENSITIVITY_CODE_VERSION = "3"
-COLUMNS = ("layer", "kind", "bits", "group_size", "sqnr_db", "noise", "content", "psnr_db")
+COLUMNS = ("layer", "kind", "bits", "group_size", "sqnr_db", "noise", "content", "psnr_db", "rank", "format")
+OPTIONAL_COLUMNS = frozenset({"rank", "format"})
+"""Columns a table written before they existed lacks (read as their defaults: rank 0, format int)."""
 
 
 @dataclass(frozen=True)
@@ -92,6 +97,9 @@ def quantize_only(
     group_size: int | None = None,
     form: PlanForm | None = None,
     batch_size: int = 256,
+    rank: int = 0,
+    weight_format: str = "int",
+    act_format: str = "int",
 ) -> Iterator[nn.Module]:
     """Temporarily replace layer ``name`` by a fake-quantized copy; always restores the original.
 
@@ -107,6 +115,12 @@ def quantize_only(
         group_size: Group-wise weight scales over this many input channels (None: per channel).
         form: The final plan's GPTQ Hessians and float leading tokens (None: round to nearest, no tokens).
         batch_size: Inputs per forward of the activation calibration pass.
+        rank: With a quantized weight, give the layer a float16 low-rank branch of this rank (the
+            top singular directions of its weight, :mod:`diffquant.outliers.low_rank`) and quantize
+            only the residual ``W - L1 L2``, as a plan with that branch does (0: none).
+        weight_format: ``int`` or a float weight format (``weight_bits`` its width; NVFP4 with
+            ``group_size`` 16); float weights always round to nearest.
+        act_format: ``int`` or an FP8 input format (``act_bits`` 8).
 
     Raises:
         ConfigError: If a GPTQ layer saw too few calibration rows for its Hessian (``weight.rounding``).
@@ -116,12 +130,23 @@ def quantize_only(
         raise ValueError(f"{name!r} is not a float Linear/Conv2d layer")
     cls = QuantLinear if isinstance(original, nn.Linear) else QuantConv2d
     replacement = cls.from_float(
-        original, weight_bits, act_bits, weight_observer, act_observer, per_channel=True, group_size=group_size
+        original,
+        weight_bits,
+        act_bits,
+        weight_observer,
+        act_observer,
+        per_channel=True,
+        group_size=group_size,
+        weight_format=weight_format,
+        act_format=act_format,
     )
     if form is not None:
         granularity = "per_group" if group_size else "per_channel"
-        weight = WeightConfig(weight_bits, granularity, weight_observer, group_size) if weight_bits else None
+        integer = weight_bits and weight_format == "int"
+        weight = WeightConfig(weight_bits, granularity, weight_observer, group_size) if integer else None
         _apply_form(original, replacement, name, weight, form)
+    if rank and weight_bits is not None:
+        _add_branch(original, replacement, rank)
     set_module(model, name, replacement)
     try:
         if act_bits is not None:
@@ -135,6 +160,22 @@ def quantize_only(
         set_module(model, name, original)
 
 
+def _add_branch(original: nn.Module, replacement: QuantLinear | QuantConv2d, rank: int) -> None:
+    """Give ``replacement`` a rank-``rank`` float16 branch from ``original``'s weight; requantize the residual."""
+    branch = LowRankBranch(original, rank, "float16").to(original.weight.device)
+    branch.set_factors(*low_rank_factors(original.weight, rank, "float16"))
+    replacement.low_rank = branch
+    assert replacement.weight_quantizer is not None
+    replacement.weight_quantizer.calibrate_from(replacement.weight_to_quantize().detach())
+
+
+def branch_ranks(layer: nn.Module, ranks: Sequence[int]) -> list[int]:
+    """The nonzero ``ranks`` a layer can take a branch of (``rank <= min(out, in)``; no grouped convolutions)."""
+    if isinstance(layer, nn.Conv2d) and layer.groups != 1:
+        return []
+    return [rank for rank in dict.fromkeys(ranks) if 0 < rank <= max_rank(layer)]
+
+
 def noise_power(sqnr: float) -> float:
     """Relative noise power ``10 ** (-SQNR / 10)`` (0 for a lossless layer)."""
     return 0.0 if math.isinf(sqnr) else 10.0 ** (-sqnr / 10.0)
@@ -145,35 +186,51 @@ Row = dict[str, float | int | str | None]
 
 @dataclass
 class SensitivityTable:
-    """Rows of (layer, kind, bits, group_size, sqnr_db, noise, content, psnr_db).
+    """Rows of (layer, kind, bits, group_size, sqnr_db, noise, content, psnr_db, rank, format).
 
     ``kind`` is ``weight`` or ``activation``; ``group_size`` is set for group-wise weight rows;
-    ``content`` and ``psnr_db`` are empty where they were not measured.
+    ``rank`` (weight rows) is the rank of the low-rank branch the weight was measured with (0:
+    none); ``format`` is ``int`` or the float format of the row; ``content`` and ``psnr_db`` are
+    empty where they were not measured.
     """
 
     rows: list[Row] = field(default_factory=list)
 
-    def _row(self, layer: str, kind: str, bits: int, group_size: int | None) -> Row:
+    def _row(self, layer: str, kind: str, bits: int, group_size: int | None, rank: int = 0, fmt: str = "int") -> Row:
         index = getattr(self, "_index", None)
         if index is None or len(index) != len(self.rows):
-            index = {(r["layer"], r["kind"], r["bits"], r.get("group_size")): r for r in self.rows}
+            index = {
+                (r["layer"], r["kind"], r["bits"], r.get("group_size"), r.get("rank") or 0, r.get("format") or "int"): r
+                for r in self.rows
+            }
             self._index = index
         try:
-            return index[(layer, kind, bits, group_size)]
+            return index[(layer, kind, bits, group_size, rank, fmt)]
         except KeyError:
             group = f" in groups of {group_size}" if group_size else ""
-            raise KeyError(f"no sensitivity for {layer} {kind} {bits} bits{group}") from None
+            branch = f" with a rank-{rank} branch" if rank else ""
+            what = f"{bits} bits" if fmt == "int" else fmt
+            raise KeyError(f"no sensitivity for {layer} {kind} {what}{group}{branch}") from None
 
-    def has(self, layer: str, kind: str, bits: int, group_size: int | None = None) -> bool:
+    def has(
+        self, layer: str, kind: str, bits: int, group_size: int | None = None, rank: int = 0, fmt: str = "int"
+    ) -> bool:
         """Whether the table holds a row for this layer and option."""
         try:
-            self._row(layer, kind, bits, group_size)
+            self._row(layer, kind, bits, group_size, rank, fmt)
         except KeyError:
             return False
         return True
 
     def noise(
-        self, layer: str, kind: str, bits: int | None, group_size: int | None = None, metric: str = "sqnr"
+        self,
+        layer: str,
+        kind: str,
+        bits: int | None,
+        group_size: int | None = None,
+        metric: str = "sqnr",
+        rank: int = 0,
+        fmt: str = "int",
     ) -> float:
         """Relative noise power of quantizing ``kind`` of ``layer`` at ``bits`` (0 for float).
 
@@ -183,21 +240,31 @@ class SensitivityTable:
             bits: Bit-width, None for float.
             group_size: Group size of a group-wise weight option.
             metric: ``sqnr`` (denoiser output) or ``psnr`` (final samples, where measured).
+            rank: Rank of the weight's low-rank branch (0: none).
+            fmt: ``int`` or the part's float format.
         """
         if bits is None:
             return 0.0
-        row = self._row(layer, kind, bits, group_size)
+        row = self._row(layer, kind, bits, group_size, rank, fmt)
         if metric == "psnr":
             if row.get("psnr_db") in (None, ""):
                 raise KeyError(f"no final-sample PSNR for {layer} {kind} {bits} bits")
             return noise_power(float(row["psnr_db"]))
         return float(row["noise"])
 
-    def content(self, layer: str, kind: str, bits: int | None, group_size: int | None = None) -> float:
+    def content(
+        self,
+        layer: str,
+        kind: str,
+        bits: int | None,
+        group_size: int | None = None,
+        rank: int = 0,
+        fmt: str = "int",
+    ) -> float:
         """Content-metric value (0 for float or where it was not measured)."""
         if bits is None:
             return 0.0
-        value = self._row(layer, kind, bits, group_size).get("content")
+        value = self._row(layer, kind, bits, group_size, rank, fmt).get("content")
         return 0.0 if value in (None, "") else float(value)
 
     def save_csv(self, path: Path) -> Path:
@@ -225,7 +292,7 @@ class SensitivityTable:
         rows = []
         with Path(path).open(newline="") as handle:
             reader = csv.DictReader(handle)
-            missing = set(COLUMNS) - set(reader.fieldnames or ())
+            missing = set(COLUMNS) - OPTIONAL_COLUMNS - set(reader.fieldnames or ())
             if missing:
                 raise ValueError(f"{path}: not a sensitivity table (missing {', '.join(sorted(missing))})")
             for row in reader:
@@ -239,6 +306,8 @@ class SensitivityTable:
                         "noise": float(row["noise"]),
                         "content": optional(row["content"], float),
                         "psnr_db": optional(row["psnr_db"], float),
+                        "rank": optional(row.get("rank"), int) or 0,
+                        "format": row.get("format") or "int",
                     }
                 )
         return cls(rows)
@@ -258,6 +327,9 @@ def measure_sensitivity(
     description: str = "Measuring layer sensitivity",
     form: PlanForm | None = None,
     batch_size: int = 256,
+    ranks: Sequence[int] = (),
+    weight_formats: Sequence[str] = (),
+    act_formats: Sequence[str] = (),
 ) -> SensitivityTable:
     """Measure every layer's weight and input sensitivity at each candidate option.
 
@@ -278,24 +350,49 @@ def measure_sensitivity(
         form: The final plan's GPTQ Hessians and float leading tokens, applied to every row of
             the layers they name (weight and input rows alike).
         batch_size: Inputs per forward pass.
+        ranks: Low-rank branch ranks: each per-channel weight candidate is also measured with a
+            branch of each nonzero rank the layer takes (:func:`branch_ranks`).
+        weight_formats: Float weight formats, each measured at its width (NVFP4 in its blocks, on
+            the layers whose input channels they divide).
+        act_formats: FP8 input formats, measured at 8 bits.
 
     Returns:
-        The table, one row per (layer, kind, bits, group size).
+        The table, one row per (layer, kind, bits, group size, rank, format).
     """
     layers = list(layers) if layers is not None else quantizable_layers(unet)
     reference = denoiser_outputs(unet, calib, conditional, batch_size)
-    jobs: list[tuple[str, str, int, int | None]] = []
+    jobs: list[tuple[str, str, int, int | None, int, str]] = []
     for name in layers:
         module = unet.get_submodule(name)
-        jobs += [(name, "weight", bits, None) for bits in weight_bits]
-        jobs += [(name, "weight", b, g) for b, g in group_options if groups_allowed(module, g)]
-        jobs += [(name, "activation", bits, None) for bits in act_bits]
+        jobs += [(name, "weight", bits, None, 0, "int") for bits in weight_bits]
+        jobs += [(name, "weight", bits, None, r, "int") for r in branch_ranks(module, ranks) for bits in weight_bits]
+        jobs += [(name, "weight", b, g, 0, "int") for b, g in group_options if groups_allowed(module, g)]
+        for fmt in weight_formats:
+            spec = FLOAT_FORMATS[fmt]
+            if spec.block_size is None or groups_allowed(module, spec.block_size):
+                jobs.append((name, "weight", spec.bits, spec.block_size, 0, fmt))
+        jobs += [(name, "activation", bits, None, 0, "int") for bits in act_bits]
+        jobs += [(name, "activation", 8, None, 0, fmt) for fmt in act_formats]
     table = SensitivityTable()
     with torch.no_grad(), track(description, len(jobs)) as bar:
-        for name, kind, bits, group in jobs:
+        for name, kind, bits, group, rank, fmt in jobs:
             w, a = (bits, None) if kind == "weight" else (None, bits)
+            w_fmt, a_fmt = (fmt, "int") if kind == "weight" else ("int", fmt)
             with quantize_only(
-                unet, name, w, a, calib, conditional, weight_observer, act_observer, group, form, batch_size
+                unet,
+                name,
+                w,
+                a,
+                calib,
+                conditional,
+                weight_observer,
+                act_observer,
+                group,
+                form,
+                batch_size,
+                rank,
+                w_fmt,
+                a_fmt,
             ):
                 sqnr = sqnr_db(reference, denoiser_outputs(unet, calib, conditional, batch_size))
                 extra = final_fn(unet, name) if final_fn is not None else {}
@@ -309,6 +406,8 @@ def measure_sensitivity(
                     "noise": noise_power(sqnr),
                     "content": extra.get("content"),
                     "psnr_db": extra.get("psnr_db"),
+                    "rank": rank,
+                    "format": fmt,
                 }
             )
             bar.advance()
