@@ -18,7 +18,8 @@ measured so far, each row naming the command that produced it:
 - ``finetune``: configs/digits-unet-mixed-w2a8.yaml (<= 2.0 bits), before and after its fine-tuning.
 - ``zoo``: digits-dit and digits-t2i (``--zoo-models``): uniform W4A8 with the family's float layers, and the mixed W4A8
   plan with the same float layers (family pins) under a bytes budget equal to the uniform plan's bytes,
-  its content layers scored by each metric of ``--zoo-content`` (default ``ssim``).
+  its content layers scored by each metric of ``--zoo-content`` (default ``ssim``); ``--zoo-rounding gptq``
+  rounds both plans' integer weights with GPTQ (the rows' names say so).
 
 Sensitivity tables (the long part: GPTQ per layer and option, final-sample content probes) are cached
 under ``$DIFFQUANT_HOME/cache/bench-low-bits`` (default ``.diffquant``): per layer group, keyed on what
@@ -306,6 +307,8 @@ def command(part: str, args: argparse.Namespace) -> str:
         extra += f" --zoo-content {args.zoo_content}"
     if part == "zoo" and args.zoo_models != ZOO_MODELS:
         extra += f" --zoo-models {args.zoo_models}"
+    if part == "zoo" and args.zoo_rounding != "nearest":
+        extra += f" --zoo-rounding {args.zoo_rounding}"
     return f".venv/bin/python bench/low_bits.py --part {part}{extra}"
 
 
@@ -374,7 +377,8 @@ def part_zoo(args: argparse.Namespace) -> Iterator[dict]:
     for name in args.zoo_models.split(","):
         bench = Bench(name, args)
         yield from bench.fp_rows("zoo", cmd, noise_floor=False)  # BENCHMARKS.md's zoo table has the noise floor
-        common = [f"model.name={name}", "quantize.weight.observer=mse"]
+        common = [f"model.name={name}", "quantize.weight.observer=mse", f"quantize.weight.rounding={args.zoo_rounding}"]
+        suffix = ", GPTQ" if args.zoo_rounding == "gptq" else ""
         spec = load_spec(overrides=[*common, "quantize.weight.bits=4"])
         start = time.perf_counter()
         plan = plan_from_spec(bench.model, spec.quantize, spec.calibration.observer)
@@ -383,13 +387,13 @@ def part_zoo(args: argparse.Namespace) -> Iterator[dict]:
         numel = {n: bench.model.unet.get_submodule(n).weight.numel() for n in plan}
         bits = sum((cfg.weight.bits if cfg.weight else 32) * numel[n] for n, cfg in plan.items()) / sum(numel.values())
         extra = {"avg_weight_bits": bits, "quantize_seconds": time.perf_counter() - start}
-        yield bench.row("uniform W4A8 (family float layers)", "zoo", cmd, quantized, plan, extra)
+        yield bench.row(f"uniform W4A8 (family float layers){suffix}", "zoo", cmd, quantized, plan, extra)
         for metric in args.zoo_content.split(","):
             content = ["allocation.content_layers=[]"] if metric == "none" else [f"allocation.content_metric={metric}"]
             mixed_spec = load_spec(overrides=[*common, ZOO_MIXED.format(bytes=size), *content])
             student, result, seconds = bench.mixed(mixed_spec)
             extra = allocation_extra(bench, result, mixed_spec, seconds)
-            label = "mixed W4A8 at the uniform plan's bytes (family pins)"
+            label = f"mixed W4A8 at the uniform plan's bytes (family pins){suffix}"
             label += {"ssim": "", "none": ", content: none (SQNR only)"}.get(
                 metric, f", content: {metric.replace('_', ' ')}"
             )
@@ -454,6 +458,9 @@ def main() -> None:
         "--zoo-content",
         default="ssim",
         help="zoo: content metrics of the mixed rows, comma-separated (ssim, classifier_kl, none: SQNR only)",
+    )
+    parser.add_argument(
+        "--zoo-rounding", choices=["nearest", "gptq"], default="nearest", help="zoo: weight rounding of both plans"
     )
     args = parser.parse_args()
     torch.manual_seed(0)

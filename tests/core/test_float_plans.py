@@ -66,7 +66,7 @@ def test_default_specs_serialize_no_format_so_hashes_are_unchanged():
         (["quantize.weight.format=fp6_e3m2", "quantize.weight.bits=6", "quantize.weight.rounding=gptq"], "gptq"),
         (["quantize.activation.format=fp6_e3m2"], "quantize.activation.format"),
         (["quantize.activation.format=fp8_e4m3", "quantize.activation.bits=null"], "set bits: 8 or format: int"),
-        ([*FP8, "export.device_class=ada", "allocation={}"], "integer formats only"),
+        ([*FP8, "export.device_class=ada", "allocation={}"], "offer fp8_e4m3 in allocation.weight_formats"),
         ([*NVFP4, "export.device_class=blackwell", "finetune={}"], "finetune.learn_weight_scales"),
     ],
 )
