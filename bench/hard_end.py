@@ -1,8 +1,12 @@
 """The hard end of quantization (issue 15's targets): W4A4 on digits-unet, outlier models at W8A8/W4A8, DiT W4A8.
 
-Every row is a spec: a model and a list of ``--set``-style overrides on the default spec (the
-rows of a method another branch adds are one more override, e.g. ``quantize.smooth={alpha: 0.5}``),
-or no overrides for the model's float row. A row is quantized through the library API exactly as
+Every row is a spec: a model and a list of ``--set``-style overrides on the default spec or on a
+preset (``configs/digits-unet-w4a4-ptq.yaml``, ``configs/digits-dit-w4a8.yaml``,
+``configs/digits-unet-w4a4-finetune.yaml``), or no overrides for the model's float row. The method
+rows add the outlier methods one at a time and combined (``quantize.activation.shift=channel``,
+``quantize.smooth={alpha: 0.5}`` or ``{search: true}``, ``quantize.low_rank={rank: 16}``, GPTQ
+rounding alone: it is not combined with the methods yet), and FP8 E4M3 W8A8 for device class
+``ada`` beside INT8 W8A8 on every reference. A row is quantized through the library API exactly as
 ``diffquant compress`` does (``diffquant.quantize``; ``diffquant.auto_quantize`` with an
 ``allocation``; ``diffquant.finetune`` on the FP pool with a ``finetune`` section) and evaluated
 as ``bench/quality.py`` evaluates: ``--samples`` samples (2,000), DDIM 50, noise seed 0, the
@@ -14,10 +18,12 @@ The outlier models (``bench/outlier_models.py``) are built first into ``--models
 gets a verdict line (met, or missed by how much).
 
 Writes ``bench/results/hard_end.json`` and the ``hard_end`` section of BENCHMARKS.md. ``--groups``
-runs some groups only; their rows replace those of an earlier run in the JSON (same ``--samples``),
-and the table is written from all stored rows.
+runs some groups only and ``--only`` the rows whose label contains one of its comma-separated
+fragments (plus the float rows); their rows replace those of an earlier run in the JSON (same
+``--samples``), and the table is written from all stored rows. Two processes may run different
+groups at once (``OMP_NUM_THREADS=1`` each); the JSON is locked around every write.
 
-Run: ``.venv/bin/python bench/hard_end.py`` (about 40 minutes on 2 idle cores).
+Run: ``.venv/bin/python bench/hard_end.py`` (62 rows, about 90 minutes on 2 idle cores).
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ from diffquant.calibration.pool import collect_pool, held_out_indices, subset
 from diffquant.calibration.selection import pool_features, select
 from diffquant.data import load_digits_split
 from diffquant.evaluation import EvalResult, evaluate_model
-from diffquant.mixed_precision.costs import layer_macs
+from diffquant.mixed_precision.costs import layer_macs, plan_bitops
 from diffquant.models.loading import DiffusionModel, load_model
 from diffquant.models.reference import REFERENCE_MODELS, load_classifier
 from diffquant.quant.plan import LayerPlan, packed_weight_bytes
@@ -57,6 +63,9 @@ W4A4 = ("quantize.weight.bits=4", "quantize.activation.bits=4")
 W4A8 = ("quantize.weight.bits=4", "quantize.activation.bits=8")
 W8A8 = ("quantize.weight.bits=8", "quantize.activation.bits=8")
 FINETUNE_W4A4 = ROOT / "configs" / "digits-unet-w4a4-finetune.yaml"
+PTQ_W4A4 = ROOT / "configs" / "digits-unet-w4a4-ptq.yaml"
+DIT_PRESET = ROOT / "configs" / "digits-dit-w4a8.yaml"
+NO_METHODS = ("quantize.activation.shift=none", "quantize.smooth=null", "quantize.low_rank=null")
 
 
 @dataclass(frozen=True)
@@ -83,32 +92,123 @@ class Row:
         return f"{self.group}/{self.model}/{self.label}"
 
 
+SHIFT = ("quantize.activation.shift=channel",)
+SMOOTH = ("quantize.smooth={alpha: 0.5}",)
+SMOOTH_SEARCH = ("quantize.smooth={search: true}",)
+GPTQ = ("quantize.weight.rounding=gptq",)
+FP8 = (
+    "quantize.weight={bits: 8, format: fp8_e4m3, granularity: per_channel, observer: minmax}",
+    "quantize.activation={bits: 8, format: fp8_e4m3}",
+    "export.device_class=ada",
+)
+
+
+def low_rank(rank: int) -> tuple[str, ...]:
+    """The override of a rank-``rank`` SVDQuant branch on every quantized layer."""
+    return (f"quantize.low_rank={{rank: {rank}}}",)
+
+
 def outlier_rows(model: str) -> list[Row]:
-    """FP, naive min-max W8A8 (and with MSE ranges) and W4A8 on one outlier model (family FP layers)."""
+    """FP, the baselines (min-max, MSE ranges) and each outlier method at W8A8 and W4A8 on one outlier model.
+
+    Every row keeps the family's float layers; the method rows add one method (or SVDQuant's
+    smoothing + branch) to the MSE-range baseline of the same bits.
+    """
     group = f"outliers {model}"
     return [
         Row(group, model, "FP32"),
         Row(group, model, "W8A8 naive (min-max)", W8A8),
         Row(group, model, "W8A8 MSE ranges", (*W8A8, *MSE)),
+        Row(group, model, "W8A8 MSE + shift", (*W8A8, *MSE, *SHIFT)),
+        Row(group, model, "W8A8 MSE + SmoothQuant (alpha searched)", (*W8A8, *MSE, *SMOOTH_SEARCH)),
+        Row(group, model, "W8A8 MSE + SVDQuant (smooth 0.5 + rank 8)", (*W8A8, *MSE, *SMOOTH, *low_rank(8))),
+        Row(group, model, "W8A8 FP8 E4M3 (min-max, device class ada)", FP8),
         Row(group, model, "W4A8 naive (min-max)", W4A8),
+        Row(group, model, "W4A8 MSE + SVDQuant (smooth 0.5 + rank 8)", (*W4A8, *MSE, *SMOOTH, *low_rank(8))),
     ]
 
 
 UNET_PTQ = "digits-unet W4A4 PTQ"
 UNET_FT = "digits-unet W4A4 fine-tuned"
 DIT = "digits-dit W4A8"
+FP8_GROUP = "FP8 W8A8"
 OUTLIER_MARGINS = (("W8A8", 0.005), ("W4A8", 0.015))
 """Issue 15's targets on the outlier models: accuracy within 0.5 points of FP at W8A8, 1.5 at W4A8."""
 EVERY_LAYER = "quantize.keep_full_precision=[]"
+UNET_W4A4 = (*W4A4, *MSE)
+DIT_W4A8 = (*W4A8, *MSE)
 ROWS: list[Row] = [
     Row(UNET_PTQ, "digits-unet", "FP32"),
     Row(UNET_PTQ, "digits-unet", "W4A4 naive (min-max), every layer", (*W4A4, EVERY_LAYER)),
     Row(UNET_PTQ, "digits-unet", "W4A4 MSE ranges, every layer (bench/quality.py's row)", (*W4A4, *MSE, EVERY_LAYER)),
-    Row(UNET_PTQ, "digits-unet", "W4A4 MSE ranges (family: conv_in, conv_out, time embedding float)", (*W4A4, *MSE)),
-    Row(UNET_FT, "digits-unet", "W4A4 fine-tuned, configs/digits-unet-w4a4-finetune.yaml", (), str(FINETUNE_W4A4)),
+    Row(UNET_PTQ, "digits-unet", "W4A4 MSE ranges (family: conv_in, conv_out, time embedding float)", UNET_W4A4),
+    Row(UNET_PTQ, "digits-unet", "W4A4 MSE + shift", (*UNET_W4A4, *SHIFT)),
+    Row(UNET_PTQ, "digits-unet", "W4A4 MSE + SmoothQuant 0.5", (*UNET_W4A4, *SMOOTH)),
+    Row(UNET_PTQ, "digits-unet", "W4A4 MSE + SmoothQuant (alpha searched)", (*UNET_W4A4, *SMOOTH_SEARCH)),
+    Row(UNET_PTQ, "digits-unet", "W4A4 MSE + GPTQ", (*UNET_W4A4, *GPTQ)),
+    Row(UNET_PTQ, "digits-unet", "W4A4 MSE + SVDQuant (smooth 0.5 + rank 8)", (*UNET_W4A4, *SMOOTH, *low_rank(8))),
+    Row(
+        UNET_PTQ,
+        "digits-unet",
+        "W4A4 MSE + shift + SVDQuant (smooth 0.5 + rank 8)",
+        (*UNET_W4A4, *SHIFT, *SMOOTH, *low_rank(8)),
+    ),
+    Row(
+        UNET_PTQ,
+        "digits-unet",
+        "configs/digits-unet-w4a4-ptq.yaml: W4A4 MSE + shift + SVDQuant (smooth searched + rank 16)",
+        (),
+        str(PTQ_W4A4),
+    ),
+    Row(
+        UNET_PTQ,
+        "digits-unet",
+        "W4A4 MSE + shift + SVDQuant (smooth 0.5 + rank 32)",
+        (*UNET_W4A4, *SHIFT, *SMOOTH, *low_rank(32)),
+    ),
+    Row(
+        UNET_FT,
+        "digits-unet",
+        "W4A4 fine-tuned 1,500 steps, no outlier methods (the preset before issue 15)",
+        (*NO_METHODS, "finetune.steps=1500"),
+        str(FINETUNE_W4A4),
+    ),
+    Row(
+        UNET_FT,
+        "digits-unet",
+        "configs/digits-unet-w4a4-finetune.yaml: 600 steps from shift + SVDQuant (smooth 0.5 + rank 8)",
+        (),
+        str(FINETUNE_W4A4),
+    ),
     Row(DIT, "digits-dit", "FP32"),
     Row(DIT, "digits-dit", "W4A8 MSE weights (zoo row)", (*W4A8, "quantize.weight.observer=mse")),
-    Row(DIT, "digits-dit", "W4A8 MSE ranges", (*W4A8, *MSE)),
+    Row(DIT, "digits-dit", "W4A8 MSE ranges", DIT_W4A8),
+    Row(DIT, "digits-dit", "W4A8 MSE + GPTQ", (*DIT_W4A8, *GPTQ)),
+    Row(DIT, "digits-dit", "W4A8 MSE + shift", (*DIT_W4A8, *SHIFT)),
+    Row(DIT, "digits-dit", "W4A8 MSE + SmoothQuant (alpha searched)", (*DIT_W4A8, *SMOOTH_SEARCH)),
+    Row(DIT, "digits-dit", "W4A8 MSE + SVDQuant (smooth 0.5 + rank 8)", (*DIT_W4A8, *SMOOTH, *low_rank(8))),
+    Row(
+        DIT,
+        "digits-dit",
+        "configs/digits-dit-w4a8.yaml: W4A8 MSE + shift + SVDQuant (smooth 0.5 + rank 16)",
+        (),
+        str(DIT_PRESET),
+    ),
+    Row(
+        DIT,
+        "digits-dit",
+        "W4A8 MSE + shift + SVDQuant (smooth 0.5 + rank 32)",
+        (*DIT_W4A8, *SHIFT, *SMOOTH, *low_rank(32)),
+    ),
+    *[
+        row
+        for name in ("digits-unet", "digits-dit", "digits-t2i")
+        for row in (
+            Row(FP8_GROUP, name, "FP32"),
+            Row(FP8_GROUP, name, "W8A8 INT8 (min-max)", W8A8),
+            Row(FP8_GROUP, name, "W8A8 FP8 E4M3 (min-max, device class ada)", FP8),
+        )
+    ],
     *[row for variant in VARIANTS for row in outlier_rows(variant.name)],
 ]
 
@@ -202,18 +302,12 @@ class ModelBench:
         )
 
     def bitops(self, plan: LayerPlan, calib: Trajectories) -> float:
-        """BitOps of one denoiser call at batch 1 (MACs x weight bits x input bits, 32 for float)."""
+        """BitOps of one denoiser call at batch 1 (MACs x weight bits x input bits, 32 for float; branches at 16 x 16)."""
         if self.macs is None:
             self.macs = layer_macs(
                 self.model.unet, (calib.x, calib.t, calib.labels if self.model.conditional else None)
             )
-        total = 0.0
-        for name, macs in self.macs.items():
-            cfg = plan.get(name)
-            w = cfg.weight.bits if cfg is not None and cfg.weight is not None else 32
-            a = cfg.activation.bits if cfg is not None and cfg.activation is not None else 32
-            total += macs * w * a
-        return total
+        return plan_bitops(self.model.unet, plan, self.macs)
 
 
 def model_source(name: str, models_dir: Path) -> str:
@@ -337,8 +431,15 @@ def merged(records: list[dict], samples: int, name: str) -> list[dict]:
     return [r for r in stored["rows"] if r["key"] not in new] + records
 
 
-def _fp(records: list[dict], group: str) -> dict | None:
-    return next((r for r in records if r["group"] == group and r["overrides"] is None), None)
+def _fp(records: list[dict], group: str, model: str | None = None) -> dict | None:
+    return next(
+        (
+            r
+            for r in records
+            if r["group"] == group and r["overrides"] is None and (model is None or r["model"] == model)
+        ),
+        None,
+    )
 
 
 def verdicts(records: list[dict]) -> list[str]:
@@ -367,9 +468,12 @@ def verdicts(records: list[dict]) -> list[str]:
             f"{'met' if ok else 'missed'}" + ("" if ok else f" (accuracy {row['accuracy'] - 0.985:+.4f})")
         )
     checks = [(f"outliers {v.name}", v.name, bits, margin) for v in VARIANTS for bits, margin in OUTLIER_MARGINS]
-    for group, model, bits, margin in [*checks, (DIT, "digits-dit", "W4A8", 0.01)]:
-        fp = _fp(records, group)
-        rows = [r for r in records if r["group"] == group and r["label"].startswith(bits)]
+    fp8 = [
+        (FP8_GROUP, m, "W8A8 FP8", 0.005) for m in dict.fromkeys(r["model"] for r in records if r["group"] == FP8_GROUP)
+    ]
+    for group, model, bits, margin in [*checks, (DIT, "digits-dit", "W4A8", 0.01), *fp8]:
+        fp = _fp(records, group, model)
+        rows = [r for r in records if r["group"] == group and r["model"] == model and r["label"].startswith(bits)]
         if not fp or not rows:
             continue
         row = max(rows, key=lambda r: r["accuracy"])
@@ -405,6 +509,9 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=2000)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--groups", default=None, help="comma-separated groups (default: all)")
+    parser.add_argument(
+        "--only", default=None, help="comma-separated label substrings: run only the matching rows (and FP rows)"
+    )
     home = Path(os.environ.get("DIFFQUANT_HOME", ".diffquant"))
     parser.add_argument("--models-dir", type=Path, default=home / "outlier-models")
     args = parser.parse_args()
@@ -414,6 +521,9 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown groups {sorted(unknown)}; choose from {groups}")
     rows = [row for row in ROWS if row.group in chosen]
+    if args.only:
+        wanted = args.only.split(",")
+        rows = [row for row in rows if row.overrides is None or any(w in row.label for w in wanted)]
     if any(row.model not in REFERENCE_MODELS for row in rows):
         write_outlier_models(args.models_dir)
     commit = git_commit()

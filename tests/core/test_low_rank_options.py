@@ -74,6 +74,16 @@ def _brute_force(problem) -> float:
     return best
 
 
+def _tiny(folder):
+    """A fresh tiny class-conditional U-Net and 12 calibration inputs (each test quantizes its own copy in place)."""
+    from tests.conftest import save_tiny_unet
+
+    model = load_local_model(save_tiny_unet(folder / "u"))
+    model.num_classes = 10
+    pool = collect_pool(model, trajectories=4, steps=4, seed=0)
+    return model, subset(pool, select(pool, "random", 12, 0))
+
+
 def test_option_names():
     assert option_name(4, 8) == "w4a8" and option_name(4, 8, None, 16) == "w4a8r16"
     spec = AllocationSpec(weight_bits=[2, 4], group_bits=[4], group_sizes=[32], ranks=[0, 8])
@@ -185,12 +195,7 @@ def test_bad_branch_options_are_refused(overrides, message):
 
 
 def test_auto_quantize_plans_and_runs_the_branches_it_buys(tmp_path):
-    from tests.conftest import save_tiny_unet
-
-    model = load_local_model(save_tiny_unet(tmp_path / "u"))
-    model.num_classes = 10
-    pool = collect_pool(model, trajectories=4, steps=4, seed=0)
-    calib = subset(pool, select(pool, "random", 12, 0))
+    model, calib = _tiny(tmp_path)
     config = AllocationSpec(
         weight_bits=[2, 4],
         group_bits=[],
@@ -233,12 +238,7 @@ def test_float_format_options_cost_their_exact_bytes():
 
 
 def test_allocation_offers_float_formats_counts_them_exactly_and_removes_what_the_device_cannot_run(tmp_path):
-    from tests.conftest import save_tiny_unet
-
-    model = load_local_model(save_tiny_unet(tmp_path / "u"))
-    model.num_classes = 10
-    pool = collect_pool(model, trajectories=4, steps=4, seed=0)
-    calib = subset(pool, select(pool, "random", 12, 0))
+    model, calib = _tiny(tmp_path)
     config = AllocationSpec(
         weight_bits=[4, 8],
         group_bits=[],
