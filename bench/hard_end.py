@@ -19,8 +19,9 @@ gets a verdict line (met, or missed by how much).
 
 Writes ``bench/results/hard_end.json`` and the ``hard_end`` section of BENCHMARKS.md. ``--groups``
 runs some groups only and ``--only`` the rows whose label contains one of its comma-separated
-fragments (plus the float rows); their rows replace those of an earlier run in the JSON (same
-``--samples``), and the table is written from all stored rows. Two processes may run different
+fragments (plus the float rows), ``--resume`` skips the quantized rows already stored; their rows
+replace those of an earlier run in the JSON (same ``--samples``), and the table is written from all
+stored rows. Two processes may run different
 groups at once (``OMP_NUM_THREADS=1`` each); the JSON is locked around every write.
 
 Run: ``.venv/bin/python bench/hard_end.py`` (62 rows, about 90 minutes on 2 idle cores).
@@ -336,10 +337,19 @@ def quantize_row(bench: ModelBench, spec: CompressionSpec) -> tuple[DiffusionMod
             steps=spec.sampler.steps,
             seed=spec.evaluate.seed,
             classifier=bench.classifier,
+            target=spec.export.target,
+            device_class=spec.export.device.name,
         )
         plan = result.plan
     else:
-        plan = diffquant.quantize(model, spec.quantize, calib, calibration=spec.calibration).plan
+        plan = diffquant.quantize(
+            model,
+            spec.quantize,
+            calib,
+            calibration=spec.calibration,
+            target=spec.export.target,
+            device_class=spec.export.device,
+        ).plan
     if spec.finetune is not None:
         done = diffquant.finetune(model, bench.model, spec.finetune, bench.pool(spec))
         extra = {"finetune_steps": done.steps, "finetune_seconds": done.seconds}
@@ -512,6 +522,9 @@ def main() -> None:
     parser.add_argument(
         "--only", default=None, help="comma-separated label substrings: run only the matching rows (and FP rows)"
     )
+    parser.add_argument(
+        "--resume", action="store_true", help="skip the quantized rows already stored at this --samples / --steps"
+    )
     home = Path(os.environ.get("DIFFQUANT_HOME", ".diffquant"))
     parser.add_argument("--models-dir", type=Path, default=home / "outlier-models")
     args = parser.parse_args()
@@ -528,6 +541,9 @@ def main() -> None:
         write_outlier_models(args.models_dir)
     commit = git_commit()
     name = results_name("hard_end", args.samples, args.steps)
+    if args.resume:
+        done = {r["key"] for r in merged([], args.samples, name)}
+        rows = [row for row in rows if row.overrides is None or row.key not in done]
 
     def save(record: dict) -> None:
         store(name, args.samples, args.steps, record | {"commit": commit, "load_avg": os.getloadavg()[0]})

@@ -28,7 +28,7 @@ from diffquant.mixed_precision.solver import solve_allocation
 from diffquant.models.loading import load_local_model
 from diffquant.quant.modules import QuantLinear
 from diffquant.quant.plan import packed_weight_bytes, quantized_weight_bytes
-from diffquant.spec import AllocationSpec, BudgetSpec, load_spec
+from diffquant.spec import AllocationSpec, BudgetSpec, QuantizeSpec, WeightConfig, load_spec
 
 LAYERS = {"a": (16, 32), "b": (8, 8), "c": (4, 64)}
 """Layer -> (out, fan_in) of the toy program."""
@@ -249,7 +249,9 @@ def test_allocation_offers_float_formats_counts_them_exactly_and_removes_what_th
         quantize_family_fp_layers=True,
         pinned={CONV: "wfp8e4m3afp8e4m3", LINEAR: "wfp4e2m1a8"},
     )
-    result = diffquant.auto_quantize(model, config, calib, steps=4, device_class="blackwell")
+    mse = QuantizeSpec(weight=WeightConfig(8, observer="mse"))  # NVFP4 keeps its own absmax recipe
+    result = diffquant.auto_quantize(model, config, calib, quantize_config=mse, steps=4, device_class="blackwell")
+    assert result.plan[LINEAR].weight.observer == "minmax" and result.plan[CONV].weight.observer == "mse"
     assert result.plan[CONV].weight.format == "fp8_e4m3" and result.plan[CONV].activation.format == "fp8_e4m3"
     assert result.plan[LINEAR].weight.format == "fp4_e2m1" and result.plan[LINEAR].weight.group_size == 16
     assert result.allocation.usage["bytes"] == packed_weight_bytes(model.unet, result.plan)["packed"]

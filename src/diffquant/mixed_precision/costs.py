@@ -144,14 +144,19 @@ class Option:
         )
 
     def weight_config(self, observer: str = "minmax", rounding: str = "nearest") -> WeightConfig | None:
-        """The plan's weight entry for this option (float formats always round to nearest)."""
+        """The plan's weight entry for this option.
+
+        Float formats always round to nearest, and NVFP4 takes its own per-block absmax recipe
+        (observer ``minmax``) whatever the plan's integer weights use.
+        """
         if self.weight_bits is None:
             return None
         granularity = "per_group" if self.group_size is not None else "per_channel"
+        blocked = self.weight_format != "int" and self.group_size is not None
         return WeightConfig(
             self.weight_bits,
             granularity,
-            observer,
+            "minmax" if blocked else observer,
             self.group_size,
             rounding=rounding if self.weight_format == "int" else "nearest",
             format=self.weight_format,

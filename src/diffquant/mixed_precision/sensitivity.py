@@ -129,6 +129,8 @@ def quantize_only(
     if not isinstance(original, QUANTIZABLE) or isinstance(original, (QuantLinear, QuantConv2d)):
         raise ValueError(f"{name!r} is not a float Linear/Conv2d layer")
     cls = QuantLinear if isinstance(original, nn.Linear) else QuantConv2d
+    if weight_format != "int" and FLOAT_FORMATS[weight_format].block_size is not None:
+        weight_observer = "minmax"  # NVFP4's per-block absmax recipe, as its plan entry takes
     replacement = cls.from_float(
         original,
         weight_bits,
