@@ -6,10 +6,10 @@ and condition accuracy (mean and std over seeds), and selection time. One pool (
 trajectories, DDIM 50, the default spec's) and one set of pool features serve every row.
 
 ``density_diversity`` is EDA-DM's official TDAC (:mod:`diffquant.calibration.selection`, features
-of the mid-block attention's input). The baseline ``density_diversity_v0`` is the library's
-selection before issue 16, kept here only for this comparison: features of the mid block's output
-averaged over the samples of each timestep, the same weight formula on the means, then
-farthest-point (k-center) selection inside each timestep.
+of the mid-block attention's input). ``density_diversity_v0`` is the library's selection before
+issue 16, now the strategy ``density_diversity_kcenter`` (the same weight formula on each
+timestep's mean feature, then farthest-point selection inside each timestep), run here on the
+features it used then: the mid block's output (``calibration.feature_module: mid_block``).
 Writes ``bench/results/calibration.json`` and the ``calibration`` table of BENCHMARKS.md.
 
 Run: ``.venv/bin/python bench/calibration.py`` (about 30 minutes on 2 cores with the default
@@ -25,18 +25,15 @@ import argparse
 import statistics
 import time
 
-import torch
 from common import machine, replace_section, write_results
 
 from diffquant.calibration.pool import collect_pool, subset
 from diffquant.calibration.selection import (
     STRATEGIES,
     SelectionParams,
-    _fit_counts,
-    _largest_remainder,
-    _timestep_groups,
     pool_features,
     select,
+    select_density_diversity_kcenter,
 )
 from diffquant.data import load_digits_split
 from diffquant.evaluation import evaluate_model
@@ -55,58 +52,14 @@ V0 = "density_diversity_v0"
 V0_FEATURE_MODULE = "mid_block"
 
 
-def _v0_weights(t: torch.Tensor, features: torch.Tensor, params: SelectionParams) -> torch.Tensor:
-    """Before issue 16: the EDA-DM formula on each timestep's mean feature."""
-    _, groups = _timestep_groups(t)
-    flat = features.reshape(features.shape[0], -1).double()
-    means = torch.stack([flat[g].mean(0) for g in groups])
-    sq = torch.cdist(means, means).pow(2) / means.shape[1]
-    off = ~torch.eye(len(groups), dtype=torch.bool)
-    radius = params.radius if params.radius is not None else float(sq[off].median())
-    density = ((sq <= radius) & off).sum(1).double()
-    unit = torch.nn.functional.normalize(means, dim=1)
-    diversity = ((1 - unit @ unit.T) * off).sum(1)
-
-    def minmax(v: torch.Tensor) -> torch.Tensor:
-        span = v.max() - v.min()
-        return (v - v.min()) / span if span > 0 else torch.ones_like(v)
-
-    return minmax(density) + params.diversity_weight * minmax(diversity)
-
-
-def _farthest_points(points: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
-    """Greedy k-center from a seeded random start."""
-    n = points.shape[0]
-    if k >= n:
-        return torch.arange(n)
-    chosen = [int(torch.randint(n, (1,), generator=generator))]
-    distance = torch.cdist(points, points[chosen[-1]][None]).squeeze(1)
-    for _ in range(k - 1):
-        chosen.append(int(torch.argmax(distance)))
-        distance = torch.minimum(distance, torch.cdist(points, points[chosen[-1]][None]).squeeze(1))
-    return torch.tensor(chosen)
-
-
-def select_v0(t: torch.Tensor, features: torch.Tensor, size: int, seed: int, params: SelectionParams) -> torch.Tensor:
-    """The pre-issue-16 ``density_diversity``: mean-feature weights, k-center within each timestep."""
-    _, groups = _timestep_groups(t)
-    weights = _v0_weights(t, features, params)
-    capacity = torch.tensor([g.numel() for g in groups])
-    counts = _fit_counts(_largest_remainder(weights, size), capacity, size)
-    generator = torch.Generator().manual_seed(seed)
-    flat = features.reshape(features.shape[0], -1).float()
-    chosen = [
-        idx[_farthest_points(flat[idx], k, generator)] for idx, k in zip(groups, counts.tolist(), strict=True) if k
-    ]
-    return torch.cat(chosen).sort().values
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--sizes", default="32,128,512")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--strategies", default=",".join([*STRATEGIES, V0]))
+    parser.add_argument(
+        "--strategies", default=",".join([*(s for s in STRATEGIES if s != "density_diversity_kcenter"), V0])
+    )
     parser.add_argument("--settings", default="W8A6,W8A4,W4A8", help="settings by their first word, in order")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -149,7 +102,7 @@ def main() -> None:
                 for seed in range(args.seeds):
                     start = time.perf_counter()
                     if strategy == V0:
-                        chosen = select_v0(pool.t, v0_features, size, seed, params)
+                        chosen = select_density_diversity_kcenter(pool.t, v0_features, size, seed, params)
                     else:
                         chosen = select(pool, strategy, size, seed, features, params)
                     select_seconds = time.perf_counter() - start
@@ -205,8 +158,8 @@ def _write(rows: list[dict], context: dict) -> None:
         f"{fp.metrics['accuracy']:.4f}, FD to real {fp.metrics['fd_real']:.2f}. Select s: the strategy alone "
         "(features are computed once per pool and shared). `density_diversity` is EDA-DM's official TDAC "
         f"(per-sample features, random draws within a timestep); `{V0}` is the selection before issue 16 "
-        "(mean feature per timestep of the mid block's output, k-center within a timestep), kept in the "
-        "script as a baseline.",
+        "(mean feature per timestep of the mid block's output, k-center within a timestep), the library's "
+        "`density_diversity_kcenter` on those features.",
         "",
         "| setting | size | strategy | FD to FP | accuracy | select s |",
         "|---|---|---|---|---|---|",

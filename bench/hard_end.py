@@ -97,11 +97,10 @@ SHIFT = ("quantize.activation.shift=channel",)
 SMOOTH = ("quantize.smooth={alpha: 0.5}",)
 SMOOTH_SEARCH = ("quantize.smooth={search: true}",)
 GPTQ = ("quantize.weight.rounding=gptq",)
-FP8 = (
-    "quantize.weight={bits: 8, format: fp8_e4m3, granularity: per_channel, observer: minmax}",
-    "quantize.activation={bits: 8, format: fp8_e4m3}",
-    "export.device_class=ada",
-)
+FP8_WEIGHTS = "quantize.weight={bits: 8, format: fp8_e4m3, granularity: per_channel, observer: minmax}"
+FP8_INPUTS = "quantize.activation={bits: 8, format: fp8_e4m3}"
+ADA = "export.device_class=ada"
+FP8 = (FP8_WEIGHTS, FP8_INPUTS, ADA)
 
 
 def low_rank(rank: int) -> tuple[str, ...]:
@@ -126,6 +125,12 @@ def outlier_rows(model: str) -> list[Row]:
         Row(group, model, "W8A8 FP8 E4M3 (min-max, device class ada)", FP8),
         Row(group, model, "W4A8 naive (min-max)", W4A8),
         Row(group, model, "W4A8 MSE + SVDQuant (smooth 0.5 + rank 8)", (*W4A8, *MSE, *SMOOTH, *low_rank(8))),
+        Row(
+            group,
+            model,
+            "W4A8 MSE + shift + SVDQuant (smooth 0.5 + rank 32)",
+            (*W4A8, *MSE, *SHIFT, *SMOOTH, *low_rank(32)),
+        ),
     ]
 
 
@@ -191,16 +196,18 @@ ROWS: list[Row] = [
     Row(
         DIT,
         "digits-dit",
-        "configs/digits-dit-w4a8.yaml: W4A8 MSE + shift + SVDQuant (smooth 0.5 + rank 16)",
-        (),
-        str(DIT_PRESET),
+        "W4A8 MSE + shift + SVDQuant (smooth 0.5 + rank 16)",
+        (*DIT_W4A8, *SHIFT, *SMOOTH, *low_rank(16)),
     ),
     Row(
         DIT,
         "digits-dit",
-        "W4A8 MSE + shift + SVDQuant (smooth 0.5 + rank 32)",
-        (*DIT_W4A8, *SHIFT, *SMOOTH, *low_rank(32)),
+        "configs/digits-dit-w4a8.yaml: W4A8 MSE + shift + SVDQuant (smooth 0.5 + rank 32)",
+        (),
+        str(DIT_PRESET),
     ),
+    Row(FP8_GROUP, "digits-dit", "W8A8 FP8 weights, INT8 inputs (which half loses)", (FP8_WEIGHTS, ADA)),
+    Row(FP8_GROUP, "digits-dit", "W8A8 INT8 weights, FP8 inputs (which half loses)", (FP8_INPUTS, ADA)),
     *[
         row
         for name in ("digits-unet", "digits-dit", "digits-t2i")

@@ -140,7 +140,9 @@ class CalibrationSpec(_Strict):
     class label per line) sets their conditions for user models, else classes cycle.
     """
 
-    strategy: Literal["random", "uniform_timesteps", "normal_timesteps", "density_diversity"] = "density_diversity"
+    strategy: Literal[
+        "random", "uniform_timesteps", "normal_timesteps", "density_diversity", "density_diversity_kcenter"
+    ] = "density_diversity"
     size: int = Field(256, ge=1, le=MAX_COUNT)
     seed: int = Field(0, ge=0, le=MAX_SEED)
     trajectories: int = Field(

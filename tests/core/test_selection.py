@@ -8,6 +8,8 @@ from hypothesis import strategies as st
 from diffquant.calibration.selection import (
     STRATEGIES,
     SelectionParams,
+    farthest_points,
+    mean_feature_weights,
     pair_statistics,
     paired_slots,
     select_indices,
@@ -200,3 +202,51 @@ def test_a_selection_that_takes_the_whole_pool_is_refused_naming_the_size():
     with pytest.raises(ConfigError, match=r"^size: 8 takes the whole candidate pool of 8 inputs"):
         select_calibration(pool, model, CalibrationSpec(strategy="random", size=8))
     assert len(select_calibration(pool, model, CalibrationSpec(strategy="random", size=7)).sqnr) == 1
+
+
+def test_kcenter_weights_match_a_brute_force_of_the_mean_feature_formula():
+    t, f = make_pool()
+    params = SelectionParams()
+    weights = mean_feature_weights(t, f, params)
+    steps = sorted(torch.unique(t).tolist())
+    means = [f[t == s].double().mean(0) for s in steps]
+    n = len(steps)
+    sq = [[float(((means[i] - means[j]) ** 2).mean()) for j in range(n)] for i in range(n)]
+    off = [sq[i][j] for i in range(n) for j in range(n) if i != j]
+    radius = sorted(off)[(len(off) - 1) // 2]  # torch's median: the lower middle value
+    density = torch.tensor([sum(1 for j in range(n) if j != i and sq[i][j] <= radius) for i in range(n)]).double()
+    cos = [
+        [float(torch.nn.functional.cosine_similarity(means[i], means[j], dim=0)) for j in range(n)] for i in range(n)
+    ]
+    diversity = torch.tensor([sum(1 - cos[i][j] for j in range(n) if j != i) for i in range(n)]).double()
+
+    def norm(v):
+        return (v - v.min()) / (v.max() - v.min())
+
+    assert torch.allclose(weights, norm(density) + params.diversity_weight * norm(diversity), atol=1e-9)
+
+
+def test_kcenter_picks_the_greedy_farthest_points_within_each_timestep():
+    t, f = make_pool()
+    chosen = select_indices(t, f, "density_diversity_kcenter", 60, 3)
+    for step in torch.unique(t[chosen]).tolist():
+        idx = torch.nonzero(t == step).squeeze(1)
+        picked = [i for i in chosen.tolist() if int(t[i]) == step]
+        k = len(picked)
+        if k < 3 or k >= idx.numel():
+            continue
+        points = f[idx].float()
+        # greedy oracle: every pick after the first is the point farthest from those before it
+        order = farthest_points(points, k, torch.Generator().manual_seed(0))
+        assert len(set(order.tolist())) == k
+        for m in range(1, k):
+            before = points[order[:m]]
+            gaps = torch.cdist(points, before).min(1).values
+            assert float(gaps[order[m]]) == pytest.approx(float(gaps.max()))
+        assert set(idx[farthest_points(points, k, torch.Generator().manual_seed(0))].tolist()) <= set(idx.tolist())
+
+
+def test_kcenter_needs_features():
+    t, _ = make_pool()
+    with pytest.raises(DataError, match="density_diversity_kcenter needs denoiser features"):
+        select_indices(t, None, "density_diversity_kcenter", 10, 0)

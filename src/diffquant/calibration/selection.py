@@ -15,6 +15,11 @@
   timestep gets ``w_t / sum(w) * size`` samples (largest remainders), drawn at random within it.
   The pairwise statistics come from two ``T x T`` Gram matrices accumulated over chunks of
   trajectories, so memory stays ``O(T x chunk x feature)``, never ``N x N x C x H x W``.
+- ``density_diversity_kcenter``: the library's selection before issue 16, kept because it measured
+  better on digits-unet (BENCHMARKS.md "Calibration-set selection"): the same weight formula on each
+  timestep's mean feature (density from squared distances between timestep means, diversity
+  ``1 - cos`` between them), then greedy farthest-point (k-center) selection of that many samples
+  inside each timestep, from a seeded random start. ``O(N_t^2)`` distances per timestep.
 
 Every strategy returns sorted, unique pool indices. Where a timestep has fewer candidates than
 its share, the excess goes to the timesteps nearest to it that still have room.
@@ -39,7 +44,9 @@ from diffquant.spec import CalibrationSpec
 if TYPE_CHECKING:
     from diffquant.models.loading import DiffusionModel
 
-STRATEGIES = ("random", "uniform_timesteps", "normal_timesteps", "density_diversity")
+STRATEGIES = ("random", "uniform_timesteps", "normal_timesteps", "density_diversity", "density_diversity_kcenter")
+FEATURE_STRATEGIES = frozenset({"density_diversity", "density_diversity_kcenter"})
+"""Strategies that read denoiser features of the pool."""
 
 
 @dataclass(frozen=True)
@@ -209,12 +216,7 @@ def timestep_weights(t: torch.Tensor, features: torch.Tensor, params: SelectionP
     radius = params.radius if params.radius is not None else float(mse[off].median()) if off.any() else 0.0
     density = ((mse <= radius) & off).sum(1).double()
     diversity = (cosine * off).sum(1)
-
-    def minmax(v: torch.Tensor) -> torch.Tensor:
-        span = v.max() - v.min()
-        return (v - v.min()) / span if span > 0 else torch.ones_like(v)
-
-    return minmax(density) + params.diversity_weight * minmax(diversity)
+    return _minmax(density) + params.diversity_weight * _minmax(diversity)
 
 
 def select_density_diversity(
@@ -231,11 +233,63 @@ def select_density_diversity(
     return _random_within(groups, counts, torch.Generator().manual_seed(seed))
 
 
+def _minmax(v: torch.Tensor) -> torch.Tensor:
+    span = v.max() - v.min()
+    return (v - v.min()) / span if span > 0 else torch.ones_like(v)
+
+
+def mean_feature_weights(t: torch.Tensor, features: torch.Tensor, params: SelectionParams) -> torch.Tensor:
+    """``norm(D) + lambda * norm(V)`` per timestep from each timestep's mean feature (``density_diversity_kcenter``)."""
+    _, groups = _timestep_groups(t)
+    flat = features.reshape(features.shape[0], -1).double()
+    means = torch.stack([flat[g].mean(0) for g in groups])
+    sq = torch.cdist(means, means).pow(2) / means.shape[1]
+    off = ~torch.eye(len(groups), dtype=torch.bool)
+    radius = params.radius if params.radius is not None else float(sq[off].median()) if off.any() else 0.0
+    density = ((sq <= radius) & off).sum(1).double()
+    unit = torch.nn.functional.normalize(means, dim=1)
+    diversity = ((1 - unit @ unit.T) * off).sum(1)
+    return _minmax(density) + params.diversity_weight * _minmax(diversity)
+
+
+def farthest_points(points: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """Greedy k-center: a seeded random start, then each next point farthest from those chosen."""
+    n = points.shape[0]
+    if k >= n:
+        return torch.arange(n)
+    chosen = [int(torch.randint(n, (1,), generator=generator))]
+    distance = torch.cdist(points, points[chosen[-1]][None]).squeeze(1)
+    for _ in range(k - 1):
+        chosen.append(int(torch.argmax(distance)))
+        distance = torch.minimum(distance, torch.cdist(points, points[chosen[-1]][None]).squeeze(1))
+    return torch.tensor(chosen)
+
+
+def select_density_diversity_kcenter(
+    t: torch.Tensor, features: torch.Tensor | None, size: int, seed: int, params: SelectionParams
+) -> torch.Tensor:
+    """Mean-feature timestep weights, then k-center selection within each timestep."""
+    if features is None:
+        raise DataError("density_diversity_kcenter needs denoiser features for the pool")
+    _, groups = _timestep_groups(t)
+    weights = mean_feature_weights(t, features, params)
+    if float(weights.sum()) <= 0:
+        weights = torch.ones_like(weights)
+    counts = _fit_counts(_largest_remainder(weights, size), torch.tensor([g.numel() for g in groups]), size)
+    generator = torch.Generator().manual_seed(seed)
+    flat = features.reshape(features.shape[0], -1).float()
+    chosen = [
+        idx[farthest_points(flat[idx], k, generator)] for idx, k in zip(groups, counts.tolist(), strict=True) if k
+    ]
+    return torch.cat(chosen).sort().values
+
+
 SELECTORS: dict[str, Callable[..., torch.Tensor]] = {
     "random": select_random,
     "uniform_timesteps": select_uniform_timesteps,
     "normal_timesteps": select_normal_timesteps,
     "density_diversity": select_density_diversity,
+    "density_diversity_kcenter": select_density_diversity_kcenter,
 }
 
 
@@ -251,7 +305,7 @@ def select_indices(
 
     Args:
         t: Timestep of every pool entry.
-        features: Denoiser features of every pool entry (needed by ``density_diversity``).
+        features: Denoiser features of every pool entry (needed by the :data:`FEATURE_STRATEGIES`).
         strategy: One of :data:`STRATEGIES`.
         size: Number of indices.
         seed: Selection seed.
@@ -368,7 +422,7 @@ def select_calibration(
     cal = config or CalibrationSpec()
     start = time.perf_counter()
     features = None
-    if with_features or cal.strategy == "density_diversity":
+    if with_features or cal.strategy in FEATURE_STRATEGIES:
         module = cal.feature_module or model.family_info.feature_module
         features = pool_features(model.unet, pool, model.conditional, module, batch_size or cal.batch_size)
     params = SelectionParams(
