@@ -387,7 +387,7 @@ def _interruptible() -> Iterator[None]:
     """
     import prefect.utilities.engine as engine
 
-    from diffquant.registry.tracking import Interrupted, clear_interrupted
+    from diffquant.registry.tracking import Interrupted, clear_interrupted, note_interrupt
 
     clear_interrupted()
     if threading.current_thread() is not threading.main_thread():
@@ -403,6 +403,7 @@ def _interruptible() -> Iterator[None]:
 
     def prefect_sigterm(signum: int, *args: object) -> NoReturn:
         redelivery.arm(signum)
+        note_interrupt(signal.Signals(signum).name)  # before Prefect's engine can turn it into another error
         prefect_handler(signum, *args)
         raise AssertionError("unreachable: Prefect's handler raises")
 

@@ -102,11 +102,22 @@ class Interrupted(KeyboardInterrupt):
         """Remember which signal stopped the process."""
         super().__init__(signal_name)
         self.signal_name = signal_name
-        global _INTERRUPTED_BY
-        _INTERRUPTED_BY = signal_name
+        note_interrupt(signal_name)
 
 
 _INTERRUPTED_BY: str | None = None
+
+
+def note_interrupt(signal_name: str) -> None:
+    """Record that ``signal_name`` asked this process to stop.
+
+    A signal handler calls it before anything can raise: Prefect's SIGTERM handler raises its own
+    ``TerminationSignal``, which Prefect's engine can turn into another error (seen: ``ValueError:
+    Task run is not set`` when the signal lands while a task run starts); the record lets the CLI
+    and :func:`tracked_run` still treat that error as the interrupt.
+    """
+    global _INTERRUPTED_BY
+    _INTERRUPTED_BY = signal_name
 
 
 def interrupted_by() -> str | None:
