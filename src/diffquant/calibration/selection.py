@@ -219,17 +219,34 @@ def timestep_weights(t: torch.Tensor, features: torch.Tensor, params: SelectionP
     return _minmax(density) + params.diversity_weight * _minmax(diversity)
 
 
+def _weighted_counts(
+    strategy: str,
+    weigh: Callable[[torch.Tensor, torch.Tensor, SelectionParams], torch.Tensor],
+    t: torch.Tensor,
+    features: torch.Tensor | None,
+    size: int,
+    params: SelectionParams,
+) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """``(timestep groups, samples per timestep, features)`` of a feature-weighted strategy.
+
+    Raises:
+        DataError: If the pool has no features.
+    """
+    if features is None:
+        raise DataError(f"{strategy} needs denoiser features for the pool")
+    _, groups = _timestep_groups(t)
+    weights = weigh(t, features, params)
+    if float(weights.sum()) <= 0:
+        weights = torch.ones_like(weights)
+    counts = _fit_counts(_largest_remainder(weights, size), torch.tensor([g.numel() for g in groups]), size)
+    return groups, counts, features
+
+
 def select_density_diversity(
     t: torch.Tensor, features: torch.Tensor | None, size: int, seed: int, params: SelectionParams
 ) -> torch.Tensor:
     """EDA-DM's allocation over timesteps, samples drawn at random within each timestep."""
-    if features is None:
-        raise DataError("density_diversity needs denoiser features for the pool")
-    _, groups = _timestep_groups(t)
-    weights = timestep_weights(t, features, params)
-    if float(weights.sum()) <= 0:
-        weights = torch.ones_like(weights)
-    counts = _fit_counts(_largest_remainder(weights, size), torch.tensor([g.numel() for g in groups]), size)
+    groups, counts, _ = _weighted_counts("density_diversity", timestep_weights, t, features, size, params)
     return _random_within(groups, counts, torch.Generator().manual_seed(seed))
 
 
@@ -269,15 +286,11 @@ def select_density_diversity_kcenter(
     t: torch.Tensor, features: torch.Tensor | None, size: int, seed: int, params: SelectionParams
 ) -> torch.Tensor:
     """Mean-feature timestep weights, then k-center selection within each timestep."""
-    if features is None:
-        raise DataError("density_diversity_kcenter needs denoiser features for the pool")
-    _, groups = _timestep_groups(t)
-    weights = mean_feature_weights(t, features, params)
-    if float(weights.sum()) <= 0:
-        weights = torch.ones_like(weights)
-    counts = _fit_counts(_largest_remainder(weights, size), torch.tensor([g.numel() for g in groups]), size)
+    groups, counts, feats = _weighted_counts(
+        "density_diversity_kcenter", mean_feature_weights, t, features, size, params
+    )
     generator = torch.Generator().manual_seed(seed)
-    flat = features.reshape(features.shape[0], -1).float()
+    flat = feats.reshape(feats.shape[0], -1).float()
     chosen = [
         idx[farthest_points(flat[idx], k, generator)] for idx, k in zip(groups, counts.tolist(), strict=True) if k
     ]
