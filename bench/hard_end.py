@@ -25,7 +25,7 @@ replace those of an earlier run in the JSON (same ``--samples``), and the table 
 stored rows. Two processes may run different
 groups at once (``OMP_NUM_THREADS=1`` each); the JSON is locked around every write.
 
-Run: ``.venv/bin/python bench/hard_end.py`` (62 rows, about 90 minutes on 2 idle cores).
+Run: ``.venv/bin/python bench/hard_end.py`` (64 rows, about 90 minutes on 2 idle cores).
 """
 
 from __future__ import annotations
@@ -358,7 +358,7 @@ def quantize_row(bench: ModelBench, spec: CompressionSpec) -> tuple[DiffusionMod
             calib,
             calibration=spec.calibration,
             target=spec.export.target,
-            device_class=spec.export.device,
+            device_class=spec.export.device.name,
         ).plan
     if spec.finetune is not None:
         done = diffquant.finetune(model, bench.model, spec.finetune, bench.pool(spec))

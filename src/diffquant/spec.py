@@ -669,6 +669,17 @@ class RuntimeSpec(_Strict):
         return data
 
 
+def _device_class_hint(w_format: str, a_format: str) -> str:
+    """``; set export.device_class to ...``: the classes that run these formats on Linear layers (empty if none)."""
+    runs = [
+        name for name, entry in DEVICE_CLASSES.items() if entry.format_problem("linear", w_format, a_format) is None
+    ]
+    if not runs:
+        return ""
+    names = runs[0] if len(runs) == 1 else f"{', '.join(runs[:-1])} or {runs[-1]}"
+    return f"; set export.device_class to {names}"
+
+
 class CompressionSpec(_Strict):
     """Everything one ``diffquant compress`` run needs."""
 
@@ -705,14 +716,9 @@ class CompressionSpec(_Strict):
         for part, fmt, w_format, a_format in offered:
             problems = [device.format_problem(kind, w_format, a_format) for kind in ("linear", "conv")]
             if all(problem is not None for problem in problems):
-                runs = [
-                    name
-                    for name, entry in DEVICE_CLASSES.items()
-                    if entry.format_problem("linear", w_format, a_format) is None
-                ]
-                hint = f"; set export.device_class to one of {', '.join(runs)}" if runs else ""
                 raise ValueError(
-                    f"allocation.{part}_formats {fmt} cannot run on device class {device.name}: {problems[0]}{hint}"
+                    f"allocation.{part}_formats {fmt} cannot run on device class {device.name}: {problems[0]}"
+                    f"{_device_class_hint(w_format, a_format)}"
                 )
         return self
 
@@ -756,14 +762,9 @@ class CompressionSpec(_Strict):
         device = self.export.device
         problem = device.format_problem("linear", w_format, a_format)
         if problem is not None:
-            runs = [
-                name
-                for name, entry in DEVICE_CLASSES.items()
-                if entry.format_problem("linear", w_format, a_format) is None
-            ]
-            hint = f"; set export.device_class to {', '.join(runs[:-1])} or {runs[-1]}" if len(runs) > 1 else ""
-            hint = f"; set export.device_class to {runs[0]}" if len(runs) == 1 else hint
-            raise ValueError(f"{key} {fmt} cannot run on device class {device.name}: {problem}{hint}")
+            raise ValueError(
+                f"{key} {fmt} cannot run on device class {device.name}: {problem}{_device_class_hint(w_format, a_format)}"
+            )
         return self
 
     @model_validator(mode="after")

@@ -220,33 +220,33 @@ def timestep_weights(t: torch.Tensor, features: torch.Tensor, params: SelectionP
 
 
 def _weighted_counts(
-    strategy: str,
     weigh: Callable[[torch.Tensor, torch.Tensor, SelectionParams], torch.Tensor],
     t: torch.Tensor,
-    features: torch.Tensor | None,
+    features: torch.Tensor,
     size: int,
     params: SelectionParams,
-) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-    """``(timestep groups, samples per timestep, features)`` of a feature-weighted strategy.
-
-    Raises:
-        DataError: If the pool has no features.
-    """
-    if features is None:
-        raise DataError(f"{strategy} needs denoiser features for the pool")
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """``(timestep groups, samples per timestep)`` of a strategy that weighs timesteps by ``weigh``."""
     _, groups = _timestep_groups(t)
     weights = weigh(t, features, params)
     if float(weights.sum()) <= 0:
         weights = torch.ones_like(weights)
     counts = _fit_counts(_largest_remainder(weights, size), torch.tensor([g.numel() for g in groups]), size)
-    return groups, counts, features
+    return groups, counts
+
+
+def _require_features(strategy: str, features: torch.Tensor | None) -> torch.Tensor:
+    if features is None:
+        raise DataError(f"{strategy} needs denoiser features for the pool")
+    return features
 
 
 def select_density_diversity(
     t: torch.Tensor, features: torch.Tensor | None, size: int, seed: int, params: SelectionParams
 ) -> torch.Tensor:
     """EDA-DM's allocation over timesteps, samples drawn at random within each timestep."""
-    groups, counts, _ = _weighted_counts("density_diversity", timestep_weights, t, features, size, params)
+    features = _require_features("density_diversity", features)
+    groups, counts = _weighted_counts(timestep_weights, t, features, size, params)
     return _random_within(groups, counts, torch.Generator().manual_seed(seed))
 
 
@@ -286,11 +286,10 @@ def select_density_diversity_kcenter(
     t: torch.Tensor, features: torch.Tensor | None, size: int, seed: int, params: SelectionParams
 ) -> torch.Tensor:
     """Mean-feature timestep weights, then k-center selection within each timestep."""
-    groups, counts, feats = _weighted_counts(
-        "density_diversity_kcenter", mean_feature_weights, t, features, size, params
-    )
+    features = _require_features("density_diversity_kcenter", features)
+    groups, counts = _weighted_counts(mean_feature_weights, t, features, size, params)
     generator = torch.Generator().manual_seed(seed)
-    flat = feats.reshape(feats.shape[0], -1).float()
+    flat = features.reshape(features.shape[0], -1).float()
     chosen = [
         idx[farthest_points(flat[idx], k, generator)] for idx, k in zip(groups, counts.tolist(), strict=True) if k
     ]

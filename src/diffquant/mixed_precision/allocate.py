@@ -19,6 +19,7 @@ from diffquant.mixed_precision.costs import (
     WeightChoice,
     build_problem,
     cross_attention_blocks,
+    grid_options,
     group_fits,
     layer_macs,
     option_name,
@@ -30,7 +31,6 @@ from diffquant.mixed_precision.solver import Allocation, AllocationInfeasibleErr
 from diffquant.models.families import matching_layers
 from diffquant.models.loading import DiffusionModel
 from diffquant.outlier_tokens import detect_outlier_tokens, fp_token_outputs
-from diffquant.quant.float_formats import FLOAT_FORMATS
 from diffquant.quant.gptq import collect_hessians, gptq_supported, hessian_groups
 from diffquant.quant.modules import groups_allowed
 from diffquant.quant.plan import (
@@ -203,7 +203,7 @@ def check_allocation(model: DiffusionModel, config: AllocationSpec, classifier_f
     """
     content_layers(model, config)
     content_metric(config, model, classifier_fits)
-    _pins(config, quantizable_layers(model.unet), set(candidate_options(config)))
+    _pins(config, quantizable_layers(model.unet))
 
 
 def read_latency_table(path: str) -> dict[str, dict[str, float]]:
@@ -234,25 +234,15 @@ def candidate_options(config: AllocationSpec) -> dict[str, tuple[int | None, int
 
 
 def allocation_options(config: AllocationSpec) -> dict[str, Option]:
-    """Every option the allocation offers, by name, in the program's column order.
+    """Every option the allocation offers, by name, in the program's column order (:func:`grid_options`).
 
-    The integer grid of :func:`candidate_options` (each per-channel weight also with a float16
-    low-rank branch of every nonzero rank in ``config.ranks``: ``w4a8r16``), then the float
-    weight formats of ``config.weight_formats`` at their own widths (NVFP4 in its blocks of 16);
-    every weight candidate pairs with every input candidate: the integer ``activation_bits`` and
-    the FP8 ``activation_formats`` (8 bits).
+    The integer grid of :func:`candidate_options`, each per-channel weight also with a float16
+    low-rank branch of every nonzero rank in ``config.ranks`` (``w4a8r16``), then the float weight
+    formats of ``config.weight_formats``; every weight candidate pairs with every input candidate:
+    the integer ``activation_bits`` and the FP8 ``activation_formats``.
     """
     w_opts, a_bits = _candidates(config)
-    acts: list[tuple[int | None, str]] = [(a, "int") for a in a_bits]
-    acts += [(8, fmt) for fmt in config.activation_formats]
-    ranks = list(dict.fromkeys(config.ranks)) or [0]
-    weights: list[tuple[int | None, int | None, int, str]] = [
-        (w, g, r, "int") for w, g in w_opts for r in (ranks if w is not None and g is None else [0])
-    ]
-    for fmt in config.weight_formats:
-        spec = FLOAT_FORMATS[fmt]
-        weights.append((spec.bits, spec.block_size, 0, fmt))
-    options = [Option(w, g, a, r, wf, af) for w, g, r, wf in weights for a, af in acts]
+    options = grid_options(w_opts, a_bits, config.ranks, config.weight_formats, config.activation_formats)
     return {option.name: option for option in options}
 
 
@@ -292,15 +282,12 @@ def _latency_gaps(
     return gaps
 
 
-def _allowed_options(
-    modules: dict[str, nn.Module], choices: Mapping[str, Option | tuple[int | None, int | None, int | None]]
-) -> dict[str, list[str]]:
+def _allowed_options(modules: dict[str, nn.Module], choices: Mapping[str, Option]) -> dict[str, list[str]]:
     """Each layer's options before latency is consulted (group sizes must divide its input channels)."""
-    groups = {o: c.group_size if isinstance(c, Option) else c[1] for o, c in choices.items()}
     allowed = {}
     for name, module in modules.items():
         channels = _group_channels(module)
-        allowed[name] = [o for o, g in groups.items() if group_fits(channels, g)]
+        allowed[name] = [o for o, option in choices.items() if group_fits(channels, option.group_size)]
     return allowed
 
 
@@ -316,7 +303,8 @@ def latency_gaps(unet: nn.Module, config: AllocationSpec) -> list[dict[str, str]
         return []
     modules = {name: unet.get_submodule(name) for name in quantizable_layers(unet)}
     table = read_latency_file(config.latency_table)
-    return _latency_gaps(table, config.latency_table, _allowed_options(modules, candidate_options(config)), {})
+    grid = {name: Option(*choice) for name, choice in candidate_options(config).items()}
+    return _latency_gaps(table, config.latency_table, _allowed_options(modules, grid), {})
 
 
 def _group_channels(layer: nn.Module) -> int:
@@ -329,10 +317,18 @@ def _layer_kind(layer: nn.Module) -> str:
     return "conv" if isinstance(layer, nn.Conv2d) else "linear"
 
 
+def _option_problem(device: DeviceClass, kind: str, option: Option) -> str | None:
+    """Why ``device`` cannot run ``option`` on a ``kind`` layer (its formats, then its integer weight); None if it can."""
+    problem = device.format_problem(kind, option.weight_format, option.act_format)
+    if problem is None and option.weight_bits is not None and option.weight_format == "int":
+        problem = device.weight_problem(kind, option.weight_bits, option.group_size)
+    return problem
+
+
 def device_filter(
     device: DeviceClass,
     kinds: dict[str, str],
-    choices: Mapping[str, Option | tuple[int | None, int | None, int | None]],
+    choices: Mapping[str, Option],
     group_channels: dict[str, int] | None = None,
 ) -> tuple[dict[str, set[str]], dict[str, str]]:
     """The options each layer's device class cannot run, and why (option -> reason, with a layer count).
@@ -340,8 +336,7 @@ def device_filter(
     Args:
         device: The class the plan is for.
         kinds: Layer -> ``conv`` or ``linear``.
-        choices: Option name -> :class:`~diffquant.mixed_precision.costs.Option` (or an integer
-            ``(weight bits, group size, activation bits)``).
+        choices: Option name -> :class:`~diffquant.mixed_precision.costs.Option`.
         group_channels: Layer -> input channels groups may split; a group-wise option a layer
             cannot take anyway (the size does not divide them) is not counted as removed.
 
@@ -350,16 +345,12 @@ def device_filter(
     """
     unavailable: dict[str, set[str]] = {}
     why: dict[str, tuple[str, int]] = {}
-    options = {name: c if isinstance(c, Option) else Option(*c) for name, c in choices.items()}
     for layer, kind in kinds.items():
         channels = (group_channels or {}).get(layer)
-        for name, option in options.items():
-            w, g = option.weight_bits, option.group_size
-            if channels is not None and not group_fits(channels, g):
+        for name, option in choices.items():
+            if channels is not None and not group_fits(channels, option.group_size):
                 continue
-            problem = device.format_problem(kind, option.weight_format, option.act_format)
-            if problem is None and w is not None and option.weight_format == "int":
-                problem = device.weight_problem(kind, w, g)
+            problem = _option_problem(device, kind, option)
             if problem is not None:
                 unavailable.setdefault(layer, set()).add(name)
                 count = why.get(name, (problem, 0))[1]
@@ -371,14 +362,14 @@ def device_filter(
     return unavailable, removed
 
 
-def _pins(config: AllocationSpec, names: list[str], valid: set[str]) -> dict[str, str]:
-    """``config.pinned`` resolved: layer -> option.
+def _pins(config: AllocationSpec, names: list[str]) -> dict[str, str]:
+    """``config.pinned`` resolved: layer -> option (any of :func:`allocation_options`).
 
     Raises:
         ConfigError (``pinned``): An option that is not a candidate, or a glob that matches no layer.
     """
     pinned: dict[str, str] = {}
-    valid = valid | set(allocation_options(config))
+    valid = set(allocation_options(config))
     for pattern, option in config.pinned.items():
         if option not in valid:
             raise ConfigError("pinned", f"option {option!r} is not a candidate ({', '.join(sorted(valid))})")
@@ -397,7 +388,7 @@ def family_float_layers(model: DiffusionModel, config: AllocationSpec, names: li
     """
     if config.quantize_family_fp_layers:
         return set()
-    pinned = set(_pins(config, names, set(candidate_options(config))))
+    pinned = set(_pins(config, names))
     return matching_layers(model.family_info.keep_full_precision, names) - pinned
 
 
@@ -461,7 +452,6 @@ def allocate_plan(
     )
     offered = allocation_options(alloc)
     choices = dict(offered)
-    valid = set(choices)
     keep_float = family_float_layers(model, alloc, names)
     float_only = bool(keep_float) and FLOAT_OPTION not in choices  # an option only the family's layers take
     if keep_float:
@@ -471,14 +461,11 @@ def allocate_plan(
     unavailable, removed = (
         device_filter(entry, kinds, choices, inputs.group_channels) if entry is not None else ({}, {})
     )
-    pinned = _pins(alloc, names, valid) | dict.fromkeys(keep_float, FLOAT_OPTION)
+    pinned = _pins(alloc, names) | dict.fromkeys(keep_float, FLOAT_OPTION)
     for name, option in pinned.items():
         if entry is not None and option in unavailable.get(name, ()):
-            raise ConfigError(
-                "pinned",
-                f"{name} is pinned to {option}, which {entry.name} cannot run: "
-                f"{device_filter(entry, {name: kinds[name]}, {option: choices[option]})[1][option]}",
-            )
+            reason = _option_problem(entry, kinds[name], choices[option])
+            raise ConfigError("pinned", f"{name} is pinned to {option}, which {entry.name} cannot run: {reason}")
     metric = alloc.quality_metric
 
     def noise(layer: str, kind: str, bits: int | None, group: int | None, rank: int = 0, fmt: str = "int") -> float:

@@ -12,7 +12,8 @@ from torch import nn
 
 from diffquant.mixed_precision.solver import AllocationProblem
 from diffquant.placement import module_placement, to_module
-from diffquant.quant.config import WeightConfig
+from diffquant.quant.config import WeightConfig, format_observer
+from diffquant.quant.float_formats import FLOAT_FORMATS
 from diffquant.quant.plan import QUANTIZABLE, quantized_weight_bytes, stored_weight_bytes
 
 FLOAT_BITS = 32
@@ -152,11 +153,10 @@ class Option:
         if self.weight_bits is None:
             return None
         granularity = "per_group" if self.group_size is not None else "per_channel"
-        blocked = self.weight_format != "int" and self.group_size is not None
         return WeightConfig(
             self.weight_bits,
             granularity,
-            "minmax" if blocked else observer,
+            format_observer(self.weight_format, observer),
             self.group_size,
             rounding=rounding if self.weight_format == "int" else "nearest",
             format=self.weight_format,
@@ -164,16 +164,24 @@ class Option:
 
 
 def grid_options(
-    weight_options: Sequence[WeightChoice], act_bits: Sequence[int | None], ranks: Sequence[int] = (0,)
+    weight_options: Sequence[WeightChoice],
+    act_bits: Sequence[int | None],
+    ranks: Sequence[int] = (0,),
+    weight_formats: Sequence[str] = (),
+    act_formats: Sequence[str] = (),
 ) -> list[Option]:
-    """Every integer (weight, input) pair, per-channel weights also with each branch rank, in program order."""
+    """Every (weight, input) candidate pair, in program order.
+
+    Weights: the integer ``(bits, group size)`` candidates, each per-channel one also with a branch
+    of every nonzero rank in ``ranks``, then the float ``weight_formats`` at their own widths (NVFP4
+    in its blocks of 16). Inputs: the integer ``act_bits``, then the FP8 ``act_formats`` (8 bits).
+    """
     ranks = list(dict.fromkeys(ranks)) or [0]
-    return [
-        Option(w, g, a, r)
-        for w, g in weight_options
-        for r in (ranks if w is not None and g is None else [0])
-        for a in act_bits
-    ]
+    weights = [(w, g, r, "int") for w, g in weight_options for r in (ranks if w is not None and g is None else [0])]
+    weights += [(FLOAT_FORMATS[f].bits, FLOAT_FORMATS[f].block_size, 0, f) for f in weight_formats]
+    acts: list[tuple[int | None, str]] = [(a, "int") for a in act_bits]
+    acts += [(8, f) for f in act_formats]
+    return [Option(w, g, a, r, wf, af) for w, g, r, wf in weights for a, af in acts]
 
 
 def qkv_groups(layers: Sequence[str], cross_attention: Collection[str] = ()) -> list[list[str]]:

@@ -32,9 +32,10 @@ import torch
 from torch import nn
 
 from diffquant.metrics import sqnr_db
+from diffquant.outliers.calibrate import set_branch_factors
 from diffquant.outliers.low_rank import low_rank_factors
 from diffquant.progress import track
-from diffquant.quant.config import WeightConfig
+from diffquant.quant.config import WeightConfig, format_observer
 from diffquant.quant.float_formats import FLOAT_FORMATS
 from diffquant.quant.gptq import LayerHessian, column_order, gptq_layer
 from diffquant.quant.modules import QuantConv2d, QuantLinear, groups_allowed
@@ -129,13 +130,11 @@ def quantize_only(
     if not isinstance(original, QUANTIZABLE) or isinstance(original, (QuantLinear, QuantConv2d)):
         raise ValueError(f"{name!r} is not a float Linear/Conv2d layer")
     cls = QuantLinear if isinstance(original, nn.Linear) else QuantConv2d
-    if weight_format != "int" and FLOAT_FORMATS[weight_format].block_size is not None:
-        weight_observer = "minmax"  # NVFP4's per-block absmax recipe, as its plan entry takes
     replacement = cls.from_float(
         original,
         weight_bits,
         act_bits,
-        weight_observer,
+        format_observer(weight_format, weight_observer),
         act_observer,
         per_channel=True,
         group_size=group_size,
@@ -164,11 +163,8 @@ def quantize_only(
 
 def _add_branch(original: nn.Module, replacement: QuantLinear | QuantConv2d, rank: int) -> None:
     """Give ``replacement`` a rank-``rank`` float16 branch from ``original``'s weight; requantize the residual."""
-    branch = LowRankBranch(original, rank, "float16").to(original.weight.device)
-    branch.set_factors(*low_rank_factors(original.weight, rank, "float16"))
-    replacement.low_rank = branch
-    assert replacement.weight_quantizer is not None
-    replacement.weight_quantizer.calibrate_from(replacement.weight_to_quantize().detach())
+    replacement.low_rank = LowRankBranch(original, rank, "float16").to(original.weight.device)
+    set_branch_factors(replacement, *low_rank_factors(original.weight, rank, "float16"))
 
 
 def branch_ranks(layer: nn.Module, ranks: Sequence[int]) -> list[int]:

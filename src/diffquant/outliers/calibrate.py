@@ -173,9 +173,15 @@ def install_transforms(unet: nn.Module, tensors: TransformTensors) -> None:
             if transform is not None and transform.shift is not None:
                 transform.shift.copy_(tensors.shift[name])
             if module.low_rank is not None:
-                module.low_rank.set_factors(*tensors.low_rank[name])
-                assert module.weight_quantizer is not None
-                module.weight_quantizer.calibrate_from(module.weight_to_quantize().detach())
+                set_branch_factors(module, *tensors.low_rank[name])
+
+
+def set_branch_factors(module: QuantLinear | QuantConv2d, up: torch.Tensor, down: torch.Tensor) -> None:
+    """Give a quantized layer's branch its factors and recalibrate its weight quantizer on the residual ``W - L1 L2``."""
+    assert module.low_rank is not None and module.weight_quantizer is not None
+    with torch.no_grad():
+        module.low_rank.set_factors(up, down)
+        module.weight_quantizer.calibrate_from(module.weight_to_quantize().detach())
 
 
 def restore_transforms(unet: nn.Module, plan: LayerPlan) -> None:

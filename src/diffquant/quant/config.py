@@ -40,6 +40,11 @@ def format_problem(fmt: str, bits: int | None) -> str | None:
     return None
 
 
+def format_observer(fmt: str, observer: str) -> str:
+    """The weight observer format ``fmt`` takes: ``minmax`` for NVFP4 (its per-block absmax recipe), else ``observer``."""
+    return "minmax" if fmt != "int" and FLOAT_FORMATS[fmt].block_size is not None else observer
+
+
 class WeightConfig(BaseModel):
     """Weight quantization of a layer (signed integers, symmetric).
 
