@@ -19,7 +19,9 @@ measured so far, each row naming the command that produced it:
 - ``zoo``: digits-dit and digits-t2i (``--zoo-models``): uniform W4A8 with the family's float layers, and the mixed W4A8
   plan with the same float layers (family pins) under a bytes budget equal to the uniform plan's bytes,
   its content layers scored by each metric of ``--zoo-content`` (default ``ssim``); ``--zoo-rounding gptq``
-  rounds both plans' integer weights with GPTQ (the rows' names say so).
+  rounds both plans' integer weights with GPTQ and ``--zoo-noise-sum amplitude`` sets the mixed plans'
+  ``allocation.noise_sum`` and ``--zoo-quality psnr`` their ``allocation.quality_metric`` (the rows' names
+  say so).
 
 Sensitivity tables (the long part: GPTQ per layer and option, final-sample content probes) are cached
 under ``$DIFFQUANT_HOME/cache/bench-low-bits`` (default ``.diffquant``): per layer group, keyed on what
@@ -290,6 +292,8 @@ def allocation_extra(bench: Bench, result: AutoQuantizeResult, spec: Compression
         "options": {o: sum(1 for c in choice.values() if c == o) for o in sorted(set(choice.values()))},
         "rounding": weight_rounding(spec.quantize),
         "quantize_family_fp_layers": spec.allocation.quantize_family_fp_layers,
+        "noise_sum": spec.allocation.noise_sum,
+        "quality_metric": spec.allocation.quality_metric,
         "content_metric": content_metric(spec.allocation, bench.model, True),
         "content_layers": len(content_layers(bench.model, spec.allocation)),
         "quantize_seconds": seconds,
@@ -309,6 +313,10 @@ def command(part: str, args: argparse.Namespace) -> str:
         extra += f" --zoo-models {args.zoo_models}"
     if part == "zoo" and args.zoo_rounding != "nearest":
         extra += f" --zoo-rounding {args.zoo_rounding}"
+    if part == "zoo" and args.zoo_noise_sum != "power":
+        extra += f" --zoo-noise-sum {args.zoo_noise_sum}"
+    if part == "zoo" and args.zoo_quality != "sqnr":
+        extra += f" --zoo-quality {args.zoo_quality}"
     return f".venv/bin/python bench/low_bits.py --part {part}{extra}"
 
 
@@ -390,13 +398,18 @@ def part_zoo(args: argparse.Namespace) -> Iterator[dict]:
         yield bench.row(f"uniform W4A8 (family float layers){suffix}", "zoo", cmd, quantized, plan, extra)
         for metric in args.zoo_content.split(","):
             content = ["allocation.content_layers=[]"] if metric == "none" else [f"allocation.content_metric={metric}"]
-            mixed_spec = load_spec(overrides=[*common, ZOO_MIXED.format(bytes=size), *content])
+            objective = [f"allocation.noise_sum={args.zoo_noise_sum}", f"allocation.quality_metric={args.zoo_quality}"]
+            mixed_spec = load_spec(overrides=[*common, ZOO_MIXED.format(bytes=size), *content, *objective])
             student, result, seconds = bench.mixed(mixed_spec)
             extra = allocation_extra(bench, result, mixed_spec, seconds)
             label = f"mixed W4A8 at the uniform plan's bytes (family pins){suffix}"
             label += {"ssim": "", "none": ", content: none (SQNR only)"}.get(
                 metric, f", content: {metric.replace('_', ' ')}"
             )
+            if args.zoo_noise_sum != "power":
+                label += f", noise sum: {args.zoo_noise_sum}"
+            if args.zoo_quality != "sqnr":
+                label += f", quality: {args.zoo_quality}"
             yield bench.row(label, "zoo", cmd, student, result.plan, extra)
 
 
@@ -461,6 +474,18 @@ def main() -> None:
     )
     parser.add_argument(
         "--zoo-rounding", choices=["nearest", "gptq"], default="nearest", help="zoo: weight rounding of both plans"
+    )
+    parser.add_argument(
+        "--zoo-noise-sum",
+        choices=["power", "amplitude"],
+        default="power",
+        help="zoo: allocation.noise_sum of the mixed rows",
+    )
+    parser.add_argument(
+        "--zoo-quality",
+        choices=["sqnr", "psnr"],
+        default="sqnr",
+        help="zoo: allocation.quality_metric of the mixed rows",
     )
     args = parser.parse_args()
     torch.manual_seed(0)

@@ -349,6 +349,13 @@ class AllocationSpec(_Strict):
     cannot run them on (FP4 convolutions) lose those options. Empty (the default, left out of the
     serialized spec): integer options only.
 
+    ``noise_sum`` says how the quality term adds the layers' noise: ``power`` (the default, left
+    out of the serialized spec) sums each part's relative noise power, the model of independent
+    errors, which predicts the one-step denoiser-output SQNR; ``amplitude`` sums its square root,
+    the triangle inequality's bound for errors that add coherently, which predicts the final
+    samples better where errors accumulate along the trajectory (BENCHMARKS.md "How layer noise
+    adds up"). It changes the solve only, not the sensitivity measurement.
+
     ``ranks`` offers SVDQuant low-rank branches as options (issue 15): every quantized weight
     candidate is also offered with a float16 branch of each nonzero rank (``w4a8r16``), its
     sensitivity measured with the branch (only the residual ``W - L1 L2`` quantized) and its
@@ -375,6 +382,11 @@ class AllocationSpec(_Strict):
         "sqnr",
         description="sqnr: denoiser output on calibration inputs (cheap); psnr: final samples vs FP "
         "(content_samples DDIM runs per option and layer)",
+    )
+    noise_sum: Literal["power", "amplitude"] = Field(
+        "power",
+        description="how layers' noise adds up in the objective: power (independent errors) or amplitude "
+        "(errors that add coherently along the sampling trajectory: the sum of sqrt(noise power))",
     )
     content_layers: list[str] | None = Field(
         None, description="globs scored by the content metric too; None: the model family's, [] none"
@@ -438,6 +450,8 @@ class AllocationSpec(_Strict):
         data = handler(self)
         if self.cost == "plan":
             data.pop("cost", None)
+        if self.noise_sum == "power":
+            data.pop("noise_sum", None)
         if self.ranks == [0]:
             data.pop("ranks", None)
         for key in ("weight_formats", "activation_formats"):

@@ -242,6 +242,7 @@ def test_allocation_cost_moves_the_spec_hash_and_no_cached_key():
         ("quantize.weight.rounding", "gptq", True),
         ("allocation.content_metric", "ssim", True),
         ("allocation.quantize_family_fp_layers", True, False),
+        ("allocation.noise_sum", "amplitude", False),
     ],
 )
 def test_fields_left_out_at_their_default_move_the_right_keys(key, value, moves_sensitivity):

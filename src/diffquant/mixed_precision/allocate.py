@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Mapping
 
 import torch
@@ -467,9 +468,11 @@ def allocate_plan(
             reason = _option_problem(entry, kinds[name], choices[option])
             raise ConfigError("pinned", f"{name} is pinned to {option}, which {entry.name} cannot run: {reason}")
     metric = alloc.quality_metric
+    amplitude = alloc.noise_sum == "amplitude"
 
     def noise(layer: str, kind: str, bits: int | None, group: int | None, rank: int = 0, fmt: str = "int") -> float:
-        return table.noise(layer, kind, bits, group, metric, rank, fmt)
+        power = table.noise(layer, kind, bits, group, metric, rank, fmt)
+        return math.sqrt(power) if amplitude else power
 
     latency = read_latency_file(alloc.latency_table) if alloc.latency_table else None
     gaps: list[dict[str, str]] = []
