@@ -20,8 +20,8 @@ measured so far, each row naming the command that produced it:
   plan with the same float layers (family pins) under a bytes budget equal to the uniform plan's bytes,
   its content layers scored by each metric of ``--zoo-content`` (default ``ssim``); ``--zoo-rounding gptq``
   rounds both plans' integer weights with GPTQ and ``--zoo-noise-sum amplitude`` sets the mixed plans'
-  ``allocation.noise_sum`` and ``--zoo-quality psnr`` their ``allocation.quality_metric`` (the rows' names
-  say so).
+  ``allocation.noise_sum`` and ``--zoo-quality psnr`` their ``allocation.quality_metric``; ``--zoo-seeds 0,1,2``
+  evaluates every plan at each noise seed, paired with FP at that seed (the rows' names say so).
 
 Sensitivity tables (the long part: GPTQ per layer and option, final-sample content probes) are cached
 under ``$DIFFQUANT_HOME/cache/bench-low-bits`` (default ``.diffquant``): per layer group, keyed on what
@@ -105,29 +105,33 @@ class Bench:
         self.fp_out = denoiser_outputs(self.model.unet, self.sqnr_in)
         self.calib_sha = hashlib.sha256(self.calib.x.numpy().tobytes() + self.calib.t.numpy().tobytes()).hexdigest()
         self.fp_bytes = sum(p.numel() * 4 for p in self.model.unet.parameters())
-        self._fp: EvalResult | None = None
+        self._fp: dict[int, EvalResult] = {}
 
     @property
     def fp(self) -> EvalResult:
         """The FP evaluation at noise seed 0 (computed on first use, cached on disk)."""
-        if self._fp is None:
-            self._fp = self._fp_result()
-        return self._fp
+        return self.fp_at(0)
 
-    def _fp_result(self) -> EvalResult:
+    def fp_at(self, seed: int) -> EvalResult:
+        """The FP evaluation at noise ``seed`` (computed on first use, cached on disk)."""
+        if seed not in self._fp:
+            self._fp[seed] = self._fp_result(seed)
+        return self._fp[seed]
+
+    def _fp_result(self, seed: int) -> EvalResult:
         a = self.args
-        path = cache_dir() / f"fp-{self.model.name}-{a.samples}-{a.steps}-seed0.safetensors"
+        path = cache_dir() / f"fp-{self.model.name}-{a.samples}-{a.steps}-seed{seed}.safetensors"
         meta = path.with_suffix(".json")
         if path.exists() and meta.exists():
             tensors = load_safetensors(path)
             return EvalResult(tensors["samples"], tensors.get("labels"), json.loads(meta.read_text()))
-        result = self.evaluate(self.model, paired=False)
+        result = self.evaluate(self.model, seed, paired=False)
         save_safetensors({"samples": result.samples, "labels": result.labels}, path)
         meta.write_text(json.dumps(result.metrics))
         return result
 
-    def evaluate(self, model: DiffusionModel, seed: int = 0, paired: bool = True) -> EvalResult:
-        """Sample ``model`` and score it (paired metrics against FP when ``paired``)."""
+    def evaluate(self, model: DiffusionModel, seed: int = 0, paired: bool = True, fp_seed: int = 0) -> EvalResult:
+        """Sample ``model`` at noise ``seed`` and score it (paired metrics against FP at ``fp_seed`` when ``paired``)."""
         a = self.args
         return evaluate_model(
             model,
@@ -137,7 +141,7 @@ class Bench:
             1000,
             self.classifier,
             self.real,
-            fp=self.fp if paired else None,
+            fp=self.fp_at(fp_seed) if paired else None,
             sqnr_inputs=self.sqnr_in if paired else None,
             fp_outputs=self.fp_out if paired else None,
         )
@@ -202,14 +206,18 @@ class Bench:
             rows += SensitivityTable.load_csv(path).rows
         return SensitivityTable(rows)
 
-    def row(self, name: str, part: str, command: str, model: DiffusionModel, plan: Any, extra: dict) -> dict:
-        """Evaluate a quantized model and return its row (also printed).
+    def row(
+        self, name: str, part: str, command: str, model: DiffusionModel, plan: Any, extra: dict, seed: int = 0
+    ) -> dict:
+        """Evaluate a quantized model at noise ``seed`` (paired with FP at that seed) and return its row (also printed).
 
         The metrics are cached on the plan (formats, roundings, observers), the calibration set and the
         evaluation settings, which fix the quantized model: a plan two parts share is sampled once.
         """
         start = time.perf_counter()
         key = [self.model.name, self.calib_sha, plan.to_json_dict(), self.args.samples, self.args.steps]
+        if seed:
+            key.append(seed)
         if extra.get("finetune_steps"):
             key.append(
                 hashlib.sha256(b"".join(t.numpy().tobytes() for t in model.unet.state_dict().values())).hexdigest()
@@ -218,8 +226,9 @@ class Bench:
         if path.exists():
             metrics = json.loads(path.read_text())
         else:
-            metrics = self.evaluate(model).metrics
+            metrics = self.evaluate(model, seed, fp_seed=seed).metrics
             path.write_text(json.dumps(metrics))
+        fp = self.fp_at(seed)
         size = packed_weight_bytes(self.model.unet, plan)["packed"]
         row = {
             "name": name,
@@ -229,8 +238,9 @@ class Bench:
             "samples": self.args.samples,
             "bytes": size,
             "size_ratio": size / self.fp_bytes,
-            "fp_accuracy": self.fp.metrics.get("accuracy"),
-            "fp_fd_real": self.fp.metrics.get("fd_real"),
+            "noise_seed": seed,
+            "fp_accuracy": fp.metrics.get("accuracy"),
+            "fp_fd_real": fp.metrics.get("fd_real"),
             "eval_seconds": time.perf_counter() - start,
             **extra,
             **metrics,
@@ -317,6 +327,8 @@ def command(part: str, args: argparse.Namespace) -> str:
         extra += f" --zoo-noise-sum {args.zoo_noise_sum}"
     if part == "zoo" and args.zoo_quality != "sqnr":
         extra += f" --zoo-quality {args.zoo_quality}"
+    if part == "zoo" and args.zoo_seeds != "0":
+        extra += f" --zoo-seeds {args.zoo_seeds}"
     return f".venv/bin/python bench/low_bits.py --part {part}{extra}"
 
 
@@ -385,6 +397,14 @@ def part_zoo(args: argparse.Namespace) -> Iterator[dict]:
     for name in args.zoo_models.split(","):
         bench = Bench(name, args)
         yield from bench.fp_rows("zoo", cmd, noise_floor=False)  # BENCHMARKS.md's zoo table has the noise floor
+        seeds = [int(seed) for seed in args.zoo_seeds.split(",")]
+        for seed in (s for s in seeds if s):
+            yield {
+                **bench.fp_rows("zoo", cmd, noise_floor=False)[0],
+                "name": f"FP32, noise seed {seed}",
+                "noise_seed": seed,
+                **bench.fp_at(seed).metrics,
+            }
         common = [f"model.name={name}", "quantize.weight.observer=mse", f"quantize.weight.rounding={args.zoo_rounding}"]
         suffix = ", GPTQ" if args.zoo_rounding == "gptq" else ""
         spec = load_spec(overrides=[*common, "quantize.weight.bits=4"])
@@ -395,7 +415,9 @@ def part_zoo(args: argparse.Namespace) -> Iterator[dict]:
         numel = {n: bench.model.unet.get_submodule(n).weight.numel() for n in plan}
         bits = sum((cfg.weight.bits if cfg.weight else 32) * numel[n] for n, cfg in plan.items()) / sum(numel.values())
         extra = {"avg_weight_bits": bits, "quantize_seconds": time.perf_counter() - start}
-        yield bench.row(f"uniform W4A8 (family float layers){suffix}", "zoo", cmd, quantized, plan, extra)
+        for seed in seeds:
+            label = f"uniform W4A8 (family float layers){suffix}{seed_label(seed)}"
+            yield bench.row(label, "zoo", cmd, quantized, plan, extra, seed)
         for metric in args.zoo_content.split(","):
             content = ["allocation.content_layers=[]"] if metric == "none" else [f"allocation.content_metric={metric}"]
             objective = [f"allocation.noise_sum={args.zoo_noise_sum}", f"allocation.quality_metric={args.zoo_quality}"]
@@ -410,7 +432,13 @@ def part_zoo(args: argparse.Namespace) -> Iterator[dict]:
                 label += f", noise sum: {args.zoo_noise_sum}"
             if args.zoo_quality != "sqnr":
                 label += f", quality: {args.zoo_quality}"
-            yield bench.row(label, "zoo", cmd, student, result.plan, extra)
+            for seed in seeds:
+                yield bench.row(label + seed_label(seed), "zoo", cmd, student, result.plan, extra, seed)
+
+
+def seed_label(seed: int) -> str:
+    """What a row's name adds for its noise seed (nothing for seed 0, the other tables' seed)."""
+    return f", noise seed {seed}" if seed else ""
 
 
 PARTS = {
@@ -486,6 +514,11 @@ def main() -> None:
         choices=["sqnr", "psnr"],
         default="sqnr",
         help="zoo: allocation.quality_metric of the mixed rows",
+    )
+    parser.add_argument(
+        "--zoo-seeds",
+        default="0",
+        help="zoo: evaluation noise seeds, comma-separated (each row paired with FP at its seed)",
     )
     args = parser.parse_args()
     torch.manual_seed(0)
