@@ -425,7 +425,8 @@ def part_zoo(args: argparse.Namespace) -> Iterator[dict]:
             student, result, seconds = bench.mixed(mixed_spec)
             extra = allocation_extra(bench, result, mixed_spec, seconds)
             label = f"mixed W4A8 at the uniform plan's bytes (family pins){suffix}"
-            label += {"ssim": "", "none": ", content: none (SQNR only)"}.get(
+            only = " (SQNR only)" if args.zoo_quality == "sqnr" else ""
+            label += {"ssim": "", "none": f", content: none{only}"}.get(
                 metric, f", content: {metric.replace('_', ' ')}"
             )
             if args.zoo_noise_sum != "power":
