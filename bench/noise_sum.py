@@ -16,7 +16,7 @@ like the measurement does), and the ratio of the real one-step noise power to ea
 The per-layer sensitivities are bench/low_bits.py's zoo tables (cached under
 ``$DIFFQUANT_HOME/cache/bench-low-bits``; measured on first use).
 
-Run: ``.venv/bin/python bench/noise_sum.py`` (about 10 min on 2 cores; ``--models``, ``--plans``).
+Run: ``.venv/bin/python bench/noise_sum.py`` (about 11 min on one core; ``--models``, ``--plans``).
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ def report(results: list[dict], args: argparse.Namespace, seconds: float) -> str
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="digits-unet,digits-dit,digits-t2i")
-    parser.add_argument("--plans", type=int, default=24, help="random plans per model")
+    parser.add_argument("--plans", type=int, default=64, help="random plans per model")
     parser.add_argument("--samples", type=int, default=100, help="final samples per plan")
     parser.add_argument("--seed", type=int, default=777, help="noise and plan seed")
     args = parser.parse_args()
