@@ -39,6 +39,18 @@ def save_tiny_unet(folder: Path, num_class_embeds: int | None = 11) -> Path:
     return folder
 
 
+def tiny_calibrated(folder: Path, trajectories: int = 2, steps: int = 3, inputs: int = 4):
+    """A tiny class-conditional U-Net saved under ``folder`` and loaded, with ``inputs`` random calibration inputs."""
+    from diffquant.calibration.pool import collect_pool, subset
+    from diffquant.calibration.selection import select
+    from diffquant.models.loading import load_local_model
+
+    model = load_local_model(save_tiny_unet(folder / "u"))
+    model.num_classes = 10
+    pool = collect_pool(model, trajectories=trajectories, steps=steps, seed=0)
+    return model, subset(pool, select(pool, "random", inputs, 0))
+
+
 @pytest.fixture
 def tiny_unet_dir(tmp_path: Path) -> Path:
     return save_tiny_unet(tmp_path / "tiny-unet")

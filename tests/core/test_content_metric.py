@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from diffquant.calibration.pool import collect_pool, subset
-from diffquant.calibration.selection import select
 from diffquant.errors import ConfigError
 from diffquant.metrics import ssim
 from diffquant.mixed_precision.allocate import check_allocation, measure_allocation_sensitivity
@@ -21,12 +20,9 @@ STEPS = 4
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from tests.conftest import save_tiny_unet
+    from tests.conftest import tiny_calibrated
 
-    model = load_local_model(save_tiny_unet(tmp_path_factory.mktemp("m") / "u"))
-    model.num_classes = 10
-    pool = collect_pool(model, trajectories=2, steps=STEPS, seed=0)
-    return model, subset(pool, select(pool, "random", 8, 0))
+    return tiny_calibrated(tmp_path_factory.mktemp("m"), trajectories=2, steps=STEPS, inputs=8)
 
 
 def test_ssim_content_rows_without_a_classifier_match_the_oracle(tiny):

@@ -2,14 +2,11 @@
 
 import pytest
 
-from diffquant.calibration.pool import collect_pool, subset
-from diffquant.calibration.selection import select
 from diffquant.devices import DEVICE_CLASSES
 from diffquant.errors import ConfigError, SpecError
 from diffquant.mixed_precision.allocate import allocate_plan
 from diffquant.mixed_precision.sensitivity import SensitivityTable
 from diffquant.mixed_precision.solver import AllocationInfeasibleError
-from diffquant.models.loading import load_local_model
 from diffquant.quant.plan import (
     LayerConfig,
     LayerPlan,
@@ -27,11 +24,9 @@ BITS = [2, 3, 4, 8]
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from tests.conftest import save_tiny_unet
+    from tests.conftest import tiny_calibrated
 
-    model = load_local_model(save_tiny_unet(tmp_path_factory.mktemp("m") / "u"))
-    model.num_classes = 10
-    pool = collect_pool(model, trajectories=2, steps=3, seed=0)
+    model, calib = tiny_calibrated(tmp_path_factory.mktemp("m"))
     names = quantizable_layers(model.unet)
     # noise falls 4x per bit; layers differ so the solver has choices to make
     rows = [
@@ -42,7 +37,7 @@ def tiny(tmp_path_factory):
     rows += [
         {"layer": n, "kind": "activation", "bits": 8, "group_size": None, "noise": 1e-6, "sqnr_db": 60.0} for n in names
     ]
-    return model, subset(pool, select(pool, "random", 4, 0)), SensitivityTable(rows)
+    return model, calib, SensitivityTable(rows)
 
 
 def test_storage_rule_and_stored_bytes():

@@ -10,8 +10,6 @@ import torch
 from torch import nn
 
 import diffquant
-from diffquant.calibration.pool import collect_pool, subset
-from diffquant.calibration.selection import select
 from diffquant.errors import SpecError
 from diffquant.metrics import sqnr_db
 from diffquant.mixed_precision.allocate import allocation_options
@@ -25,7 +23,6 @@ from diffquant.mixed_precision.costs import (
 )
 from diffquant.mixed_precision.sensitivity import SensitivityTable, branch_ranks, quantize_only
 from diffquant.mixed_precision.solver import solve_allocation
-from diffquant.models.loading import load_local_model
 from diffquant.quant.modules import QuantLinear
 from diffquant.quant.plan import packed_weight_bytes, quantized_weight_bytes
 from diffquant.spec import AllocationSpec, BudgetSpec, QuantizeSpec, WeightConfig, load_spec
@@ -76,12 +73,9 @@ def _brute_force(problem) -> float:
 
 def _tiny(folder):
     """A fresh tiny class-conditional U-Net and 12 calibration inputs (each test quantizes its own copy in place)."""
-    from tests.conftest import save_tiny_unet
+    from tests.conftest import tiny_calibrated
 
-    model = load_local_model(save_tiny_unet(folder / "u"))
-    model.num_classes = 10
-    pool = collect_pool(model, trajectories=4, steps=4, seed=0)
-    return model, subset(pool, select(pool, "random", 12, 0))
+    return tiny_calibrated(folder, trajectories=4, steps=4, inputs=12)
 
 
 def test_option_names():

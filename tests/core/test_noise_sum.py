@@ -5,12 +5,9 @@ import math
 
 import pytest
 
-from diffquant.calibration.pool import collect_pool, subset
-from diffquant.calibration.selection import select
 from diffquant.errors import SpecError
 from diffquant.mixed_precision.allocate import allocate_plan
 from diffquant.mixed_precision.sensitivity import SensitivityTable
-from diffquant.models.loading import load_local_model
 from diffquant.quant.plan import (
     ActivationConfig,
     LayerConfig,
@@ -27,11 +24,9 @@ FREE = 3  # layers the solver chooses for; the others are pinned to w4a8
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from tests.conftest import save_tiny_unet
+    from tests.conftest import tiny_calibrated
 
-    model = load_local_model(save_tiny_unet(tmp_path_factory.mktemp("m") / "u"))
-    model.num_classes = 10
-    pool = collect_pool(model, trajectories=2, steps=3, seed=0)
+    model, calib = tiny_calibrated(tmp_path_factory.mktemp("m"))
     names = quantizable_layers(model.unet)
     by_size = sorted(names, key=lambda n: -model.unet.get_submodule(n).weight.numel())
     free = by_size[:FREE]
@@ -53,7 +48,7 @@ def tiny(tmp_path_factory):
     rows += [
         {"layer": n, "kind": "activation", "bits": 8, "group_size": None, "noise": 1e-6, "sqnr_db": 60.0} for n in names
     ]
-    return model, subset(pool, select(pool, "random", 4, 0)), SensitivityTable(rows), free
+    return model, calib, SensitivityTable(rows), free
 
 
 def _plan(model, free, bits):

@@ -9,10 +9,7 @@ import pytest
 import torch
 
 import diffquant
-from diffquant.calibration.pool import collect_pool, subset
-from diffquant.calibration.selection import select
 from diffquant.errors import ConfigError, SpecError
-from diffquant.models.loading import load_local_model
 from diffquant.outliers.folding import SmoothGroup
 from diffquant.outliers.smoothing import group_scales, output_error, trial_layer
 from diffquant.outliers.stats import observe_inputs
@@ -43,12 +40,9 @@ ALL = QuantizeSpec(
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from tests.conftest import save_tiny_unet
+    from tests.conftest import tiny_calibrated
 
-    model = load_local_model(save_tiny_unet(tmp_path_factory.mktemp("m") / "u"))
-    model.num_classes = 10
-    pool = collect_pool(model, trajectories=4, steps=4, seed=0)
-    return model, subset(pool, select(pool, "random", 12, 0))
+    return tiny_calibrated(tmp_path_factory.mktemp("m"), trajectories=4, steps=4, inputs=12)
 
 
 def _float_outputs(unet: torch.nn.Module, calib) -> torch.Tensor:

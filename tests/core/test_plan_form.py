@@ -11,12 +11,10 @@ import copy
 import pytest
 import torch
 
-from diffquant.calibration.pool import collect_pool, subset
-from diffquant.calibration.selection import select
+from diffquant.calibration.pool import collect_pool
 from diffquant.metrics import sqnr_db
 from diffquant.mixed_precision.allocate import allocate_plan, measure_allocation_sensitivity
 from diffquant.mixed_precision.sensitivity import SensitivityTable
-from diffquant.models.loading import load_local_model
 from diffquant.outlier_tokens import apply_outlier_tokens, detect_outlier_tokens
 from diffquant.ptq import apply_and_calibrate, auto_quantize, plan_from_spec
 from diffquant.quant.gptq import gptq_solve
@@ -31,12 +29,9 @@ NO_CONTENT = {"content_layers": [], "group_sizes": []}
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from tests.conftest import save_tiny_unet
+    from tests.conftest import tiny_calibrated
 
-    model = load_local_model(save_tiny_unet(tmp_path_factory.mktemp("m") / "u"))
-    model.num_classes = 10
-    pool = collect_pool(model, trajectories=4, steps=4, seed=0)
-    return model, subset(pool, select(pool, "random", 12, 0))
+    return tiny_calibrated(tmp_path_factory.mktemp("m"), trajectories=4, steps=4, inputs=12)
 
 
 def _made_up_table(names):

@@ -4,14 +4,12 @@ import pytest
 import torch
 from torch import nn
 
-from diffquant.calibration.pool import collect_pool, subset
-from diffquant.calibration.selection import select
 from diffquant.errors import ConfigError
 from diffquant.mixed_precision.allocate import allocate_plan, measure_allocation_sensitivity
 from diffquant.mixed_precision.costs import layer_macs, qkv_groups
 from diffquant.mixed_precision.sensitivity import SensitivityTable, measure_sensitivity, noise_power, quantize_only
 from diffquant.mixed_precision.solver import AllocationInfeasibleError
-from diffquant.models.loading import load_local_model, load_model
+from diffquant.models.loading import load_model
 from diffquant.ptq import weight_observer
 from diffquant.quant.modules import QuantConv2d
 from diffquant.quant.plan import quantizable_layers
@@ -46,12 +44,9 @@ def _alloc(model, calib, spec, table):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from tests.conftest import save_tiny_unet
+    from tests.conftest import tiny_calibrated
 
-    model = load_local_model(save_tiny_unet(tmp_path_factory.mktemp("m") / "u"))
-    model.num_classes = 10
-    pool = collect_pool(model, trajectories=4, steps=4, seed=0)
-    return model, subset(pool, select(pool, "random", 12, 0))
+    return tiny_calibrated(tmp_path_factory.mktemp("m"), trajectories=4, steps=4, inputs=12)
 
 
 def test_quantize_only_always_restores(tiny):

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from diffquant.calibration.pool import collect_pool, subset
-from diffquant.calibration.selection import select
-from diffquant.models.loading import load_local_model
 from diffquant.ptq import quantize_model
 from diffquant.quant.modules import groups_allowed
 from diffquant.quant.plan import ActivationConfig, LayerConfig, LayerPlan, WeightConfig, quantizable_layers
@@ -15,12 +12,9 @@ from diffquant.spec import CalibrationSpec
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
-    from tests.conftest import save_tiny_unet
+    from tests.conftest import tiny_calibrated
 
-    model = load_local_model(save_tiny_unet(tmp_path_factory.mktemp("m") / "u"))
-    model.num_classes = 10
-    pool = collect_pool(model, trajectories=4, steps=4, seed=0)
-    return model, subset(pool, select(pool, "random", 12, 0))
+    return tiny_calibrated(tmp_path_factory.mktemp("m"), trajectories=4, steps=4, inputs=12)
 
 
 def build_plan(model, weight: WeightConfig | None, act_bits: int | None, fp=(), per_layer=None) -> LayerPlan:
