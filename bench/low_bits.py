@@ -39,7 +39,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -255,8 +255,11 @@ class Bench:
         )
         return row
 
-    def fp_rows(self, part: str, command: str, noise_floor: bool = True) -> list[dict]:
-        """FP32 at noise seed 0 (the reference) and, with ``noise_floor``, at seed 1."""
+    def fp_rows(self, part: str, command: str, noise_floor: bool = True, seeds: Sequence[int] = ()) -> list[dict]:
+        """FP32 rows: noise seed 0 (the reference), seed 1 paired with seed 0 (``noise_floor``), other ``seeds``.
+
+        Each nonzero seed of ``seeds`` gets a row on its own, the reference of the rows at that seed.
+        """
         base = {
             "model": self.model.name,
             "part": part,
@@ -269,6 +272,9 @@ class Bench:
         if noise_floor:
             second = self.evaluate(self.model, seed=1)
             rows.append({"name": "FP32, noise seed 1 (noise floor)", **base, "avg_weight_bits": 32.0, **second.metrics})
+        for seed in (s for s in seeds if s):
+            name = f"FP32, noise seed {seed}"
+            rows.append({"name": name, **base, "avg_weight_bits": 32.0, "noise_seed": seed, **self.fp_at(seed).metrics})
         return rows
 
     def mixed(self, spec: CompressionSpec) -> tuple[DiffusionModel, AutoQuantizeResult, float]:
@@ -396,15 +402,8 @@ def part_zoo(args: argparse.Namespace) -> Iterator[dict]:
     cmd = command("zoo", args)
     for name in args.zoo_models.split(","):
         bench = Bench(name, args)
-        yield from bench.fp_rows("zoo", cmd, noise_floor=False)  # BENCHMARKS.md's zoo table has the noise floor
         seeds = [int(seed) for seed in args.zoo_seeds.split(",")]
-        for seed in (s for s in seeds if s):
-            yield {
-                **bench.fp_rows("zoo", cmd, noise_floor=False)[0],
-                "name": f"FP32, noise seed {seed}",
-                "noise_seed": seed,
-                **bench.fp_at(seed).metrics,
-            }
+        yield from bench.fp_rows("zoo", cmd, noise_floor=False, seeds=seeds)  # the zoo table has the noise floor
         common = [f"model.name={name}", "quantize.weight.observer=mse", f"quantize.weight.rounding={args.zoo_rounding}"]
         suffix = ", GPTQ" if args.zoo_rounding == "gptq" else ""
         spec = load_spec(overrides=[*common, "quantize.weight.bits=4"])

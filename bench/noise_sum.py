@@ -9,7 +9,8 @@ the model family's float layers stay float, round-to-nearest, MSE weight ranges)
 measures what each sum should predict:
 
 - the one-step denoiser-output SQNR on 256 held-out pool inputs (the quantity the sensitivity measures);
-- the PSNR of ``--samples`` final samples (DDIM 50) against FP samples from the same noise.
+- the PSNR of ``--samples`` final samples (DDIM 50) against FP samples from the same noise (the allocation's
+  own final-sample probe, :func:`diffquant.mixed_precision.content.final_sample_probe`).
 
 It prints Spearman's rank correlation of each sum with each measurement (higher: the sum orders plans
 like the measurement does), and the ratio of the real one-step noise power to each prediction.
@@ -33,10 +34,11 @@ from common import machine, replace_section, write_results
 from low_bits import ZOO_MIXED, Bench
 from scipy.stats import spearmanr
 
-from diffquant.metrics import psnr, sqnr_db
+from diffquant.metrics import sqnr_db
+from diffquant.mixed_precision.content import final_sample_probe
 from diffquant.ptq import plan_from_spec, quantize_model
 from diffquant.quant.plan import LayerPlan, packed_weight_bytes
-from diffquant.sampling import denoiser_outputs, initial_noise, run_sampler
+from diffquant.sampling import denoiser_outputs
 from diffquant.spec import load_spec
 
 WIDTHS = (2, 3, 4, 6, 8)
@@ -52,18 +54,8 @@ def measure(name: str, args: argparse.Namespace) -> dict:
     size = packed_weight_bytes(model.unet, base)["packed"]
     mixed = load_spec(overrides=[*common, ZOO_MIXED.format(bytes=size), "allocation.content_metric=classifier_kl"])
     table = bench.sensitivity(mixed)
-    labels, _ = model.conditions(args.samples, "calibration")
-    noise = initial_noise(args.samples, model.sample_shape, args.seed)
-    null = model.null_conditions(args.samples)
-
-    def sample(unet: torch.nn.Module) -> torch.Tensor:
-        images, _ = run_sampler(
-            unet, model.scheduler_config, noise, labels, spec.sampler, 1000, clamp=not model.latent, null=null
-        )
-        return images
-
-    with torch.no_grad():
-        fp = sample(model.unet)
+    with torch.no_grad():  # the FP samples, once
+        probe = final_sample_probe(model, "ssim", None, args.samples, spec.sampler, args.seed, set(), psnr_all=True)
     rng = random.Random(args.seed)
     plans = []
     for index in range(args.plans):
@@ -84,7 +76,7 @@ def measure(name: str, args: argparse.Namespace) -> dict:
         quantized = quantize_model(model, plan, bench.calib, spec.calibration)
         with torch.no_grad():
             one_step = sqnr_db(bench.fp_out, denoiser_outputs(quantized.unet, bench.sqnr_in, model.conditional))
-            final = psnr(fp, sample(quantized.unet))
+            final = probe(quantized.unet, "")["psnr_db"]
         plans.append({"lowest": low, "power": power, "amplitude": amplitude, "sqnr_db": one_step, "psnr_db": final})
         print(
             f"{name} plan {index}: power {power:.5f} amplitude {amplitude:.4f} "
